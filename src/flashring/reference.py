@@ -99,7 +99,8 @@ def chunked_fwd(q, k, v, softmax_scale: float, lower: Optional[int], upper: Opti
 
 
 def chunked_bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int], upper: Optional[int],
-                softcap: float = 0.0, chunk: int = 512, dlse: Optional[torch.Tensor] = None):
+                softcap: float = 0.0, chunk: int = 512, dlse: Optional[torch.Tensor] = None,
+                out_dtype: Optional[torch.dtype] = None):
     """FlashAttention-2 backward with torch ops: recompute P per tile from the saved LSE; no N x N tensor."""
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -134,7 +135,7 @@ def chunked_bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int
             dk[..., n0:n1, :] += torch.matmul(ds.transpose(-1, -2), qc).sum(2, keepdim=True)
     dk = dk.squeeze(2).permute(0, 2, 1, 3)
     dv = dv.squeeze(2).permute(0, 2, 1, 3)
-    return _ungroup(dq).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return (_ungroup(dq).to(out_dtype or q.dtype), dk.to(out_dtype or k.dtype), dv.to(out_dtype or v.dtype))
 
 
 def _shift(off: Optional[int], m0: int, n0: int) -> Optional[int]:

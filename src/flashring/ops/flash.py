@@ -431,7 +431,8 @@ def _fwd_triton(q, k, v, softmax_scale, lower, upper, softcap, config=None):
     return out, lse
 
 
-def _bwd_triton(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=None, config=None):
+def _bwd_triton(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=None, grad_dtype=None,
+                config=None):
     do, q, k, v, out = (_unit_last(t) for t in (do, q, k, v, out))
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -443,9 +444,7 @@ def _bwd_triton(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dls
                                                  out.stride(0), out.stride(1), out.stride(2),
                                                  do.stride(0), do.stride(1), do.stride(2), h, sq,
                                                  HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=64, HAS_DLSE=dlse is not None)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq, dk, dv = (torch.empty(t.shape, dtype=grad_dtype or t.dtype, device=t.device) for t in (q, k, v))
     cfg = dict(config or _bwd_config(d, q.dtype, q.device))
     lo_off, up_off, has_lo, has_up = _band_args(lower, upper)
     qk_scale, cap_log2 = _scale_args(softmax_scale, softcap)
@@ -476,13 +475,18 @@ def flash_fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper:
 
 
 def flash_bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None,
-              upper: Optional[int] = None, softcap: float = 0.0, dlse: Optional[torch.Tensor] = None):
+              upper: Optional[int] = None, softcap: float = 0.0, dlse: Optional[torch.Tensor] = None,
+              grad_dtype: Optional[torch.dtype] = None):
     """Backward on validated tensors: ``(dq, dk, dv)`` in the input dtypes. ``lse`` may be a *global* LSE (ring
     attention): P is recomputed as exp(s - lse) and delta from the given ``out``, so a block's gradients come out
-    as its share of the full-sequence gradients. ``dlse`` (optional, ``(B, H, Sq)``) is a gradient on the LSE."""
+    as its share of the full-sequence gradients. ``dlse`` (optional, ``(B, H, Sq)``) is a gradient on the LSE.
+    ``grad_dtype`` (default: the inputs' dtype) lets callers that accumulate partial gradients (ring attention)
+    receive them in float32."""
     if _on_triton(q):
-        return _bwd_triton(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse)
-    return reference.chunked_bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse)
+        return _bwd_triton(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse, grad_dtype)
+    grads = reference.chunked_bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse,
+                                  out_dtype=grad_dtype)
+    return grads
 
 
 def default_scale(head_dim: int) -> float:
