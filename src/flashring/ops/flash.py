@@ -484,9 +484,8 @@ def flash_bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] 
     receive them in float32."""
     if _on_triton(q):
         return _bwd_triton(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse, grad_dtype)
-    grads = reference.chunked_bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse,
-                                  out_dtype=grad_dtype)
-    return grads
+    return reference.chunked_bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse,
+                                 out_dtype=grad_dtype)
 
 
 def default_scale(head_dim: int) -> float:
