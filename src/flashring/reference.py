@@ -58,7 +58,7 @@ def attention_ref(q, k, v, softmax_scale: Optional[float] = None, lower: Optiona
     empty = torch.isinf(lse) & (lse < 0)
     p = torch.exp(s - lse.masked_fill(empty, 0.0).unsqueeze(-1))
     out = torch.matmul(p.to(vg.dtype), vg)
-    lse = lse.masked_fill(empty, EMPTY_ROW_LSE).reshape(b, h, sq).float()
+    lse = lse.float().masked_fill(empty, EMPTY_ROW_LSE).reshape(b, h, sq)
     return _ungroup(out).to(in_dtype), lse
 
 

@@ -26,14 +26,15 @@ import triton.language as tl
 from .._masks import EMPTY_ROW_LSE
 from .. import reference
 
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Kernels may only read globals that are constexpr.
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(LN2)
 _EMPTY_LSE = tl.constexpr(EMPTY_ROW_LSE)
+_INTERP = tl.constexpr(INTERPRET)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Which implementation CPU tensors use: "torch" (chunked PyTorch, fast on CPU) or "triton" (the kernels under
 # TRITON_INTERPRET=1; the test-suite exercises both). CUDA tensors always use the Triton kernels.
 CPU_BACKEND = "triton" if INTERPRET else "torch"
@@ -48,6 +49,19 @@ def _tanh(x):
 
 
 @triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr):
+    # Every product goes through here. Under TRITON_INTERPRET (triton 3.8) a bf16 tl.dot multiplies the raw bit
+    # patterns (numpy has no bf16; seen here: errors of 1e10), so the interpreter gets fp32 operands. Values are
+    # already rounded to the input dtype, so the result is what an fp32-accumulating tensor core computes.
+    if _INTERP:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if acc is None:
+        return tl.dot(a, b, input_precision=PRECISION)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _scores(a, b, qi, kj, SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2,
             MASK: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
             PRECISION: tl.constexpr):
@@ -57,7 +71,7 @@ def _scores(a, b, qi, kj, SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2,
     and the dK/dV pass (rows=keys) share this helper. Returns ``(s, t)`` where ``t = tanh(.)`` is kept for the
     softcap backward (``t = s`` when there is no softcap).
     """
-    s = tl.dot(a, b, input_precision=PRECISION)
+    s = _mma(a, b, None, PRECISION)
     if HAS_SOFTCAP:
         # softcap * tanh(scale * s / softcap): QK_SCALE = scale / softcap, CAP_LOG2 = softcap * log2(e).
         t = _tanh(s * QK_SCALE)
@@ -130,7 +144,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, offs
         else:
             v = tl.load(V_ptrs + voff, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        acc = _mma(p.to(v.dtype), v, acc, PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -232,13 +246,13 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, stride_qm
                          MASK, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, PRECISION)       # (BLOCK_N, BLOCK_M)
         pT = tl.exp2(sT - lse2[None, :])
         do = tl.load(DO_ptrs + start_m.to(tl.int64) * stride_dom, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+        dv = _mma(pT.to(do.dtype), do, dv, PRECISION)
         delta = tl.load(Delta_ptr + qi, mask=m_ok, other=0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dpT = _mma(v, tl.trans(do), None, PRECISION)
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+        dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, PRECISION)
     return dk, dv
 
 
@@ -312,11 +326,11 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_ptrs, V_ptrs, stride_kn, stride_vn, 
         s, t = _scores(q, kT, offs_m[:, None], kj[None, :], SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2,
                        MASK, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, PRECISION)
         p = tl.exp2(s - lse2[:, None])
-        dp = tl.dot(do, vT, input_precision=PRECISION)
+        dp = _mma(do, vT, None, PRECISION)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
+        dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, PRECISION)
     return dq
 
 
