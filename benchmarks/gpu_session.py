@@ -32,6 +32,11 @@ def meta():
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
+def dump(out, info, rows):
+    with open(os.path.join(out, "gpu_session.json"), "w") as f:
+        json.dump(dict(info=info, rows=rows), f, indent=1)
+
+
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
@@ -77,7 +82,7 @@ def ours_time(q, k, v, do, causal, mode, fcfg=None, bcfg=None):
 
 def check(q, k, v, do, causal, fcfg=None, bcfg=None):
     """Relative error vs fp32 reference on the first batch row (memory), for a config under test."""
-    q1, k1, v1, do1 = (t[:1] for t in (q, k, v, do))
+    q1, k1, v1, do1 = (t[:1, :, :2] for t in (q, k, v, do))   # 1 batch row, 2 heads: the fp32 scores fit
     scale = q.shape[-1] ** -0.5
     lo, up = flash_bounds(q.shape[1], k.shape[1], causal, (-1, -1))
     o, lse = flash._fwd_triton(q1, k1, v1, scale, lo, up, 0.0, config=fcfg)
@@ -143,6 +148,7 @@ def main():
                     except Exception as e:  # a config that does not compile (shared memory) is data too
                         rows.append(dict(what="tune_fwd", D=d, N=n, causal=causal, cfg=c, error=str(e)[:200]))
                     print(rows[-1], flush=True)
+                dump(args.out, info, rows)
                 for c in BWD_CFGS:
                     try:
                         ms = ours_time(q, k, v, do, causal, "bwd", bcfg=c)
@@ -168,8 +174,8 @@ def main():
                             row[name + "_error"] = str(e)[:120]
                     rows.append(row)
                     print(row, flush=True)
-    with open(os.path.join(args.out, "gpu_session.json"), "w") as f:
-        json.dump(dict(info=info, rows=rows), f, indent=1)
+                    dump(args.out, info, rows)
+    dump(args.out, info, rows)
     # Short table last.
     print("\n== tuning (best per shape) ==")
     for kind in ("tune_fwd", "tune_bwd"):
