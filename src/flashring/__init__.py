@@ -1,5 +1,8 @@
 """flashring: exact, IO-aware attention kernels (FlashAttention-2 in Triton) from one GPU to many."""
 from .interface import flash_attn_func, scaled_dot_product_attention
+from .sparse import (hash_sparse_attn_func, lsh_buckets, lsh_rotations, qk_sparse_attn_func,
+                     sparse_attn_compact_func)
 
 __version__ = "0.1.0"
-__all__ = ["flash_attn_func", "scaled_dot_product_attention", "__version__"]
+__all__ = ["flash_attn_func", "scaled_dot_product_attention", "qk_sparse_attn_func", "hash_sparse_attn_func",
+           "sparse_attn_compact_func", "lsh_buckets", "lsh_rotations", "__version__"]

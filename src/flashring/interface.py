@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ._masks import flash_bounds, sdpa_bounds
-from .ops.flash import flash_bwd, flash_fwd
+from .ops.flash import SparseMeta, flash_bwd, flash_fwd
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEADDIM = 256
@@ -85,51 +85,66 @@ def _check_dropout(dropout_p) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- custom ops
+# One forward and one backward op serve dense and dynamic-sparse attention: the sparse side tensors are optional
+# (see flashring.ops.flash.SparseMeta); None means the dense band given by lower/upper.
+OptT = Optional[torch.Tensor]
+
+
+def _meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal):
+    return None if q_pos is None else SparseMeta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal)
+
+
 @torch.library.custom_op("flashring::fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, lower: Optional[int],
-            upper: Optional[int], softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    return flash_fwd(q, k, v, softmax_scale, lower, upper, softcap)
+            upper: Optional[int], softcap: float, q_pos: OptT, k_pos: OptT, q_len: OptT, k_len: OptT,
+            q_bkt: OptT, k_bkt: OptT, sparse_causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return flash_fwd(q, k, v, softmax_scale, lower, upper, softcap,
+                     sparse=_meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal))
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, softmax_scale, lower, upper, softcap):
+def _fwd_fake(q, k, v, *args):
     b, sq, h, _ = q.shape
     return (q.new_empty(q.shape), q.new_empty((b, h, sq), dtype=torch.float32))
 
 
 @torch.library.custom_op("flashring::bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-            lse: torch.Tensor, dlse: Optional[torch.Tensor], softmax_scale: float, lower: Optional[int],
-            upper: Optional[int], softcap: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return flash_bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse)
+            lse: torch.Tensor, dlse: OptT, softmax_scale: float, lower: Optional[int], upper: Optional[int],
+            softcap: float, q_pos: OptT, k_pos: OptT, q_len: OptT, k_len: OptT, q_bkt: OptT, k_bkt: OptT,
+            sparse_causal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return flash_bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse,
+                     sparse=_meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal))
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, out, lse, dlse, softmax_scale, lower, upper, softcap):
+def _bwd_fake(do, q, k, v, *args):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, lower, upper, softcap = inputs
+    q, k, v, softmax_scale, lower, upper, softcap, *sparse = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (softmax_scale, lower, upper, softcap)
+    ctx.save_for_backward(q, k, v, out, lse, *sparse[:6])
+    ctx.args = (softmax_scale, lower, upper, softcap, sparse[6])
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    scale, lower, upper, softcap = ctx.args
+    q, k, v, out, lse, *sparse = ctx.saved_tensors
+    scale, lower, upper, softcap, sparse_causal = ctx.args
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, dlse, scale, lower, upper, softcap)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, dlse, scale, lower, upper, softcap, *sparse, sparse_causal)
+    return (dq, dk, dv) + (None,) * 11
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _attention(q, k, v, softmax_scale, lower, upper, softcap):
-    return _fwd_op(q, k, v, softmax_scale, lower, upper, softcap)
+def _attention(q, k, v, softmax_scale, lower, upper, softcap, sparse: Optional[SparseMeta] = None):
+    if sparse is None:
+        return _fwd_op(q, k, v, softmax_scale, lower, upper, softcap, None, None, None, None, None, None, False)
+    return _fwd_op(q, k, v, softmax_scale, None, None, softcap, *sparse)
 
 
 # ------------------------------------------------------------------------------------------------- public API

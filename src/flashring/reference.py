@@ -63,8 +63,9 @@ def attention_ref(q, k, v, softmax_scale: Optional[float] = None, lower: Optiona
 
 
 def chunked_fwd(q, k, v, softmax_scale: float, lower: Optional[int], upper: Optional[int], softcap: float = 0.0,
-                chunk: int = 512) -> Tuple[torch.Tensor, torch.Tensor]:
-    """FlashAttention-2 forward with torch ops: online softmax over key chunks, fp32 state, O(N) memory."""
+                chunk: int = 512, tile_mask=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention-2 forward with torch ops: online softmax over key chunks, fp32 state, O(N) memory.
+    ``tile_mask(m0, m1, n0, n1)``: optional extra visibility (bool, broadcastable to (B, Hk, G, mc, nc))."""
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     qg = _group_view(q, hk).float()                           # (B, Hk, G, Sq, D)
@@ -83,8 +84,7 @@ def chunked_fwd(q, k, v, softmax_scale: float, lower: Optional[int], upper: Opti
         for n0 in range((lo // chunk) * chunk, hi, chunk):
             n1 = min(sk, n0 + chunk)
             s = _softcap(torch.matmul(qc, kg[..., n0:n1, :].transpose(-1, -2)) * softmax_scale, softcap)
-            s = s.masked_fill(~visible_mask(m1 - m0, n1 - n0, _shift(lower, m0, n0), _shift(upper, m0, n0),
-                                            device=q.device), float("-inf"))
+            s = s.masked_fill(~_tile_visible(m0, m1, n0, n1, lower, upper, tile_mask, q.device), float("-inf"))
             m_new = torch.maximum(m_i, s.amax(-1))
             m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)   # rows with nothing visible yet
             p = torch.exp(s - m_safe.unsqueeze(-1))
@@ -100,7 +100,7 @@ def chunked_fwd(q, k, v, softmax_scale: float, lower: Optional[int], upper: Opti
 
 def chunked_bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int], upper: Optional[int],
                 softcap: float = 0.0, chunk: int = 512, dlse: Optional[torch.Tensor] = None,
-                out_dtype: Optional[torch.dtype] = None):
+                out_dtype: Optional[torch.dtype] = None, tile_mask=None):
     """FlashAttention-2 backward with torch ops: recompute P per tile from the saved LSE; no N x N tensor."""
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -123,7 +123,7 @@ def chunked_bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int
             n1 = min(sk, n0 + chunk)
             raw = torch.matmul(qc, kg[..., n0:n1, :].transpose(-1, -2)) * softmax_scale
             s = _softcap(raw, softcap)
-            vis = visible_mask(m1 - m0, n1 - n0, _shift(lower, m0, n0), _shift(upper, m0, n0), device=q.device)
+            vis = _tile_visible(m0, m1, n0, n1, lower, upper, tile_mask, q.device)
             p = torch.exp(s - lseg[..., m0:m1].unsqueeze(-1)).masked_fill(~vis, 0.0)
             dv[..., n0:n1, :] += torch.matmul(p.transpose(-1, -2), doc).sum(2, keepdim=True)
             dp = torch.matmul(doc, vg[..., n0:n1, :].transpose(-1, -2))
@@ -136,6 +136,11 @@ def chunked_bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int
     dk = dk.squeeze(2).permute(0, 2, 1, 3)
     dv = dv.squeeze(2).permute(0, 2, 1, 3)
     return (_ungroup(dq).to(out_dtype or q.dtype), dk.to(out_dtype or k.dtype), dv.to(out_dtype or v.dtype))
+
+
+def _tile_visible(m0, m1, n0, n1, lower, upper, tile_mask, device):
+    vis = visible_mask(m1 - m0, n1 - n0, _shift(lower, m0, n0), _shift(upper, m0, n0), device=device)
+    return vis if tile_mask is None else vis & tile_mask(m0, m1, n0, n1)
 
 
 def _shift(off: Optional[int], m0: int, n0: int) -> Optional[int]:

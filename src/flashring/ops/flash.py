@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -41,6 +41,13 @@ CPU_BACKEND = "triton" if INTERPRET else "torch"
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
+# Two masking modes share every kernel:
+# - band (dense): row i sees column j iff i + LOWER <= j <= i + UPPER (HAS_LOWER/HAS_UPPER), tile ranges computed
+#   in-kernel by _band_range;
+# - SPARSE (dynamic sparse attention on compacted / bucket-sorted tokens): per-(batch, head) lengths, original
+#   positions (causality is decided on them: SP_CAUSAL) and, with HASH, bucket ids (query and key must share one).
+#   The launcher precomputes each block's tile ranges [lo, mid_lo, mid_hi, hi) with searchsorted (a few bytes per
+#   block), so skipped tiles cost nothing and fully visible tiles still run unmasked.
 @triton.jit
 def _tanh(x):
     # tanh(x) = 1 - 2 / (exp(2x) + 1), through exp2 so the interpreter and every GPU target share one code path;
@@ -62,14 +69,14 @@ def _mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _scores(a, b, qi, kj, SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2,
+def _scores(a, b, qi, kj, qp, kp, qb, kb, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2,
             MASK: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-            PRECISION: tl.constexpr):
-    """Scores of one tile in log2 units: dot(a, b), scaled (and soft-capped), band-masked when MASK.
+            SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores of one tile in log2 units: dot(a, b), scaled (and soft-capped), masked when MASK.
 
-    ``qi``/``kj`` are query/key indices already broadcast to the tile's orientation, so the forward (rows=queries)
-    and the dK/dV pass (rows=keys) share this helper. Returns ``(s, t)`` where ``t = tanh(.)`` is kept for the
-    softcap backward (``t = s`` when there is no softcap).
+    ``qi``/``kj`` (indices), ``qp``/``kp`` (original positions) and ``qb``/``kb`` (buckets) come already broadcast
+    to the tile's orientation, so the forward (rows = queries) and the dK/dV pass (rows = keys) share this helper.
+    Returns ``(s, t)``; ``t = tanh(.)`` is kept for the softcap backward (``t = s`` without softcap).
     """
     s = _mma(a, b, None, PRECISION)
     if HAS_SOFTCAP:
@@ -80,11 +87,17 @@ def _scores(a, b, qi, kj, SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2,
         s = s * QK_SCALE
         t = s
     if MASK:
-        keep = kj < SEQLEN_K
-        if HAS_LOWER:
-            keep = keep & (kj >= qi + LOWER)
-        if HAS_UPPER:
-            keep = keep & (kj <= qi + UPPER)
+        keep = kj < seqlen_k
+        if SPARSE:
+            if SP_CAUSAL:
+                keep = keep & (kp <= qp)
+            if HASH:
+                keep = keep & (kb == qb)
+        else:
+            if HAS_LOWER:
+                keep = keep & (kj >= qi + LOWER)
+            if HAS_UPPER:
+                keep = keep & (kj <= qi + UPPER)
         s = tl.where(keep, s, float("-inf"))
     return s, t
 
@@ -118,21 +131,49 @@ def _band_range(start, BLOCK: tl.constexpr, OTHER_BLOCK: tl.constexpr, SEQLEN_OT
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, offs_m, offs_n, d_ok,
-                    lo, hi, SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2,
+def _block_setup(Len, Ranges, row, pid, NBLK, SEQLEN_SELF, SEQLEN_OTHER, start,
+                 BLOCK: tl.constexpr, OTHER_BLOCK: tl.constexpr, LOWER, UPPER,
+                 HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, SPARSE: tl.constexpr):
+    """This block's own length and its tile ranges over the other axis: loaded (sparse) or computed (band)."""
+    if SPARSE:
+        seqlen_self = tl.load(Len + row)
+        r = Ranges + (row.to(tl.int64) * NBLK + pid) * 4
+        lo = tl.load(r)
+        mid_lo = tl.load(r + 1)
+        mid_hi = tl.load(r + 2)
+        hi = tl.load(r + 3)
+    else:
+        seqlen_self = SEQLEN_SELF
+        lo, mid_lo, mid_hi, hi = _band_range(start, BLOCK, OTHER_BLOCK, SEQLEN_OTHER, LOWER, UPPER,
+                                             HAS_LOWER, HAS_UPPER)
+    return seqlen_self, lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, qp, qb, K_ptrs, V_ptrs, KPos, KBkt, stride_kn, stride_vn, offs_m, offs_n,
+                    d_ok, lo, hi, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2,
                     BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr,
+                    HASH: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kj = start_n + offs_n
         koff = start_n.to(tl.int64) * stride_kn
         voff = start_n.to(tl.int64) * stride_vn
+        kp = kj
+        kb = kj
         if MASK:
-            k = tl.load(K_ptrs + koff, mask=d_ok[:, None] & (kj[None, :] < SEQLEN_K), other=0.0)
+            k = tl.load(K_ptrs + koff, mask=d_ok[:, None] & (kj[None, :] < seqlen_k), other=0.0)
+            if SPARSE:
+                if SP_CAUSAL:
+                    kp = tl.load(KPos + kj, mask=kj < seqlen_k, other=0)
+                if HASH:
+                    kb = tl.load(KBkt + kj, mask=kj < seqlen_k, other=-1)
         else:
             k = tl.load(K_ptrs + koff, mask=d_ok[:, None], other=0.0)
-        s, _t = _scores(q, k, offs_m[:, None], kj[None, :], SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2,
-                        MASK, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, PRECISION)
+        s, _t = _scores(q, k, offs_m[:, None], kj[None, :], qp[:, None], kp[None, :], qb[:, None], kb[None, :],
+                        seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2, MASK, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP,
+                        SPARSE, SP_CAUSAL, HASH, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row whose keys so far are all masked keeps m = -inf; shift by 0 there so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -140,7 +181,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, offs
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK:
-            v = tl.load(V_ptrs + voff, mask=(kj[:, None] < SEQLEN_K) & d_ok[None, :], other=0.0)
+            v = tl.load(V_ptrs + voff, mask=(kj[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
         else:
             v = tl.load(V_ptrs + voff, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
@@ -150,7 +191,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, offs
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse,
+def _attn_fwd(Q, K, V, Out, Lse, QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges,
               stride_qb, stride_qm, stride_qh,
               stride_kb, stride_kn, stride_kh,
               stride_vb, stride_vn, stride_vh,
@@ -159,19 +200,36 @@ def _attn_fwd(Q, K, V, Out, Lse,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              PRECISION: tl.constexpr):
+              SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     hk = h // GROUP
+    b64 = b.to(tl.int64)
+    qrow = b64 * NHEADS + h                      # (batch, head) row of every (B, H, S) side tensor
+    krow = b64 * (NHEADS // GROUP) + hk
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    m_ok = offs_m < SEQLEN_Q
+    seqlen_q, lo, mid_lo, mid_hi, hi = _block_setup(QLen, Ranges, qrow, pid_m, tl.num_programs(0), SEQLEN_Q,
+                                                    SEQLEN_K, start_m, BLOCK_M, BLOCK_N, LOWER, UPPER,
+                                                    HAS_LOWER, HAS_UPPER, SPARSE)
+    seqlen_k = SEQLEN_K
+    qp = offs_m
+    qb = offs_m
+    if SPARSE:
+        seqlen_k = tl.load(KLen + krow)
+        KPos += krow * SEQLEN_K
+        if HASH:
+            KBkt += krow * SEQLEN_K
+        if SP_CAUSAL:
+            qp = tl.load(QPos + qrow * SEQLEN_Q + offs_m, mask=offs_m < seqlen_q, other=-1)
+        if HASH:
+            qb = tl.load(QBkt + qrow * SEQLEN_Q + offs_m, mask=offs_m < seqlen_q, other=-2)
+    m_ok = offs_m < seqlen_q
 
-    b64 = b.to(tl.int64)
     Q += b64 * stride_qb + h.to(tl.int64) * stride_qh
     K += b64 * stride_kb + hk.to(tl.int64) * stride_kh
     V += b64 * stride_vb + hk.to(tl.int64) * stride_vh
@@ -183,25 +241,29 @@ def _attn_fwd(Q, K, V, Out, Lse,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, mid_lo, mid_hi, hi = _band_range(start_m, BLOCK_M, BLOCK_N, SEQLEN_K, LOWER, UPPER, HAS_LOWER, HAS_UPPER)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, offs_m, offs_n, d_ok,
-                                    lo, mid_lo, SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2,
-                                    BLOCK_N, True, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, offs_m, offs_n, d_ok,
-                                    mid_lo, mid_hi, SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2,
-                                    BLOCK_N, False, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K_ptrs, V_ptrs, stride_kn, stride_vn, offs_m, offs_n, d_ok,
-                                    mid_hi, hi, SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2,
-                                    BLOCK_N, True, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, qp, qb, K_ptrs, V_ptrs, KPos, KBkt, stride_kn, stride_vn,
+                                    offs_m, offs_n, d_ok, lo, mid_lo, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2,
+                                    BLOCK_N, True, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH,
+                                    PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, qp, qb, K_ptrs, V_ptrs, KPos, KBkt, stride_kn, stride_vn,
+                                    offs_m, offs_n, d_ok, mid_lo, mid_hi, seqlen_k, LOWER, UPPER, QK_SCALE,
+                                    CAP_LOG2, BLOCK_N, False, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, SPARSE, SP_CAUSAL,
+                                    HASH, PRECISION)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, qp, qb, K_ptrs, V_ptrs, KPos, KBkt, stride_kn, stride_vn,
+                                    offs_m, offs_n, d_ok, mid_hi, hi, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2,
+                                    BLOCK_N, True, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH,
+                                    PRECISION)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, _EMPTY_LSE, (m_i + tl.log2(l_safe)) * _LN2)
-    tl.store(Lse + (b64 * NHEADS + h) * SEQLEN_Q + offs_m, lse, mask=m_ok)
-    out = acc / l_safe[:, None]
+    # Sparse padding rows (seqlen_q <= row < SEQLEN_Q) get out = 0 / empty LSE, never stale memory.
+    in_alloc = offs_m < SEQLEN_Q
+    tl.store(Lse + qrow * SEQLEN_Q + offs_m, lse, mask=in_alloc)
+    out = tl.where(m_ok[:, None], acc / l_safe[:, None], 0.0)
     Out += b64 * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(Out + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
+             mask=in_alloc[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -228,22 +290,31 @@ def _bwd_preprocess(Out, DO, DLse, Delta,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, stride_qm, stride_dom, offs_m, offs_n,
-                    d_ok, lo, hi, SEQLEN_Q, SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2,
+def _bwd_dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, QPos, QBkt, stride_qm, stride_dom,
+                    offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2,
                     BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
-                    HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr,
+                    HASH: tl.constexpr, PRECISION: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         qi = start_m + offs_m
+        qp = qi
+        qb = qi
         if MASK:
-            m_ok = qi < SEQLEN_Q
+            m_ok = qi < seqlen_q
+            if SPARSE:
+                if SP_CAUSAL:
+                    qp = tl.load(QPos + qi, mask=m_ok, other=-1)
+                if HASH:
+                    qb = tl.load(QBkt + qi, mask=m_ok, other=-2)
         else:
             m_ok = qi >= 0
         qT = tl.load(Q_ptrs + start_m.to(tl.int64) * stride_qm, mask=d_ok[:, None] & m_ok[None, :], other=0.0)
         # Rows past seqlen_q read LSE = +inf, so their P is exactly 0 and they add nothing to dK/dV.
         lse2 = tl.load(Lse_ptr + qi, mask=m_ok, other=float("inf")) * _LOG2E
-        sT, tT = _scores(k, qT, qi[None, :], offs_n[:, None], SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2,
-                         MASK, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, PRECISION)       # (BLOCK_N, BLOCK_M)
+        sT, tT = _scores(k, qT, qi[None, :], offs_n[:, None], qp[None, :], kp[:, None], qb[None, :], kb[:, None],
+                         seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2, MASK, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP,
+                         SPARSE, SP_CAUSAL, HASH, PRECISION)                        # (BLOCK_N, BLOCK_M)
         pT = tl.exp2(sT - lse2[None, :])
         do = tl.load(DO_ptrs + start_m.to(tl.int64) * stride_dom, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         dv = _mma(pT.to(do.dtype), do, dv, PRECISION)
@@ -257,7 +328,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, stride_qm
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
+def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges,
               stride_qb, stride_qm, stride_qh,
               stride_kb, stride_kn, stride_kh,
               stride_vb, stride_vn, stride_vh,
@@ -268,16 +339,26 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              PRECISION: tl.constexpr):
+              SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    krow = b * (NHEADS // GROUP) + hk
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    n_ok = offs_n < SEQLEN_K
+    seqlen_k = SEQLEN_K
+    kp = offs_n
+    kb = offs_n
+    if SPARSE:
+        seqlen_k = tl.load(KLen + krow)
+        if SP_CAUSAL:
+            kp = tl.load(KPos + krow * SEQLEN_K + offs_n, mask=offs_n < seqlen_k, other=0)
+        if HASH:
+            kb = tl.load(KBkt + krow * SEQLEN_K + offs_n, mask=offs_n < seqlen_k, other=-1)
+    n_ok = offs_n < seqlen_k
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(K + b * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None].to(tl.int64) * stride_kn
                 + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -285,46 +366,71 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV,
                 + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Query rows that see this key block: the band seen from the key side is (-UPPER, -LOWER).
-    lo, mid_lo, mid_hi, hi = _band_range(start_n, BLOCK_N, BLOCK_M, SEQLEN_Q, -UPPER, -LOWER, HAS_UPPER, HAS_LOWER)
     for g in range(GROUP):                       # GQA: the query heads sharing this K/V head, summed in registers
         h = hk * GROUP + g
+        qrow = b * NHEADS + h
+        # Query rows that see this key block: the band seen from the key side is (-UPPER, -LOWER).
+        seqlen_q, lo, mid_lo, mid_hi, hi = _block_setup(QLen, Ranges, qrow, pid_n, tl.num_programs(0), SEQLEN_Q,
+                                                        SEQLEN_Q, start_n, BLOCK_N, BLOCK_M, -UPPER, -LOWER,
+                                                        HAS_UPPER, HAS_LOWER, SPARSE)
         Q_ptrs = Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m[None, :] * stride_qm + offs_d[:, None]
         DO_ptrs = DO + b * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :]
-        Lse_ptr = Lse + (b * NHEADS + h) * SEQLEN_Q
-        Delta_ptr = Delta + (b * NHEADS + h) * SEQLEN_Q
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, stride_qm, stride_dom,
-                                 offs_m, offs_n, d_ok, lo, mid_lo, SEQLEN_Q, SEQLEN_K, LOWER, UPPER, QK_SCALE,
-                                 CAP_LOG2, BLOCK_M, True, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, stride_qm, stride_dom,
-                                 offs_m, offs_n, d_ok, mid_lo, mid_hi, SEQLEN_Q, SEQLEN_K, LOWER, UPPER, QK_SCALE,
-                                 CAP_LOG2, BLOCK_M, False, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, PRECISION)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, stride_qm, stride_dom,
-                                 offs_m, offs_n, d_ok, mid_hi, hi, SEQLEN_Q, SEQLEN_K, LOWER, UPPER, QK_SCALE,
-                                 CAP_LOG2, BLOCK_M, True, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, PRECISION)
-    dk = dk * SM_SCALE
+        Lse_ptr = Lse + qrow * SEQLEN_Q
+        Delta_ptr = Delta + qrow * SEQLEN_Q
+        QPos_h = QPos
+        QBkt_h = QBkt
+        if SPARSE:
+            QPos_h = QPos + qrow * SEQLEN_Q
+        if HASH:
+            QBkt_h = QBkt + qrow * SEQLEN_Q
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, QPos_h, QBkt_h,
+                                 stride_qm, stride_dom, offs_m, offs_n, d_ok, lo, mid_lo, seqlen_q, seqlen_k,
+                                 LOWER, UPPER, QK_SCALE, CAP_LOG2, BLOCK_M, True, HAS_LOWER, HAS_UPPER,
+                                 HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, QPos_h, QBkt_h,
+                                 stride_qm, stride_dom, offs_m, offs_n, d_ok, mid_lo, mid_hi, seqlen_q, seqlen_k,
+                                 LOWER, UPPER, QK_SCALE, CAP_LOG2, BLOCK_M, False, HAS_LOWER, HAS_UPPER,
+                                 HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH, PRECISION)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, QPos_h, QBkt_h,
+                                 stride_qm, stride_dom, offs_m, offs_n, d_ok, mid_hi, hi, seqlen_q, seqlen_k,
+                                 LOWER, UPPER, QK_SCALE, CAP_LOG2, BLOCK_M, True, HAS_LOWER, HAS_UPPER,
+                                 HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH, PRECISION)
+    # Sparse padding keys (seqlen_k <= row < SEQLEN_K) get zero gradients: the front end's gather sends them
+    # back to real (dropped) tokens.
+    dk = tl.where(n_ok[:, None], dk * SM_SCALE, 0.0)
+    dv = tl.where(n_ok[:, None], dv, 0.0)
+    st_mask = (offs_n[:, None] < SEQLEN_K) & d_ok[None, :]
     tl.store(DK + b * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkn
-             + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+             + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=st_mask)
     tl.store(DV + b * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvn
-             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=st_mask)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, K_ptrs, V_ptrs, stride_kn, stride_vn, offs_m, offs_n, d_ok, lo, hi,
-                  SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2,
+def _bwd_dq_inner(dq, q, do, lse2, delta, qp, qb, K_ptrs, V_ptrs, KPos, KBkt, stride_kn, stride_vn, offs_m, offs_n,
+                  d_ok, lo, hi, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2,
                   BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                  HAS_SOFTCAP: tl.constexpr, SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr,
+                  PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kj = start_n + offs_n
+        kp = kj
+        kb = kj
         if MASK:
-            n_ok = kj < SEQLEN_K
+            n_ok = kj < seqlen_k
+            if SPARSE:
+                if SP_CAUSAL:
+                    kp = tl.load(KPos + kj, mask=n_ok, other=0)
+                if HASH:
+                    kb = tl.load(KBkt + kj, mask=n_ok, other=-1)
         else:
             n_ok = kj >= 0
         kT = tl.load(K_ptrs + start_n.to(tl.int64) * stride_kn, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         vT = tl.load(V_ptrs + start_n.to(tl.int64) * stride_vn, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        s, t = _scores(q, kT, offs_m[:, None], kj[None, :], SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2,
-                       MASK, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, PRECISION)
+        s, t = _scores(q, kT, offs_m[:, None], kj[None, :], qp[:, None], kp[None, :], qb[:, None], kb[None, :],
+                       seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2, MASK, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP,
+                       SPARSE, SP_CAUSAL, HASH, PRECISION)
         p = tl.exp2(s - lse2[:, None])
         dp = _mma(do, vT, None, PRECISION)
         ds = p * (dp - delta[:, None])
@@ -335,7 +441,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K_ptrs, V_ptrs, stride_kn, stride_vn, 
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ,
+def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges,
             stride_qb, stride_qm, stride_qh,
             stride_kb, stride_kn, stride_kh,
             stride_vb, stride_vn, stride_vh,
@@ -345,41 +451,56 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-            PRECISION: tl.constexpr):
+            SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
+    qrow = b * NHEADS + h
+    krow = b * (NHEADS // GROUP) + hk
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    m_ok = offs_m < SEQLEN_Q
+    seqlen_q, lo, mid_lo, mid_hi, hi = _block_setup(QLen, Ranges, qrow, pid_m, tl.num_programs(0), SEQLEN_Q,
+                                                    SEQLEN_K, start_m, BLOCK_M, BLOCK_N, LOWER, UPPER,
+                                                    HAS_LOWER, HAS_UPPER, SPARSE)
+    seqlen_k = SEQLEN_K
+    qp = offs_m
+    qb = offs_m
+    if SPARSE:
+        seqlen_k = tl.load(KLen + krow)
+        KPos += krow * SEQLEN_K
+        if HASH:
+            KBkt += krow * SEQLEN_K
+        if SP_CAUSAL:
+            qp = tl.load(QPos + qrow * SEQLEN_Q + offs_m, mask=offs_m < seqlen_q, other=-1)
+        if HASH:
+            qb = tl.load(QBkt + qrow * SEQLEN_Q + offs_m, mask=offs_m < seqlen_q, other=-2)
+    m_ok = offs_m < seqlen_q
     qd_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm
                 + offs_d[None, :], mask=qd_mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom
                  + offs_d[None, :], mask=qd_mask, other=0.0)
-    row = (b * NHEADS + h) * SEQLEN_Q + offs_m
-    lse2 = tl.load(Lse + row, mask=m_ok, other=float("inf")) * _LOG2E
-    delta = tl.load(Delta + row, mask=m_ok, other=0.0)
+    lse2 = tl.load(Lse + qrow * SEQLEN_Q + offs_m, mask=m_ok, other=float("inf")) * _LOG2E
+    delta = tl.load(Delta + qrow * SEQLEN_Q + offs_m, mask=m_ok, other=0.0)
     K_ptrs = K + b * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None]
     V_ptrs = V + b * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[None, :] * stride_vn + offs_d[:, None]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, mid_lo, mid_hi, hi = _band_range(start_m, BLOCK_M, BLOCK_N, SEQLEN_K, LOWER, UPPER, HAS_LOWER, HAS_UPPER)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_ptrs, V_ptrs, stride_kn, stride_vn, offs_m, offs_n, d_ok, lo,
-                       mid_lo, SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2, BLOCK_N, True, HAS_LOWER, HAS_UPPER,
-                       HAS_SOFTCAP, PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_ptrs, V_ptrs, stride_kn, stride_vn, offs_m, offs_n, d_ok, mid_lo,
-                       mid_hi, SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2, BLOCK_N, False, HAS_LOWER, HAS_UPPER,
-                       HAS_SOFTCAP, PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K_ptrs, V_ptrs, stride_kn, stride_vn, offs_m, offs_n, d_ok, mid_hi,
-                       hi, SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2, BLOCK_N, True, HAS_LOWER, HAS_UPPER,
-                       HAS_SOFTCAP, PRECISION)
-    dq = dq * SM_SCALE
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, qp, qb, K_ptrs, V_ptrs, KPos, KBkt, stride_kn, stride_vn, offs_m,
+                       offs_n, d_ok, lo, mid_lo, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2, BLOCK_N, True,
+                       HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, qp, qb, K_ptrs, V_ptrs, KPos, KBkt, stride_kn, stride_vn, offs_m,
+                       offs_n, d_ok, mid_lo, mid_hi, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2, BLOCK_N, False,
+                       HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH, PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, qp, qb, K_ptrs, V_ptrs, KPos, KBkt, stride_kn, stride_vn, offs_m,
+                       offs_n, d_ok, mid_hi, hi, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2, BLOCK_N, True,
+                       HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH, PRECISION)
+    dq = tl.where(m_ok[:, None], dq * SM_SCALE, 0.0)       # sparse padding rows: zero, as for dK/dV
     tl.store(DQ + b * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm
-             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < SEQLEN_Q) & d_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
@@ -428,7 +549,99 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _fwd_triton(q, k, v, softmax_scale, lower, upper, softcap, config=None):
+class SparseMeta(NamedTuple):
+    """Side tensors of dynamic sparse attention on compacted (QK-sparse) or bucket-sorted (hash-sparse) tokens.
+
+    q_pos ``(B, H, Sq)`` / k_pos ``(B, Hk, Sk)`` int32: original positions; within each (batch, head) the first
+    ``len`` entries are valid and sorted by (bucket, position); the rest hold ``PAD_POS``. q_len ``(B, H)`` /
+    k_len ``(B, Hk)`` int32. q_bkt / k_bkt: int32 buckets in the same layout, or None (QK-sparse).
+    """
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    q_len: torch.Tensor
+    k_len: torch.Tensor
+    q_bkt: Optional[torch.Tensor]
+    k_bkt: Optional[torch.Tensor]
+    causal: bool
+
+
+PAD_POS = 1 << 30          # position (and bucket) of padding entries: sorts after every real token
+
+
+def _sort_keys(pos: torch.Tensor, bkt: Optional[torch.Tensor]) -> torch.Tensor:
+    # (bucket, position) packed into one int64 that sorts like the pair; padding (PAD_POS, PAD_POS) sorts last.
+    key = pos.long()
+    if bkt is not None:
+        key = key + (bkt.long() << 31)
+    return key.contiguous()
+
+
+def _tile_ranges(rows_key, rows_len, cols_key, cols_len, rows_block, cols_block, causal, hashed, from_keys):
+    """Per block of rows: int32 [lo, mid_lo, mid_hi, hi] over column tiles ([mid_lo, mid_hi) fully visible).
+
+    rows_key ``(B, H, S_rows)``, cols_key ``(B, H, S_cols)`` (K/V side already expanded to query heads) are sorted
+    (bucket, position) keys. ``from_keys``: rows are keys and columns queries (the dK/dV pass), so "visible" means
+    query position >= key position. O(blocks * log S) with searchsorted; no (S x S) work.
+    """
+    n_rows = rows_key.shape[-1]
+    nblk = triton.cdiv(n_rows, rows_block)
+    start = torch.arange(nblk, device=rows_key.device) * rows_block                        # (nblk,)
+    end = torch.minimum(start + rows_block, rows_len.unsqueeze(-1).long()) - 1             # (B, H, nblk)
+    empty = end < start
+    first = rows_key.gather(-1, start.expand_as(end).clamp(max=n_rows - 1).contiguous())
+    last = rows_key.gather(-1, end.clamp(min=0).contiguous())
+    find = lambda v, right=False: torch.searchsorted(cols_key, v.contiguous(), right=right)  # noqa: E731
+    n_cols = cols_len.unsqueeze(-1).long()
+    zero = torch.zeros_like(first)
+    if not hashed and not causal:
+        lo, hi, full_lo, full_hi = zero, n_cols.expand_as(first), zero, n_cols.expand_as(first)
+    elif not hashed:
+        if from_keys:       # queries with position >= the block's first (some visible) / last key (all visible)
+            lo, hi, full_lo, full_hi = find(first), n_cols.expand_as(first), find(last), n_cols.expand_as(first)
+        else:               # keys with position <= the block's last (some) / first query (all)
+            lo, hi, full_lo, full_hi = zero, find(last, True), zero, find(first, True)
+    else:
+        b_first, b_last = first >> 31, last >> 31
+        bucket_start = lambda bk: find(bk << 31)  # noqa: E731
+        if from_keys:
+            lo = find(first) if causal else bucket_start(b_first)
+            hi = bucket_start(b_last + 1)
+            full_lo = find(last) if causal else bucket_start(b_first)
+            full_hi = bucket_start(b_first + 1)
+        else:
+            lo = bucket_start(b_first)
+            hi = find(last, True) if causal else bucket_start(b_last + 1)
+            full_lo = bucket_start(b_first)
+            full_hi = find(first, True) if causal else bucket_start(b_first + 1)
+        full_hi = torch.where(b_first == b_last, full_hi, full_lo)       # several buckets: every tile masked
+    hi = torch.minimum(hi, n_cols)
+    lo = (lo // cols_block) * cols_block
+    hi = torch.maximum(hi, lo)
+    full_lo = -((-full_lo) // cols_block) * cols_block
+    full_hi = (torch.minimum(full_hi, n_cols) // cols_block) * cols_block
+    mid_lo = torch.minimum(torch.maximum(full_lo, lo), hi)
+    mid_hi = torch.maximum(torch.minimum(full_hi, hi), mid_lo)
+    r = torch.stack([lo, mid_lo, mid_hi, hi], -1)
+    return r.masked_fill(empty.unsqueeze(-1), 0).to(torch.int32).contiguous()              # (B, H, nblk, 4)
+
+
+def _sparse_args(sp: Optional[SparseMeta], group: int, block_q: int, block_k: int, fwd: bool):
+    """Kernel pointer args (QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges) and constexprs for one launch."""
+    if sp is None:
+        return (None,) * 7, dict(SPARSE=False, SP_CAUSAL=False, HASH=False)
+    hashed = sp.q_bkt is not None
+    qkey, kkey = _sort_keys(sp.q_pos, sp.q_bkt), _sort_keys(sp.k_pos, sp.k_bkt)
+    kkey_h = kkey.repeat_interleave(group, dim=1)                           # (B, H, Sk): K/V head of each q head
+    klen_h = sp.k_len.repeat_interleave(group, dim=1)
+    if fwd:
+        ranges = _tile_ranges(qkey, sp.q_len, kkey_h, klen_h, block_q, block_k, sp.causal, hashed, False)
+    else:
+        ranges = _tile_ranges(kkey_h, klen_h, qkey, sp.q_len, block_k, block_q, sp.causal, hashed, True)
+    ptrs = (sp.q_pos, sp.k_pos, sp.q_bkt, sp.k_bkt, sp.q_len, sp.k_len, ranges)
+    return ptrs, dict(SPARSE=True, SP_CAUSAL=sp.causal, HASH=hashed)
+
+
+def _fwd_triton(q, k, v, softmax_scale, lower, upper, softcap, sparse=None, config=None):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -437,19 +650,20 @@ def _fwd_triton(q, k, v, softmax_scale, lower, upper, softcap, config=None):
     cfg = dict(config or _fwd_config(d, q.dtype, q.device))
     lo_off, up_off, has_lo, has_up = _band_args(lower, upper)
     qk_scale, cap_log2 = _scale_args(softmax_scale, softcap)
+    sp_ptrs, sp_flags = _sparse_args(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], fwd=True)
     grid = (triton.cdiv(sq, cfg["BLOCK_M"]), h, b)
-    _attn_fwd[grid](q, k, v, out, lse,
+    _attn_fwd[grid](q, k, v, out, lse, *sp_ptrs,
                     q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                     v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
                     h, sq, sk, lo_off, up_off, qk_scale, cap_log2,
                     GROUP=h // hk, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
                     HAS_LOWER=has_lo, HAS_UPPER=has_up, HAS_SOFTCAP=softcap > 0, PRECISION=_precision(q.dtype),
-                    **cfg)
+                    **sp_flags, **cfg)
     return out, lse
 
 
 def _bwd_triton(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=None, grad_dtype=None,
-                config=None):
+                sparse=None, config=None):
     do, q, k, v, out = (_unit_last(t) for t in (do, q, k, v, out))
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -470,11 +684,14 @@ def _bwd_triton(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dls
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     scalars = (h, sq, sk, lo_off, up_off, qk_scale, cap_log2, softmax_scale)
+    sp_ptrs, sp_flags = _sparse_args(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], fwd=False)
     _bwd_dkdv[(triton.cdiv(sk, cfg["BLOCK_N"]), hk, b)](
-        q, k, v, do, lse, delta, dk, dv, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2), *scalars, **common)
+        q, k, v, do, lse, delta, dk, dv, *sp_ptrs, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2), *scalars, **sp_flags, **common)
+    sp_ptrs, sp_flags = _sparse_args(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], fwd=True)
     _bwd_dq[(triton.cdiv(sq, cfg["BLOCK_M"]), h, b)](
-        q, k, v, do, lse, delta, dq, *strides, dq.stride(0), dq.stride(1), dq.stride(2), *scalars, **common)
+        q, k, v, do, lse, delta, dq, *sp_ptrs, *strides, dq.stride(0), dq.stride(1), dq.stride(2), *scalars,
+        **sp_flags, **common)
     return dq, dk, dv
 
 
@@ -484,25 +701,51 @@ def _on_triton(x: torch.Tensor) -> bool:
 
 
 def flash_fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optional[int] = None,
-              softcap: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward on validated tensors. Returns ``(out, lse)``; lse ``(B, H, Sq)`` fp32 in natural-log units."""
+              softcap: float = 0.0, sparse: Optional[SparseMeta] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward on validated tensors. Returns ``(out, lse)``; lse ``(B, H, Sq)`` fp32 in natural-log units.
+    ``sparse``: dynamic sparse mode on compacted/sorted tokens (then lower/upper must be None)."""
     if _on_triton(q):
-        return _fwd_triton(q, k, v, softmax_scale, lower, upper, softcap)
-    return reference.chunked_fwd(q, k, v, softmax_scale, lower, upper, softcap)
+        return _fwd_triton(q, k, v, softmax_scale, lower, upper, softcap, sparse)
+    return reference.chunked_fwd(q, k, v, softmax_scale, lower, upper, softcap, tile_mask=_cpu_tile_mask(sparse))
 
 
 def flash_bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None,
               upper: Optional[int] = None, softcap: float = 0.0, dlse: Optional[torch.Tensor] = None,
-              grad_dtype: Optional[torch.dtype] = None):
+              grad_dtype: Optional[torch.dtype] = None, sparse: Optional[SparseMeta] = None):
     """Backward on validated tensors: ``(dq, dk, dv)`` in the input dtypes. ``lse`` may be a *global* LSE (ring
     attention): P is recomputed as exp(s - lse) and delta from the given ``out``, so a block's gradients come out
     as its share of the full-sequence gradients. ``dlse`` (optional, ``(B, H, Sq)``) is a gradient on the LSE.
     ``grad_dtype`` (default: the inputs' dtype) lets callers that accumulate partial gradients (ring attention)
     receive them in float32."""
     if _on_triton(q):
-        return _bwd_triton(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse, grad_dtype)
+        return _bwd_triton(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse, grad_dtype, sparse)
     return reference.chunked_bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse,
-                                 out_dtype=grad_dtype)
+                                 out_dtype=grad_dtype, tile_mask=_cpu_tile_mask(sparse))
+
+
+def _cpu_tile_mask(sp: Optional[SparseMeta]):
+    """The sparse visibility rule as a per-tile bool mask ``(B, Hk, G, mc, nc)`` for the chunked PyTorch path."""
+    if sp is None:
+        return None
+    b, h, _ = sp.q_pos.shape
+    hk = sp.k_pos.shape[1]
+    qpos = sp.q_pos.reshape(b, hk, h // hk, -1)
+    kpos = sp.k_pos.unsqueeze(2)
+    qlen = sp.q_len.reshape(b, hk, h // hk, 1, 1)
+    klen = sp.k_len.reshape(b, hk, 1, 1, 1)
+    qbkt = sp.q_bkt.reshape(b, hk, h // hk, -1) if sp.q_bkt is not None else None
+    kbkt = sp.k_bkt.unsqueeze(2) if sp.k_bkt is not None else None
+
+    def mask(m0, m1, n0, n1):
+        i = torch.arange(m0, m1, device=qpos.device).view(1, 1, 1, -1, 1)
+        j = torch.arange(n0, n1, device=qpos.device).view(1, 1, 1, 1, -1)
+        keep = (i < qlen) & (j < klen)              # padding rows see nothing: their P is 0 in the backward
+        if sp.causal:
+            keep = keep & (kpos[..., n0:n1].unsqueeze(-2) <= qpos[..., m0:m1].unsqueeze(-1))
+        if qbkt is not None:
+            keep = keep & (kbkt[..., n0:n1].unsqueeze(-2) == qbkt[..., m0:m1].unsqueeze(-1))
+        return keep
+    return mask
 
 
 def default_scale(head_dim: int) -> float:

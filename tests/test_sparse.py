@@ -1,0 +1,181 @@
+"""Dynamic sparse flash attention (QK-sparse, hash-sparse) against the float64 dense reference with the equivalent
+boolean mask, by the tolerance rule; edge cases that must equal dense attention; bad input."""
+import math
+
+import pytest
+import torch
+
+import flashring
+from flashring import _masks
+from flashring.ops import flash
+from flashring.reference import attention_ref
+
+from _tol import assert_close
+
+CUDA = torch.cuda.is_available()
+BACKENDS = ["cuda"] if CUDA else ["interp", "torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def device(request, monkeypatch):
+    if request.param == "cuda":
+        return "cuda"
+    monkeypatch.setattr(flash, "CPU_BACKEND", "triton" if request.param == "interp" else "torch")
+    return "cpu"
+
+
+def _dense_mask(qa, ka, kind, group):
+    # (B, S, H) side tensors -> (B, H, Sq, Sk) visibility, K side expanded to query heads.
+    qa = qa.permute(0, 2, 1)
+    ka = ka.permute(0, 2, 1).repeat_interleave(group, 1)
+    return (qa[..., :, None] & ka[..., None, :]) if kind == "qk" else (qa[..., :, None] == ka[..., None, :])
+
+
+def run_sparse(kind, b, sq, sk, h, hk, d, dtype, device, causal, seed, qa=None, ka=None, rate=0.5, nb=4):
+    q = torch.randn(b, sq, h, d, device=device, dtype=dtype)
+    k = torch.randn(b, sk, hk, d, device=device, dtype=dtype)
+    v = torch.randn(b, sk, hk, d, device=device, dtype=dtype)
+    do = torch.randn(b, sq, h, d, device=device, dtype=dtype)
+    if qa is None:
+        if kind == "qk":
+            qa, ka = torch.rand(b, sq, h, device=device) > rate, torch.rand(b, sk, hk, device=device) > rate
+        else:
+            qa = torch.randint(0, nb, (b, sq, h), device=device)
+            ka = torch.randint(0, nb, (b, sk, hk), device=device)
+    fn = flashring.qk_sparse_attn_func if kind == "qk" else flashring.hash_sparse_attn_func
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse, _ = fn(qg, kg, vg, qa, ka, causal=causal, return_attn_probs=True)
+    out.backward(do)
+    mask = _dense_mask(qa, ka, kind, h // hk)
+    lower, upper = _masks.flash_bounds(sq, sk, causal, (-1, -1))
+    kw = dict(softmax_scale=1 / math.sqrt(d), lower=lower, upper=upper, mask=mask)
+    refs = []
+    for dt in (torch.float64, None):
+        qr, kr, vr = (t.detach().to(dt or t.dtype).requires_grad_() for t in (q, k, v))
+        o, l = attention_ref(qr, kr, vr, dtype=dt, **kw)
+        o.backward(do.to(o.dtype))
+        refs.append((o, l, qr.grad, kr.grad, vr.grad))
+    tag = f"{kind} {(b, sq, sk, h, hk, d, dtype)} causal={causal}"
+    assert_close(out, refs[0][0], refs[1][0], 2, f"out {tag}", seed)
+    assert torch.isfinite(lse).all()
+    assert_close(lse, refs[0][1], refs[1][1], 2, f"lse {tag}", seed)
+    for name, g, r, lp in zip(("dq", "dk", "dv"), (qg.grad, kg.grad, vg.grad), refs[0][2:], refs[1][2:]):
+        assert_close(g, r, lp, 3, f"{name} {tag}", seed)
+    return out, lse, (qg.grad, kg.grad, vg.grad)
+
+
+SHAPES = [(2, 70, 70, 4, 2, 32, torch.bfloat16), (1, 113, 113, 2, 1, 64, torch.float16),
+          (1, 40, 90, 2, 2, 40, torch.float32), (1, 1, 1, 1, 1, 16, torch.bfloat16)]
+if CUDA:
+    SHAPES += [(2, 2048, 2048, 8, 8, 64, torch.bfloat16), (1, 4096, 4096, 4, 2, 128, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + str(s[6])[5:])
+@pytest.mark.parametrize("kind", ["qk", "hash"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_sparse_matches_dense_masked_reference(kind, shape, causal, device, seed):
+    run_sparse(kind, *shape, device, causal, seed)
+
+
+def test_keep_everything_equals_dense_flash(device, seed):
+    b, s, h, d = 1, 77, 2, 32
+    keep = torch.ones(b, s, h, dtype=torch.bool, device=device)
+    q, k, v = (torch.randn(b, s, h, d, device=device, dtype=torch.bfloat16) for _ in range(3))
+    dense = flashring.flash_attn_func(q, k, v, causal=True)
+    sparse = flashring.qk_sparse_attn_func(q, k, v, keep, keep, causal=True)
+    assert_close(sparse, dense.double(), dense, 0, "keep-all vs dense", seed)
+
+
+def test_keep_nothing_gives_zeros(device, seed):
+    b, s, h, d = 2, 30, 2, 16
+    none = torch.zeros(b, s, h, dtype=torch.bool, device=device)
+    q, k, v = (torch.randn(b, s, h, d, device=device, requires_grad=True) for _ in range(3))
+    out, lse, _ = flashring.qk_sparse_attn_func(q, k, v, none, none, return_attn_probs=True)
+    assert (out == 0).all() and (lse == _masks.EMPTY_ROW_LSE).all()
+    out.sum().backward()
+    assert all((t.grad == 0).all() for t in (q, k, v))
+
+
+def test_one_bucket_equals_dense_causal(device, seed):
+    b, s, h, d = 1, 65, 2, 32
+    zero = torch.zeros(b, s, h, dtype=torch.long, device=device)
+    q, k, v = (torch.randn(b, s, h, d, device=device, dtype=torch.float16) for _ in range(3))
+    dense = flashring.flash_attn_func(q, k, v, causal=True)
+    sparse = flashring.hash_sparse_attn_func(q, k, v, zero, zero, causal=True)
+    assert_close(sparse, dense.double(), dense, 0, "one bucket vs dense", seed)
+
+
+def test_every_token_its_own_bucket(device, seed):
+    # Query i only sees key i: out_i = v_i exactly (softmax over one element).
+    b, s, h, d = 1, 50, 2, 16
+    ids = torch.arange(s, device=device).view(1, s, 1).expand(b, s, h).contiguous()
+    q, k, v = (torch.randn(b, s, h, d, device=device) for _ in range(3))
+    out = flashring.hash_sparse_attn_func(q, k, v, ids, ids, causal=True)
+    assert torch.allclose(out, v, atol=1e-6)
+
+
+def test_ragged_keep_counts_per_head(device, seed):
+    # Heads keep very different numbers of tokens (all, half, one, none): the per-head lengths path.
+    b, s, h, d = 1, 48, 4, 16
+    qa = torch.ones(b, s, h, dtype=torch.bool, device=device)
+    qa[..., 1] = torch.rand(b, s, device=device) > 0.5
+    qa[..., 2] = False
+    qa[0, 17, 2] = True
+    qa[..., 3] = False
+    run_sparse("qk", b, s, s, h, h, d, torch.float32, device, True, seed, qa=qa, ka=qa.clone())
+
+
+def test_compact_level_call_matches_front_end(device, seed):
+    b, s, h, d = 1, 40, 2, 16
+    q, k, v = (torch.randn(b, s, h, d, device=device) for _ in range(3))
+    keep = torch.rand(b, s, h, device=device) > 0.4
+    full = flashring.qk_sparse_attn_func(q, k, v, keep, keep, causal=True)
+    idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    lens = keep.sum(1).to(torch.int32)
+    gather = lambda x: x.gather(1, idx.unsqueeze(-1).expand(*idx.shape, d))  # noqa: E731
+    out_c = flashring.sparse_attn_compact_func(gather(q), gather(k), gather(v), idx, idx, lens, lens, causal=True)
+    for hh in range(h):
+        n = int(lens[0, hh])
+        assert torch.allclose(out_c[0, :n, hh], full[0, idx[0, :n, hh], hh], atol=1e-6)
+
+
+def test_lsh_buckets_reproducible_and_in_range():
+    x = torch.randn(2, 33, 3, 16)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    b1, b2 = flashring.lsh_buckets(x, 8, generator=g1), flashring.lsh_buckets(x, 8, generator=g2)
+    assert torch.equal(b1, b2) and b1.shape == (2, 33, 3) and 0 <= int(b1.min()) and int(b1.max()) < 8
+    # Angular LSH is scale invariant and sends x and -x to opposite halves.
+    r = flashring.lsh_rotations(3, 16, 8, torch.Generator().manual_seed(1))
+    assert torch.equal(flashring.lsh_buckets(3.0 * x, 8, rotations=r), flashring.lsh_buckets(x, 8, rotations=r))
+    assert torch.equal((flashring.lsh_buckets(-x, 8, rotations=r) + 4) % 8, flashring.lsh_buckets(x, 8, rotations=r))
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(q_keep=torch.ones(1, 8, 2, dtype=torch.int64)), TypeError, "q_keep must be a bool"),
+    (dict(k_keep=torch.ones(1, 7, 2, dtype=torch.bool)), ValueError, "k_keep must have shape"),
+    (dict(causal=1), TypeError, "causal"),
+])
+def test_qk_bad_input(kwargs, exc, match):
+    q = torch.randn(1, 8, 2, 16)
+    args = dict(q=q, k=q, v=q, q_keep=torch.ones(1, 8, 2, dtype=torch.bool), k_keep=torch.ones(1, 8, 2, dtype=torch.bool))
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        flashring.qk_sparse_attn_func(**args)
+
+
+@pytest.mark.parametrize("qb, exc, match", [
+    (torch.full((1, 8, 2), -1), ValueError, "bucket ids"),
+    (torch.zeros(1, 8, 2), TypeError, "integer"),
+    (torch.zeros(1, 8, 3, dtype=torch.long), ValueError, "shape"),
+])
+def test_hash_bad_input(qb, exc, match):
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(exc, match=match):
+        flashring.hash_sparse_attn_func(q, q, q, qb, torch.zeros(1, 8, 2, dtype=torch.long))
+
+
+def test_compact_unsorted_indices_rejected():
+    q = torch.randn(1, 8, 1, 16)
+    idx = torch.arange(8).flip(0).view(1, 8, 1)
+    with pytest.raises(ValueError, match="sorted"):
+        flashring.sparse_attn_compact_func(q, q, q, idx, idx)
