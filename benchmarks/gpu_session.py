@@ -110,6 +110,9 @@ BWD_CFGS = [
     dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
     dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=1),
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2),
 ]
 
 
@@ -127,7 +130,8 @@ def main():
     print(json.dumps(info), flush=True)
     if args.tests:
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "tests/test_flash.py"],
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "8", "tests/test_flash.py",
+                            "tests/test_sparse.py"],
                            capture_output=True, text=True)
         tail = (r.stdout + r.stderr).strip().splitlines()[-15:]
         print("\n".join(tail), flush=True)
