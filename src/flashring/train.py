@@ -348,12 +348,11 @@ class Trainer:
         with self.autocast:
             return self.model(x, y, pos)
 
-    def train_step(self) -> float:
+    def forward_backward(self) -> float:
+        """Gradients of the global mean loss over one step's micro-batches, in every rank's ``.grad``; returns that
+        loss (averaged over all tokens of all ranks)."""
         cfg = self.cfg
-        lr = lr_at(self.step, cfg)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
         batch_tokens = cfg["batch_size"] * cfg["seqlen"]  # targets per micro-batch summed over all ranks
         for _ in range(cfg["grad_accum"]):
             x, y = self.sampler.next()
@@ -368,12 +367,19 @@ class Trainer:
             flat = self.dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))  # one collective
             for g, part in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(part.view_as(g))
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"])
+        return self.dist.all_reduce_sum(total).item() / (batch_tokens * cfg["grad_accum"])
+
+    def train_step(self) -> float:
+        lr = lr_at(self.step, self.cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        loss = self.forward_backward()
+        if self.cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip"])
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        return self.dist.all_reduce_sum(total).item() / (batch_tokens * cfg["grad_accum"])
+        return loss
 
     @torch.no_grad()
     def evaluate(self) -> float:

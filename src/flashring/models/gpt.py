@@ -69,8 +69,9 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, base: float) -> Tuple[
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., i], x[..., i + D/2]) by the position's angle; math in fp32, result in x's dtype."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    """Rotate pairs (x[..., i], x[..., i + D/2]) by the position's angle; math in fp32 (or x's dtype if wider),
+    result in x's dtype."""
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
