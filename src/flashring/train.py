@@ -30,8 +30,9 @@ from .data import DEFAULT_CACHE, Corpus, WindowSampler, file_corpus, stdlib_corp
 from .models.attention import ATTN_MODES, shard_for_ring
 from .models.gpt import GPT, GPTConfig, train_flops_per_token
 
-# Presets. Parameter counts (tied embeddings, vocab 256): tiny 0.10M, gpt-8k 25.4M, gpt-16k 85.2M (gpt-32k: the
-# gpt-16k model at twice the length). Tokens per step: tiny 1k, the GPU presets 32k.
+# Presets. Parameter counts (tied embeddings, vocab 256): tiny 0.115M, gpt-8k 25.3M, gpt-16k 85.2M (gpt-32k: the
+# gpt-16k model at twice the length). Tokens per step: tiny 1k, the GPU presets 32k (11.6 / 46.4 / 76.1 TFLOP per
+# step by train_flops_per_token for gpt-8k / 16k / 32k).
 PRESETS: Dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=2, d_model=64, seqlen=128, batch_size=8, iters=40, lr=3e-3, warmup=4,
                  eval_every=20, eval_iters=2, log_every=5, ffn_chunk=256, ce_chunk=256),
@@ -386,7 +387,7 @@ class Trainer:
         """Mean validation loss over the same ``eval_iters`` windows every time; its random draws (qk-sparse masks,
         LSH rotations) use a forked RNG so validating never shifts the training run's random stream."""
         self.model.eval()
-        devices = [self.device] if self.device.type == "cuda" else []
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.cfg["seed"] + 1)
             sampler = WindowSampler(self.corpus.val, self.cfg["batch_size"], self.cfg["seqlen"], self.cfg["seed"] + 1,
