@@ -1,0 +1,153 @@
+"""Training data that needs no network.
+
+Default corpus: the bytes of the Python standard library's ``.py`` files (about 1,800 files, 31 MB on CPython
+3.11; ``site-packages`` excluded), one ASCII file-separator byte (0x1C) between files. The split is by file and
+deterministic: the sorted file list, every ``val_every``-th file to validation. Both splits are cached as raw
+uint8 files (read back as numpy memmaps) on first use, under a key of the file list and sizes.
+
+``--data PATH``: a ``.npy`` token array (uint8/uint16), a ``.bin`` raw token file (``dtype`` uint16 unless told
+uint8, the nanoGPT convention), or any other file read as bytes. A single file is split by position: the last
+``val_fraction`` of it is validation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+FILE_SEP = b"\x1c"  # ASCII "file separator": marks a document boundary in the byte stream
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flashring"
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray  # 1-D uint8 or uint16 (memmap or array)
+    val: np.ndarray
+    vocab_size: int
+    source: str
+    train_files: Optional[List[str]] = None  # stdlib corpus: which files went where (relative paths)
+    val_files: Optional[List[str]] = None
+
+
+def _stdlib_files(root: Path) -> List[Path]:
+    files = [p for p in root.rglob("*.py") if p.is_file()
+             and not {"site-packages", "dist-packages", "__pycache__"} & set(p.relative_to(root).parts)]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def split_files(files: List[Path], val_every: int) -> Tuple[List[Path], List[Path]]:
+    """Every ``val_every``-th file of the (sorted) list goes to validation: indices val_every-1, 2*val_every-1..."""
+    if val_every < 2:
+        raise ValueError(f"val_every must be >= 2 (every Nth file goes to validation), got {val_every}")
+    val = [f for i, f in enumerate(files) if i % val_every == val_every - 1]
+    train = [f for i, f in enumerate(files) if i % val_every != val_every - 1]
+    return train, val
+
+
+def _tmp_name(path: Path) -> Path:
+    # per-process name: under torchrun every rank may build the same cache at once; the last rename wins and
+    # every rename installs a complete file
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def _write_split(files: List[Path], path: Path) -> None:
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as out:
+        for f in files:
+            out.write(f.read_bytes())
+            out.write(FILE_SEP)
+    tmp.replace(path)  # atomic: a crashed build never leaves a half-written cache behind
+
+
+def stdlib_corpus(root: Optional[os.PathLike] = None, cache_dir: Optional[os.PathLike] = None,
+                  val_every: int = 20) -> Corpus:
+    """Byte corpus of the ``.py`` files under ``root`` (default: this Python's stdlib), cached under cache_dir."""
+    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"]).resolve()
+    files = _stdlib_files(root)
+    if len(files) < val_every:
+        raise ValueError(f"found {len(files)} .py files under {root}; need at least val_every={val_every} to split "
+                         "by file")
+    train_f, val_f = split_files(files, val_every)
+    rel = lambda fs: [f.relative_to(root).as_posix() for f in fs]  # noqa: E731
+    # cache key: the root, the split rule and every file's name and size (a changed stdlib gets a new cache)
+    key = hashlib.sha256(json.dumps([str(root), val_every, [(r, f.stat().st_size) for r, f in zip(rel(files), files)]])
+                         .encode()).hexdigest()[:16]
+    cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE) / f"pycorpus-{key}"
+    meta_path = cache / "meta.json"
+    if not meta_path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        _write_split(train_f, cache / "train.bin")
+        _write_split(val_f, cache / "val.bin")
+        meta = {"root": str(root), "val_every": val_every, "train_files": rel(train_f), "val_files": rel(val_f)}
+        tmp = _tmp_name(meta_path)
+        tmp.write_text(json.dumps(meta))
+        tmp.replace(meta_path)  # written last: its presence means both splits are complete
+    meta = json.loads(meta_path.read_text())
+    return Corpus(train=np.memmap(cache / "train.bin", dtype=np.uint8, mode="r"),
+                  val=np.memmap(cache / "val.bin", dtype=np.uint8, mode="r"), vocab_size=256,
+                  source=f"python stdlib .py files under {root} (cache {cache})",
+                  train_files=meta["train_files"], val_files=meta["val_files"])
+
+
+def file_corpus(path: os.PathLike, val_fraction: float = 0.1, dtype: Optional[str] = None,
+                vocab_size: Optional[int] = None) -> Corpus:
+    """A user's file: ``.npy`` tokens, ``.bin`` raw tokens (``dtype``, default uint16) or text read as bytes."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} does not exist (or is not a file)")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if path.suffix == ".npy":
+        tokens = np.load(path, mmap_mode="r")
+        if tokens.dtype not in (np.uint8, np.uint16) or tokens.ndim != 1:
+            raise ValueError(f"{path}: expected a 1-D uint8 or uint16 token array, got {tokens.ndim}-D {tokens.dtype}")
+    elif path.suffix == ".bin":
+        dtype = dtype or "uint16"
+        if dtype not in ("uint8", "uint16"):
+            raise ValueError(f"dtype for a .bin token file must be uint8 or uint16, got {dtype!r}")
+        if dtype == "uint16" and path.stat().st_size % 2:
+            raise ValueError(f"{path} has an odd number of bytes, so it is not a uint16 token file; pass "
+                             "--data-dtype uint8 if it holds bytes")
+        tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+    else:
+        if dtype not in (None, "uint8"):
+            raise ValueError(f"{path} is read as bytes (uint8); --data-dtype applies to .bin files only")
+        tokens = np.memmap(path, dtype=np.uint8, mode="r")
+    if vocab_size is None:
+        # uint16 ids: smallest multiple of 64 above the largest id (one O(n) pass over the memmap)
+        vocab_size = 256 if tokens.dtype == np.uint8 else -(-(int(tokens.max()) + 1) // 64) * 64
+    n_val = int(len(tokens) * val_fraction)
+    return Corpus(train=tokens[: len(tokens) - n_val], val=tokens[len(tokens) - n_val:], vocab_size=vocab_size,
+                  source=str(path))
+
+
+class WindowSampler:
+    """Random ``(B, S + 1)`` windows of a token array with a seeded numpy generator; state() / load_state()
+    make a resumed run draw exactly the batches the uninterrupted run would have drawn."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seqlen: int, seed: int, name: str = "train"):
+        if len(tokens) < seqlen + 2:
+            raise ValueError(f"the {name} split has {len(tokens)} tokens, too few for windows of seqlen {seqlen} "
+                             f"(needs at least {seqlen + 2}); use a smaller --seqlen or more data")
+        self.tokens, self.batch_size, self.seqlen, self.seed = tokens, batch_size, seqlen, seed
+        self.rng = np.random.default_rng(seed)
+
+    def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), int64 ``(B, S)`` each, targets shifted by one token."""
+        starts = self.rng.integers(0, len(self.tokens) - self.seqlen - 1, size=self.batch_size)
+        win = np.stack([np.asarray(self.tokens[s: s + self.seqlen + 1], dtype=np.int64) for s in starts])
+        win = torch.from_numpy(win)  # (B, S + 1)
+        return win[:, :-1], win[:, 1:]
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def load_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state

@@ -1,0 +1,207 @@
+"""A small GPT for long sequences: pre-LayerNorm blocks, rotary positions, tied embeddings.
+
+Long-context memory (Blockwise Parallel Transformer, Liu & Abbeel 2023): the feed-forward and the vocabulary
+projection + cross-entropy run over chunks of tokens, each chunk under activation checkpointing, so the
+``4 * d_model`` hidden activations and the ``vocab``-wide logits exist for one chunk at a time; what is stored per
+layer is ``O(tokens * d_model)``. With an IO-aware attention kernel (no ``S x S`` matrix) every activation then
+grows linearly in the sequence length. ``checkpoint=True`` additionally recomputes whole blocks in the backward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import CausalAttention
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 256
+    n_layer: int = 2
+    n_head: int = 2
+    d_model: int = 64
+    ffn_mult: int = 4
+    rope_base: float = 10000.0
+    # attention choice (see models/attention.py)
+    attn: str = "sdpa"
+    drop: float = 0.0
+    buckets: int = 0
+    # memory: tokens per feed-forward / cross-entropy chunk (0 = unchunked); whole-block recomputation
+    ffn_chunk: int = 0
+    ce_chunk: int = 0
+    checkpoint: bool = False
+
+    ARCH_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "ffn_mult", "rope_base")
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "ffn_mult"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError(f"head dim d_model / n_head = {self.d_model // self.n_head} must be even for rotary "
+                             "positions")
+        for name in ("ffn_chunk", "ce_chunk"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = unchunked), got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------------ rotary
+def rotary_tables(positions: torch.Tensor, head_dim: int, base: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape ``(B or 1, S, 1, head_dim // 2)`` in float32 for integer ``positions`` ``(B or 1, S)``.
+
+    Positions are explicit (not ``arange(S)``) because a ring shard holds two non-contiguous pieces of the
+    sequence; each token must be rotated by its global position.
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (B, S, head_dim / 2)
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., i], x[..., i + D/2]) by the position's angle; math in fp32 (or x's dtype if wider),
+    result in x's dtype."""
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ chunked computations
+def _chunks(n: int, chunk: int):
+    return [n] if chunk <= 0 or chunk >= n else [min(chunk, n - s) for s in range(0, n, chunk)]
+
+
+class ChunkedMLP(nn.Module):
+    """``fc2(gelu(fc1(x)))`` applied ``chunk`` tokens at a time; each chunk is recomputed in the backward."""
+
+    def __init__(self, d_model: int, hidden: int, chunk: int = 0):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, d_model, bias=False)
+        self.chunk = chunk
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])  # (B * S, d): chunk over all tokens, whatever the batch size
+        sizes = _chunks(tokens.shape[0], self.chunk)
+        if len(sizes) == 1:
+            return self._mlp(x)
+        grad = torch.is_grad_enabled()
+        # no RNG inside the MLP, so the recomputation needs no RNG state saved (preserve_rng_state=False)
+        outs = [checkpoint(self._mlp, c, use_reentrant=False, preserve_rng_state=False) if grad else self._mlp(c)
+                for c in tokens.split(sizes)]
+        return torch.cat(outs).view_as(x)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk: int = 0) -> torch.Tensor:
+    """Sum over tokens of ``cross_entropy(hidden @ weight.T, targets)``, ``chunk`` tokens of logits at a time.
+
+    hidden ``(..., d)``, weight ``(V, d)``, targets ``(...)`` int64. Logits go to fp32 before the softmax (under
+    bf16 autocast a 256..65536-way log-softmax in bf16 loses ~3 significant digits). Returns a 0-dim sum, fp32 for
+    half-precision logits, else in the logits' dtype.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
+    t = targets.reshape(-1)  # (N,)
+    if h.shape[0] != t.shape[0]:
+        raise ValueError(f"hidden has {h.shape[0]} tokens but targets has {t.shape[0]}")
+
+    def piece(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hc, weight)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        return F.cross_entropy(logits, tc, reduction="sum")
+
+    sizes = _chunks(h.shape[0], chunk)
+    if len(sizes) == 1:
+        return piece(h, t)
+    grad = torch.is_grad_enabled()
+    pieces = [checkpoint(piece, hc, tc, use_reentrant=False, preserve_rng_state=False) if grad else piece(hc, tc)
+              for hc, tc in zip(h.split(sizes), t.split(sizes))]
+    return torch.stack(pieces).sum()
+
+
+# ----------------------------------------------------------------------------------------------------- model
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, group=None):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.attn = CausalAttention(cfg.attn, drop=cfg.drop, n_buckets=cfg.buckets, group=group)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = ChunkedMLP(cfg.d_model, cfg.ffn_mult * cfg.d_model, cfg.ffn_chunk)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, S, 3, self.n_head, self.head_dim).unbind(2)  # each (B, S, H, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        x = x + self.proj(self.attn(q, k, v).reshape(B, S, d))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """``forward(idx, targets=None, positions=None)``: logits ``(B, S, V)`` without targets, else the summed
+    cross-entropy (fp32, 0-dim) over all ``B * S`` targets; the caller divides by the token count (which, for a
+    ring shard, is the count over all ranks)."""
+
+    def __init__(self, cfg: GPTConfig, group=None):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, group) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # GPT-2 init: N(0, 0.02); the two projections that write into the residual stream are scaled by
+        # 1/sqrt(2 * n_layer) so the residual variance does not grow with depth
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("proj.weight", "fc2.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (batch, seqlen) token ids, got shape {tuple(idx.shape)}")
+        if positions is None:
+            positions = torch.arange(idx.shape[1], device=idx.device)[None]  # (1, S)
+        cos, sin = rotary_tables(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_base)
+        x = self.wte(idx)
+        for block in self.blocks:
+            if self.cfg.checkpoint and torch.is_grad_enabled():
+                # RNG state preserved: qk-sparse / hash-sparse must redraw the same masks / rotation on recompute
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        x = self.ln_f(x)
+        if targets is None:
+            return F.linear(x, self.wte.weight)  # tied weights
+        return chunked_cross_entropy(x, self.wte.weight, targets, self.cfg.ce_chunk)
+
+
+def train_flops_per_token(cfg: GPTConfig, seqlen: int, n_params: int) -> float:
+    """Model FLOPs per trained token (PaLM appendix B, causal): ``6 N + 6 L d S``.
+
+    ``6 N``: forward + backward of every weight matmul (tied embedding counted once, as the lm-head matmul).
+    Attention scores and values: 2 matmuls x 2 flops x d x S/2 visible keys (causal) = 2 d S per token and layer
+    in the forward, x3 with the backward. Recomputation (checkpointing) is not counted, as usual for MFU; for the
+    sparse modes this is the dense-equivalent count.
+    """
+    return 6.0 * n_params + 6.0 * cfg.n_layer * cfg.d_model * seqlen
