@@ -9,6 +9,7 @@ import gc
 import math
 import platform
 import statistics
+import os
 import subprocess
 import sys
 import time
@@ -113,6 +114,9 @@ def fmt_bytes(n: Optional[int]) -> str:
 
 # ----------------------------------------------------------------------------------------------------- metadata
 def _git_sha() -> Optional[str]:
+    # A checkout copied without .git (e.g. onto a GPU machine) passes its sha in FLASHRING_GIT_SHA.
+    if os.environ.get("FLASHRING_GIT_SHA"):
+        return os.environ["FLASHRING_GIT_SHA"]
     try:
         res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
                              text=True, timeout=5)
