@@ -68,15 +68,14 @@ def sdpa_time(backend, q, k, v, do, causal, mode):
         return bench(lambda: torch.autograd.grad(F(qt, kt, vt, is_causal=causal), (qt, kt, vt), dot))
 
 
-def ours_time(q, k, v, do, causal, mode, fcfg=None, bcfg=None, deterministic=True):
+def ours_time(q, k, v, do, causal, mode, fcfg=None, bcfg=None):
     scale = q.shape[-1] ** -0.5
     lo, up = flash_bounds(q.shape[1], k.shape[1], causal, (-1, -1))
     fwd = lambda: flash._fwd_triton(q, k, v, scale, lo, up, 0.0, config=fcfg)  # noqa: E731
     if mode == "fwd":
         return bench(fwd)
     o, lse = fwd()
-    bwd = lambda: flash._bwd_triton(do, q, k, v, o, lse, scale, lo, up, 0.0, config=bcfg,  # noqa: E731
-                                    deterministic=deterministic)
+    bwd = lambda: flash._bwd_triton(do, q, k, v, o, lse, scale, lo, up, 0.0, config=bcfg)  # noqa: E731
     if mode == "bwd":
         return bench(bwd)
     return bench(lambda: (fwd(), bwd()))
@@ -170,12 +169,10 @@ def main():
                 err = check(q, k, v, do, causal)
                 for mode in ("fwd", "fwdbwd"):
                     row = dict(what="compare", D=d, N=n, B=b, H=h, causal=causal, mode=mode, rel_err=err)
-                    for name in ("flashring", "atomic", "flash", "cudnn"):
-                        if name == "atomic" and mode == "fwd":
-                            continue
+                    for name in ("flashring", "flash", "cudnn"):
                         try:
-                            ms = ours_time(q, k, v, do, causal, mode, deterministic=name != "atomic") \
-                                if name in ("flashring", "atomic") else sdpa_time(name, q, k, v, do, causal, mode)
+                            ms = ours_time(q, k, v, do, causal, mode) if name == "flashring" else \
+                                sdpa_time(name, q, k, v, do, causal, mode)
                             row[name] = flops(b, h, n, d, causal, mode) / ms * 1e-9
                         except Exception as e:
                             row[name] = None
@@ -196,15 +193,14 @@ def main():
             print(f"{kind} D={d} causal={c}: best {best['tflops']:.0f} TFLOP/s {best['cfg']}; all: "
                   + " ".join(f"{r['tflops']:.0f}" for r in rs))
     print("\n== TFLOP/s (bf16, 16k tokens, hidden 2048) ==")
-    print(f"{'D':>4} {'N':>6} {'causal':>6} {'mode':>7} {'flashring':>9} {'atomic-dq':>9} {'sdpa-fa2':>9} "
-          f"{'cudnn':>7} {'vs fa2':>6} {'vs cudnn':>8} {'relerr':>8}")
+    print(f"{'D':>4} {'N':>6} {'causal':>6} {'mode':>7} {'flashring':>9} {'sdpa-fa2':>9} {'cudnn':>7} "
+          f"{'vs fa2':>6} {'vs cudnn':>8} {'relerr':>8}")
     for r in rows:
         if r["what"] != "compare":
             continue
         fr, fa, cu = r.get("flashring"), r.get("flash"), r.get("cudnn")
         fmt = lambda x: f"{x:.0f}" if x else "-"  # noqa: E731
-        print(f"{r['D']:>4} {r['N']:>6} {str(r['causal']):>6} {r['mode']:>7} {fmt(fr):>9} {fmt(r.get('atomic')):>9} "
-              f"{fmt(fa):>9} "
+        print(f"{r['D']:>4} {r['N']:>6} {str(r['causal']):>6} {r['mode']:>7} {fmt(fr):>9} {fmt(fa):>9} "
               f"{fmt(cu):>7} {(fr / fa if fr and fa else 0):>6.2f} {(fr / cu if fr and cu else 0):>8.2f} "
               f"{r['rel_err']:>8.1e}")
 

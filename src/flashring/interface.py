@@ -97,7 +97,7 @@ def _meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal):
 @torch.library.custom_op("flashring::fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, lower: Optional[int],
             upper: Optional[int], softcap: float, q_pos: OptT, k_pos: OptT, q_len: OptT, k_len: OptT,
-            q_bkt: OptT, k_bkt: OptT, sparse_causal: bool, deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+            q_bkt: OptT, k_bkt: OptT, sparse_causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     return flash_fwd(q, k, v, softmax_scale, lower, upper, softcap,
                      sparse=_meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal))
 
@@ -112,10 +112,9 @@ def _fwd_fake(q, k, v, *args):
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, dlse: OptT, softmax_scale: float, lower: Optional[int], upper: Optional[int],
             softcap: float, q_pos: OptT, k_pos: OptT, q_len: OptT, k_len: OptT, q_bkt: OptT, k_bkt: OptT,
-            sparse_causal: bool, deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            sparse_causal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return flash_bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse,
-                     sparse=_meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal),
-                     deterministic=deterministic)
+                     sparse=_meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal))
 
 
 @_bwd_op.register_fake
@@ -127,29 +126,25 @@ def _setup_context(ctx, inputs, output):
     q, k, v, softmax_scale, lower, upper, softcap, *sparse = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *sparse[:6])
-    ctx.args = (softmax_scale, lower, upper, softcap, *sparse[6:])
+    ctx.args = (softmax_scale, lower, upper, softcap, sparse[6])
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *sparse = ctx.saved_tensors
-    scale, lower, upper, softcap, sparse_causal, deterministic = ctx.args
+    scale, lower, upper, softcap, sparse_causal = ctx.args
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, dlse, scale, lower, upper, softcap, *sparse, sparse_causal,
-                         deterministic)
-    return (dq, dk, dv) + (None,) * 12
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, dlse, scale, lower, upper, softcap, *sparse, sparse_causal)
+    return (dq, dk, dv) + (None,) * 11
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _attention(q, k, v, softmax_scale, lower, upper, softcap, sparse: Optional[SparseMeta] = None,
-               deterministic: bool = False):
-    # torch.use_deterministic_algorithms(True) also selects the deterministic backward.
-    det = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+def _attention(q, k, v, softmax_scale, lower, upper, softcap, sparse: Optional[SparseMeta] = None):
     if sparse is None:
-        return _fwd_op(q, k, v, softmax_scale, lower, upper, softcap, None, None, None, None, None, None, False, det)
-    return _fwd_op(q, k, v, softmax_scale, None, None, softcap, *sparse, det)
+        return _fwd_op(q, k, v, softmax_scale, lower, upper, softcap, None, None, None, None, None, None, False)
+    return _fwd_op(q, k, v, softmax_scale, None, None, softcap, *sparse)
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -167,9 +162,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         window_size: ``(left, right)`` sliding window; -1 = unbounded. Query i sees keys
             ``[i + sk - sq - left, i + sk - sq + right]``.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)`` (after scaling), forward and backward.
-        deterministic: if True (or under ``torch.use_deterministic_algorithms(True)``) the backward computes dQ in
-            its own pass and gradients are bitwise reproducible; if False dQ may be accumulated with fp32 atomics
-            on the GPU (faster; last-bit differences between runs).
+        deterministic: accepted for compatibility; the backward has no atomics, so gradients are always bitwise
+            reproducible.
         return_attn_probs: if True return ``(out, softmax_lse, None)``; ``softmax_lse`` is ``(batch, nheads,
             seqlen_q)`` fp32 (natural log). A query row that sees no key gets out = 0 and lse = -1e30.
     """
@@ -181,7 +175,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     lower, upper = flash_bounds(q.shape[1], k.shape[1], causal, window)
-    out, lse = _attention(q, k, v, scale, lower, upper, cap, deterministic=deterministic)
+    out, lse = _attention(q, k, v, scale, lower, upper, cap)
     return (out, lse, None) if return_attn_probs else out
 
 

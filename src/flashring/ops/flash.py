@@ -290,12 +290,11 @@ def _bwd_preprocess(Out, DO, DLse, Delta,
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, QPos, QBkt, DQ_ptrs, stride_qm,
-                    stride_dom, stride_dqm, offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k, LOWER, UPPER,
-                    QK_SCALE, CAP_LOG2, SM_SCALE,
+def _bwd_dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, QPos, QBkt, stride_qm, stride_dom,
+                    offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2,
                     BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr,
-                    HASH: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr):
+                    HASH: tl.constexpr, PRECISION: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         qi = start_m + offs_m
@@ -324,32 +323,23 @@ def _bwd_dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, Q
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
-        dsT = dsT.to(qT.dtype)
-        dk = _mma(dsT, tl.trans(qT), dk, PRECISION)
-        if ATOMIC_DQ:
-            # dQ tile = dS K, added in fp32 into a shared buffer: 5 matmuls per tile instead of the 7 a separate
-            # dQ pass costs, at the price of non-deterministic summation order.
-            dq = _mma(tl.trans(dsT), k, None, PRECISION) * SM_SCALE
-            tl.atomic_add(DQ_ptrs + start_m.to(tl.int64) * stride_dqm, dq, mask=m_ok[:, None] & d_ok[None, :],
-                          sem="relaxed")
+        dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, DQ, QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges,
+def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges,
               stride_qb, stride_qm, stride_qh,
               stride_kb, stride_kn, stride_kh,
               stride_vb, stride_vn, stride_vh,
               stride_dob, stride_dom, stride_doh,
               stride_dkb, stride_dkn, stride_dkh,
               stride_dvb, stride_dvn, stride_dvh,
-              stride_dqb, stride_dqm, stride_dqh,
               NHEADS, SEQLEN_Q, SEQLEN_K, LOWER, UPPER, QK_SCALE, CAP_LOG2, SM_SCALE,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-              PRECISION: tl.constexpr):
+              SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -389,25 +379,22 @@ def _bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, DQ, QPos, KPos, QBkt, KBkt, QLen,
         Delta_ptr = Delta + qrow * SEQLEN_Q
         QPos_h = QPos
         QBkt_h = QBkt
-        DQ_ptrs = DQ
-        if ATOMIC_DQ:
-            DQ_ptrs = DQ + b * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
         if SPARSE:
             QPos_h = QPos + qrow * SEQLEN_Q
         if HASH:
             QBkt_h = QBkt + qrow * SEQLEN_Q
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, QPos_h, QBkt_h,
-                                 DQ_ptrs, stride_qm, stride_dom, stride_dqm, offs_m, offs_n, d_ok, lo, mid_lo,
-                                 seqlen_q, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2, SM_SCALE, BLOCK_M, True,
-                                 HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH, ATOMIC_DQ, PRECISION)
+                                 stride_qm, stride_dom, offs_m, offs_n, d_ok, lo, mid_lo, seqlen_q, seqlen_k,
+                                 LOWER, UPPER, QK_SCALE, CAP_LOG2, BLOCK_M, True, HAS_LOWER, HAS_UPPER,
+                                 HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH, PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, QPos_h, QBkt_h,
-                                 DQ_ptrs, stride_qm, stride_dom, stride_dqm, offs_m, offs_n, d_ok, mid_lo, mid_hi,
-                                 seqlen_q, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2, SM_SCALE, BLOCK_M, False,
-                                 HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH, ATOMIC_DQ, PRECISION)
+                                 stride_qm, stride_dom, offs_m, offs_n, d_ok, mid_lo, mid_hi, seqlen_q, seqlen_k,
+                                 LOWER, UPPER, QK_SCALE, CAP_LOG2, BLOCK_M, False, HAS_LOWER, HAS_UPPER,
+                                 HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH, PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, QPos_h, QBkt_h,
-                                 DQ_ptrs, stride_qm, stride_dom, stride_dqm, offs_m, offs_n, d_ok, mid_hi, hi,
-                                 seqlen_q, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2, SM_SCALE, BLOCK_M, True,
-                                 HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH, ATOMIC_DQ, PRECISION)
+                                 stride_qm, stride_dom, offs_m, offs_n, d_ok, mid_hi, hi, seqlen_q, seqlen_k,
+                                 LOWER, UPPER, QK_SCALE, CAP_LOG2, BLOCK_M, True, HAS_LOWER, HAS_UPPER,
+                                 HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH, PRECISION)
     # Sparse padding keys (seqlen_k <= row < SEQLEN_K) get zero gradients: the front end's gather sends them
     # back to real (dropped) tokens.
     dk = tl.where(n_ok[:, None], dk * SM_SCALE, 0.0)
@@ -534,8 +521,7 @@ def _bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict
     if device.type != "cuda":
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
     if head_dim <= 64:
-        # H100, bf16, N=8k: 64x64/4 warps/3 stages 366 (full) / 292 (causal) TFLOP/s; 64x64/4/2 339 / 266.
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     if head_dim <= 128:
         # H100, bf16, N=8k: 64x64/4 warps/2 stages 336 (full) / 315 (causal) TFLOP/s; 64x64/8 warps 158-180.
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
@@ -677,7 +663,7 @@ def _fwd_triton(q, k, v, softmax_scale, lower, upper, softcap, sparse=None, conf
 
 
 def _bwd_triton(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=None, grad_dtype=None,
-                sparse=None, config=None, deterministic=True):
+                sparse=None, config=None):
     do, q, k, v, out = (_unit_last(t) for t in (do, q, k, v, out))
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -699,14 +685,9 @@ def _bwd_triton(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dls
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     scalars = (h, sq, sk, lo_off, up_off, qk_scale, cap_log2, softmax_scale)
     sp_ptrs, sp_flags = _sparse_args(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], fwd=False)
-    atomic = not deterministic
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
     _bwd_dkdv[(triton.cdiv(sk, cfg["BLOCK_N"]), hk, b)](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, *sp_ptrs, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2), dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), *scalars,
-        ATOMIC_DQ=atomic, **sp_flags, **common)
-    if atomic:
-        return dq_acc.to(dq.dtype), dk, dv
+        q, k, v, do, lse, delta, dk, dv, *sp_ptrs, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2), *scalars, **sp_flags, **common)
     sp_ptrs, sp_flags = _sparse_args(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], fwd=True)
     _bwd_dq[(triton.cdiv(sq, cfg["BLOCK_M"]), h, b)](
         q, k, v, do, lse, delta, dq, *sp_ptrs, *strides, dq.stride(0), dq.stride(1), dq.stride(2), *scalars,
@@ -730,17 +711,14 @@ def flash_fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper:
 
 def flash_bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None,
               upper: Optional[int] = None, softcap: float = 0.0, dlse: Optional[torch.Tensor] = None,
-              grad_dtype: Optional[torch.dtype] = None, sparse: Optional[SparseMeta] = None,
-              deterministic: bool = True):
+              grad_dtype: Optional[torch.dtype] = None, sparse: Optional[SparseMeta] = None):
     """Backward on validated tensors: ``(dq, dk, dv)`` in the input dtypes. ``lse`` may be a *global* LSE (ring
     attention): P is recomputed as exp(s - lse) and delta from the given ``out``, so a block's gradients come out
     as its share of the full-sequence gradients. ``dlse`` (optional, ``(B, H, Sq)``) is a gradient on the LSE.
     ``grad_dtype`` (default: the inputs' dtype) lets callers that accumulate partial gradients (ring attention)
-    receive them in float32. ``deterministic=False`` lets the GPU kernels accumulate dQ with fp32 atomics
-    (fewer matmuls, summation order varies run to run)."""
+    receive them in float32."""
     if _on_triton(q):
-        return _bwd_triton(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse, grad_dtype, sparse,
-                           deterministic=deterministic)
+        return _bwd_triton(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse, grad_dtype, sparse)
     return reference.chunked_bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse,
                                  out_dtype=grad_dtype, tile_mask=_cpu_tile_mask(sparse))
 
