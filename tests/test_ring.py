@@ -233,3 +233,22 @@ def test_world_one_without_process_group_matches_flash():
 def test_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):
         call(torch.randn(1, 6, 2, 8))
+
+
+def test_bench_cpu_gloo(tmp_path, capsys):
+    """The CPU (gloo) bench path runs end to end and writes one JSON record per length with measured fields."""
+    import json
+    from flashring.ring.bench import main
+    rc = main(["--ring", "--cpu", "--nproc", "2", "--seqlen", "64", "128", "--iters", "1", "--warmup", "1",
+               "--probe", "--probe-max", "256", "--out", str(tmp_path)])
+    assert rc == 0
+    files = list(tmp_path.glob("ring_*.jsonl"))
+    assert len(files) == 1
+    recs = [json.loads(line) for line in files[0].read_text().splitlines()]
+    ring = [r for r in recs if r["kind"] == "ring"]
+    assert [r["seqlen"] for r in ring] == [64, 128]
+    for r in ring:
+        assert r["world"] == 2 and r["backend"] == "gloo" and len(r["ring_ms_per_rank"]) == 2
+        assert r["ring_ms"] > 0 and r["compute_ms"] > 0 and r["single_ms"] > 0 and r["efficiency"] > 0
+        assert r["torch"] == torch.__version__ and r["git_sha"] and r["date"]
+    assert [r["seqlen"] for r in recs if r["kind"] == "ring_probe"] == [128, 256]

@@ -44,8 +44,21 @@ def merge_partial(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, b
     lse.copy_(new)
 
 
-def _ring_forward(q, k, v, scale, causal, layout, group):
-    comm = RingComm(group, tag=_KV_TAG)
+class LoopbackComm(RingComm):
+    """Same interface and ring bookkeeping as :class:`RingComm`, no traffic: ``wait()`` hands back the tensor
+    given to ``start()``. Ring attention with it runs exactly the same steps and kernel calls on the local K/V,
+    which is how the benchmark measures compute alone (results are then *not* the attention of the sequence)."""
+
+    def start(self, tensor: torch.Tensor) -> None:
+        self._incoming = tensor
+
+    def wait(self) -> torch.Tensor:
+        received, self._incoming = self._incoming, None
+        return received
+
+
+def _ring_forward(q, k, v, scale, causal, layout, group, comm_cls=RingComm):
+    comm = comm_cls(group, tag=_KV_TAG)
     rank, world = comm.rank, comm.world
     b, s, h, d = q.shape
     out = torch.zeros(b, s, h, v.shape[-1], dtype=torch.float32, device=q.device)
@@ -64,8 +77,8 @@ def _ring_forward(q, k, v, scale, causal, layout, group):
     return out.to(q.dtype), lse
 
 
-def _ring_backward(dout, dlse, q, k, v, out, lse, scale, causal, layout, group):
-    kv_comm, dkv_comm = RingComm(group, tag=_KV_TAG), RingComm(group, tag=_DKV_TAG)
+def _ring_backward(dout, dlse, q, k, v, out, lse, scale, causal, layout, group, comm_cls=RingComm):
+    kv_comm, dkv_comm = comm_cls(group, tag=_KV_TAG), comm_cls(group, tag=_DKV_TAG)
     rank, world = kv_comm.rank, kv_comm.world
     s = q.shape[1]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -110,21 +123,21 @@ def _ring_backward(dout, dlse, q, k, v, out, lse, scale, causal, layout, group):
 
 class _RingAttnFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, layout, group):
-        out, lse = _ring_forward(q, k, v, scale, causal, layout, group)
+    def forward(ctx, q, k, v, scale, causal, layout, group, comm_cls=RingComm):
+        out, lse = _ring_forward(q, k, v, scale, causal, layout, group, comm_cls)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (scale, causal, layout, group)
+        ctx.args = (scale, causal, layout, group, comm_cls)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        scale, causal, layout, group = ctx.args
+        scale, causal, layout, group, comm_cls = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _ring_backward(dout, dlse, q, k, v, out, lse, scale, causal, layout, group)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _ring_backward(dout, dlse, q, k, v, out, lse, scale, causal, layout, group, comm_cls)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _validate(q, k, v, causal, softmax_scale, layout):
