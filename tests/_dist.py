@@ -31,6 +31,8 @@ def _worker(fn, rank, world_size, port, results, args, pg_timeout_s):
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))
         results.put((rank, True, fn(rank, world_size, *args)))
+        # Leave together: tearing gloo down while a peer is still busy was seen to abort a process now and then.
+        dist.barrier()
     except BaseException:             # report everything, including assertion errors, to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
