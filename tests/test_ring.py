@@ -1,0 +1,276 @@
+"""Ring attention on real multi-process gloo groups (CPU), checked against the float64 reference on the full
+sequence. Several configurations run inside one spawned group per world size to keep the suite fast."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _dist import run_distributed  # noqa: E402
+
+from flashring._masks import visible_mask  # noqa: E402
+from flashring.reference import attention_ref  # noqa: E402
+from flashring.ring import (local_positions, ring_flash_attn_func, shard_sequence, step_plan,  # noqa: E402
+                            unshard_sequence)
+from flashring.ops.flash import flash_bwd, flash_fwd  # noqa: E402
+
+# Spawned workers re-import this module (and would draw a new seed): the parent's SEED is passed to them.
+SEED = int(os.environ.get("FLASHRING_SEED", random.randrange(2**31)))
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# ------------------------------------------------------------------------------------------- per-rank checks
+# (batch, seqlen_local, nheads, nheads_k, headdim, layout, causal, with_dlse, dtype)
+CONFIGS = [
+    (1, 8, 2, 2, 16, "zigzag", True, False, torch.float32),
+    (2, 12, 4, 2, 32, "zigzag", True, True, torch.float32),     # GQA + gradient through lse
+    (1, 10, 2, 2, 16, "zigzag", False, False, torch.float32),
+    (2, 9, 4, 1, 16, "contiguous", True, True, torch.float32),   # odd local length, MQA
+    (1, 24, 2, 2, 32, "contiguous", False, False, torch.float32),
+    (2, 16, 4, 2, 16, "contiguous", True, False, torch.float32),
+    (1, 16, 4, 2, 16, "zigzag", True, True, torch.bfloat16),
+]
+
+
+def _loss(out, lse, dout, dlse):
+    loss = (out.float() * dout).sum()
+    return loss + (lse * dlse).sum() if dlse is not None else loss
+
+
+def _check_config(rank, world, cfg, seed, group=None):
+    """Returns a list of failure strings (empty = pass). Every rank builds the same full inputs from ``seed``."""
+    b, s_loc, h, hk, d, layout, causal, with_dlse, dtype = cfg
+    n = s_loc * world
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, n, hh, d, generator=g).to(dtype) for hh in (h, hk, hk))
+    dout = torch.randn(b, n, h, d, generator=g)
+    dlse = torch.randn(b, h, n, generator=g) if with_dlse else None
+    upper = 0 if causal else None
+
+    grads, outs = {}, {}
+    for name, ref_dtype in (("ref", torch.float64), ("low", None)):   # low = same math in the input dtype
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o, l = attention_ref(*leaves, None, None, upper, dtype=ref_dtype)
+        _loss(o, l, dout, dlse).backward()
+        outs[name] = (o.detach(), l.detach())
+        grads[name] = [t.grad for t in leaves]
+
+    kw = dict(group=group, layout=layout)
+    ql, kl, vl = (shard_sequence(t, **kw).detach().requires_grad_() for t in (q, k, v))
+    out, lse, none = ring_flash_attn_func(ql, kl, vl, causal=causal, return_attn_probs=True, **kw)
+    assert none is None and out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (b, h, s_loc)
+    _loss(out, lse, shard_sequence(dout, **kw), None if dlse is None else shard_sequence(dlse, dim=2, **kw)).backward()
+
+    checks = [("out", out, outs["ref"][0], outs["low"][0], 1, 2), ("lse", lse, outs["ref"][1], outs["low"][1], 2, 2)]
+    checks += [(nm, t.grad, grads["ref"][i], grads["low"][i], 1, 3) for i, (nm, t) in enumerate(zip("qkv", (ql, kl, vl)))]
+    fails = []
+    for name, got, ref, low, dim, factor in checks:
+        ref_l, low_l = shard_sequence(ref, dim=dim, **kw), shard_sequence(low, dim=dim, **kw)
+        if name in "qkv":
+            name = "d" + name
+        err, base = _err(got, ref_l), _err(low_l, ref_l)
+        if not err <= factor * base + FLOOR[dtype]:
+            fails.append(f"rank {rank}/{world} cfg={cfg} seed={seed}: {name} error {err:.3g} > {factor} x "
+                         f"low-precision reference error {base:.3g} + {FLOOR[dtype]}")
+    return fails
+
+
+def _roundtrip(rank, world, seed, group=None):
+    fails = []
+    x = torch.randn(2, 4 * world, 3, 6, generator=torch.Generator().manual_seed(seed))
+    for layout in ("zigzag", "contiguous"):
+        for dim in (1, 2, -1):
+            if x.shape[dim] % (2 * world if layout == "zigzag" else world):
+                continue
+            loc = shard_sequence(x, group=group, layout=layout, dim=dim)
+            pos = local_positions(loc.shape[dim], dist_rank(group), world, layout)
+            if not torch.equal(loc, x.index_select(dim % 4, pos)):
+                fails.append(f"rank {rank}: shard_sequence({layout}, dim={dim}) holds the wrong positions")
+            if not torch.equal(unshard_sequence(loc, group=group, layout=layout, dim=dim), x):
+                fails.append(f"rank {rank}: unshard(shard(x)) != x for layout={layout} dim={dim}")
+    return fails
+
+
+def dist_rank(group):
+    import torch.distributed as dist
+    return dist.get_rank(group)
+
+
+def _expect_error(fn, exc=ValueError, match=None):
+    try:
+        fn()
+    except exc as e:
+        return [] if match is None or match in str(e) else [f"{exc.__name__} without {match!r}: {e}"]
+    except Exception as e:  # noqa: BLE001 - the wrong error type is itself the failure to report
+        return [f"expected {exc.__name__}, got {type(e).__name__}: {e}"]
+    return [f"expected {exc.__name__}, nothing raised"]
+
+
+def _bad_inputs(rank, world):
+    """Errors raised consistently on every rank: divisibility, odd zigzag shard, bad layout."""
+    fails = []
+    odd = torch.randn(1, 2 * world + 1, 2, 4)
+    fails += _expect_error(lambda: shard_sequence(odd, layout="zigzag"), match="divisible by")
+    if world > 1:                   # any length divides into 1 contiguous part
+        fails += _expect_error(lambda: shard_sequence(torch.randn(1, world + 1, 2, 4), layout="contiguous"),
+                               match="divisible by")
+    fails += _expect_error(lambda: unshard_sequence(torch.randn(1, 3, 2, 4), layout="zigzag"), match="even")
+    q = torch.randn(1, 6, 2, 8)
+    fails += _expect_error(lambda: ring_flash_attn_func(q, q, q, layout="ring"), match="layout")
+    q5 = torch.randn(1, 5, 2, 8)
+    fails += _expect_error(lambda: ring_flash_attn_func(q5, q5, q5, layout="zigzag"), match="even")
+    return [f"rank {rank}: {f}" for f in fails]
+
+
+def _run_all(rank, world, seed):
+    import torch.distributed as dist
+    fails = []
+    for i, cfg in enumerate(CONFIGS):
+        fails += _check_config(rank, world, cfg, seed + i)
+    fails += _roundtrip(rank, world, seed)
+    fails += _bad_inputs(rank, world)
+    if world == 4:
+        # Subgroups {0, 2} and {1, 3}: group rank -> global rank mapping must be used for the P2P peers.
+        groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+        mine = groups[rank % 2]
+        fails += _check_config(rank, 2, CONFIGS[1], seed + 100, group=mine)
+        fails += _check_config(rank, 2, CONFIGS[3], seed + 101, group=mine)
+        fails += _roundtrip(rank, 2, seed, group=mine)
+    return fails
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_ring_matches_reference(world):
+    fails = [f for rank_fails in run_distributed(_run_all, world, SEED, timeout_s=80) for f in rank_fails]
+    assert not fails, f"FLASHRING_SEED={SEED}\n" + "\n".join(fails)
+
+
+# ------------------------------------------------------------------------------------- mismatch across ranks
+def _mismatch(rank, world):
+    """Each case must raise on every rank; afterwards the group is still in step (a matched call succeeds)."""
+    outcome = []
+    base = dict(b=1, s=8, h=2, d=16, dtype=torch.float32, causal=True, layout="zigzag")
+    cases = [dict(s=8 + 2 * rank), dict(causal=rank == 0), dict(h=2 + 2 * rank),
+             dict(dtype=torch.float64 if rank == 1 else torch.float32),   # local TypeError on rank 1 only
+             dict(layout="contiguous" if rank == 0 else "zigzag")]
+    for case in cases:
+        c = {**base, **case}
+        q = torch.randn(c["b"], c["s"], c["h"], c["d"], dtype=c["dtype"])
+        try:
+            ring_flash_attn_func(q, q, q, causal=c["causal"], layout=c["layout"])
+            outcome.append(None)
+        except (ValueError, TypeError) as e:
+            outcome.append(type(e).__name__)
+    q = torch.randn(1, 8, 2, 16)
+    ok = ring_flash_attn_func(q, q, q, causal=True)
+    return outcome, tuple(ok.shape)
+
+
+def test_mismatched_inputs_raise_on_every_rank():
+    results = run_distributed(_mismatch, 3, timeout_s=60, pg_timeout_s=20)
+    for rank, (outcome, shape) in enumerate(results):
+        assert all(o is not None for o in outcome), f"rank {rank} did not raise for some case: {outcome}"
+        assert shape == (1, 8, 2, 16)
+    assert results[1][0][3] == "TypeError" and results[0][0][3] == "ValueError"
+
+
+# --------------------------------------------------------------------------------------- single process
+@pytest.mark.parametrize("world", [2, 3, 4, 5])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_step_plan_matches_dense_causal_mask(world, layout):
+    """Union of the per-step plans == the dense causal mask on global positions, blocks never overlap."""
+    s = 6
+    for rank in range(world):
+        pq = local_positions(s, rank, world, layout)
+        covered = torch.zeros(s, world * s, dtype=torch.int32)
+        for source in range(world):
+            pk = local_positions(s, source, world, layout)
+            plan = step_plan(rank, source, True, layout, s)
+            m = torch.zeros(s, s, dtype=torch.int32)
+            if plan is not None:
+                qs, ks, lo, up = plan
+                iq, ik = torch.arange(s)[qs], torch.arange(s)[ks]
+                m[iq.unsqueeze(1), ik.unsqueeze(0)] = visible_mask(len(iq), len(ik), lo, up).int()
+            covered[:, pk] += m
+        dense = (torch.arange(world * s).unsqueeze(0) <= pq.unsqueeze(1)).int()
+        assert torch.equal(covered, dense), f"world={world} rank={rank} layout={layout}"
+
+
+def test_world_one_without_process_group_matches_flash():
+    g = torch.Generator().manual_seed(SEED)
+    q, k, v = (torch.randn(2, 7, hh, 16, generator=g) for hh in (4, 2, 2))
+    for causal in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = ring_flash_attn_func(*leaves, causal=causal, layout="contiguous")
+        ref_out, ref_lse = flash_fwd(q, k, v, 0.25, None, 0 if causal else None)
+        do = torch.randn(out.shape, generator=g)
+        out.backward(do)
+        ref = flash_bwd(do, q, k, v, ref_out, ref_lse, 0.25, None, 0 if causal else None)
+        assert torch.allclose(out, ref_out, atol=1e-6, rtol=0), f"seed={SEED}"
+        for t, r in zip(leaves, ref):
+            assert torch.allclose(t.grad, r, atol=1e-6, rtol=0), f"seed={SEED}"
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda q: ring_flash_attn_func(q, q, q, layout="ring"), ValueError, "layout"),
+    (lambda q: ring_flash_attn_func(q[:, :5], q[:, :5], q[:, :5]), ValueError, "even local seqlen"),
+    (lambda q: ring_flash_attn_func(q, q[:, :4], q[:, :4]), ValueError, "same local sequence"),
+    (lambda q: ring_flash_attn_func(q, q, q, causal=1), TypeError, "causal"),
+    (lambda q: ring_flash_attn_func(q.double(), q.double(), q.double()), TypeError, "dtype"),
+    (lambda q: ring_flash_attn_func(q, q, q, softmax_scale=-1.0), ValueError, "softmax_scale"),
+    (lambda q: ring_flash_attn_func(q[0], q[0], q[0]), ValueError, "4 dims"),
+    (lambda q: shard_sequence(q, layout="zigzag", dim=5), ValueError, "dim"),
+    (lambda q: shard_sequence(q[:, :5], layout="zigzag"), ValueError, "divisible by 2"),
+    (lambda q: ring_flash_attn_func(q, q, q, group=object()), ValueError, "not initialised"),
+])
+def test_bad_inputs(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(torch.randn(1, 6, 2, 8))
+
+
+def test_bench_cpu_gloo(tmp_path, capsys):
+    """The CPU (gloo) bench path runs end to end and writes one JSON record per length with measured fields."""
+    import json
+    from flashring.ring.bench import main
+    rc = main(["--ring", "--cpu", "--nproc", "2", "--seqlen", "64", "128", "--iters", "1", "--warmup", "1",
+               "--probe", "--probe-max", "256", "--out", str(tmp_path)])
+    assert rc == 0
+    files = list(tmp_path.glob("ring_*.jsonl"))
+    assert len(files) == 1
+    recs = [json.loads(line) for line in files[0].read_text().splitlines()]
+    ring = [r for r in recs if r["kind"] == "ring"]
+    assert [r["seqlen"] for r in ring] == [64, 128]
+    for r in ring:
+        assert r["world"] == 2 and r["backend"] == "gloo" and len(r["ring_ms_per_rank"]) == 2
+        assert r["ring_ms"] > 0 and r["compute_ms"] > 0 and r["single_ms"] > 0 and r["efficiency"] > 0
+        assert r["torch"] == torch.__version__ and r["git_sha"] and r["date"]
+    assert [r["seqlen"] for r in recs if r["kind"] == "ring_probe"] == [128, 256]
+
+
+def test_merge_partial_is_exact_and_empty_rows_are_identity():
+    from flashring._masks import EMPTY_ROW_LSE
+    from flashring.ring import merge_partial
+    g = torch.Generator().manual_seed(SEED)
+    q, k, v = (torch.randn(2, 10, 3, 8, generator=g) for _ in range(3))
+    full_out, full_lse = attention_ref(q, k, v)
+    out = torch.zeros(2, 10, 3, 8)
+    lse = torch.full((2, 3, 10), EMPTY_ROW_LSE)
+    for ks in (slice(0, 4), slice(4, 10)):                 # two key blocks, merged into the empty start
+        merge_partial(out, lse, *flash_fwd(q, k[:, ks], v[:, ks], 8 ** -0.5))
+    low_out, low_lse = attention_ref(q, k, v, dtype=None)
+    assert _err(out, full_out) <= 2 * _err(low_out, full_out) + FLOOR[torch.float32], f"seed={SEED}"
+    assert _err(lse, full_lse) <= 2 * _err(low_lse, full_lse) + FLOOR[torch.float32], f"seed={SEED}"
+    before = out.clone(), lse.clone()
+    merge_partial(out, lse, torch.zeros_like(out), torch.full_like(lse, EMPTY_ROW_LSE))   # an all-empty block
+    assert torch.equal(out, before[0]) and torch.equal(lse, before[1])
+    empty_out, empty_lse = torch.zeros_like(out), torch.full_like(lse, EMPTY_ROW_LSE)
+    merge_partial(empty_out, empty_lse, torch.zeros_like(out), torch.full_like(lse, EMPTY_ROW_LSE))
+    assert torch.equal(empty_out, torch.zeros_like(out)) and bool((empty_lse == EMPTY_ROW_LSE).all())
