@@ -371,21 +371,23 @@ def _ref_ring_attn(q, k, v, causal=True, group=None, layout="zigzag"):
     return out.transpose(1, 2)
 
 
-def _trainer(argv):
+def _trainer(argv, double=True):
     cfg = T.resolve_config(T.build_parser().parse_args(argv))
     trainer = T.Trainer(cfg, T.Dist(cfg))
-    trainer.model.double()  # fp64 on both sides: any wiring error shows as O(1), rounding as ~1e-15
+    if double:
+        trainer.model.double()  # fp64 on both sides: any wiring error shows as O(1), rounding as ~1e-15
     loss = trainer.forward_backward()
     return trainer, loss, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
 
 
 def _ring_worker(rank, world, port, argv, out_path, use_reference):
+    # The stand-in runs in fp64 (exact wiring check); the real kernels take fp16/bf16/fp32, so they run in fp32.
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     if use_reference:
         flashring.ring_flash_attn_func, flashring.shard_sequence = _ref_ring_attn, _ref_shard_sequence
     torch.set_num_threads(1)
-    trainer, loss, grads = _trainer(argv)
+    trainer, loss, grads = _trainer(argv, double=use_reference)
     if rank == 0:
         torch.save({"loss": loss, "grads": grads}, out_path)
     trainer.dist.close()
@@ -410,9 +412,19 @@ def test_ring_sequence_parallel_matches_single_process(kernel, run_args, tmp_pat
     mp.spawn(_ring_worker, args=(2, port, argv + ["--attn", "ring"], str(out), kernel == "reference"), nprocs=2)
     ring = torch.load(out)
     _, loss, grads = _trainer(argv + ["--attn", "sdpa"])
-    assert ring["loss"] == pytest.approx(loss, rel=1e-9), seed_msg()
+    if kernel == "reference":
+        assert ring["loss"] == pytest.approx(loss, rel=1e-9), seed_msg()
+        for name, g in grads.items():
+            assert torch.allclose(ring["grads"][name], g, rtol=1e-9, atol=1e-12), seed_msg(name)
+        return
+    # Real kernels in fp32: tolerance rule against the fp64 single process, scaled by fp32 sdpa's own error.
+    _, loss32, grads32 = _trainer(argv + ["--attn", "sdpa"], double=False)
+    floor = 1e-6
+    assert abs(ring["loss"] - loss) <= 3 * abs(loss32 - loss) + floor * abs(loss), seed_msg()
     for name, g in grads.items():
-        assert torch.allclose(ring["grads"][name], g, rtol=1e-9, atol=1e-12), seed_msg(name)
+        err = (ring["grads"][name].double() - g).abs().max().item()
+        base = (grads32[name].double() - g).abs().max().item()
+        assert err <= 3 * base + floor * max(1.0, g.abs().max().item()), seed_msg(name)
 
 
 # ------------------------------------------------------------------------- sparse modes: how the model calls them
