@@ -63,7 +63,8 @@ def attention_ref(q, k, v, softmax_scale: Optional[float] = None, lower: Optiona
 
 
 def chunked_fwd(q, k, v, softmax_scale: float, lower: Optional[int], upper: Optional[int], softcap: float = 0.0,
-                chunk: int = 512, tile_mask=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                chunk: int = 512, tile_mask=None, out_dtype: Optional[torch.dtype] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention-2 forward with torch ops: online softmax over key chunks, fp32 state, O(N) memory.
     ``tile_mask(m0, m1, n0, n1)``: optional extra visibility (bool, broadcastable to (B, Hk, G, mc, nc))."""
     b, sq, h, d = q.shape
@@ -95,7 +96,7 @@ def chunked_fwd(q, k, v, softmax_scale: float, lower: Optional[int], upper: Opti
         empty = l_i == 0
         out[..., m0:m1, :] = acc / l_i.masked_fill(empty, 1.0).unsqueeze(-1)
         lse[..., m0:m1] = torch.where(empty, torch.full_like(l_i, EMPTY_ROW_LSE), m_i + torch.log(l_i))
-    return _ungroup(out).to(q.dtype), lse.reshape(b, h, sq)
+    return _ungroup(out).to(out_dtype or q.dtype), lse.reshape(b, h, sq)
 
 
 def chunked_bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int], upper: Optional[int],

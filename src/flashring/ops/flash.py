@@ -643,11 +643,11 @@ def _sparse_args(sp: Optional[SparseMeta], group: int, block_q: int, block_k: in
     return ptrs, dict(SPARSE=True, SP_CAUSAL=sp.causal, HASH=hashed)
 
 
-def _fwd_triton(q, k, v, softmax_scale, lower, upper, softcap, sparse=None, config=None):
+def _fwd_triton(q, k, v, softmax_scale, lower, upper, softcap, sparse=None, config=None, out_dtype=None):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     cfg = dict(config or _fwd_config(d, q.dtype, q.device))
     lo_off, up_off, has_lo, has_up = _band_args(lower, upper)
@@ -703,12 +703,15 @@ def _on_triton(x: torch.Tensor) -> bool:
 
 
 def flash_fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optional[int] = None,
-              softcap: float = 0.0, sparse: Optional[SparseMeta] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+              softcap: float = 0.0, sparse: Optional[SparseMeta] = None,
+              out_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward on validated tensors. Returns ``(out, lse)``; lse ``(B, H, Sq)`` fp32 in natural-log units.
-    ``sparse``: dynamic sparse mode on compacted/sorted tokens (then lower/upper must be None)."""
+    ``sparse``: dynamic sparse mode on compacted/sorted tokens (then lower/upper must be None).
+    ``out_dtype`` (default q's): callers that merge partial outputs (ring attention) take them in float32."""
     if _on_triton(q):
-        return _fwd_triton(q, k, v, softmax_scale, lower, upper, softcap, sparse)
-    return reference.chunked_fwd(q, k, v, softmax_scale, lower, upper, softcap, tile_mask=_cpu_tile_mask(sparse))
+        return _fwd_triton(q, k, v, softmax_scale, lower, upper, softcap, sparse, out_dtype=out_dtype)
+    return reference.chunked_fwd(q, k, v, softmax_scale, lower, upper, softcap, tile_mask=_cpu_tile_mask(sparse),
+                                 out_dtype=out_dtype)
 
 
 def flash_bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None,

@@ -70,7 +70,9 @@ def _ring_forward(q, k, v, scale, causal, layout, group, comm_cls=RingComm):
         plan = step_plan(rank, (rank - step) % world, causal, layout, s)
         if plan is not None:                                 # skipped steps still forward K/V (done above)
             qs, ks, lower, upper = plan
-            blk_out, blk_lse = flash_fwd(q[:, qs], kv[0][:, ks], kv[1][:, ks], scale, lower, upper)
+            # fp32 partials: the merge then rounds to the input dtype once, as the single-device kernel does.
+            blk_out, blk_lse = flash_fwd(q[:, qs], kv[0][:, ks], kv[1][:, ks], scale, lower, upper,
+                                         out_dtype=torch.float32)
             merge_partial(out[:, qs], lse[:, :, qs], blk_out, blk_lse)
         if step + 1 < world:
             kv = comm.wait()
