@@ -139,6 +139,42 @@ def test_compact_level_call_matches_front_end(device, seed):
         assert torch.allclose(out_c[0, :n, hh], full[0, idx[0, :n, hh], hh], atol=1e-6)
 
 
+def _random_side(b, h, s, hashed, device):
+    """Random SparseMeta side tensors (B, H, S): ragged lengths (one head full, one empty), positions sorted by
+    (bucket, position) within each head's length, PAD_POS past it."""
+    lens = torch.randint(0, s + 1, (b, h), dtype=torch.int32, device=device)
+    lens[0, 0], lens[-1, -1] = s, 0
+    pos = torch.rand(b, h, 2 * s, device=device).argsort(-1)[..., :s].sort(-1).values     # distinct positions
+    bkt = torch.randint(0, 4, (b, h, s), device=device) if hashed else None
+    if hashed:
+        order = (pos + (bkt << 31)).argsort(-1)
+        pos, bkt = pos.gather(-1, order), bkt.gather(-1, order)
+    pad = torch.arange(s, device=device) >= lens.unsqueeze(-1)
+    pos = pos.masked_fill(pad, flash.PAD_POS).int()
+    return pos, (bkt.masked_fill(pad, flash.PAD_POS).int() if hashed else None), lens
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("from_keys", [False, True])
+def test_tile_ranges_kernel_matches_torch(hashed, causal, from_keys, seed):
+    # The launchers' one-launch range table equals the torch statement of the rule, GQA and ragged lengths
+    # included, for unequal and equal tile shapes.
+    dev = "cuda" if CUDA else "cpu"
+    b, h, hk, sq, sk = 2, 4, 2, 70, 90
+    (qp, qb, ql), (kp, kb, kl) = _random_side(b, h, sq, hashed, dev), _random_side(b, hk, sk, hashed, dev)
+    sp = flash.SparseMeta(qp, kp, ql, kl, qb, kb, causal)
+    qkey, kkey = flash._sort_keys(qp, qb), flash._sort_keys(kp, kb).repeat_interleave(h // hk, 1)
+    kl_h = kl.repeat_interleave(h // hk, 1)
+    for rows_block, cols_block in ((16, 32), (32, 16), (64, 64)):
+        if from_keys:
+            want = flash._tile_ranges(kkey, kl_h, qkey, ql, rows_block, cols_block, causal, hashed, True)
+        else:
+            want = flash._tile_ranges(qkey, ql, kkey, kl_h, rows_block, cols_block, causal, hashed, False)
+        got = flash._tile_ranges_triton(sp, h // hk, rows_block, cols_block, from_keys)
+        assert torch.equal(got, want), f"blocks {(rows_block, cols_block)} (seed {seed})"
+
+
 def test_lsh_buckets_reproducible_and_in_range():
     x = torch.randn(2, 33, 3, 16)
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)

@@ -254,10 +254,11 @@ def _attn_fwd(Q, K, V, Out, Lse, QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges,
                                     BLOCK_N, True, HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH,
                                     PRECISION)
 
-    empty = l_i == 0.0
+    # Sparse padding rows (seqlen_q <= row < SEQLEN_Q) get out = 0 / empty LSE, never stale memory (their q is 0,
+    # so l_i would not be 0 when the block has valid rows too): the front ends return them for dropped queries.
+    empty = (l_i == 0.0) | ~m_ok
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, _EMPTY_LSE, (m_i + tl.log2(l_safe)) * _LN2)
-    # Sparse padding rows (seqlen_q <= row < SEQLEN_Q) get out = 0 / empty LSE, never stale memory.
     in_alloc = offs_m < SEQLEN_Q
     tl.store(Lse + qrow * SEQLEN_Q + offs_m, lse, mask=in_alloc)
     out = tl.where(m_ok[:, None], acc / l_safe[:, None], 0.0)
@@ -581,6 +582,9 @@ def _sort_keys(pos: torch.Tensor, bkt: Optional[torch.Tensor]) -> torch.Tensor:
 def _tile_ranges(rows_key, rows_len, cols_key, cols_len, rows_block, cols_block, causal, hashed, from_keys):
     """Per block of rows: int32 [lo, mid_lo, mid_hi, hi] over column tiles ([mid_lo, mid_hi) fully visible).
 
+    The readable torch statement of the rule; the launchers use ``_tile_ranges_kernel`` (one launch instead of
+    ~25 small ops), which tests/test_sparse.py checks against this function.
+
     rows_key ``(B, H, S_rows)``, cols_key ``(B, H, S_cols)`` (K/V side already expanded to query heads) are sorted
     (bucket, position) keys. ``from_keys``: rows are keys and columns queries (the dK/dV pass), so "visible" means
     query position >= key position. O(blocks * log S) with searchsorted; no (S x S) work.
@@ -627,20 +631,137 @@ def _tile_ranges(rows_key, rows_len, cols_key, cols_len, rows_block, cols_block,
     return r.masked_fill(empty.unsqueeze(-1), 0).to(torch.int32).contiguous()              # (B, H, nblk, 4)
 
 
+@triton.jit
+def _sort_key(Pos, Bkt, idx, mask, HASH: tl.constexpr):
+    # The int64 (bucket, position) key of _sort_keys, built on the fly from the int32 side tensors.
+    key = tl.load(Pos + idx, mask=mask, other=0).to(tl.int64)
+    if HASH:
+        key += tl.load(Bkt + idx, mask=mask, other=0).to(tl.int64) << 31
+    return key
+
+
+@triton.jit
+def _search(Pos, Bkt, n, steps, target, RIGHT: tl.constexpr, HASH: tl.constexpr):
+    """torch.searchsorted(keys[:n], target, right=RIGHT) for a vector of targets: ``steps`` = n.bit_length()
+    halvings of [lo, hi), one gathered key load each."""
+    lo = tl.zeros(target.shape, dtype=tl.int32)
+    hi = lo + n
+    for _ in range(steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        key = _sort_key(Pos, Bkt, mid, active, HASH)
+        if RIGHT:
+            go_right = key <= target
+        else:
+            go_right = key < target
+        lo = tl.where(active & go_right, mid + 1, lo)
+        hi = tl.where(active & ~go_right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _tile_ranges_kernel(RowPos, RowBkt, RowLen, ColPos, ColBkt, ColLen, Ranges, NHEADS, NBLK, S_ROWS, S_COLS,
+                        STEPS, ROW_DIV, COL_DIV, ROWS_BLOCK: tl.constexpr, COLS_BLOCK: tl.constexpr,
+                        BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HASH: tl.constexpr, FROM_KEYS: tl.constexpr):
+    """The table of ``_tile_ranges`` in one launch: program (i, h, b) fills blocks [i*BLOCK, (i+1)*BLOCK) of query
+    head h. The row/column side tensors are indexed by head // ROW_DIV / COL_DIV (GQA: the K/V side serves
+    GROUP query heads), so the K/V side is never expanded in memory."""
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rrow = b * (NHEADS // ROW_DIV) + h // ROW_DIV
+    crow = b * (NHEADS // COL_DIV) + h // COL_DIV
+    blk = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = blk < NBLK
+    RowPos += rrow * S_ROWS
+    ColPos += crow * S_COLS
+    if HASH:
+        RowBkt += rrow * S_ROWS
+        ColBkt += crow * S_COLS
+    start = blk * ROWS_BLOCK
+    end = tl.minimum(start + ROWS_BLOCK, tl.load(RowLen + rrow)) - 1
+    empty = end < start
+    first = _sort_key(RowPos, RowBkt, tl.minimum(start, S_ROWS - 1), ok, HASH)
+    last = _sort_key(RowPos, RowBkt, tl.maximum(end, 0), ok, HASH)
+    n_cols = tl.load(ColLen + crow)
+    zero = tl.zeros([BLOCK], dtype=tl.int32)
+    lo = zero
+    hi = zero + n_cols
+    full_lo = zero
+    full_hi = zero + n_cols
+    if HASH:
+        b_first = first >> 31
+        b_last = last >> 31
+        bucket_first = _search(ColPos, ColBkt, S_COLS, STEPS, b_first << 31, False, HASH)
+        if FROM_KEYS:       # columns are queries: visible ones come at or after the key (same bucket)
+            hi = _search(ColPos, ColBkt, S_COLS, STEPS, (b_last + 1) << 31, False, HASH)
+            full_hi = _search(ColPos, ColBkt, S_COLS, STEPS, (b_first + 1) << 31, False, HASH)
+            if CAUSAL:
+                lo = _search(ColPos, ColBkt, S_COLS, STEPS, first, False, HASH)
+                full_lo = _search(ColPos, ColBkt, S_COLS, STEPS, last, False, HASH)
+            else:
+                lo = bucket_first
+                full_lo = bucket_first
+        else:               # columns are keys: visible ones come at or before the query (same bucket)
+            lo = bucket_first
+            full_lo = bucket_first
+            if CAUSAL:
+                hi = _search(ColPos, ColBkt, S_COLS, STEPS, last, True, HASH)
+                full_hi = _search(ColPos, ColBkt, S_COLS, STEPS, first, True, HASH)
+            else:
+                hi = _search(ColPos, ColBkt, S_COLS, STEPS, (b_last + 1) << 31, False, HASH)
+                full_hi = _search(ColPos, ColBkt, S_COLS, STEPS, (b_first + 1) << 31, False, HASH)
+        full_hi = tl.where(b_first == b_last, full_hi, full_lo)       # several buckets: every tile masked
+    elif CAUSAL:
+        if FROM_KEYS:       # queries with position >= the block's first (some visible) / last key (all visible)
+            lo = _search(ColPos, ColBkt, S_COLS, STEPS, first, False, HASH)
+            full_lo = _search(ColPos, ColBkt, S_COLS, STEPS, last, False, HASH)
+        else:               # keys with position <= the block's last (some) / first query (all)
+            hi = _search(ColPos, ColBkt, S_COLS, STEPS, last, True, HASH)
+            full_hi = _search(ColPos, ColBkt, S_COLS, STEPS, first, True, HASH)
+    hi = tl.minimum(hi, n_cols)
+    lo = (lo // COLS_BLOCK) * COLS_BLOCK
+    hi = tl.maximum(hi, lo)
+    full_lo = ((full_lo + COLS_BLOCK - 1) // COLS_BLOCK) * COLS_BLOCK
+    full_hi = (tl.minimum(full_hi, n_cols) // COLS_BLOCK) * COLS_BLOCK
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    mid_hi = tl.maximum(tl.minimum(full_hi, hi), mid_lo)
+    r = Ranges + ((b * NHEADS + h) * NBLK + blk) * 4
+    tl.store(r, tl.where(empty, 0, lo), mask=ok)
+    tl.store(r + 1, tl.where(empty, 0, mid_lo), mask=ok)
+    tl.store(r + 2, tl.where(empty, 0, mid_hi), mask=ok)
+    tl.store(r + 3, tl.where(empty, 0, hi), mask=ok)
+
+
+def _tile_ranges_triton(sp: SparseMeta, group: int, rows_block: int, cols_block: int, from_keys: bool):
+    """``_tile_ranges`` for the launchers: one launch, no sort-key tensors, no GQA expansion (the torch version
+    costs ~25 small ops per table; three tables per fwd+bwd)."""
+    if from_keys:
+        rows, cols, row_div, col_div = (sp.k_pos, sp.k_bkt, sp.k_len), (sp.q_pos, sp.q_bkt, sp.q_len), group, 1
+    else:
+        rows, cols, row_div, col_div = (sp.q_pos, sp.q_bkt, sp.q_len), (sp.k_pos, sp.k_bkt, sp.k_len), 1, group
+    b, h = sp.q_pos.shape[:2]
+    s_rows, s_cols = rows[0].shape[-1], cols[0].shape[-1]
+    nblk = triton.cdiv(s_rows, rows_block)
+    ranges = torch.empty(b, h, nblk, 4, dtype=torch.int32, device=sp.q_pos.device)
+    block = min(128, triton.next_power_of_2(nblk))
+    hashed = sp.q_bkt is not None
+    _tile_ranges_kernel[(triton.cdiv(nblk, block), h, b)](
+        rows[0], rows[1] if hashed else rows[0], rows[2], cols[0], cols[1] if hashed else cols[0], cols[2], ranges,
+        h, nblk, s_rows, s_cols, s_cols.bit_length(), row_div, col_div, ROWS_BLOCK=rows_block,
+        COLS_BLOCK=cols_block, BLOCK=block, CAUSAL=sp.causal, HASH=hashed, FROM_KEYS=from_keys, num_warps=4)
+    return ranges
+
+
 def _sparse_args(sp: Optional[SparseMeta], group: int, block_q: int, block_k: int, fwd: bool):
     """Kernel pointer args (QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges) and constexprs for one launch."""
     if sp is None:
         return (None,) * 7, dict(SPARSE=False, SP_CAUSAL=False, HASH=False)
-    hashed = sp.q_bkt is not None
-    qkey, kkey = _sort_keys(sp.q_pos, sp.q_bkt), _sort_keys(sp.k_pos, sp.k_bkt)
-    kkey_h = kkey.repeat_interleave(group, dim=1)                           # (B, H, Sk): K/V head of each q head
-    klen_h = sp.k_len.repeat_interleave(group, dim=1)
     if fwd:
-        ranges = _tile_ranges(qkey, sp.q_len, kkey_h, klen_h, block_q, block_k, sp.causal, hashed, False)
+        ranges = _tile_ranges_triton(sp, group, block_q, block_k, from_keys=False)
     else:
-        ranges = _tile_ranges(kkey_h, klen_h, qkey, sp.q_len, block_k, block_q, sp.causal, hashed, True)
+        ranges = _tile_ranges_triton(sp, group, block_k, block_q, from_keys=True)
     ptrs = (sp.q_pos, sp.k_pos, sp.q_bkt, sp.k_bkt, sp.q_len, sp.k_len, ranges)
-    return ptrs, dict(SPARSE=True, SP_CAUSAL=sp.causal, HASH=hashed)
+    return ptrs, dict(SPARSE=True, SP_CAUSAL=sp.causal, HASH=sp.q_bkt is not None)
 
 
 def _fwd_triton(q, k, v, softmax_scale, lower, upper, softcap, sparse=None, config=None, out_dtype=None):

@@ -29,8 +29,9 @@ __all__ = ["qk_sparse_attn_func", "hash_sparse_attn_func", "sparse_attn_compact_
 
 
 # ------------------------------------------------------------------------------------------------- validation
-def _check_side(x, name, like, kind):
-    """``x`` must be (batch, seqlen, nheads) matching tensor ``like`` (batch, seqlen, nheads, headdim)."""
+def _check_side(x, name, like, kind, values=True):
+    """``x`` must be (batch, seqlen, nheads) matching tensor ``like`` (batch, seqlen, nheads, headdim).
+    ``values=False`` skips the bucket-id range check (the caller guards it on the device, see _bucket_guard)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     want = tuple(like.shape[:3])
@@ -43,9 +44,25 @@ def _check_side(x, name, like, kind):
     if kind == "int":
         if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor of bucket ids, got {x.dtype}")
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= PAD_POS):
-            raise ValueError(f"{name} must hold bucket ids in [0, {PAD_POS}), got range "
-                             f"[{int(x.min())}, {int(x.max())}]")
+        if values and x.numel():
+            lo, hi = (int(t) for t in torch.aminmax(x))           # one reduction; a host sync on a GPU
+            if lo < 0 or hi >= PAD_POS:
+                raise ValueError(f"{name} must hold bucket ids in [0, {PAD_POS}), got range [{lo}, {hi}]")
+
+
+def _bucket_guard(sorted_ids, name):
+    """Range check of bucket ids already sorted per (batch, head) (B, H, S): only the two ends are looked at.
+
+    CPU tensors were checked on the host (_check_side: a clear ValueError, and no GPU queue to drain). On a GPU a
+    host-side check is a sync per call: it drains the queue, so every later launch of the call (~30) is exposed on
+    the GPU timeline, which at S = 4k cost more than the sparse kernel itself. There the check stays on the device,
+    as torch's own index ops (gather, embedding) check their ids on CUDA: a device-side assert naming the
+    argument, never a silent wrong result (ids past int32 would alias after the int32 cast).
+    """
+    if sorted_ids.device.type == "cpu":
+        return
+    ends = sorted_ids[..., ::max(sorted_ids.shape[-1] - 1, 1)]                 # (B, H, 1 or 2): min and max
+    torch._assert_async(((ends >= 0) & (ends < PAD_POS)).all(), f"{name} must hold bucket ids in [0, {PAD_POS})")
 
 
 def _check_common(q, k, v, causal, softmax_scale):
@@ -56,35 +73,85 @@ def _check_common(q, k, v, causal, softmax_scale):
 
 
 # ------------------------------------------------------------------------------------------------- gather/scatter
-def _gather_rows(x, idx):
-    # x (B, S, H, D), idx (B, S', H) -> (B, S', H, D); autograd scatters gradients back.
-    return x.gather(1, idx.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
+# The front ends work on full-length permutations of each (batch, head)'s tokens (kept or (bucket, position)
+# order first), never on a (B, max len, H) prefix: sizing that prefix needs max(len) on the host, a sync that
+# drains the GPU queue. Rows past a head's length cost little: the kernels see range rows [0, 0, 0, 0] there and
+# write out 0 / EMPTY_ROW_LSE and zero gradients. Being permutations, gather and scatter-back are each other's
+# gradient: one gather each way, no zero-fill + scatter_add.
+class _Permute(torch.autograd.Function):
+    """``x.gather(dim, fwd)`` whose gradient is ``grad.gather(dim, bwd)``: fwd / bwd are inverse permutations
+    along ``dim``, broadcast to x's shape."""
+
+    @staticmethod
+    def forward(ctx, x, fwd, bwd, dim):
+        ctx.save_for_backward(bwd)
+        ctx.dim = dim
+        return x.gather(dim, fwd)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (bwd,) = ctx.saved_tensors
+        return grad.gather(ctx.dim, bwd), None, None, None
 
 
-def _side(idx, lens, shift=0):
-    """(B, S', H) row indices -> (B, H, S') int32 positions, PAD_POS past each head's length."""
-    pos = idx.transpose(1, 2) + shift
-    valid = torch.arange(idx.shape[1], device=idx.device) < lens.unsqueeze(-1)
-    return torch.where(valid, pos, PAD_POS).to(torch.int32).contiguous()
+def _permute_rows(x, fwd, bwd):
+    # x (B, S, H, D); fwd / bwd (B, H, S) int64 inverse permutations -> rows x[:, fwd[b, h, s], h] (B, S, H, D).
+    e = lambda i: i.transpose(1, 2).unsqueeze(-1).expand(x.shape)  # noqa: E731
+    return _Permute.apply(x, e(fwd), e(bwd), 1)
 
 
-def _compact(keep):
-    """Kept tokens first, in position order (stable), per (batch, head)."""
-    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)          # (B, S, H)
-    lens = keep.sum(1, dtype=torch.int32)                                       # (B, H)
-    smax = max(int(lens.max()), 1)                                              # >= 1 row keeps shapes valid
-    return order[:, :smax], lens
+def _positions(perm, valid, shift):
+    """Slot -> original position (+ causal shift) as contiguous int32 (B, H, S), the layout the kernels index;
+    ``valid`` (bool, broadcastable) marks the slots inside each head's length, the rest get PAD_POS."""
+    pos = perm + shift if shift else perm
+    return _int32(pos if valid is None else torch.where(valid, pos, PAD_POS))
 
 
-def _scatter_back(out_c, lse_c, idx, lens, seqlen):
-    """Compacted (B, S', H, D) / (B, H, S') back to (B, S, H, D) / (B, H, S): dropped rows get 0 / EMPTY_ROW_LSE."""
-    b, sc, h, d = out_c.shape
-    valid = (torch.arange(sc, device=idx.device).view(1, -1, 1) < lens.unsqueeze(1))
-    src = torch.where(valid, torch.arange(sc, device=idx.device).view(1, -1, 1), sc)
-    inv = torch.full((b, seqlen, h), sc, dtype=torch.long, device=idx.device).scatter_(1, idx, src)
-    out = _gather_rows(torch.cat([out_c, out_c.new_zeros(b, 1, h, d)], 1), inv)
-    lse = torch.cat([lse_c, lse_c.new_full((b, h, 1), EMPTY_ROW_LSE)], -1).gather(-1, inv.transpose(1, 2))
-    return out, lse
+def _int32(x):
+    # Cast and make contiguous in one copy: tensors derived from the (B, S, H) inputs' transposed views keep
+    # their (B, S, H) strides.
+    return x.to(torch.int32, memory_format=torch.contiguous_format)
+
+
+def _compact(keep, shift):
+    """QK-sparse: a stable partition per (batch, head), kept tokens first in position order, then the dropped.
+
+    keep (B, S, H) bool -> perm (slot -> token), inv (token -> slot), both (B, H, S) int64; lens (B, H) int32;
+    pos (B, H, S) int32. By cumsum + scatter (one scan) rather than a segmented argsort.
+    """
+    kt = keep.transpose(1, 2)                                                   # (B, H, S) view
+    ar = torch.arange(kt.shape[-1], device=keep.device)
+    rank = kt.cumsum(-1)                                                        # kept tokens up to here, int64
+    lens = rank[..., -1:]                                                       # (B, H, 1)
+    inv = torch.where(kt, rank - 1, lens + (ar - rank))       # kept: rank - 1; dropped: lens + dropped before
+    perm = torch.empty_like(inv).scatter_(-1, inv, ar.expand_as(inv))
+    return perm, inv, _int32(lens.squeeze(-1)), _positions(perm, ar < lens, shift)
+
+
+def _bucket_sort(buckets, shift, name):
+    """Hash-sparse: tokens sorted by (bucket, position) per (batch, head) (stable sort of the ids).
+
+    buckets (B, S, H) -> perm, inv (B, H, S) int64; lens (B, H) int32 (all S); pos, bkt (B, H, S) int32.
+    """
+    ids, perm = torch.sort(buckets.transpose(1, 2), dim=-1, stable=True)       # (B, H, S)
+    _bucket_guard(ids, name)
+    b, h, s = perm.shape
+    inv = torch.empty_like(perm).scatter_(-1, perm, torch.arange(s, device=perm.device).expand_as(perm))
+    lens = torch.full((b, h), s, dtype=torch.int32, device=perm.device)
+    return perm, inv, lens, _positions(perm, None, shift), _int32(ids)
+
+
+def _sparse_call(q, k, v, scale, causal, q_side, k_side, return_attn_probs):
+    """Shared tail of the front ends: q_side / k_side = (perm, inv, lens, pos, bkt or None)."""
+    (q_perm, q_inv, q_len, q_pos, q_bkt), (k_perm, k_inv, k_len, k_pos, k_bkt) = q_side, k_side
+    meta = SparseMeta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, causal)
+    out_c, lse_c = _attention(_permute_rows(q, q_perm, q_inv), _permute_rows(k, k_perm, k_inv),
+                              _permute_rows(v, k_perm, k_inv), scale, None, None, 0.0, meta)
+    # Slots past a head's length hold out 0 / EMPTY_ROW_LSE (kernel), which is what dropped queries return.
+    out = _permute_rows(out_c, q_inv, q_perm)
+    if not return_attn_probs:
+        return out
+    return out, _Permute.apply(lse_c, q_inv, q_perm, -1), None
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -119,6 +186,9 @@ def sparse_attn_compact_func(q, k, v, q_idx, k_idx, q_len=None, k_len=None, q_bu
             raise ValueError(f"{name} entries must lie in [0, {s}]")
         lens.append(ln.to(device=q.device, dtype=torch.int32).contiguous())
     q_len, k_len = lens
+    # (B, S', H) -> (B, H, S') int32, PAD_POS past each head's length.
+    _side = lambda x, ln: _positions(x.transpose(1, 2).long(),  # noqa: E731
+                                     torch.arange(x.shape[1], device=x.device) < ln.unsqueeze(-1), 0)
     q_bkt = k_bkt = None
     if q_buckets is not None:
         _check_side(q_buckets, "q_buckets", q, "int")
@@ -146,15 +216,10 @@ def qk_sparse_attn_func(q, k, v, q_keep, k_keep, causal=True, softmax_scale=None
     scale = _check_common(q, k, v, causal, softmax_scale)
     _check_side(q_keep, "q_keep", q, "bool")
     _check_side(k_keep, "k_keep", k, "bool")
-    sq, sk = q.shape[1], k.shape[1]
-    q_idx, q_len = _compact(q_keep)
-    k_idx, k_len = _compact(k_keep)
-    meta = SparseMeta(_side(q_idx, q_len, shift=sk - sq if causal else 0), _side(k_idx, k_len), q_len, k_len,
-                      None, None, causal)
-    out_c, lse_c = _attention(_gather_rows(q, q_idx), _gather_rows(k, k_idx), _gather_rows(v, k_idx), scale,
-                              None, None, 0.0, meta)
-    out, lse = _scatter_back(out_c, lse_c, q_idx, q_len, sq)
-    return (out, lse, None) if return_attn_probs else out
+    shift = k.shape[1] - q.shape[1] if causal else 0
+    q_side = _compact(q_keep, shift) + (None,)
+    k_side = _compact(k_keep, 0) + (None,)
+    return _sparse_call(q, k, v, scale, causal, q_side, k_side, return_attn_probs)
 
 
 def hash_sparse_attn_func(q, k, v, q_buckets, k_buckets, causal=True, softmax_scale=None, return_attn_probs=False):
@@ -162,25 +227,18 @@ def hash_sparse_attn_func(q, k, v, q_buckets, k_buckets, causal=True, softmax_sc
 
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``; k, v: ``(batch, seqlen_k, nheads_k, headdim)``.
-        q_buckets ``(batch, seqlen_q, nheads)``, k_buckets ``(batch, seqlen_k, nheads_k)``: integer ids >= 0.
-    Causal: query i always sees key i's bucket-mate... only if they share a bucket; with q and k bucketed by
-    the same hash of the same token (self-attention) the diagonal shares a bucket, so no causal row is empty.
+        q_buckets ``(batch, seqlen_q, nheads)``, k_buckets ``(batch, seqlen_k, nheads_k)``: integer ids in
+            ``[0, 2**30)`` (checked on the host for CPU tensors, by a device-side assert on a GPU).
+    Causal: query i sees key j <= i only if they share a bucket; with q and k bucketed by the same hash of the
+    same token (self-attention) the diagonal shares a bucket, so no causal row is empty.
     """
     scale = _check_common(q, k, v, causal, softmax_scale)
-    _check_side(q_buckets, "q_buckets", q, "int")
-    _check_side(k_buckets, "k_buckets", k, "int")
-    b, sq, h, _ = q.shape
-    sk, hk = k.shape[1], k.shape[2]
-    q_idx = torch.argsort(q_buckets, dim=1, stable=True)                     # (bucket, position) order
-    k_idx = torch.argsort(k_buckets, dim=1, stable=True)
-    q_len = torch.full((b, h), sq, dtype=torch.int32, device=q.device)
-    k_len = torch.full((b, hk), sk, dtype=torch.int32, device=q.device)
-    meta = SparseMeta(_side(q_idx, q_len, shift=sk - sq if causal else 0), _side(k_idx, k_len), q_len, k_len,
-                      _side(q_buckets.gather(1, q_idx), q_len), _side(k_buckets.gather(1, k_idx), k_len), causal)
-    out_c, lse_c = _attention(_gather_rows(q, q_idx), _gather_rows(k, k_idx), _gather_rows(v, k_idx), scale,
-                              None, None, 0.0, meta)
-    out, lse = _scatter_back(out_c, lse_c, q_idx, q_len, sq)
-    return (out, lse, None) if return_attn_probs else out
+    on_cpu = q.device.type == "cpu"
+    _check_side(q_buckets, "q_buckets", q, "int", values=on_cpu)
+    _check_side(k_buckets, "k_buckets", k, "int", values=on_cpu)
+    q_side = _bucket_sort(q_buckets, k.shape[1] - q.shape[1] if causal else 0, "q_buckets")
+    k_side = _bucket_sort(k_buckets, 0, "k_buckets")
+    return _sparse_call(q, k, v, scale, causal, q_side, k_side, return_attn_probs)
 
 
 # ------------------------------------------------------------------------------------------------- LSH
