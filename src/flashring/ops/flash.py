@@ -506,6 +506,10 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, QPos, KPos, QBkt, KBkt, QLen, KLen, Ran
 
 # ---------------------------------------------------------------------------------------------------- launchers
 def _fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    if device.type == "cuda" and dtype == torch.float32:
+        # 4-byte operands: the bf16 tiles (128x128 K and V tiles, 3 stages = 384 KB at BLOCK_D=128) would not fit
+        # Hopper's 228 KB of shared memory. 64x32 tiles, 2 stages: <= 192 KB even at BLOCK_D=256.
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if device.type != "cuda":
         # Interpreter: tile shapes only matter for coverage; unequal M/N tiles exercise both band loops' edges.
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -520,6 +524,8 @@ def _fwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict
 
 
 def _bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> dict:
+    if device.type == "cuda" and dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)      # shared-memory budget, as forward
     if device.type != "cuda":
         return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
     if head_dim <= 64:
