@@ -17,7 +17,7 @@ run() {  # preset iters name attn-args...
 import json, sys, pathlib
 d, preset, name = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 s = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else {"error": "no summary"}
-print(json.dumps({"preset": preset, "attn": name, **s}))
+print(json.dumps({**s, "preset": preset, "run": name}))
 PY
 }
 for spec in "flash --attn flash" "sdpa --attn sdpa" "qk30 --attn qk-sparse --drop 0.3" "qk50 --attn qk-sparse --drop 0.5" \
@@ -33,12 +33,12 @@ python3 - "$out/train-summary.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 print(f"{'preset':<8} {'attn':<7} {'ms/step':>8} {'tok/s':>9} {'val loss':>8} {'vs flash':>8} {'mem GiB':>8}")
-base = {r["preset"]: r for r in rows if r["attn"] == "flash"}
+base = {r["preset"]: r for r in rows if r["run"] == "flash"}
 for r in rows:
     ms = r.get("iter_time_ms_median")
     b = base.get(r["preset"], {})
     bms = b.get("iter_time_ms_median")
     sp = f"{bms / ms:.2f}x" if ms and bms else "-"
-    print(f"{r['preset']:<8} {r['attn']:<7} {ms or 0:>8.1f} {r.get('tokens_per_s', 0):>9.0f} "
+    print(f"{r['preset']:<8} {r['run']:<7} {ms or 0:>8.1f} {r.get('tokens_per_s', 0):>9.0f} "
           f"{r.get('final_val_loss', float('nan')):>8.4f} {sp:>8} {r.get('peak_mem_gib') or 0:>8.1f}")
 PY
