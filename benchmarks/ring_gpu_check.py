@@ -23,7 +23,7 @@ def main():
     torch.cuda.set_device(rank)
     failures = 0
     cases = [(2048, 8, 8, 128, True, "zigzag"), (2048, 8, 2, 128, True, "contiguous"),
-             (3000, 4, 4, 64, False, "zigzag"), (8192, 4, 1, 128, True, "zigzag"), (1022, 4, 4, 96, True, "zigzag")]
+             (3000, 4, 4, 64, False, "zigzag"), (8192, 4, 1, 128, True, "zigzag"), (1020, 4, 4, 96, True, "zigzag")]
     for seq, h, hk, d, causal, layout in cases:
         g = torch.Generator(device="cuda").manual_seed(1234 + seq)         # same full tensors on every rank
         q, do = (torch.randn(1, seq, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
