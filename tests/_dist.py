@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
-import os
 import queue as queue_mod
 import socket
 import time

@@ -343,7 +343,7 @@ def _zigzag_chunks(world: int, rank: int):
 def _ref_shard_sequence(x, group=None, layout="zigzag", dim=1):
     """Test stand-in for flashring.shard_sequence: this rank's zigzag shard along ``dim``."""
     import torch.distributed as dist
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world = dist.get_world_size(group)
     chunks = x.chunk(2 * world, dim=dim)
     return torch.cat([chunks[i] for i in _zigzag_chunks(world, rank)], dim=dim)
 
@@ -353,7 +353,7 @@ def _ref_ring_attn(q, k, v, causal=True, group=None, layout="zigzag"):
     all_gather + masked SDPA: gathers every rank's K/V, puts them in global order, masks by global position."""
     import torch.distributed as dist
     from torch.distributed.nn.functional import all_gather
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world = dist.get_world_size(group)
     s_local = q.shape[1]
     half = s_local // 2
 

@@ -550,22 +550,31 @@ def _dispatch(flag: str, module_name: str, rest: List[str]) -> int:
     return int(module.main(rest) or 0)
 
 
+def parse_cli(parser, resolve, argv, prog):
+    """argparse + ``resolve(args)``: ``(args, resolved, seed)``, or an exit code (--help: 0, usage error: 2).
+    The seed is --seed, else FLASHRING_SEED, else fresh; it is recorded so any run can be replayed."""
+    try:
+        args = parser.parse_args(argv)
+        resolved = resolve(args)
+    except SystemExit as exc:              # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    except ValueError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    seed = args.seed if args.seed is not None else int(os.environ.get("FLASHRING_SEED", random.randrange(2**31)))
+    return args, resolved, seed
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for flag, module_name in DISPATCH.items():
         if flag in argv:
             return _dispatch(flag, module_name, [a for a in argv if a != flag])
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        device, shapes, providers, modes = resolve(args)
-    except SystemExit as exc:              # argparse: --help (0) or a usage error (2)
-        return int(exc.code or 0)
-    except ValueError as exc:
-        parser.print_usage(sys.stderr)
-        print(f"flashring bench: error: {exc}", file=sys.stderr)
-        return 2
-    seed = args.seed if args.seed is not None else int(os.environ.get("FLASHRING_SEED", random.randrange(2**31)))
+    parsed = parse_cli(build_parser(), resolve, argv, "flashring bench")
+    if isinstance(parsed, int):
+        return parsed
+    args, (device, shapes, providers, modes), seed = parsed
 
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -20,7 +20,6 @@ from typing import Optional
 
 import torch
 
-from .._masks import EMPTY_ROW_LSE
 from ..interface import _attention, _check_qkv, _check_scale
 from ..ops.flash import PAD_POS, SparseMeta
 

@@ -30,7 +30,6 @@ import argparse
 import itertools
 import json
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -488,17 +487,10 @@ def plot_results(results: List[dict], stem: Path) -> List[Path]:
 # ----------------------------------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        device, shapes, patterns, modes = resolve(args)
-    except SystemExit as exc:              # argparse: --help (0) or a usage error (2)
-        return int(exc.code or 0)
-    except ValueError as exc:
-        parser.print_usage(sys.stderr)
-        print(f"flashring bench --sparse: error: {exc}", file=sys.stderr)
-        return 2
-    seed = args.seed if args.seed is not None else int(os.environ.get("FLASHRING_SEED", random.randrange(2**31)))
+    parsed = dense_bench.parse_cli(build_parser(), resolve, argv, "flashring bench --sparse")
+    if isinstance(parsed, int):
+        return parsed
+    args, (device, shapes, patterns, modes), seed = parsed
     gpu = device.type == "cuda"
 
     args.out.mkdir(parents=True, exist_ok=True)
