@@ -343,7 +343,7 @@ def _zigzag_chunks(world: int, rank: int):
 def _ref_shard_sequence(x, group=None, layout="zigzag", dim=1):
     """Test stand-in for flashring.shard_sequence: this rank's zigzag shard along ``dim``."""
     import torch.distributed as dist
-    world = dist.get_world_size(group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     chunks = x.chunk(2 * world, dim=dim)
     return torch.cat([chunks[i] for i in _zigzag_chunks(world, rank)], dim=dim)
 
