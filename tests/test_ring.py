@@ -147,9 +147,11 @@ def _run_all(rank, world, seed):
     return fails
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
 def test_ring_matches_reference(world):
-    fails = [f for rank_fails in run_distributed(_run_all, world, SEED, timeout_s=80) for f in rank_fails]
+    # World 8 on CI's 2 cores: 8 gloo ranks oversubscribe the CPU, hence the longer timeout.
+    fails = [f for rank_fails in run_distributed(_run_all, world, SEED, timeout_s=80 if world <= 4 else 240)
+             for f in rank_fails]
     assert not fails, f"FLASHRING_SEED={SEED}\n" + "\n".join(fails)
 
 
