@@ -28,3 +28,14 @@ def pytest_runtest_makereport(item, call):
         for k, v in item.user_properties:
             if k == "seed":
                 rep.sections.append(("seed", f"replay with FLASHRING_SEED={v}"))
+
+
+@pytest.fixture(params=["cuda"] if torch.cuda.is_available() else ["interp", "torch"])
+def device(request, monkeypatch):
+    """Where the kernels run: CUDA on a GPU machine; otherwise both CPU paths, the Triton kernels under the
+    interpreter ("interp") and the chunked PyTorch implementation ("torch")."""
+    if request.param == "cuda":
+        return "cuda"
+    from flashring.ops import flash
+    monkeypatch.setattr(flash, "CPU_BACKEND", "triton" if request.param == "interp" else "torch")
+    return "cpu"

@@ -12,21 +12,11 @@ from hypothesis import strategies as st
 
 import flashring
 from flashring import _masks
-from flashring.ops import flash
 from flashring.reference import attention_ref
 
 from _tol import assert_close
 
 CUDA = torch.cuda.is_available()
-BACKENDS = ["cuda"] if CUDA else ["interp", "torch"]
-
-
-@pytest.fixture(params=BACKENDS)
-def device(request, monkeypatch):
-    if request.param == "cuda":
-        return "cuda"
-    monkeypatch.setattr(flash, "CPU_BACKEND", "triton" if request.param == "interp" else "torch")
-    return "cpu"
 
 
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype)

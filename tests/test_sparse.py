@@ -13,15 +13,6 @@ from flashring.reference import attention_ref
 from _tol import assert_close
 
 CUDA = torch.cuda.is_available()
-BACKENDS = ["cuda"] if CUDA else ["interp", "torch"]
-
-
-@pytest.fixture(params=BACKENDS)
-def device(request, monkeypatch):
-    if request.param == "cuda":
-        return "cuda"
-    monkeypatch.setattr(flash, "CPU_BACKEND", "triton" if request.param == "interp" else "torch")
-    return "cpu"
 
 
 def _dense_mask(qa, ka, kind, group):
