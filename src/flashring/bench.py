@@ -596,19 +596,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(threads)
         progress.close()
 
-    results = bench.results
-    fails = [r for r in results if r["check"] == "FAIL"]
-    if not args.json_only:
-        print(f"flashring bench on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, seed {seed}, "
+    header = (f"flashring bench on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, seed {seed}, "
               f"{time.perf_counter() - t0:.1f} s)")
-        print(render_table(results))
-    plots = [] if (args.no_plot or args.json_only) else bu.plot_results(results, path.with_suffix(""))
+    return report(bench.results, args, path, seed, [header], render_table, bu.plot_results,
+                  ("provider", "mode", "config"))
+
+
+def report(results, args, path, seed, header_lines, render, plot, row_keys) -> int:
+    """Shared end of a bench run: header + table (unless --json-only), plots (unless --no-plot), the results
+    path, and a loud list of rows that FAILED their correctness check. Returns the exit code (1 on any FAIL)."""
+    if not args.json_only:
+        for line in header_lines:
+            print(line)
+        print(render(results))
+    plots = [] if (args.no_plot or args.json_only) else plot(results, path.with_suffix(""))
     print(f"results: {path}" + "".join(f"\nplot: {p}" for p in plots))
+    fails = [r for r in results if r["check"] == "FAIL"]
     if fails:
         print(f"\n!!! {len(fails)} row(s) FAILED the correctness check (seed {seed}):", file=sys.stderr)
         for r in fails:
             bad = {k: d for k, d in r["check_detail"].items() if not d["ok"]}
-            print(f"!!!   {r['provider']} {r['mode']} {r['config']}: {bad}", file=sys.stderr)
+            print("!!!   " + " ".join(str(r[k]) for k in row_keys) + f": {bad}", file=sys.stderr)
         return 1
     return 0
 

@@ -516,25 +516,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         progress.close()
 
     results = bench.results
-    fails = [r for r in results if r["check"] == "FAIL"]
-    if not args.json_only:
-        print(f"flashring bench --sparse on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "
+    header = [f"flashring bench --sparse on {meta['device']} (torch {meta['torch']}, triton {meta['triton']}, "
               f"seed {seed}, {time.perf_counter() - t0:.1f} s); keep = surviving causal pairs, ideal = dense "
-              f"flashring ms x keep")
-        summary = ideal_summary(results)
-        if summary:
-            print(summary)
-        print(render_table(results))
-    plots = [] if (args.no_plot or args.json_only) else plot_results(results, path.with_suffix(""))
-    print(f"results: {path}" + "".join(f"\nplot: {p}" for p in plots))
-    if fails:
-        print(f"\n!!! {len(fails)} row(s) FAILED the correctness check (seed {seed}):", file=sys.stderr)
-        for r in fails:
-            bad = {k: d for k, d in r["check_detail"].items() if not d["ok"]}
-            print(f"!!!   {r['provider']} {r['pattern']} {r['param']} {r['mode']} {r['config']}: {bad}",
-                  file=sys.stderr)
-        return 1
-    return 0
+              f"flashring ms x keep"]
+    summary = ideal_summary(results)
+    if summary:
+        header.append(summary)
+    return dense_bench.report(results, args, path, seed, header, render_table, plot_results,
+                              ("provider", "pattern", "param", "mode", "config"))
 
 
 if __name__ == "__main__":
