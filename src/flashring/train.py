@@ -42,12 +42,19 @@ PRESETS: Dict[str, dict] = {
                     warmup=100, eval_every=200, eval_iters=8, log_every=10, ffn_chunk=8192, ce_chunk=8192),
     "gpt-32k": dict(n_layer=12, n_head=12, d_model=768, seqlen=32768, batch_size=1, iters=1000, lr=6e-4,
                     warmup=100, eval_every=200, eval_iters=8, log_every=10, ffn_chunk=8192, ce_chunk=8192),
+    # The ring experiment's model (3.78B parameters, 20 heads x 128): sized so that one sequence of its length
+    # does not fit one 141 GB H200 (12 bytes/parameter of weights + AdamW state = 45 GB, plus ~24 bytes x d_model
+    # of saved activations per token and layer = 2.9 MB/token) while a step on 2 GPUs stays near 2 s, so a few
+    # hundred steps fit in minutes. A smaller model would need ~0.5M+ tokens per sequence to overflow a GPU, and
+    # attention FLOPs grow with the square of that.
+    "gpt3b-ring": dict(n_layer=48, n_head=20, d_model=2560, seqlen=32768, batch_size=1, iters=300, lr=3e-4,
+                       warmup=30, eval_every=50, eval_iters=2, log_every=10, ffn_chunk=8192, ce_chunk=8192),
 }
 # Used where neither the preset nor the command line sets a value.
 DEFAULTS = dict(n_layer=6, n_head=6, d_model=384, ffn_mult=4, rope_base=10000.0, seqlen=1024, batch_size=8,
                 grad_accum=1, iters=200, lr=1e-3, min_lr=None, warmup=20, lr_decay_iters=None, weight_decay=0.1,
                 beta1=0.9, beta2=0.95, grad_clip=1.0, eval_every=100, eval_iters=4, log_every=10, ffn_chunk=4096,
-                ce_chunk=4096, ckpt_every=0)
+                ce_chunk=4096, ckpt_every=0, max_minutes=0.0)
 ARCH = GPTConfig.ARCH_FIELDS
 
 
@@ -98,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, help="print a progress line every N steps")
     g.add_argument("--out", help="directory for log.jsonl, summary.json and ckpt.pt")
     g.add_argument("--ckpt-every", type=int, help="save ckpt.pt every N steps (0: only at the end); needs --out")
+    g.add_argument("--no-save", action="store_true", help="never write ckpt.pt (logs and summary only)")
+    g.add_argument("--max-minutes", type=float,
+                   help="stop after this much training wall time (then validate and write the summary); 0 = no limit")
     g.add_argument("--resume", help="checkpoint file, or a directory holding ckpt.pt")
     g.add_argument("--peak-tflops", type=float,
                    help="peak dense TFLOP/s per device for the MFU estimate (default: 989 for H100/H200 bf16, "
@@ -126,7 +136,7 @@ def validate_config(cfg: dict, world: int) -> None:
     for key in positive:
         if cfg[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
-    for key in ("warmup", "ckpt_every", "weight_decay", "grad_clip", "min_lr"):
+    for key in ("warmup", "ckpt_every", "weight_decay", "grad_clip", "min_lr", "max_minutes"):
         if cfg[key] < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
     if not cfg["lr"] > 0:
@@ -145,6 +155,8 @@ def validate_config(cfg: dict, world: int) -> None:
 
 # ----------------------------------------------------------------------------------------------- environment
 def _git_sha() -> Optional[str]:
+    if os.environ.get("FLASHRING_GIT_SHA"):  # a checkout copied without .git (a GPU machine) passes its sha
+        return os.environ["FLASHRING_GIT_SHA"]
     try:
         here = Path(__file__).resolve().parent
         sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -280,7 +292,8 @@ class Trainer:
             cfg[k] = arch[k]  # so log metadata shows the model actually trained
         self.model_cfg = GPTConfig(**arch, attn=cfg["attn"], drop=cfg["drop"], buckets=cfg["buckets"],
                                    ffn_chunk=cfg["ffn_chunk"], ce_chunk=cfg["ce_chunk"], checkpoint=cfg["checkpoint"])
-        self.model = GPT(self.model_cfg, group=dist_.group).to(self.device)
+        with torch.device(self.device):  # initialise on the device: a 3.8B-parameter init on the CPU takes minutes
+            self.model = GPT(self.model_cfg, group=dist_.group)
         self.n_params = self.model.num_params()
         if dist_.world > 1:  # same seed gives the same init, but make replication a fact, not an assumption
             import torch.distributed as dist
@@ -316,7 +329,7 @@ class Trainer:
         return torch.load(path, map_location="cpu", weights_only=False)
 
     def save_checkpoint(self) -> None:
-        if not (self.cfg["out"] and self.dist.main):
+        if not (self.cfg["out"] and self.dist.main) or self.cfg["no_save"]:
             return
         state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
                  "model_config": self.model_cfg.to_dict(), "sampler": self.sampler.state(),
@@ -367,11 +380,34 @@ class Trainer:
             (loss / (batch_tokens * cfg["grad_accum"])).backward()
             total += loss.detach()
         if self.dist.world > 1:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            flat = self.dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))  # one collective
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
+            self._all_reduce_grads()
         return self.dist.all_reduce_sum(total).item() / (batch_tokens * cfg["grad_accum"])
+
+    GRAD_BUCKET_BYTES = 256 << 20
+
+    def _all_reduce_grads(self) -> None:
+        """Sum gradients over ranks in ~256 MiB buckets: a few collectives, and no second copy of all gradients
+        (one flat buffer would add 15 GB for the 3.8B-parameter preset)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        start = 0
+        while start < len(grads):
+            end, size = start, 0
+            while end < len(grads) and (end == start or size + grads[end].nbytes <= self.GRAD_BUCKET_BYTES):
+                size += grads[end].nbytes
+                end += 1
+            bucket = grads[start:end]
+            flat = self.dist.all_reduce_sum(torch.cat([g.reshape(-1) for g in bucket]))
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
+            start = end
+
+    def _out_of_time(self, started: float) -> bool:
+        """True once --max-minutes of training have passed, agreed by all ranks (rank clocks differ slightly; a
+        rank stopping alone would leave the others waiting in the ring)."""
+        if not self.cfg["max_minutes"]:
+            return False
+        late = torch.tensor(float(time.perf_counter() - started > 60 * self.cfg["max_minutes"]), device=self.device)
+        return self.dist.all_reduce_sum(late).item() > 0
 
     def train_step(self) -> float:
         lr = lr_at(self.step, self.cfg)
@@ -425,6 +461,7 @@ class Trainer:
         self.say(f"data: {self.corpus.source}: {len(self.corpus.train):,} train / {len(self.corpus.val):,} val tokens")
         times: List[float] = []
         loss = val = float("nan")
+        started, stopped_early = time.perf_counter(), False
         if self.step >= cfg["iters"]:
             self.say(f"checkpoint is at step {self.step} >= --iters {cfg['iters']}: nothing to train")
         while self.step < cfg["iters"]:
@@ -450,6 +487,15 @@ class Trainer:
                 self.say(f"step {self.step:>5}/{cfg['iters']} | val loss {val:.4f}")
             if (cfg["ckpt_every"] and self.step % cfg["ckpt_every"] == 0) or self.step == cfg["iters"]:
                 self.save_checkpoint()
+            if self.step < cfg["iters"] and self._out_of_time(started):
+                stopped_early = True
+                self.say(f"--max-minutes {cfg['max_minutes']:g} reached at step {self.step}/{cfg['iters']}")
+                if self.step % cfg["eval_every"]:
+                    val = self.evaluate()
+                    self.log({"type": "val", "step": self.step, "val_loss": val})
+                    self.say(f"step {self.step:>5}/{cfg['iters']} | val loss {val:.4f}")
+                self.save_checkpoint()
+                break
         # the first steps include Triton autotuning / allocator warm-up: left out of the timing summary
         steady = times[min(3, len(times) // 2):]
         mean_s = float(np.mean(steady)) if steady else float("nan")
@@ -461,7 +507,10 @@ class Trainer:
                    "final_train_loss": loss, "final_val_loss": val, "n_params": self.n_params,
                    "peak_mem_gib": (torch.cuda.max_memory_allocated(self.device) / 2**30
                                     if self.device.type == "cuda" else None),
-                   "attn": cfg["attn"], "seqlen": cfg["seqlen"], "world_size": self.dist.world}
+                   "attn": cfg["attn"], "seqlen": cfg["seqlen"], "world_size": self.dist.world,
+                   "tokens_per_s_per_gpu": (self.tokens_per_step / mean_s / self.dist.world if steady
+                                            else float("nan")),
+                   "stopped_early": stopped_early}
         self.log(summary)
         if self.log_file is not None:
             self.log_file.close()
@@ -521,6 +570,18 @@ def plot_main(argv: List[str]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ main
+def _oom_message(cfg: dict, dist_: Optional[Dist]) -> str:
+    where = ""
+    if dist_ is not None and dist_.device.type == "cuda":
+        total = torch.cuda.get_device_properties(dist_.device).total_memory
+        where = (f" on {dist_.device} (peak {torch.cuda.max_memory_allocated(dist_.device) / 2**30:.1f} GiB allocated "
+                 f"of {total / 2**30:.1f} GiB)")
+    return (f"out of GPU memory{where} at seqlen {cfg['seqlen']} x batch {cfg['batch_size']}, world size "
+            f"{dist_.world if dist_ else 1}. Options: --checkpoint (recompute blocks), a smaller --ffn-chunk / "
+            "--ce-chunk, a smaller --batch-size with --grad-accum, or --attn ring over more GPUs (torchrun) so each "
+            "holds seqlen / world tokens")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "plot":
@@ -535,6 +596,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, NotImplementedError, TypeError) as e:
         print(f"flashring train: error: {e}", file=sys.stderr)
         return 2
+    except torch.cuda.OutOfMemoryError:
+        print(f"flashring train: error: {_oom_message(cfg, dist_)}", file=sys.stderr)
+        return 3
     finally:
         if dist_ is not None:
             dist_.close()

@@ -81,7 +81,12 @@ def _chunks(n: int, chunk: int):
 
 
 class ChunkedMLP(nn.Module):
-    """``fc2(gelu(fc1(x)))`` applied ``chunk`` tokens at a time; each chunk is recomputed in the backward."""
+    """``fc2(gelu(fc1(norm(x))))`` applied ``chunk`` tokens at a time; each chunk is recomputed in the backward.
+
+    ``norm`` (optional, e.g. the block's pre-MLP LayerNorm) runs inside the chunk so its output is recomputed too:
+    under bf16 autocast a LayerNorm output is fp32, 4 bytes x d per token and layer kept for the backward otherwise
+    (~14% of a block's saved activations, measured with saved-tensor hooks: 28 -> 24 bytes x d per token).
+    """
 
     def __init__(self, d_model: int, hidden: int, chunk: int = 0):
         super().__init__()
@@ -89,18 +94,20 @@ class ChunkedMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, d_model, bias=False)
         self.chunk = chunk
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
+        if norm is not None:
+            x = norm(x)
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])  # (B * S, d): chunk over all tokens, whatever the batch size
         sizes = _chunks(tokens.shape[0], self.chunk)
         if len(sizes) == 1:
-            return self._mlp(x)
+            return self._mlp(x, norm)
         grad = torch.is_grad_enabled()
         # no RNG inside the MLP, so the recomputation needs no RNG state saved (preserve_rng_state=False)
-        outs = [checkpoint(self._mlp, c, use_reentrant=False, preserve_rng_state=False) if grad else self._mlp(c)
-                for c in tokens.split(sizes)]
+        outs = [checkpoint(self._mlp, c, norm, use_reentrant=False, preserve_rng_state=False) if grad
+                else self._mlp(c, norm) for c in tokens.split(sizes)]
         return torch.cat(outs).view_as(x)
 
 
@@ -149,7 +156,7 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.ln1(x)).view(B, S, 3, self.n_head, self.head_dim).unbind(2)  # each (B, S, H, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         x = x + self.proj(self.attn(q, k, v).reshape(B, S, d))
-        return x + self.mlp(self.ln2(x))
+        return x + self.mlp(x, self.ln2)  # ln2 applied per chunk, recomputed in the backward
 
 
 class GPT(nn.Module):
