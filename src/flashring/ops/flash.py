@@ -150,12 +150,14 @@ def _block_setup(Len, Ranges, row, pid, NBLK, SEQLEN_SELF, SEQLEN_OTHER, start,
 
 
 @triton.jit
-def _query_block_setup(QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges, NHEADS, SEQLEN_Q, SEQLEN_K, LOWER, UPPER,
+def _query_block_setup(QPos, QBkt, QLen, KLen, Ranges, NHEADS, SEQLEN_Q, SEQLEN_K, LOWER, UPPER,
                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
                        SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr):
     """Prologue of a program that owns BLOCK_M query rows of one (batch, head) (the forward and the dQ pass):
-    indices, its key-tile ranges, and in sparse mode the rows' lengths, original positions and buckets."""
+    indices, its key-tile ranges, and in sparse mode the rows' lengths, original positions and buckets.
+    Pointer arguments that are None in dense mode are neither offset nor returned here: the compiler cannot
+    return a None (the caller offsets KPos / KBkt by krow under its own SPARSE branch)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b64 = tl.program_id(2).to(tl.int64)
@@ -175,16 +177,12 @@ def _query_block_setup(QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges, NHEADS, SEQLE
     qb = offs_m
     if SPARSE:
         seqlen_k = tl.load(KLen + krow)
-        KPos += krow * SEQLEN_K
-        if HASH:
-            KBkt += krow * SEQLEN_K
         if SP_CAUSAL:
             qp = tl.load(QPos + qrow * SEQLEN_Q + offs_m, mask=offs_m < seqlen_q, other=-1)
         if HASH:
             qb = tl.load(QBkt + qrow * SEQLEN_Q + offs_m, mask=offs_m < seqlen_q, other=-2)
     m_ok = offs_m < seqlen_q
-    return (b64, h, hk, qrow, offs_m, offs_n, offs_d, d_ok, m_ok, lo, mid_lo, mid_hi, hi, seqlen_k, qp, qb,
-            KPos, KBkt)
+    return b64, h, hk, qrow, krow, offs_m, offs_n, offs_d, d_ok, m_ok, lo, mid_lo, mid_hi, hi, seqlen_k, qp, qb
 
 
 @triton.jit
@@ -239,10 +237,13 @@ def _attn_fwd(Q, K, V, Out, Lse, QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr):
-    (b64, h, hk, qrow, offs_m, offs_n, offs_d, d_ok, m_ok, lo, mid_lo, mid_hi, hi, seqlen_k, qp, qb, KPos,
-     KBkt) = _query_block_setup(QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges, NHEADS, SEQLEN_Q, SEQLEN_K, LOWER,
-                                UPPER, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LOWER, HAS_UPPER, SPARSE,
-                                SP_CAUSAL, HASH)
+    (b64, h, hk, qrow, krow, offs_m, offs_n, offs_d, d_ok, m_ok, lo, mid_lo, mid_hi, hi, seqlen_k, qp,
+     qb) = _query_block_setup(QPos, QBkt, QLen, KLen, Ranges, NHEADS, SEQLEN_Q, SEQLEN_K, LOWER, UPPER, GROUP,
+                              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LOWER, HAS_UPPER, SPARSE, SP_CAUSAL, HASH)
+    if SPARSE:
+        KPos += krow * SEQLEN_K
+        if HASH:
+            KBkt += krow * SEQLEN_K
 
     Q += b64 * stride_qb + h.to(tl.int64) * stride_qh
     K += b64 * stride_kb + hk.to(tl.int64) * stride_kh
@@ -467,10 +468,13 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, QPos, KPos, QBkt, KBkt, QLen, KLen, Ran
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
             SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr):
-    (b64, h, hk, qrow, offs_m, offs_n, offs_d, d_ok, m_ok, lo, mid_lo, mid_hi, hi, seqlen_k, qp, qb, KPos,
-     KBkt) = _query_block_setup(QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges, NHEADS, SEQLEN_Q, SEQLEN_K, LOWER,
-                                UPPER, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LOWER, HAS_UPPER, SPARSE,
-                                SP_CAUSAL, HASH)
+    (b64, h, hk, qrow, krow, offs_m, offs_n, offs_d, d_ok, m_ok, lo, mid_lo, mid_hi, hi, seqlen_k, qp,
+     qb) = _query_block_setup(QPos, QBkt, QLen, KLen, Ranges, NHEADS, SEQLEN_Q, SEQLEN_K, LOWER, UPPER, GROUP,
+                              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LOWER, HAS_UPPER, SPARSE, SP_CAUSAL, HASH)
+    if SPARSE:
+        KPos += krow * SEQLEN_K
+        if HASH:
+            KBkt += krow * SEQLEN_K
     qd_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm
                 + offs_d[None, :], mask=qd_mask, other=0.0)
