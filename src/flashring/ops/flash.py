@@ -150,42 +150,6 @@ def _block_setup(Len, Ranges, row, pid, NBLK, SEQLEN_SELF, SEQLEN_OTHER, start,
 
 
 @triton.jit
-def _query_block_setup(QPos, QBkt, QLen, KLen, Ranges, NHEADS, SEQLEN_Q, SEQLEN_K, LOWER, UPPER,
-                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
-                       SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr):
-    """Prologue of a program that owns BLOCK_M query rows of one (batch, head) (the forward and the dQ pass):
-    indices, its key-tile ranges, and in sparse mode the rows' lengths, original positions and buckets.
-    Pointer arguments that are None in dense mode are neither offset nor returned here: the compiler cannot
-    return a None (the caller offsets KPos / KBkt by krow under its own SPARSE branch)."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b64 = tl.program_id(2).to(tl.int64)
-    hk = h // GROUP
-    qrow = b64 * NHEADS + h                      # (batch, head) row of every (B, H, S) side tensor
-    krow = b64 * (NHEADS // GROUP) + hk
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    seqlen_q, lo, mid_lo, mid_hi, hi = _block_setup(QLen, Ranges, qrow, pid_m, tl.num_programs(0), SEQLEN_Q,
-                                                    SEQLEN_K, start_m, BLOCK_M, BLOCK_N, LOWER, UPPER,
-                                                    HAS_LOWER, HAS_UPPER, SPARSE)
-    seqlen_k = SEQLEN_K
-    qp = offs_m
-    qb = offs_m
-    if SPARSE:
-        seqlen_k = tl.load(KLen + krow)
-        if SP_CAUSAL:
-            qp = tl.load(QPos + qrow * SEQLEN_Q + offs_m, mask=offs_m < seqlen_q, other=-1)
-        if HASH:
-            qb = tl.load(QBkt + qrow * SEQLEN_Q + offs_m, mask=offs_m < seqlen_q, other=-2)
-    m_ok = offs_m < seqlen_q
-    return b64, h, hk, qrow, krow, offs_m, offs_n, offs_d, d_ok, m_ok, lo, mid_lo, mid_hi, hi, seqlen_k, qp, qb
-
-
-@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, qp, qb, K_ptrs, V_ptrs, KPos, KBkt, stride_kn, stride_vn, offs_m, offs_n,
                     d_ok, lo, hi, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2,
                     BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
@@ -237,13 +201,34 @@ def _attn_fwd(Q, K, V, Out, Lse, QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr):
-    (b64, h, hk, qrow, krow, offs_m, offs_n, offs_d, d_ok, m_ok, lo, mid_lo, mid_hi, hi, seqlen_k, qp,
-     qb) = _query_block_setup(QPos, QBkt, QLen, KLen, Ranges, NHEADS, SEQLEN_Q, SEQLEN_K, LOWER, UPPER, GROUP,
-                              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LOWER, HAS_UPPER, SPARSE, SP_CAUSAL, HASH)
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+    qrow = b64 * NHEADS + h                      # (batch, head) row of every (B, H, S) side tensor
+    krow = b64 * (NHEADS // GROUP) + hk
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    seqlen_q, lo, mid_lo, mid_hi, hi = _block_setup(QLen, Ranges, qrow, pid_m, tl.num_programs(0), SEQLEN_Q,
+                                                    SEQLEN_K, start_m, BLOCK_M, BLOCK_N, LOWER, UPPER,
+                                                    HAS_LOWER, HAS_UPPER, SPARSE)
+    seqlen_k = SEQLEN_K
+    qp = offs_m
+    qb = offs_m
     if SPARSE:
+        seqlen_k = tl.load(KLen + krow)
         KPos += krow * SEQLEN_K
         if HASH:
             KBkt += krow * SEQLEN_K
+        if SP_CAUSAL:
+            qp = tl.load(QPos + qrow * SEQLEN_Q + offs_m, mask=offs_m < seqlen_q, other=-1)
+        if HASH:
+            qb = tl.load(QBkt + qrow * SEQLEN_Q + offs_m, mask=offs_m < seqlen_q, other=-2)
+    m_ok = offs_m < seqlen_q
 
     Q += b64 * stride_qb + h.to(tl.int64) * stride_qh
     K += b64 * stride_kb + hk.to(tl.int64) * stride_kh
@@ -468,22 +453,42 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, QPos, KPos, QBkt, KBkt, QLen, KLen, Ran
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
             SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr):
-    (b64, h, hk, qrow, krow, offs_m, offs_n, offs_d, d_ok, m_ok, lo, mid_lo, mid_hi, hi, seqlen_k, qp,
-     qb) = _query_block_setup(QPos, QBkt, QLen, KLen, Ranges, NHEADS, SEQLEN_Q, SEQLEN_K, LOWER, UPPER, GROUP,
-                              HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_LOWER, HAS_UPPER, SPARSE, SP_CAUSAL, HASH)
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // GROUP
+    qrow = b * NHEADS + h
+    krow = b * (NHEADS // GROUP) + hk
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    seqlen_q, lo, mid_lo, mid_hi, hi = _block_setup(QLen, Ranges, qrow, pid_m, tl.num_programs(0), SEQLEN_Q,
+                                                    SEQLEN_K, start_m, BLOCK_M, BLOCK_N, LOWER, UPPER,
+                                                    HAS_LOWER, HAS_UPPER, SPARSE)
+    seqlen_k = SEQLEN_K
+    qp = offs_m
+    qb = offs_m
     if SPARSE:
+        seqlen_k = tl.load(KLen + krow)
         KPos += krow * SEQLEN_K
         if HASH:
             KBkt += krow * SEQLEN_K
+        if SP_CAUSAL:
+            qp = tl.load(QPos + qrow * SEQLEN_Q + offs_m, mask=offs_m < seqlen_q, other=-1)
+        if HASH:
+            qb = tl.load(QBkt + qrow * SEQLEN_Q + offs_m, mask=offs_m < seqlen_q, other=-2)
+    m_ok = offs_m < seqlen_q
     qd_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm
+    q = tl.load(Q + b * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm
                 + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom
+    do = tl.load(DO + b * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom
                  + offs_d[None, :], mask=qd_mask, other=0.0)
     lse2 = tl.load(Lse + qrow * SEQLEN_Q + offs_m, mask=m_ok, other=float("inf")) * _LOG2E
     delta = tl.load(Delta + qrow * SEQLEN_Q + offs_m, mask=m_ok, other=0.0)
-    K_ptrs = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None]
-    V_ptrs = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[None, :] * stride_vn + offs_d[:, None]
+    K_ptrs = K + b * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None]
+    V_ptrs = V + b * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[None, :] * stride_vn + offs_d[:, None]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, qp, qb, K_ptrs, V_ptrs, KPos, KBkt, stride_kn, stride_vn, offs_m,
                        offs_n, d_ok, lo, mid_lo, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2, BLOCK_N, True,
@@ -495,7 +500,7 @@ def _bwd_dq(Q, K, V, DO, Lse, Delta, DQ, QPos, KPos, QBkt, KBkt, QLen, KLen, Ran
                        offs_n, d_ok, mid_hi, hi, seqlen_k, LOWER, UPPER, QK_SCALE, CAP_LOG2, BLOCK_N, True,
                        HAS_LOWER, HAS_UPPER, HAS_SOFTCAP, SPARSE, SP_CAUSAL, HASH, PRECISION)
     dq = tl.where(m_ok[:, None], dq * SM_SCALE, 0.0)       # sparse padding rows: zero, as for dK/dV
-    tl.store(DQ + b64 * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm
+    tl.store(DQ + b * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm
              + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < SEQLEN_Q) & d_ok[None, :])
 
 
