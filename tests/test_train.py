@@ -547,3 +547,35 @@ def test_sparse_modes_call_contract(monkeypatch):
     mh = GPT(GPTConfig(n_layer=2, n_head=4, d_model=32, attn="hash-sparse", buckets=4))
     mh(idx, tgt).backward()
     assert calls == [torch.Size([2, 128, 4, 8])] * 2  # queries and keys of a layer, concatenated: one rotation
+
+
+# ------------------------------------------------------------------------------------------------- progress
+def test_progress_bar_on_a_terminal_only(run_args, capsys):
+    assert T.main(run_args + ["--iters", "3", "--progress", "on"]) == 0
+    out = capsys.readouterr().out
+    bars = [seg for seg in out.split("\r\x1b[K") if seg.startswith("[")]
+    assert len(bars) == 3, out  # one redraw per step
+    assert bars[-1].startswith("[" + "#" * T.ProgressBar.WIDTH + "] 3/3 | loss ") and "k tok/s" in bars[-1]
+    assert "ETA 0:00" in bars[-1] and "MFU" not in bars[-1]  # CPU: no peak FLOP/s, so no MFU
+    assert "done: 3 steps" in out.splitlines()[-1]  # the final line is not glued to a bar
+    assert T.main(run_args + ["--iters", "2"]) == 0  # auto: pytest's captured stdout is not a terminal
+    assert "\r" not in capsys.readouterr().out
+
+
+def test_progress_bar_fields():
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    stream = Tty()
+    bar = T.ProgressBar(100, stream=stream)  # auto mode on a terminal
+    assert bar.enabled
+    for step in range(1, 21):  # 2 s steps, then the last 10 at 1 s: the mean is over the last 10
+        bar.update(step, 2.5, 2.0 if step <= 10 else 1.0, 4096, 1e12, 4e12)
+    last = stream.getvalue().split("\r\x1b[K")[-1]
+    assert last == "[####....................] 20/100 | loss 2.5000 | 4.1k tok/s | MFU 25.0% | ETA 1:20", last
+    bar.clear()
+    assert stream.getvalue().endswith("\r\x1b[K") and not bar.shown
+    assert not T.ProgressBar(5, stream=io.StringIO()).enabled  # auto, not a terminal
+    assert T._fmt_duration(3725) == "1:02:05" and T._fmt_duration(float("nan")) == "?"

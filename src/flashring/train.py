@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, help="validate every N steps (and at the end)")
     g.add_argument("--eval-iters", type=int, help="validation batches (the same windows every time)")
     g.add_argument("--log-every", type=int, help="print a progress line every N steps")
+    g.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="live progress bar (step, loss, tokens/s, MFU, ETA) redrawn every step; auto = on a terminal")
     g.add_argument("--out", help="directory for log.jsonl, summary.json and ckpt.pt")
     g.add_argument("--ckpt-every", type=int, help="save ckpt.pt every N steps (0: only at the end); needs --out")
     g.add_argument("--no-save", action="store_true", help="never write ckpt.pt (logs and summary only)")
@@ -237,6 +239,54 @@ class Dist:
             dist.destroy_process_group()
 
 
+# ------------------------------------------------------------------------------------------------- progress
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60}:{rem % 60:02d}"
+
+
+class ProgressBar:
+    """One self-redrawing status line: bar, step, loss, tokens/s and MFU (means over the last 10 steps), ETA.
+
+    Drawn on rank 0 only; ``auto`` draws it when the stream is a terminal, so a log file keeps just the periodic
+    lines. ``clear()`` wipes it before a normal line is printed, so the two never interleave.
+    """
+
+    WIDTH = 24
+    WINDOW = 10
+
+    def __init__(self, total: int, stream=None, mode: str = "auto"):
+        self.stream = stream if stream is not None else sys.stdout
+        isatty = getattr(self.stream, "isatty", lambda: False)
+        self.enabled = mode == "on" or (mode == "auto" and isatty())
+        self.total = max(1, total)
+        self.recent: List[float] = []
+        self.shown = False
+
+    def update(self, step: int, loss: float, step_s: float, tokens_per_step: int,
+               flops_per_step: float, peak_flops: Optional[float]) -> None:
+        if not self.enabled:
+            return
+        self.recent = (self.recent + [step_s])[-self.WINDOW:]
+        mean_s = sum(self.recent) / len(self.recent)
+        fill = int(self.WIDTH * min(1.0, step / self.total))
+        mfu = "" if not peak_flops else f" | MFU {100 * flops_per_step / mean_s / peak_flops:.1f}%"
+        eta = _fmt_duration(mean_s * max(0, self.total - step))
+        self.stream.write(f"\r\033[K[{'#' * fill}{'.' * (self.WIDTH - fill)}] {step}/{self.total} | "
+                          f"loss {loss:.4f} | {tokens_per_step / mean_s / 1e3:.1f}k tok/s{mfu} | ETA {eta}")
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+
 # ------------------------------------------------------------------------------------------------- training
 def lr_at(step: int, cfg: dict) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine from lr to min_lr at ``lr_decay_iters``; ``step`` 0-based."""
@@ -317,6 +367,7 @@ class Trainer:
         self.flops_per_step = train_flops_per_token(self.model_cfg, cfg["seqlen"], self.n_params) * self.tokens_per_step
         self.positions = torch.arange(cfg["seqlen"], device=self.device)[None]  # (1, S) global positions
         self.log_file = None
+        self.bar = ProgressBar(cfg["iters"], mode=cfg["progress"] if dist_.main else "off")
 
     # ---- checkpoints
     def _load_checkpoint(self) -> dict:
@@ -348,6 +399,7 @@ class Trainer:
 
     def say(self, line: str) -> None:
         if self.dist.main:
+            self.bar.clear()
             print(line, flush=True)
 
     # ---- one batch
@@ -477,6 +529,7 @@ class Trainer:
                    "dt_ms": dt * 1e3, "tokens_per_s": self.tokens_per_step / dt,
                    "mfu": None if self.peak_flops is None else self.flops_per_step / dt / self.peak_flops}
             self.log(rec)
+            self.bar.update(self.step, loss, dt, self.tokens_per_step, self.flops_per_step, self.peak_flops)
             if self.step % cfg["log_every"] == 0 or self.step == cfg["iters"]:
                 mfu = "" if rec["mfu"] is None else f" | MFU {100 * rec['mfu']:.1f}%"
                 self.say(f"step {self.step:>5}/{cfg['iters']} | loss {loss:.4f} | lr {rec['lr']:.2e} | "
