@@ -343,6 +343,14 @@ def test_max_minutes_stops_all_work_cleanly(run_args, tmp_path):
     assert (out / "ckpt.pt").is_file()  # resumable from where it stopped
 
 
+def test_max_minutes_saves_once(run_args, tmp_path, monkeypatch):
+    saves = []
+    monkeypatch.setattr(T.Trainer, "save_checkpoint", lambda self: saves.append(self.step))
+    assert T.main(run_args + ["--iters", "50", "--ckpt-every", "1", "--max-minutes", "1e-9",
+                              "--out", str(tmp_path / "s")]) == 0
+    assert saves == [1]  # the periodic save at step 1 is the stop's save: not written twice
+
+
 def test_no_save_writes_no_checkpoint(run_args, tmp_path):
     out = tmp_path / "n"
     assert T.main(run_args + ["--iters", "2", "--ckpt-every", "1", "--no-save", "--out", str(out)]) == 0

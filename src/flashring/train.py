@@ -42,12 +42,12 @@ PRESETS: Dict[str, dict] = {
                     warmup=100, eval_every=200, eval_iters=8, log_every=10, ffn_chunk=8192, ce_chunk=8192),
     "gpt-32k": dict(n_layer=12, n_head=12, d_model=768, seqlen=32768, batch_size=1, iters=1000, lr=6e-4,
                     warmup=100, eval_every=200, eval_iters=8, log_every=10, ffn_chunk=8192, ce_chunk=8192),
-    # The ring experiment's model (3.78B parameters, 20 heads x 128): sized so that one sequence of its length
-    # does not fit one 141 GB H200 (12 bytes/parameter of weights + AdamW state = 45 GB, plus ~24 bytes x d_model
-    # of saved activations per token and layer = 2.9 MB/token) while a step on 2 GPUs stays near 2 s, so a few
-    # hundred steps fit in minutes. A smaller model would need ~0.5M+ tokens per sequence to overflow a GPU, and
-    # attention FLOPs grow with the square of that.
-    "gpt3b-ring": dict(n_layer=48, n_head=20, d_model=2560, seqlen=32768, batch_size=1, iters=300, lr=3e-4,
+    # The ring experiment's model (3.78B parameters, 20 heads x 128), sized so that one sequence of its length
+    # does not fit one 141 GB H200 while a few hundred steps on two take minutes. Measured (BENCHMARKS.md): one
+    # H200 fits 32,768 tokens (132.6 GiB peak: 49 GiB of weights, AdamW state and bf16 weight copies + 2.6 MiB
+    # per token) and runs out of memory at 40,960; the ring on 2 H200s holds 40,960 in 101.5 GiB per GPU at
+    # 3.6 s per step. The 85M gpt-16k model would need ~0.6M tokens to overflow a GPU, hours per few hundred steps.
+    "gpt3b-ring": dict(n_layer=48, n_head=20, d_model=2560, seqlen=40960, batch_size=1, iters=300, lr=3e-4,
                        warmup=30, eval_every=50, eval_iters=2, log_every=10, ffn_chunk=8192, ce_chunk=8192),
 }
 # Used where neither the preset nor the command line sets a value.
@@ -538,7 +538,8 @@ class Trainer:
                 val = self.evaluate()
                 self.log({"type": "val", "step": self.step, "val_loss": val})
                 self.say(f"step {self.step:>5}/{cfg['iters']} | val loss {val:.4f}")
-            if (cfg["ckpt_every"] and self.step % cfg["ckpt_every"] == 0) or self.step == cfg["iters"]:
+            saved = bool(cfg["ckpt_every"] and self.step % cfg["ckpt_every"] == 0) or self.step == cfg["iters"]
+            if saved:
                 self.save_checkpoint()
             if self.step < cfg["iters"] and self._out_of_time(started):
                 stopped_early = True
@@ -547,7 +548,8 @@ class Trainer:
                     val = self.evaluate()
                     self.log({"type": "val", "step": self.step, "val_loss": val})
                     self.say(f"step {self.step:>5}/{cfg['iters']} | val loss {val:.4f}")
-                self.save_checkpoint()
+                if not saved:  # resumable from here (a 3.8B-parameter checkpoint is 45 GB: never twice)
+                    self.save_checkpoint()
                 break
         # the first steps include Triton autotuning / allocator warm-up: left out of the timing summary
         steady = times[min(3, len(times) // 2):]
