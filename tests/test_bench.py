@@ -168,3 +168,15 @@ def test_python_m_flashring_bench_quick(tmp_path):
     assert "PASS" in res.stdout and "FAIL" not in res.stdout
     meta, rows = _read(tmp_path)
     assert meta["device_type"] == "cpu" and len(rows) == 2 * 3 * 3  # seqlen 128, full/causal, 3 providers x modes
+
+
+def test_git_sha_metadata(monkeypatch):
+    """One implementation for bench, ring bench and train metadata: FLASHRING_GIT_SHA wins (a GPU machine gets a
+    copy without .git), else HEAD with -dirty when tracked files differ, else None."""
+    import re
+    from flashring._benchutil import git_sha
+    monkeypatch.setenv("FLASHRING_GIT_SHA", "0123abc")
+    assert git_sha() == "0123abc"
+    monkeypatch.delenv("FLASHRING_GIT_SHA")
+    sha = git_sha()
+    assert sha is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", sha), sha

@@ -113,16 +113,21 @@ def fmt_bytes(n: Optional[int]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- metadata
-def _git_sha() -> Optional[str]:
-    # A checkout copied without .git (e.g. onto a GPU machine) passes its sha in FLASHRING_GIT_SHA.
+def git_sha() -> Optional[str]:
+    """HEAD of the checkout this package runs from, ``-dirty`` if tracked files differ; None without git.
+    A checkout copied without .git (e.g. onto a GPU machine) passes its sha in FLASHRING_GIT_SHA."""
     if os.environ.get("FLASHRING_GIT_SHA"):
         return os.environ["FLASHRING_GIT_SHA"]
+    here = str(Path(__file__).resolve().parent)
     try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return res.stdout.strip() or None if res.returncode == 0 else None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def run_metadata(device: torch.device, argv: Sequence[str]) -> Dict[str, object]:
@@ -148,7 +153,7 @@ def run_metadata(device: torch.device, argv: Sequence[str]) -> Dict[str, object]
         "flashring": __version__,
         "flashring_cpu_backend": flash.CPU_BACKEND,
         "python": platform.python_version(),
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": list(argv),
     }

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from ._benchutil import git_sha
 from .data import DEFAULT_CACHE, Corpus, WindowSampler, file_corpus, stdlib_corpus
 from .models.attention import ATTN_MODES, shard_for_ring
 from .models.gpt import GPT, GPTConfig, train_flops_per_token
@@ -156,20 +156,6 @@ def validate_config(cfg: dict, world: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- environment
-def _git_sha() -> Optional[str]:
-    if os.environ.get("FLASHRING_GIT_SHA"):  # a checkout copied without .git (a GPU machine) passes its sha
-        return os.environ["FLASHRING_GIT_SHA"]
-    try:
-        here = Path(__file__).resolve().parent
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) if sha else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def default_peak_tflops(device: torch.device) -> Optional[float]:
     """Dense bf16 tensor-core peak (vendor datasheets): H100/H200 SXM 989, H100 PCIe 756, A100 312."""
     if device.type != "cuda":
@@ -190,7 +176,7 @@ def environment(device: torch.device) -> dict:
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
             "numpy": np.__version__, "python": platform.python_version(), "flashring": flashring.__version__,
-            "git_sha": _git_sha(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_sha": git_sha(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node()}
 
 

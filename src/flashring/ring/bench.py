@@ -30,13 +30,14 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+
+from .._benchutil import git_sha
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -78,14 +79,6 @@ def _fill_defaults(args, cpu: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _env_info(device: torch.device) -> dict:
     try:
         import triton
@@ -93,7 +86,7 @@ def _env_info(device: torch.device) -> dict:
     except ImportError:
         triton_version = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    return dict(device=name, torch=torch.__version__, triton=triton_version, git_sha=_git_sha(),
+    return dict(device=name, torch=torch.__version__, triton=triton_version, git_sha=git_sha() or "unknown",
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 backend=dist.get_backend() if dist.is_initialized() else None)
 
