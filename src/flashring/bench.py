@@ -316,17 +316,26 @@ class Bench:
         self.args, self.device, self.sink, self.progress = args, device, sink, progress
         self.results: List[dict] = []
 
-    def record(self, shape: Shape, provider: str, mode: str, ms=None, mem=None, detail=None, error=None) -> None:
-        check = None if detail is None else ("PASS" if all(d["ok"] for d in detail.values()) else "FAIL")
-        row = {"type": "result", "config": shape.config(), "provider": provider, "mode": mode,
-               "ms": ms, "tflops": shape.flops(mode) / (ms * 1e-3) / 1e12 if ms else None,
-               "flops": shape.flops(mode), "mem_bytes": mem, "check": check, "check_detail": detail, "error": error}
+    @staticmethod
+    def check_status(detail: Optional[dict]) -> Optional[str]:
+        return None if detail is None else ("PASS" if all(d["ok"] for d in detail.values()) else "FAIL")
+
+    def emit(self, row: dict, what: str) -> None:
+        """Keep ``row``, append it to the JSONL results file, and say at once which checks failed."""
         self.results.append(row)
         self.sink.write(json.dumps(row) + "\n")
         self.sink.flush()
-        if check == "FAIL":
-            worst = ", ".join(f"{k} err {d['err']:.3g} > tol {d['tol']:.3g}" for k, d in detail.items() if not d["ok"])
-            self.progress.message(f"!!! FAIL {provider} {mode} [{shape.label()}]: {worst}")
+        if row["check"] == "FAIL":
+            worst = ", ".join(f"{k} err {d['err']:.3g} > tol {d['tol']:.3g}"
+                              for k, d in row["check_detail"].items() if not d["ok"])
+            self.progress.message(f"!!! FAIL {what}: {worst}")
+
+    def record(self, shape: Shape, provider: str, mode: str, ms=None, mem=None, detail=None, error=None) -> None:
+        row = {"type": "result", "config": shape.config(), "provider": provider, "mode": mode,
+               "ms": ms, "tflops": shape.flops(mode) / (ms * 1e-3) / 1e12 if ms else None,
+               "flops": shape.flops(mode), "mem_bytes": mem, "check": self.check_status(detail),
+               "check_detail": detail, "error": error}
+        self.emit(row, f"{provider} {mode} [{shape.label()}]")
 
     def run_shape(self, shape: Shape, seed: int, providers: Sequence[Provider], modes: Sequence[str]) -> None:
         gen = torch.Generator(device=self.device).manual_seed(seed)

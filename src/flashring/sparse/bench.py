@@ -204,7 +204,7 @@ class SparseBench(dense_bench.Bench):
         return 1 + len(self.dense_providers) * (1 + n_modes) + n_patterns * (1 + sparse_providers * (1 + n_modes))
 
     def record(self, shape, provider, mode, ms=None, mem=None, detail=None, error=None) -> None:
-        check = None if detail is None else ("PASS" if all(d["ok"] for d in detail.values()) else "FAIL")
+        check = self.check_status(detail)
         if self.pattern is DENSE and provider == "flashring":
             self.dense_ms[mode] = ms
         survive = self.extra.get("survive", 1.0 if self.pattern is DENSE else None)   # None: masks failed
@@ -222,12 +222,7 @@ class SparseBench(dense_bench.Bench):
             row.pop("mask_ms", None)
         elif ms and row.get("mask_ms"):
             row["ms_with_mask"] = ms + row["mask_ms"]          # a mask built per call (new data) pays both
-        self.results.append(row)
-        self.sink.write(json.dumps(row) + "\n")
-        self.sink.flush()
-        if check == "FAIL":
-            worst = ", ".join(f"{k} err {d['err']:.3g} > tol {d['tol']:.3g}" for k, d in detail.items() if not d["ok"])
-            self.progress.message(f"!!! FAIL {provider} {self.pattern.label()} {mode} [{shape.label()}]: {worst}")
+        self.emit(row, f"{provider} {self.pattern.label()} {mode} [{shape.label()}]")
 
     def _reference(self, base, shape, visible, need_grads) -> Optional[dense_bench.Reference]:
         try:
