@@ -1,4 +1,5 @@
-"""Run a function on N real processes joined by a gloo process group (CPU), with a hard timeout.
+"""Run a function on N real processes joined by a process group (gloo on CPU; nccl with one GPU per rank), with a
+hard timeout.
 
 Used by the ring-attention tests: each worker calls ``fn(rank, world_size, *args)`` between
 ``init_process_group`` and ``destroy_process_group`` and sends back its return value or its traceback.
@@ -21,13 +22,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank, world_size, port, results, args, pg_timeout_s):
+def _worker(fn, rank, world_size, port, results, args, pg_timeout_s, backend="gloo"):
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)          # N processes on a 2-core CI box: more threads only contend
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))
         results.put((rank, True, fn(rank, world_size, *args)))
         # Leave together: tearing gloo down while a peer is still busy was seen to abort a process now and then.
@@ -40,7 +43,7 @@ def _worker(fn, rank, world_size, port, results, args, pg_timeout_s):
 
 
 def run_distributed(fn: Callable, world_size: int, *args, timeout_s: float = 60.0,
-                    pg_timeout_s: float = 30.0) -> List[Any]:
+                    pg_timeout_s: float = 30.0, backend: str = "gloo") -> List[Any]:
     """Spawn ``world_size`` processes running ``fn(rank, world_size, *args)``; return their results by rank.
 
     Raises AssertionError with every failing rank's traceback, or if the group does not finish within
@@ -49,7 +52,8 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout_s: float = 60.
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, results, args, pg_timeout_s), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, results, args, pg_timeout_s, backend),
+                         daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()

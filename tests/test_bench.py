@@ -1,4 +1,5 @@
-"""``flashring bench`` on CPU: the results file, the FLOP convention, the checks, error rows and dispatch."""
+"""``flashring bench`` on CPU: the harness (results file, FLOP convention, checks, error rows), the suite dispatch,
+and the dense, ring and tune suites."""
 import json
 import math
 import os
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashring import _benchutil as bu
-from flashring import bench
+import flashring.bench as bench
+from flashring.bench import dense, harness as H
 
 SEED = int(os.environ.get("FLASHRING_SEED", random.randrange(2**31)))
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -21,8 +22,8 @@ TINY = ["--seqlens", "64,96", "--headdims", "32", "--batch", "1", "--nheads", "2
         "--threads", "1", "--seed", str(SEED)]
 
 
-def _read(out_dir: Path):
-    files = list(out_dir.glob("bench-*.jsonl"))
+def _read(out_dir: Path, suite: str = "dense"):
+    files = list(out_dir.glob(f"cpu-{suite}-*.jsonl"))
     assert len(files) == 1, files
     lines = [json.loads(line) for line in files[0].read_text().splitlines()]
     return lines[0], lines[1:]
@@ -30,19 +31,19 @@ def _read(out_dir: Path):
 
 def _add_provider(monkeypatch, name, attn):
     """A test provider in flash-attn layout; ``attn(q, k, v, causal)``."""
-    provider = bench.Provider(name, "bshd", lambda shape, device: (lambda q, k, v: attn(q, k, v, shape.causal)))
-    monkeypatch.setitem(bench.PROVIDERS, name, provider)
+    provider = H.Provider(name, "bshd", lambda shape, device: (lambda q, k, v: attn(q, k, v, shape.causal)))
+    monkeypatch.setitem(dense.PROVIDERS, name, provider)
 
 
 def test_flops_follow_flash_attn_convention():
     # batch 2, seqlen 1024, 16 heads, headdim 64: 4 * 2 * 16 * 1024^2 * 64 = 8_589_934_592 forward FLOPs.
     fwd = 8_589_934_592
-    assert bench.attention_flops(2, 1024, 1024, 16, 64, False, "fwd") == fwd
-    assert bench.attention_flops(2, 1024, 1024, 16, 64, True, "fwd") == fwd / 2
-    assert bench.attention_flops(2, 1024, 1024, 16, 64, False, "bwd") == 2.5 * fwd
-    assert bench.attention_flops(2, 1024, 1024, 16, 64, True, "fwd+bwd") == 3.5 * fwd / 2
+    assert H.attention_flops(2, 1024, 1024, 16, 64, False, "fwd") == fwd
+    assert H.attention_flops(2, 1024, 1024, 16, 64, True, "fwd") == fwd / 2
+    assert H.attention_flops(2, 1024, 1024, 16, 64, False, "bwd") == 2.5 * fwd
+    assert H.attention_flops(2, 1024, 1024, 16, 64, True, "fwd+bwd") == 3.5 * fwd / 2
     with pytest.raises(ValueError, match="mode"):
-        bench.attention_flops(1, 1, 1, 1, 1, False, "backward")
+        H.attention_flops(1, 1, 1, 1, 1, False, "backward")
 
 
 def test_cpu_run_writes_metadata_and_passing_rows(tmp_path, capsys):
@@ -50,10 +51,10 @@ def test_cpu_run_writes_metadata_and_passing_rows(tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, f"seed {SEED}\n{captured.out}\n{captured.err}"
     meta, rows = _read(tmp_path)
-    assert meta["type"] == "meta" and meta["seed"] == SEED
+    assert meta["type"] == "meta" and meta["seed"] == SEED and meta["suite"] == "dense"
     for key in ("device", "torch", "triton", "cuda", "cudnn", "git_sha", "date", "argv"):
         assert key in meta
-    assert meta["torch"] == torch.__version__ and meta["argv"][:2] == ["flashring", "bench"]
+    assert meta["torch"] == torch.__version__ and meta["argv"][:3] == ["flashring", "bench", "dense"]
     # CPU defaults: flashring, sdpa-math, naive; 2 seqlens x (full, causal) x 3 modes.
     assert meta["providers"] == ["flashring", "sdpa-math", "naive"]
     assert len(rows) == 2 * 2 * 3 * 3
@@ -61,12 +62,12 @@ def test_cpu_run_writes_metadata_and_passing_rows(tmp_path, capsys):
     assert len(seen) == len(rows)
     for r in rows:
         c = r["config"]
-        assert r["type"] == "result" and r["error"] is None, r
+        assert r["type"] == "result" and r["suite"] == "dense" and r["error"] is None, r
         assert math.isfinite(r["ms"]) and r["ms"] > 0, r
         assert r["check"] == "PASS", f"seed {SEED}: {r}"
         assert all(d["err"] <= d["tol"] for d in r["check_detail"].values())
         assert set(r["check_detail"]) == ({"out"} if r["mode"] == "fwd" else {"out", "dq", "dk", "dv"})
-        flops = bench.attention_flops(c["batch"], c["seqlen_q"], c["seqlen_k"], c["nheads"], c["headdim"],
+        flops = H.attention_flops(c["batch"], c["seqlen_q"], c["seqlen_k"], c["nheads"], c["headdim"],
                                       c["causal"], r["mode"])
         assert r["flops"] == flops
         assert r["tflops"] == pytest.approx(flops / (r["ms"] * 1e-3) / 1e12)
@@ -121,20 +122,18 @@ def test_unavailable_and_oom_rows_do_not_crash(tmp_path, capsys, monkeypatch):
     assert "results: " in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flag, module", [("--sparse", "flashring.sparse.bench"), ("--ring", "flashring.ring.bench")])
-def test_dispatch_without_module_returns_2(flag, module, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, module, None)             # import fails even once the module exists
-    assert bench.main([flag, "--seqlens", "1k"]) == 2
-    assert module in capsys.readouterr().err
-
-
-def test_dispatch_forwards_remaining_argv(monkeypatch):
+def test_suites_dispatch_and_legacy_flags(monkeypatch, capsys):
     seen = []
-    fake = types.ModuleType("flashring.ring.bench")
+    fake = types.ModuleType("flashring.bench.ring")
     fake.main = lambda argv: seen.append(argv) or 7
-    monkeypatch.setitem(sys.modules, "flashring.ring.bench", fake)
-    assert bench.main(["--seqlens", "1k", "--ring", "--world", "2"]) == 7
-    assert seen == [["--seqlens", "1k", "--world", "2"]]
+    monkeypatch.setitem(sys.modules, "flashring.bench.ring", fake)
+    assert bench.main(["ring", "--seqlens", "1k"]) == 7
+    assert bench.main(["--seqlens", "1k", "--ring", "--nproc", "2"]) == 7        # the old flag form
+    assert seen == [["--seqlens", "1k"], ["--seqlens", "1k", "--nproc", "2"]]
+    assert bench.main(["bogus"]) == 2 and "unknown suite 'bogus'" in capsys.readouterr().err
+    assert bench.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in bench.SUITES)
 
 
 @pytest.mark.parametrize("argv", [["--headdims", "300"], ["--providers", "bogus"], ["--modes", "fwd,back"],
@@ -146,7 +145,7 @@ def test_bad_arguments_exit_2(argv, tmp_path, capsys):
 
 
 def test_format_table_aligns_columns_and_sections():
-    text = bu.format_table(["name", "ms"], ["== section", ["a", "1.5"], ["longer", "10"]])
+    text = H.format_table(["name", "ms"], ["== section", ["a", "1.5"], ["longer", "10"]])
     lines = text.splitlines()
     # widths 6 and 3, two spaces between columns; the section row spans the table as given.
     assert lines[0] == "name     ms" and lines[1] == "-" * 11 and lines[2] == "== section"
@@ -157,7 +156,7 @@ def test_plots_when_matplotlib_is_installed(tmp_path):
     pytest.importorskip("matplotlib")
     assert bench.main(TINY + ["--seqlens", "64,96", "--causal", "no", "--modes", "fwd",
                               "--out", str(tmp_path)]) == 0
-    assert len(list(tmp_path.glob("bench-*-tflops.png"))) == 1
+    assert len(list(tmp_path.glob("cpu-dense-*-tflops.png"))) == 1
 
 
 def test_python_m_flashring_bench_quick(tmp_path):
@@ -171,12 +170,45 @@ def test_python_m_flashring_bench_quick(tmp_path):
 
 
 def test_git_sha_metadata(monkeypatch):
-    """One implementation for bench, ring bench and train metadata: FLASHRING_GIT_SHA wins (a GPU machine gets a
-    copy without .git), else HEAD with -dirty when tracked files differ, else None."""
+    """One implementation for every suite and for training: FLASHRING_GIT_SHA wins (a GPU machine gets a copy
+    without .git), else HEAD with -dirty when tracked files differ, else None."""
     import re
-    from flashring._benchutil import git_sha
+    from flashring.metadata import git_sha
     monkeypatch.setenv("FLASHRING_GIT_SHA", "0123abc")
     assert git_sha() == "0123abc"
     monkeypatch.delenv("FLASHRING_GIT_SHA")
     sha = git_sha()
     assert sha is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", sha), sha
+
+
+def test_time_ms_median_and_fixed_call_count():
+    calls = []
+    ms = H.time_ms(lambda: calls.append(1), torch.device("cpu"), n_calls=7)
+    assert len(calls) == 1 + 7 and ms >= 0                     # one warm-up call, then exactly 7 timed
+
+
+def test_ring_suite_on_gloo(tmp_path, capsys):
+    """The CPU (gloo) ring suite runs end to end: checked rows, per-rank times, efficiency, probe rows."""
+    from flashring.bench import ring
+    rc = ring.main(["--cpu", "--nproc", "2", "--seqlens", "64,128", "--iters", "1", "--probe", "--probe-max",
+                    "256", "--out", str(tmp_path), "--seed", str(SEED)])
+    assert rc == 0, capsys.readouterr()
+    meta, rows = _read(tmp_path, "ring")
+    assert meta["world"] == 2 and meta["backend"] == "gloo" and meta["suite"] == "ring"
+    ring_rows = [r for r in rows if r["provider"] == "ring"]
+    assert [r["config"]["seqlen_q"] for r in ring_rows] == [64, 128]
+    for r in ring_rows:
+        assert r["check"] == "PASS" and r["ms"] > 0 and len(r["ms_per_rank"]) == 2 and r["efficiency"] > 0, r
+    assert {r["provider"] for r in rows} == {"ring", "ring-compute", "single", "ring-probe"}
+    assert [r["config"]["seqlen_q"] for r in rows if r["provider"] == "ring-probe"] == [128, 256]
+
+
+def test_tune_suite_under_the_interpreter(tmp_path, capsys):
+    from flashring.bench import tune
+    rc = tune.main(["--seqlens", "48", "--headdims", "16", "--causal", "yes", "--out", str(tmp_path),
+                    "--seed", str(SEED), "--repeats", "1", "--no-plot"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    _, rows = _read(tmp_path, "tune")
+    assert {r["mode"] for r in rows} == {"fwd", "bwd"} and all(r["check"] == "PASS" for r in rows), rows
+    assert "*best*" in out and sum(r["default"] for r in rows) == 2       # the interpreter default, per pass

@@ -11,12 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashring
-from flashring import _masks
-from flashring.reference import attention_ref
+from flashring import masks
+from flashring.testing import assert_close, attention_ref
 
-from _tol import assert_close
-
-CUDA = torch.cuda.is_available()
+from conftest import gpu_only
 
 
 # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype)
@@ -28,15 +26,13 @@ CASES = [
     (1, 113, 37, 2, 2, 16, torch.bfloat16),     # seqlen_q > seqlen_k: causal leaves rows with no key
     (1, 64, 64, 2, 2, 256, torch.float16),
     (2, 33, 65, 3, 1, 96, torch.float32),
-]
-if CUDA:
-    CASES += [
-        (2, 1024, 1024, 8, 2, 128, torch.bfloat16),
-        (1, 4096, 4096, 4, 4, 64, torch.float16),
-        (1, 8192, 8192, 2, 1, 128, torch.bfloat16),
-        (1, 2048, 8192, 4, 2, 192, torch.float16),
-        (1, 3000, 1111, 4, 4, 128, torch.bfloat16),
-    ]
+] + gpu_only([
+    (2, 1024, 1024, 8, 2, 128, torch.bfloat16),
+    (1, 4096, 4096, 4, 4, 64, torch.float16),
+    (1, 8192, 8192, 2, 1, 128, torch.bfloat16),
+    (1, 2048, 8192, 4, 2, 192, torch.float16),
+    (1, 3000, 1111, 4, 4, 128, torch.bfloat16),
+])
 # (causal, window_size, softcap)
 MASKS = [(False, (-1, -1), 0.0), (True, (-1, -1), 0.0), (False, (16, 4), 0.0), (True, (-1, -1), 5.0),
          (True, (40, -1), 0.0)]
@@ -60,7 +56,7 @@ def _ref_grads(q, k, v, do, dtype, **kw):
 def check_case(b, sq, sk, h, hk, d, dtype, device, causal, window, softcap, seed, grads=True):
     q, k, v, do = _inputs(b, sq, sk, h, hk, d, dtype, device)
     scale = 1.0 / math.sqrt(d)
-    lower, upper = _masks.flash_bounds(sq, sk, causal, window)
+    lower, upper = masks.flash_bounds(sq, sk, causal, window)
     kw = dict(softmax_scale=scale, lower=lower, upper=upper, softcap=softcap)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     out, lse, _ = flashring.flash_attn_func(qg, kg, vg, causal=causal, window_size=window, softcap=softcap,
@@ -108,7 +104,7 @@ def test_empty_rows_are_zero_with_finite_lse(device, seed):
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     out, lse, _ = flashring.flash_attn_func(qg, kg, vg, causal=True, return_attn_probs=True)
     assert (out[:, :30] == 0).all()
-    assert (lse[:, :, :30] == _masks.EMPTY_ROW_LSE).all() and torch.isfinite(lse).all()
+    assert (lse[:, :, :30] == masks.EMPTY_ROW_LSE).all() and torch.isfinite(lse).all()
     out.backward(do)
     assert (qg.grad[:, :30] == 0).all() and torch.isfinite(kg.grad).all() and torch.isfinite(vg.grad).all()
 
@@ -174,7 +170,7 @@ def test_sdpa_dropin_matches_torch(device, seed):
 def test_sdpa_attn_mask_falls_back_with_one_warning(device):
     import torch.nn.functional as F
     from flashring import interface
-    interface._warned.clear()
+    interface.FALLBACKS.clear()
     q = torch.randn(1, 2, 8, 16, device=device)
     mask = torch.rand(8, 8, device=device) > 0.3
     mask[:, 0] = True

@@ -6,20 +6,12 @@ import pytest
 import torch
 
 import flashring
-from flashring import _masks
-from flashring.ops import flash
-from flashring.reference import attention_ref
+from flashring import masks
+from flashring.masks import sparse_pair_mask, sparse_visible
+from flashring.ops.sparse_ranges import PAD_POS, SparseMeta, tile_ranges
+from flashring.testing import assert_close, attention_ref
 
-from _tol import assert_close
-
-CUDA = torch.cuda.is_available()
-
-
-def _dense_mask(qa, ka, kind, group):
-    # (B, S, H) side tensors -> (B, H, Sq, Sk) visibility, K side expanded to query heads.
-    qa = qa.permute(0, 2, 1)
-    ka = ka.permute(0, 2, 1).repeat_interleave(group, 1)
-    return (qa[..., :, None] & ka[..., None, :]) if kind == "qk" else (qa[..., :, None] == ka[..., None, :])
+from conftest import CUDA, gpu_only
 
 
 def run_sparse(kind, b, sq, sk, h, hk, d, dtype, device, causal, seed, qa=None, ka=None, rate=0.5, nb=4):
@@ -37,9 +29,8 @@ def run_sparse(kind, b, sq, sk, h, hk, d, dtype, device, causal, seed, qa=None, 
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     out, lse, _ = fn(qg, kg, vg, qa, ka, causal=causal, return_attn_probs=True)
     out.backward(do)
-    mask = _dense_mask(qa, ka, kind, h // hk)
-    lower, upper = _masks.flash_bounds(sq, sk, causal, (-1, -1))
-    kw = dict(softmax_scale=1 / math.sqrt(d), lower=lower, upper=upper, mask=mask)
+    mask = sparse_pair_mask(kind, qa, ka, causal, shift=sk - sq)
+    kw = dict(softmax_scale=1 / math.sqrt(d), mask=mask)
     refs = []
     for dt in (torch.float64, None):
         qr, kr, vr = (t.detach().to(dt or t.dtype).requires_grad_() for t in (q, k, v))
@@ -56,9 +47,8 @@ def run_sparse(kind, b, sq, sk, h, hk, d, dtype, device, causal, seed, qa=None, 
 
 
 SHAPES = [(2, 70, 70, 4, 2, 32, torch.bfloat16), (1, 113, 113, 2, 1, 64, torch.float16),
-          (1, 40, 90, 2, 2, 40, torch.float32), (1, 1, 1, 1, 1, 16, torch.bfloat16)]
-if CUDA:
-    SHAPES += [(2, 2048, 2048, 8, 8, 64, torch.bfloat16), (1, 4096, 4096, 4, 2, 128, torch.bfloat16)]
+          (1, 40, 90, 2, 2, 40, torch.float32), (1, 1, 1, 1, 1, 16, torch.bfloat16)] + \
+    gpu_only([(2, 2048, 2048, 8, 8, 64, torch.bfloat16), (1, 4096, 4096, 4, 2, 128, torch.bfloat16)])
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + str(s[6])[5:])
@@ -82,7 +72,7 @@ def test_keep_nothing_gives_zeros(device, seed):
     none = torch.zeros(b, s, h, dtype=torch.bool, device=device)
     q, k, v = (torch.randn(b, s, h, d, device=device, requires_grad=True) for _ in range(3))
     out, lse, _ = flashring.qk_sparse_attn_func(q, k, v, none, none, return_attn_probs=True)
-    assert (out == 0).all() and (lse == _masks.EMPTY_ROW_LSE).all()
+    assert (out == 0).all() and (lse == masks.EMPTY_ROW_LSE).all()
     out.sum().backward()
     assert all((t.grad == 0).all() for t in (q, k, v))
 
@@ -141,29 +131,47 @@ def _random_side(b, h, s, hashed, device):
         order = (pos + (bkt << 31)).argsort(-1)
         pos, bkt = pos.gather(-1, order), bkt.gather(-1, order)
     pad = torch.arange(s, device=device) >= lens.unsqueeze(-1)
-    pos = pos.masked_fill(pad, flash.PAD_POS).int()
-    return pos, (bkt.masked_fill(pad, flash.PAD_POS).int() if hashed else None), lens
+    pos = pos.masked_fill(pad, PAD_POS).int()
+    return pos, (bkt.masked_fill(pad, PAD_POS).int() if hashed else None), lens
 
 
 @pytest.mark.parametrize("hashed", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("from_keys", [False, True])
-def test_tile_ranges_kernel_matches_torch(hashed, causal, from_keys, seed):
-    # The launchers' one-launch range table equals the torch statement of the rule, GQA and ragged lengths
-    # included, for unequal and equal tile shapes.
+def test_tile_ranges_follow_the_visibility_rule(hashed, causal, from_keys, seed):
+    """The one-launch range table against ``masks.sparse_visible``, GQA and ragged lengths included: every visible
+    pair lies in [lo, hi); every tile of [mid_lo, mid_hi) (run without masking) is visible to every real row of
+    the block and holds real columns only; ranges start tile-aligned; empty blocks get [0, 0, 0, 0]."""
     dev = "cuda" if CUDA else "cpu"
     b, h, hk, sq, sk = 2, 4, 2, 70, 90
     (qp, qb, ql), (kp, kb, kl) = _random_side(b, h, sq, hashed, dev), _random_side(b, hk, sk, hashed, dev)
-    sp = flash.SparseMeta(qp, kp, ql, kl, qb, kb, causal)
-    qkey, kkey = flash._sort_keys(qp, qb), flash._sort_keys(kp, kb).repeat_interleave(h // hk, 1)
-    kl_h = kl.repeat_interleave(h // hk, 1)
+    sp = SparseMeta(qp, kp, ql, kl, qb, kb, causal)
+    ex = lambda t: None if t is None else t.repeat_interleave(h // hk, 1)  # noqa: E731 - K side to query heads
+    row = lambda t: None if t is None else t.unsqueeze(-1)  # noqa: E731
+    col = lambda t: None if t is None else ex(t).unsqueeze(-2)  # noqa: E731
+    i, j = torch.arange(sq, device=dev).view(-1, 1), torch.arange(sk, device=dev).view(1, -1)
+    vis = (i < ql[..., None, None]) & (j < ex(kl)[..., None, None]) & \
+        sparse_visible(row(qp), col(kp), row(qb), col(kb), causal)                   # (B, H, Sq, Sk)
+    rows_len, cols_len = (ex(kl), ql) if from_keys else (ql, ex(kl))
+    if from_keys:
+        vis = vis.transpose(-1, -2)                                                  # rows are keys
     for rows_block, cols_block in ((16, 32), (32, 16), (64, 64)):
-        if from_keys:
-            want = flash._tile_ranges(kkey, kl_h, qkey, ql, rows_block, cols_block, causal, hashed, True)
-        else:
-            want = flash._tile_ranges(qkey, ql, kkey, kl_h, rows_block, cols_block, causal, hashed, False)
-        got = flash._tile_ranges_triton(sp, h // hk, rows_block, cols_block, from_keys)
-        assert torch.equal(got, want), f"blocks {(rows_block, cols_block)} (seed {seed})"
+        r = tile_ranges(sp, h // hk, rows_block, cols_block, from_keys).long().cpu()  # (B, H, nblk, 4)
+        for bi in range(b):
+            for hi in range(h):
+                for blk in range(r.shape[2]):
+                    lo, mid_lo, mid_hi, hi_ = r[bi, hi, blk].tolist()
+                    tag = f"blocks {(rows_block, cols_block)} b={bi} h={hi} blk={blk} (seed {seed})"
+                    rows = slice(blk * rows_block, min((blk + 1) * rows_block, int(rows_len[bi, hi])))
+                    v = vis[bi, hi, rows].cpu()
+                    if v.shape[0] == 0:
+                        assert (lo, mid_lo, mid_hi, hi_) == (0, 0, 0, 0), tag
+                        continue
+                    assert lo <= mid_lo <= mid_hi <= hi_ and lo % cols_block == 0, tag
+                    assert mid_lo == mid_hi or (mid_lo % cols_block == 0 and mid_hi % cols_block == 0), tag
+                    seen = v.any(0).nonzero().flatten()
+                    assert seen.numel() == 0 or (lo <= seen.min() and seen.max() < hi_), tag
+                    assert mid_hi <= int(cols_len[bi, hi]) and bool(v[:, mid_lo:mid_hi].all()), tag
 
 
 def test_lsh_buckets_reproducible_and_in_range():

@@ -1,96 +1,34 @@
-"""Public dense API: flash-attn style ``flash_attn_func`` and a drop-in ``scaled_dot_product_attention``.
+"""Public attention API: flash-attn's functions and a drop-in for torch's ``scaled_dot_product_attention``.
 
-Both go through two ``torch.library.custom_op``s (``flashring::fwd`` / ``flashring::bwd``) with fake
-implementations and registered autograd, so ``torch.compile(fullgraph=True)`` traces them without graph breaks.
+Layering (as flash-attn): raw ``torch.library.custom_op``s with fake implementations (``flashring::fwd`` / ``bwd``
+for the fixed-length and dynamic-sparse kernels, ``flashring::varlen_fwd`` / ``varlen_bwd`` for packed batches),
+autograd registered on them, and thin public functions that validate arguments and call one op. So
+``torch.compile(fullgraph=True)`` traces every entry point without graph breaks.
 """
 from __future__ import annotations
 
-import math
 import warnings
-from typing import Optional, Sequence, Tuple
+from collections import Counter
+from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from ._masks import flash_bounds, sdpa_bounds
-from .ops.flash import SparseMeta, flash_bwd, flash_fwd
+from . import validation as V
+from .masks import flash_bounds, sdpa_bounds, window_offsets
+from .ops import dispatch
+from .ops.flash import Varlen
+from .ops.sparse_ranges import SparseMeta
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEADDIM = 256
-
-
-# ------------------------------------------------------------------------------------------------- validation
-def _check_qkv(q, k, v, names=("q", "k", "v")) -> None:
-    for name, t in zip(names, (q, k, v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims (batch, seqlen, nheads, headdim), got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
-        if t.numel() == 0:
-            raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); every dimension must be >= 1")
-    qn, kn, vn = names
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{qn}, {kn}, {vn} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{qn}, {kn}, {vn} must be on one device, got {q.device}, {k.device}, {v.device}")
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"batch sizes differ: {qn} {q.shape[0]}, {kn} {k.shape[0]}, {vn} {v.shape[0]}")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"{kn} and {vn} must have the same seqlen, got {k.shape[1]} and {v.shape[1]}")
-    if not (q.shape[3] == k.shape[3] == v.shape[3]):
-        raise ValueError(f"headdim must match across {qn}, {kn}, {vn}, got {q.shape[3]}, {k.shape[3]}, {v.shape[3]}")
-    if q.shape[3] > MAX_HEADDIM:
-        raise ValueError(f"headdim {q.shape[3]} is not supported; headdim must be in 1..{MAX_HEADDIM}")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"{kn} and {vn} must have the same number of heads, got {k.shape[2]} and {v.shape[2]}")
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"nheads of {qn} ({q.shape[2]}) must be divisible by nheads of {kn}/{vn} ({k.shape[2]}) "
-                         "for MQA/GQA")
-
-
-def _check_scale(softmax_scale, head_dim: int, name: str = "softmax_scale") -> float:
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"{name} must be a float or None, got {type(softmax_scale).__name__}")
-    if not (softmax_scale > 0 and math.isfinite(softmax_scale)):
-        raise ValueError(f"{name} must be a positive finite number, got {softmax_scale}")
-    return float(softmax_scale)
-
-
-def _check_window(window_size) -> Tuple[int, int]:
-    if (not isinstance(window_size, Sequence) or len(window_size) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
-        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    if any(w < -1 for w in window_size):
-        raise ValueError(f"window_size entries must be >= 0, or -1 for unbounded; got {tuple(window_size)}")
-    return int(window_size[0]), int(window_size[1])
-
-
-def _check_softcap(softcap) -> float:
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0 \
-            or not math.isfinite(softcap):
-        raise ValueError(f"softcap must be a finite float >= 0 (0 disables it), got {softcap!r}")
-    return float(softcap)
-
-
-def _check_dropout(dropout_p) -> None:
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if dropout_p > 0:
-        raise NotImplementedError("dropout_p > 0 is not implemented by flashring's kernels; apply dropout outside "
-                                  "attention or use torch.nn.functional.scaled_dot_product_attention")
-
-
-# ------------------------------------------------------------------------------------------------- custom ops
-# One forward and one backward op serve dense and dynamic-sparse attention: the sparse side tensors are optional
-# (see flashring.ops.flash.SparseMeta); None means the dense band given by lower/upper.
 OptT = Optional[torch.Tensor]
+# torch's own SDPA, bound at import: the drop-in falls back to it even after a user routes
+# torch.nn.functional.scaled_dot_product_attention to flashring (F's name is this very C function).
+TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 
 
-def _meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal):
+# ------------------------------------------------------------------------------------------------- fixed length
+# One forward and one backward op serve dense and dynamic-sparse attention: the sparse side tensors are optional
+# (``ops.sparse_ranges.SparseMeta``); None means the dense band given by lower/upper.
+def _meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal) -> Optional[SparseMeta]:
     return None if q_pos is None else SparseMeta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal)
 
 
@@ -98,14 +36,14 @@ def _meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal):
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, lower: Optional[int],
             upper: Optional[int], softcap: float, q_pos: OptT, k_pos: OptT, q_len: OptT, k_len: OptT,
             q_bkt: OptT, k_bkt: OptT, sparse_causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    return flash_fwd(q, k, v, softmax_scale, lower, upper, softcap,
-                     sparse=_meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal))
+    return dispatch.fwd(q, k, v, softmax_scale, lower, upper, softcap,
+                        sparse=_meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal))
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, *args):
+def _(q, k, v, *args):
     b, sq, h, _ = q.shape
-    return (q.new_empty(q.shape), q.new_empty((b, h, sq), dtype=torch.float32))
+    return q.new_empty(q.shape), q.new_empty((b, h, sq), dtype=torch.float32)
 
 
 @torch.library.custom_op("flashring::bwd", mutates_args=())
@@ -113,23 +51,23 @@ def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             lse: torch.Tensor, dlse: OptT, softmax_scale: float, lower: Optional[int], upper: Optional[int],
             softcap: float, q_pos: OptT, k_pos: OptT, q_len: OptT, k_len: OptT, q_bkt: OptT, k_bkt: OptT,
             sparse_causal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return flash_bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse,
-                     sparse=_meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal))
+    return dispatch.bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse,
+                        sparse=_meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal))
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, *args):
+def _(do, q, k, v, *args):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output):
+def _fwd_setup(ctx, inputs, output):
     q, k, v, softmax_scale, lower, upper, softcap, *sparse = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *sparse[:6])
     ctx.args = (softmax_scale, lower, upper, softcap, sparse[6])
 
 
-def _backward(ctx, dout, dlse):
+def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, *sparse = ctx.saved_tensors
     scale, lower, upper, softcap, sparse_causal = ctx.args
     if dout is None:
@@ -138,18 +76,83 @@ def _backward(ctx, dout, dlse):
     return (dq, dk, dv) + (None,) * 11
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
-def _attention(q, k, v, softmax_scale, lower, upper, softcap, sparse: Optional[SparseMeta] = None):
+def attention(q, k, v, softmax_scale: float, lower: Optional[int], upper: Optional[int], softcap: float,
+              sparse: Optional[SparseMeta] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` through the custom op, on validated inputs (what the public functions and the sparse front
+    ends call)."""
     if sparse is None:
         return _fwd_op(q, k, v, softmax_scale, lower, upper, softcap, None, None, None, None, None, None, False)
     return _fwd_op(q, k, v, softmax_scale, None, None, softcap, *sparse)
 
 
+# ------------------------------------------------------------------------------------------------- variable length
+@torch.library.custom_op("flashring::varlen_fwd", mutates_args=())
+def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                   max_q: int, max_k: int, softmax_scale: float, lower: Optional[int], upper: Optional[int],
+                   softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return dispatch.fwd(q, k, v, softmax_scale, lower, upper, softcap, varlen=Varlen(cu_q, cu_k, max_q, max_k))
+
+
+@_varlen_fwd_op.register_fake
+def _(q, k, v, *args):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("flashring::varlen_bwd", mutates_args=())
+def _varlen_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, dlse: OptT, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
+                   softmax_scale: float, lower: Optional[int], upper: Optional[int],
+                   softcap: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return dispatch.bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse,
+                        varlen=Varlen(cu_q, cu_k, max_q, max_k))
+
+
+@_varlen_bwd_op.register_fake
+def _(do, q, k, v, *args):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, *args = inputs
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, *output)
+    ctx.args = args
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, cu_q, cu_k, out, lse = ctx.saved_tensors
+    max_q, max_k, scale, lower, upper, softcap = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _varlen_bwd_op(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, lower, upper,
+                                softcap)
+    return (dq, dk, dv) + (None,) * 8
+
+
+_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+
+
 # ------------------------------------------------------------------------------------------------- public API
+def _autocast(*tensors):
+    """Under ``torch.autocast`` attention runs in the autocast dtype, as torch's SDPA does."""
+    device = tensors[0].device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
+    return tensors
+
+
+def _options(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes):
+    V.check_dropout(dropout_p)
+    V.check_alibi(alibi_slopes)
+    V.check_bool(causal, "causal")
+    return V.check_scale(softmax_scale, q.shape[-1]), V.check_window(window_size), V.check_softcap(softcap)
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    deterministic=False, return_attn_probs=False):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """Exact attention, FlashAttention-2 algorithm. flash-attn's argument names, order and layout.
 
     Args:
@@ -158,66 +161,190 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             computed with fp32 products); headdim 1..256; any seqlen >= 1; any strides.
         dropout_p: must be 0.0 (dropout is not implemented: ``NotImplementedError``, never silently ignored).
         softmax_scale: defaults to ``1/sqrt(headdim)``.
-        causal: bottom-right aligned when seqlen_q != seqlen_k (flash-attn >= 2.1), see ``flashring._masks``.
+        causal: bottom-right aligned when seqlen_q != seqlen_k (flash-attn >= 2.1), see ``flashring.masks``.
         window_size: ``(left, right)`` sliding window; -1 = unbounded. Query i sees keys
             ``[i + sk - sq - left, i + sk - sq + right]``.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)`` (after scaling), forward and backward.
+        alibi_slopes: must be None (``NotImplementedError`` otherwise).
         deterministic: accepted for compatibility; the backward has no atomics, so gradients are always bitwise
             reproducible.
         return_attn_probs: if True return ``(out, softmax_lse, None)``; ``softmax_lse`` is ``(batch, nheads,
             seqlen_q)`` fp32 (natural log). A query row that sees no key gets out = 0 and lse = -1e30.
     """
-    _check_qkv(q, k, v)
-    _check_dropout(dropout_p)
-    scale = _check_scale(softmax_scale, q.shape[-1])
-    window = _check_window(window_size)
-    cap = _check_softcap(softcap)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    V.check_qkv(q, k, v)
+    scale, window, cap = _options(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    q, k, v = _autocast(q, k, v)
     lower, upper = flash_bounds(q.shape[1], k.shape[1], causal, window)
-    out, lse = _attention(q, k, v, scale, lower, upper, cap)
+    out, lse = attention(q, k, v, scale, lower, upper, cap)
     return (out, lse, None) if return_attn_probs else out
 
 
-_warned: set = set()
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """:func:`flash_attn_func` on ``qkv`` ``(batch, seqlen, 3, nheads, headdim)``. q, k, v are strided views (no
+    copy); autograd writes the gradient into one tensor of qkv's shape."""
+    V.check_tensor(qkv, "qkv", 5, "(batch, seqlen, 3, nheads, headdim)")
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape (batch, seqlen, 3, nheads, headdim), got {tuple(qkv.shape)}")
+    return flash_attn_func(*qkv.unbind(2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """:func:`flash_attn_func` with ``kv`` ``(batch, seqlen_k, 2, nheads_k, headdim)``."""
+    V.check_tensor(kv, "kv", 5, "(batch, seqlen_k, 2, nheads_k, headdim)")
+    if kv.shape[2] != 2:
+        raise ValueError(f"kv must have shape (batch, seqlen_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
+    return flash_attn_func(q, *kv.unbind(2), dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                           deterministic, return_attn_probs)
+
+
+def check_cu_seqlens(cu, name: str, total: int, device: torch.device, batch: Optional[int] = None):
+    """int32 ``(batch + 1,)`` starting at 0, non-decreasing, ending at ``total``. The value checks read the tensor
+    on the host: cu_seqlens are built once per batch, not per layer, and a wrong table would read out of bounds."""
+    V.check_tensor(cu, name, 1, "(batch + 1,)")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but the inputs are on {device}")
+    if cu.shape[0] < 2 or (batch is not None and cu.shape[0] != batch + 1):
+        want = "at least 2 entries" if batch is None else f"{batch + 1} entries (batch + 1)"
+        raise ValueError(f"{name} must have {want}, got {cu.shape[0]}")
+    if not torch.compiler.is_compiling():
+        values = cu.tolist()
+        if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{name} must start at 0 and be non-decreasing, got {values[:8]}...")
+        if values[-1] != total:
+            raise ValueError(f"{name}[-1] = {values[-1]} must equal the number of packed tokens ({total})")
+        return max(b - a for a, b in zip(values, values[1:]))
+    return None
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """Attention over a packed batch of variable-length sequences (flash-attn's ``flash_attn_varlen_func``).
+
+    Args:
+        q: ``(total_q, nheads, headdim)``; k, v: ``(total_k, nheads_k, headdim)``; sequence b is rows
+            ``cu_seqlens[b]:cu_seqlens[b + 1]``. No work is spent on padding.
+        cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)``, starting at 0, ending at the totals.
+        max_seqlen_q, max_seqlen_k: Python ints >= the longest sequence (a smaller value raises ValueError).
+        causal / window_size: per sequence, bottom-right aligned, as :func:`flash_attn_func`.
+        block_table: paged K/V is served by :func:`flash_attn_with_kvcache`; must be None here.
+    Returns ``out`` ``(total_q, nheads, headdim)``, or ``(out, softmax_lse, None)`` with lse ``(nheads, total_q)``.
+    """
+    V.check_qkv(q, k, v, ndim=3, layout="(total_tokens, nheads, headdim)")
+    scale, window, cap = _options(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    if block_table is not None:
+        raise NotImplementedError("block_table (paged K/V) is supported by flash_attn_with_kvcache, not "
+                                  "flash_attn_varlen_func; pass None")
+    longest_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], q.device)
+    longest_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], q.device, cu_seqlens_q.shape[0] - 1)
+    for name, value, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k,
+                                                                             longest_k)):
+        V.check_int(value, name, 0)
+        if longest is not None and value < longest:
+            raise ValueError(f"{name} = {value} is below the longest sequence ({longest}); rows past it would "
+                             "never be computed")
+    q, k, v = _autocast(q, k, v)
+    lower, upper = window_offsets(causal, window)
+    out, lse = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, lower, upper,
+                              cap)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """:func:`flash_attn_varlen_func` on ``qkv`` ``(total, 3, nheads, headdim)``."""
+    V.check_tensor(qkv, "qkv", 4, "(total_tokens, 3, nheads, headdim)")
+    if qkv.shape[1] != 3:
+        raise ValueError(f"qkv must have shape (total_tokens, 3, nheads, headdim), got {tuple(qkv.shape)}")
+    return flash_attn_varlen_func(*qkv.unbind(1), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """:func:`flash_attn_varlen_func` with ``kv`` ``(total_k, 2, nheads_k, headdim)``."""
+    V.check_tensor(kv, "kv", 4, "(total_tokens, 2, nheads_k, headdim)")
+    if kv.shape[1] != 2:
+        raise ValueError(f"kv must have shape (total_tokens, 2, nheads_k, headdim), got {tuple(kv.shape)}")
+    return flash_attn_varlen_func(q, *kv.unbind(1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
+
+
+# ------------------------------------------------------------------------------------------------- SDPA drop-in
+FALLBACKS: Counter = Counter()
+
+
+def sdpa_fallback_counts() -> Dict[str, int]:
+    """How many :func:`scaled_dot_product_attention` calls went to torch's SDPA, by reason (a warning is issued
+    the first time each reason occurs)."""
+    return dict(FALLBACKS)
 
 
 def _fallback(reason: str, *args, **kwargs):
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"flashring.scaled_dot_product_attention: {reason}; using torch's SDPA for this call",
-                      stacklevel=3)
-    return F.scaled_dot_product_attention(*args, **kwargs)
+    if reason not in FALLBACKS:
+        warnings.warn(f"flashring.scaled_dot_product_attention: {reason}; using torch's SDPA for this call (warned "
+                      "once per reason; flashring.sdpa_fallback_counts() counts every fallback)", stacklevel=3)
+    FALLBACKS[reason] += 1
+    return TORCH_SDPA(*args, **kwargs)
+
+
+def _sdpa_fast_path_refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> Optional[str]:
+    """Why flashring's kernels cannot serve this call (None: they can). Anything torch would reject goes to torch
+    too, so errors are torch's own."""
+    if not all(isinstance(t, torch.Tensor) for t in (query, key, value)) or not isinstance(is_causal, bool):
+        return "arguments torch's SDPA checks itself"
+    if attn_mask is not None:
+        return "attn_mask is not supported by the flash kernels"
+    if dropout_p:
+        return "dropout_p > 0 is not supported by the flash kernels"
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        return "inputs are not 4-D"
+    if any(t.dtype not in V.DTYPES for t in (query, key, value)) or not (query.dtype == key.dtype == value.dtype):
+        return "this dtype combination is not supported by the flash kernels"
+    if any(t.numel() == 0 for t in (query, key, value)):
+        return "empty inputs"
+    if not (query.shape[0] == key.shape[0] == value.shape[0]):
+        return "batch broadcasting"
+    if key.shape[2] != value.shape[2] or key.shape[1] != value.shape[1]:
+        return "key / value shapes torch's SDPA checks itself"
+    if query.shape[-1] > V.MAX_HEADDIM or not (query.shape[-1] == key.shape[-1] == value.shape[-1]):
+        return "this head dim is not supported by the flash kernels"
+    if not (query.device == key.device == value.device):
+        return "inputs on different devices"
+    if key.shape[1] != query.shape[1] and not (enable_gqa and query.shape[1] % key.shape[1] == 0):
+        return "head counts torch's SDPA checks itself"
+    if scale is not None and not (V.is_real(scale) and V.finite_positive(scale)):
+        return "a scale that is not a positive finite float"
+    return None
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: ``(batch, nheads, seqlen, headdim)``
-    layout, torch's *top-left* causal rule. Calls flashring's kernels for what they cover; an ``attn_mask``,
-    dropout, float64, headdim > 256 or other than 4 dims goes to torch's SDPA with a one-time warning."""
+    layout, torch's *top-left* causal rule, torch's dtypes (autocast included) and errors. flashring's kernels
+    serve what they cover; everything else (an ``attn_mask``, dropout, other dtypes or ranks, empty tensors, batch
+    broadcasting, a non-positive or non-finite scale, anything torch would reject) goes to torch's own SDPA —
+    never back into this function, even when ``F.scaled_dot_product_attention`` has been routed here. Each
+    fallback is counted (:func:`sdpa_fallback_counts`) and warned about once per reason."""
     kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     if enable_gqa:
-        kwargs["enable_gqa"] = True
-    args = (query, key, value)
-    if not all(isinstance(t, torch.Tensor) for t in args):
-        raise TypeError("query, key and value must be torch.Tensors")
-    if attn_mask is not None:
-        return _fallback("attn_mask is not supported by the flash kernels", *args, **kwargs)
-    if dropout_p:
-        return _fallback("dropout_p > 0 is not supported by the flash kernels", *args, **kwargs)
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        return _fallback("inputs are not 4-D", *args, **kwargs)
-    if any(t.dtype not in _DTYPES for t in args):
-        return _fallback(f"dtype {query.dtype} is not supported by the flash kernels", *args, **kwargs)
-    if query.shape[-1] > MAX_HEADDIM or value.shape[-1] != query.shape[-1]:
-        return _fallback("this head dim is not supported by the flash kernels", *args, **kwargs)
-    if key.shape[1] != query.shape[1] and not enable_gqa:
-        raise ValueError(f"query has {query.shape[1]} heads but key has {key.shape[1]}; pass enable_gqa=True "
-                         "for grouped-query attention")
+        kwargs["enable_gqa"] = enable_gqa
+    reason = _sdpa_fast_path_refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if reason is not None:
+        return _fallback(reason, query, key, value, **kwargs)
+    query, key, value = _autocast(query, key, value)
     # (B, H, S, D) -> (B, S, H, D) as strided views: no copy.
-    q, k, v = (t.transpose(1, 2) for t in args)
-    _check_qkv(q, k, v, names=("query", "key", "value"))
-    s = _check_scale(scale, q.shape[-1], name="scale")
-    lower, upper = sdpa_bounds(bool(is_causal))
-    out, _ = _attention(q, k, v, s, lower, upper, 0.0)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    s = V.check_scale(scale, q.shape[-1], name="scale")
+    lower, upper = sdpa_bounds(is_causal)
+    out, _ = attention(q, k, v, s, lower, upper, 0.0)
     return out.transpose(1, 2)

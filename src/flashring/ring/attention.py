@@ -14,11 +14,11 @@ import struct
 
 import torch
 
-from .._masks import EMPTY_ROW_LSE
-from ..interface import _check_qkv, _check_scale
-from ..ops.flash import flash_bwd, flash_fwd
-from .comm import RingComm, group_rank_world
-from .layout import LAYOUTS, _agree_padded, check_layout, dtype_code, step_plan
+from .. import validation as V
+from ..masks import EMPTY_ROW_LSE
+from ..ops import dispatch
+from .comm import RingComm, agree_padded, dtype_code, group_rank_world
+from .layout import LAYOUTS, check_layout, step_plan
 
 _KV_TAG, _DKV_TAG = 0, 1          # gloo matches P2P messages by (peer, tag): keep the two backward streams apart
 
@@ -44,19 +44,6 @@ def merge_partial(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, b
     lse.copy_(new)
 
 
-class LoopbackComm(RingComm):
-    """Same interface and ring bookkeeping as :class:`RingComm`, no traffic: ``wait()`` hands back the tensor
-    given to ``start()``. Ring attention with it runs exactly the same steps and kernel calls on the local K/V,
-    which is how the benchmark measures compute alone (results are then *not* the attention of the sequence)."""
-
-    def start(self, tensor: torch.Tensor) -> None:
-        self._incoming = tensor
-
-    def wait(self) -> torch.Tensor:
-        received, self._incoming = self._incoming, None
-        return received
-
-
 def _ring_forward(q, k, v, scale, causal, layout, group, comm_cls=RingComm):
     comm = comm_cls(group, tag=_KV_TAG)
     rank, world = comm.rank, comm.world
@@ -71,7 +58,7 @@ def _ring_forward(q, k, v, scale, causal, layout, group, comm_cls=RingComm):
         if plan is not None:                                 # skipped steps still forward K/V (done above)
             qs, ks, lower, upper = plan
             # fp32 partials: the merge then rounds to the input dtype once, as the single-device kernel does.
-            blk_out, blk_lse = flash_fwd(q[:, qs], kv[0][:, ks], kv[1][:, ks], scale, lower, upper,
+            blk_out, blk_lse = dispatch.fwd(q[:, qs], kv[0][:, ks], kv[1][:, ks], scale, lower, upper,
                                          out_dtype=torch.float32)
             merge_partial(out[:, qs], lse[:, :, qs], blk_out, blk_lse)
         if step + 1 < world:
@@ -96,7 +83,7 @@ def _ring_backward(dout, dlse, q, k, v, out, lse, scale, causal, layout, group, 
             # Global out/lse (not the step's partial ones): P = exp(s - lse_global) and delta = rowsum(dO * O)
             # make this block's gradients exactly its share of the full-sequence gradients.
             # The Triton backward indexes lse/dlse as contiguous (B, H, S): copy the (small) slices.
-            dq_s, dk_s, dv_s = flash_bwd(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs],
+            dq_s, dk_s, dv_s = dispatch.bwd(dout[:, qs], q[:, qs], kv[0][:, ks], kv[1][:, ks], out[:, qs],
                                          lse[:, :, qs].contiguous(), scale, lower, upper,
                                          dlse=None if dlse is None else dlse[:, :, qs].contiguous(),
                                          grad_dtype=torch.float32)
@@ -123,7 +110,10 @@ def _ring_backward(dout, dlse, q, k, v, out, lse, scale, causal, layout, group, 
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
-class _RingAttnFn(torch.autograd.Function):
+class RingAttnFn(torch.autograd.Function):
+    """``(out, lse)`` of ring attention on validated shards; ``comm_cls`` = :class:`RingComm`, or
+    ``LoopbackComm`` to time the compute alone."""
+
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, layout, group, comm_cls=RingComm):
         out, lse = _ring_forward(q, k, v, scale, causal, layout, group, comm_cls)
@@ -143,10 +133,9 @@ class _RingAttnFn(torch.autograd.Function):
 
 
 def _validate(q, k, v, causal, softmax_scale, layout):
-    _check_qkv(q, k, v)
-    scale = _check_scale(softmax_scale, q.shape[-1])
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    V.check_qkv(q, k, v)
+    scale = V.check_scale(softmax_scale, q.shape[-1])
+    V.check_bool(causal, "causal")
     check_layout(layout)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"q and k/v must hold the same local sequence shard (ring self-attention), got seqlen "
@@ -192,6 +181,6 @@ def ring_flash_attn_func(q, k, v, causal=False, softmax_scale=None, group=None, 
             ("nheads_k", k.shape[2]), ("dtype", dtype_code(q.dtype)), ("layout", LAYOUTS.index(layout)),
             ("causal", int(causal)), ("softmax_scale (float64 bits)", struct.unpack("<q", struct.pack("<d", scale))[0]),
             ("device type", 1 if q.is_cuda else 0)]
-        _agree_padded("ring_flash_attn_func", fields, err, group, q.device if err is None else None)
-    out, lse = _RingAttnFn.apply(q, k, v, scale, causal, layout, group)
+        agree_padded("ring_flash_attn_func", fields, err, group, q.device if err is None else None)
+    out, lse = RingAttnFn.apply(q, k, v, scale, causal, layout, group)
     return (out, lse, None) if return_attn_probs else out

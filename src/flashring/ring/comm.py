@@ -5,6 +5,7 @@ up-front agreement check), so it runs on NCCL (GPU) and gloo (CPU) alike.
 """
 from __future__ import annotations
 
+import zlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -117,4 +118,38 @@ class RingComm:
         self._reqs = []
         received, self._spare = self._incoming, self._sending
         self._sending = self._incoming = None
+        return received
+
+
+_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64,
+          torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    # Same number on every process (str hashes are salted per process, crc32 is not).
+    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES) + zlib.crc32(str(dtype).encode())
+
+
+_MAX_FIELDS = 16
+
+
+def agree_padded(fn_name, fields, err, group, device) -> None:
+    """``agree`` with ``fields`` padded to a fixed count: all_gather needs the same length everywhere, also on a
+    rank whose local checks failed."""
+    if len(fields) > _MAX_FIELDS:
+        raise ValueError(f"{fn_name}: tensors with more than {_MAX_FIELDS - 4} dims are not supported")
+    fields = list(fields) + [(f"pad{i}", 0) for i in range(_MAX_FIELDS - len(fields))]
+    agree(fn_name, fields, err, group, device)
+
+
+class LoopbackComm(RingComm):
+    """Same interface and ring bookkeeping as :class:`RingComm`, no traffic: ``wait()`` hands back the tensor
+    given to ``start()``. Ring attention with it runs exactly the same steps and kernel calls on the local K/V,
+    which is how the benchmark measures compute alone (results are then *not* the attention of the sequence)."""
+
+    def start(self, tensor: torch.Tensor) -> None:
+        self._incoming = tensor
+
+    def wait(self) -> torch.Tensor:
+        received, self._incoming = self._incoming, None
         return received

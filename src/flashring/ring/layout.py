@@ -12,13 +12,12 @@ Two layouts, P = group size:
 """
 from __future__ import annotations
 
-import zlib
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .comm import agree, group_rank_world
+from .comm import agree_padded, dtype_code, group_rank_world
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -96,7 +95,7 @@ def unshard_sequence(x_local: torch.Tensor, group=None, layout: str = "zigzag", 
     fields = [] if err is not None else (
         [("ndim", x_local.dim()), ("dim", dim), ("dtype", dtype_code(x_local.dtype)),
          ("layout", LAYOUTS.index(layout))] + [(f"shape[{i}]", s) for i, s in enumerate(x_local.shape)])
-    _agree_padded("unshard_sequence", fields, err, group, getattr(x_local, "device", None))
+    agree_padded("unshard_sequence", fields, err, group, getattr(x_local, "device", None))
     x_local = x_local.contiguous()
     parts = [torch.empty_like(x_local) for _ in range(world)]
     dist.all_gather(parts, x_local, group=group)
@@ -106,26 +105,6 @@ def unshard_sequence(x_local: torch.Tensor, group=None, layout: str = "zigzag", 
     firsts = [p.narrow(dim, 0, c) for p in parts]              # chunks 0 .. P-1
     seconds = [p.narrow(dim, c, c) for p in reversed(parts)]   # chunks P .. 2P-1 (rank r holds chunk 2P-1-r)
     return torch.cat(firsts + seconds, dim=dim)
-
-
-_DTYPES: List[torch.dtype] = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64,
-                              torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
-
-
-def dtype_code(dtype: torch.dtype) -> int:
-    # Same number on every process (str hashes are salted per process, crc32 is not).
-    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES) + zlib.crc32(str(dtype).encode())
-
-
-_MAX_FIELDS = 16
-
-
-def _agree_padded(fn_name, fields, err, group, device) -> None:
-    # all_gather needs the same length everywhere, also on a rank whose local checks failed: pad to a fixed size.
-    if len(fields) > _MAX_FIELDS:
-        raise ValueError(f"{fn_name}: tensors with more than {_MAX_FIELDS - 4} dims are not supported")
-    fields = list(fields) + [(f"pad{i}", 0) for i in range(_MAX_FIELDS - len(fields))]
-    agree(fn_name, fields, err, group, device)
 
 
 def step_plan(rank: int, source: int, causal: bool, layout: str, seqlen_local: int) -> StepPlan:

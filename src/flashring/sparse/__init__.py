@@ -2,7 +2,7 @@
 Sequences Through Sparse Flash Attention").
 
 Two patterns, both exact attention restricted to a per-head, per-batch-row, data-dependent set of (query, key) pairs,
-computed by the dense kernels' sparse mode (``flashring.ops.flash``) with no complexity overhead:
+computed by the dense kernels' sparse mode (``flashring.ops.flash``, ``ops.sparse_ranges``) with no complexity overhead:
 
 - QK-sparse: queries and keys are *dropped* per head. Kept tokens are compacted (stable order, original positions
   kept as int32), so work shrinks quadratically with the keep rate; causality is decided on original positions and
@@ -20,8 +20,9 @@ from typing import Optional
 
 import torch
 
-from ..interface import _attention, _check_qkv, _check_scale
-from ..ops.flash import PAD_POS, SparseMeta
+from .. import validation as V
+from ..interface import attention
+from ..ops.sparse_ranges import PAD_POS, SparseMeta
 
 __all__ = ["qk_sparse_attn_func", "hash_sparse_attn_func", "sparse_attn_compact_func", "lsh_buckets",
            "lsh_rotations"]
@@ -65,10 +66,9 @@ def _bucket_guard(sorted_ids, name):
 
 
 def _check_common(q, k, v, causal, softmax_scale):
-    _check_qkv(q, k, v)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    return _check_scale(softmax_scale, q.shape[-1])
+    V.check_qkv(q, k, v)
+    V.check_bool(causal, "causal")
+    return V.check_scale(softmax_scale, q.shape[-1])
 
 
 # ------------------------------------------------------------------------------------------------- gather/scatter
@@ -144,7 +144,7 @@ def _sparse_call(q, k, v, scale, causal, q_side, k_side, return_attn_probs):
     """Shared tail of the front ends: q_side / k_side = (perm, inv, lens, pos, bkt or None)."""
     (q_perm, q_inv, q_len, q_pos, q_bkt), (k_perm, k_inv, k_len, k_pos, k_bkt) = q_side, k_side
     meta = SparseMeta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, causal)
-    out_c, lse_c = _attention(_permute_rows(q, q_perm, q_inv), _permute_rows(k, k_perm, k_inv),
+    out_c, lse_c = attention(_permute_rows(q, q_perm, q_inv), _permute_rows(k, k_perm, k_inv),
                               _permute_rows(v, k_perm, k_inv), scale, None, None, 0.0, meta)
     # Slots past a head's length hold out 0 / EMPTY_ROW_LSE (kernel), which is what dropped queries return.
     out = _permute_rows(out_c, q_inv, q_perm)
@@ -199,7 +199,7 @@ def sparse_attn_compact_func(q, k, v, q_idx, k_idx, q_len=None, k_len=None, q_bu
         if bool((key[..., 1:] < key[..., :-1]).any()):
             raise ValueError(f"{name}: valid rows must be sorted by (bucket, position) within each (batch, head)")
     meta = SparseMeta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, causal)
-    out, lse = _attention(q, k, v, scale, None, None, 0.0, meta)
+    out, lse = attention(q, k, v, scale, None, None, 0.0, meta)
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -1,4 +1,4 @@
-"""``flashring bench --sparse`` on CPU: the results file, the exact surviving-pair count, the flex mask encoding, the
+"""``flashring bench sparse`` on CPU: the results file, the exact surviving-pair count, the flex mask encoding, the
 correctness check catching a pattern mismatch, and bad arguments."""
 import json
 import math
@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashring import bench as dense_bench
-from flashring.ops import flash
-from flashring.sparse import bench as sb
+import flashring.bench as bench
+from flashring.bench import sparse as sb
+from flashring.masks import sparse_pair_mask
+from flashring.ops import dispatch
 
 SEED = int(os.environ.get("FLASHRING_SEED", random.randrange(2**31)))
 # Two tiny shapes, one sparsity per pattern, one timed call per row (plus the CPU minimum-time rule).
@@ -20,7 +21,7 @@ TINY = ["--seqlens", "64,96", "--headdims", "32", "--nheads", "2", "--batch", "2
 
 
 def _read(out_dir: Path):
-    files = list(out_dir.glob("sparse-*.jsonl"))
+    files = list(out_dir.glob("cpu-sparse-*.jsonl"))
     assert len(files) == 1, files
     lines = [json.loads(line) for line in files[0].read_text().splitlines()]
     return lines[0], lines[1:]
@@ -29,12 +30,12 @@ def _read(out_dir: Path):
 def test_cpu_run_writes_metadata_and_passing_rows(tmp_path, capsys, monkeypatch):
     # The chunked PyTorch path, as `flashring bench --sparse` runs on CPU (conftest switches the Triton interpreter
     # on, which test_sparse.py covers); through the dense bench's dispatch, as `flashring bench --sparse ...`.
-    monkeypatch.setattr(flash, "CPU_BACKEND", "torch")
-    rc = dense_bench.main(["--sparse"] + TINY + ["--out", str(tmp_path), "--no-plot"])
+    monkeypatch.setattr(dispatch, "CPU_BACKEND", "torch")
+    rc = bench.main(["sparse"] + TINY + ["--out", str(tmp_path), "--no-plot"])
     captured = capsys.readouterr()
     assert rc == 0, f"seed {SEED}\n{captured.out}\n{captured.err}"
     meta, rows = _read(tmp_path)
-    assert meta["type"] == "meta" and meta["seed"] == SEED and meta["argv"][:3] == ["flashring", "bench", "--sparse"]
+    assert meta["type"] == "meta" and meta["seed"] == SEED and meta["argv"][:3] == ["flashring", "bench", "sparse"]
     for key in ("device", "torch", "triton", "git_sha", "date", "flashring_cpu_backend"):
         assert key in meta
     assert meta["flashring_cpu_backend"] == "torch" and meta["providers"] == ["flashring"]
@@ -90,9 +91,8 @@ def test_surviving_fraction_equals_brute_force(kind):
         q_side, k_side = (torch.randint(0, 5, (b, s, h), generator=gen) for _ in range(2))
     frac = sb.surviving_fraction(kind, q_side, k_side)
     assert frac == pytest.approx(_brute_force(kind, q_side, k_side), rel=1e-12), f"seed {SEED}"
-    # Same count via the (B, H, S, S) pattern mask restricted to j <= i.
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
-    assert frac == pytest.approx((sb.pair_mask(kind, q_side, k_side) & causal).sum().item()
+    # Same count via the (B, H, S, S) causal pattern mask of masks.sparse_pair_mask.
+    assert frac == pytest.approx(sparse_pair_mask(kind, q_side, k_side, causal=True).sum().item()
                                  / (b * h * s * (s + 1) / 2), rel=1e-12)
 
 
@@ -118,13 +118,15 @@ def test_flex_tables_encode_the_same_pattern(kind):
         q_side, k_side = sb.hash_bucket_fn(q, torch.randn(b, s, h, 16, generator=gen), 4, False, SEED, gen)()
     bq, bk = sb.flex_tables(kind, q_side, k_side)                # (B, H, S) int32
     assert bq.shape == (b, h, s) and bq.dtype == torch.int32
-    assert torch.equal(bq[..., :, None] == bk[..., None, :], sb.pair_mask(kind, q_side, k_side))
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    assert torch.equal((bq[..., :, None] == bk[..., None, :]) & causal,
+                       sparse_pair_mask(kind, q_side, k_side, causal=True))
 
 
 def test_check_catches_a_kernel_that_ignores_the_pattern(tmp_path, capsys, monkeypatch):
     from flashring import flash_attn_func
     # Dense causal attention in place of the QK-sparse kernel: right shapes, wrong pairs; the check must FAIL.
-    monkeypatch.setattr(flash, "CPU_BACKEND", "torch")
+    monkeypatch.setattr(dispatch, "CPU_BACKEND", "torch")
     monkeypatch.setattr(sb, "qk_sparse_attn_func", lambda q, k, v, qk, kk, causal: flash_attn_func(q, k, v,
                                                                                                   causal=causal))
     rc = sb.main(TINY + ["--seqlens", "64", "--patterns", "qk", "--modes", "fwd", "--out", str(tmp_path),
@@ -147,7 +149,7 @@ def test_bad_arguments_exit_2(argv, tmp_path, capsys):
 
 
 def test_random_buckets_allow_odd_counts(tmp_path, monkeypatch):
-    monkeypatch.setattr(flash, "CPU_BACKEND", "torch")
+    monkeypatch.setattr(dispatch, "CPU_BACKEND", "torch")
     rc = sb.main(TINY + ["--seqlens", "64", "--patterns", "hash", "--hash-buckets", "3", "--random-buckets",
                          "--modes", "fwd", "--out", str(tmp_path), "--json-only"])
     assert rc == 0, f"seed {SEED}"
@@ -159,16 +161,16 @@ def test_random_buckets_allow_odd_counts(tmp_path, monkeypatch):
 
 def test_plots_when_matplotlib_is_installed(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    monkeypatch.setattr(flash, "CPU_BACKEND", "torch")
+    monkeypatch.setattr(dispatch, "CPU_BACKEND", "torch")
     assert sb.main(TINY + ["--modes", "fwd", "--out", str(tmp_path)]) == 0
-    assert len(list(tmp_path.glob("sparse-*-speedup.png"))) == 1
-    assert len(list(tmp_path.glob("sparse-*-ideal.png"))) == 1
+    assert len(list(tmp_path.glob("cpu-sparse-*-speedup.png"))) == 1
+    assert len(list(tmp_path.glob("cpu-sparse-*-ideal.png"))) == 1
 
 
 def test_failed_pattern_gives_error_rows_and_the_sweep_goes_on(tmp_path, capsys, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
-    monkeypatch.setattr(flash, "CPU_BACKEND", "torch")
+    monkeypatch.setattr(dispatch, "CPU_BACKEND", "torch")
     monkeypatch.setattr(sb, "lsh_buckets", oom)
     rc = sb.main(TINY + ["--seqlens", "64", "--modes", "fwd", "--out", str(tmp_path), "--no-plot"])
     assert rc == 0

@@ -1,4 +1,5 @@
-"""A small GPT for long sequences: pre-LayerNorm blocks, rotary positions, tied embeddings.
+"""The GPT of ``flashring train``: pre-LayerNorm blocks, rotary positions, tied embeddings, and the attention core
+chosen by ``--attn`` (every mode calls its flashring function directly; ``sdpa`` is PyTorch's).
 
 Long-context memory (Blockwise Parallel Transformer, Liu & Abbeel 2023): the feed-forward and the vocabulary
 projection + cross-entropy run over chunks of tokens, each chunk under activation checkpointing, so the
@@ -17,7 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import CausalAttention
+from ..interface import flash_attn_func
+from ..ring import ring_flash_attn_func
+from ..sparse import hash_sparse_attn_func, lsh_buckets, qk_sparse_attn_func
+from .config import ATTN_MODES, MODEL_FIELDS
 
 
 @dataclass
@@ -28,7 +32,7 @@ class GPTConfig:
     d_model: int = 64
     ffn_mult: int = 4
     rope_base: float = 10000.0
-    # attention choice (see models/attention.py)
+    # attention core (CausalAttention)
     attn: str = "sdpa"
     drop: float = 0.0
     buckets: int = 0
@@ -37,9 +41,9 @@ class GPTConfig:
     ce_chunk: int = 0
     checkpoint: bool = False
 
-    ARCH_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "ffn_mult", "rope_base")
-
     def __post_init__(self):
+        if self.attn not in ATTN_MODES:
+            raise ValueError(f"attn must be one of {', '.join(ATTN_MODES)}; got {self.attn!r}")
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "ffn_mult"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -54,6 +58,46 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def arch(self) -> dict:
+        """The fields that shape the weights (what a checkpoint must match)."""
+        return {k: getattr(self, k) for k in MODEL_FIELDS}
+
+
+# ------------------------------------------------------------------------------------------------------ attention
+class CausalAttention(nn.Module):
+    """Causal attention core (no projections): ``forward(q, k, v) -> out``, all ``(B, S, H, D)``.
+
+    ``drop``: qk-sparse; each call draws fresh keep masks, per layer and per head, keeping a query (key) with
+    probability ``1 - drop`` (the random Q/K dropping of Pagliardini et al. 2023's language-model runs).
+    ``n_buckets``: hash-sparse; queries and keys are bucketed by one shared random rotation per call.
+    ``group``: ring; the process group whose ranks each hold one zigzag shard of the sequence (``data.Batches``).
+    """
+
+    def __init__(self, mode: str, drop: float = 0.0, n_buckets: int = 0, group=None):
+        super().__init__()
+        self.mode, self.drop, self.n_buckets, self.group = mode, float(drop), int(n_buckets), group
+
+    def extra_repr(self) -> str:
+        extra = {"qk-sparse": f", drop={self.drop}", "hash-sparse": f", buckets={self.n_buckets}"}
+        return f"mode={self.mode}" + extra.get(self.mode, "")
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.mode == "sdpa":                           # torch wants (B, H, S, D)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True)
+            return out.transpose(1, 2)
+        if self.mode == "flash":
+            return flash_attn_func(q, k, v, causal=True)
+        if self.mode == "qk-sparse":
+            q_keep = torch.rand(q.shape[:3], device=q.device) >= self.drop     # (B, S, H): one coin per token, head
+            k_keep = torch.rand(k.shape[:3], device=q.device) >= self.drop
+            return qk_sparse_attn_func(q, k, v, q_keep, k_keep, causal=True)
+        if self.mode == "hash-sparse":
+            # one lsh_buckets call on queries and keys together, so both see the same random rotation
+            buckets = lsh_buckets(torch.cat([q, k], dim=1), self.n_buckets)    # (B, 2S, H)
+            return hash_sparse_attn_func(q, k, v, buckets[:, :q.shape[1]], buckets[:, q.shape[1]:], causal=True)
+        return ring_flash_attn_func(q, k, v, causal=True, group=self.group, layout="zigzag")
 
 
 # ------------------------------------------------------------------------------------------------------ rotary

@@ -1,4 +1,4 @@
-"""Training data that needs no network.
+"""Training data that needs no network, and the batches each rank trains on.
 
 Default corpus: the bytes of the Python standard library's ``.py`` files (about 1,800 files, 31 MB on CPython
 3.11; ``site-packages`` excluded), one ASCII file-separator byte (0x1C) between files. The split is by file and
@@ -22,8 +22,10 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..ring import shard_sequence
+from .config import DEFAULT_CACHE
+
 FILE_SEP = b"\x1c"  # ASCII "file separator": marks a document boundary in the byte stream
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flashring"
 
 
 @dataclass
@@ -151,3 +153,23 @@ class WindowSampler:
 
     def load_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state
+
+
+class Batches:
+    """``(inputs, targets, positions)`` for this rank, on its device: a :class:`WindowSampler` batch, and under
+    ring attention this rank's zigzag shard of each sequence (tokens, targets and their global positions, which
+    the rotary embedding needs: a shard holds two non-contiguous pieces of the sequence)."""
+
+    def __init__(self, sampler: WindowSampler, device: torch.device, group=None, ring: bool = False):
+        self.sampler, self.device, self.group, self.ring = sampler, device, group, ring
+        self.positions = torch.arange(sampler.seqlen, device=device)[None]              # (1, S)
+
+    def next(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = (t.to(self.device, non_blocking=True) for t in self.sampler.next())
+        return self.place(x, y)
+
+    def place(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y, pos = x.to(self.device), y.to(self.device), self.positions
+        if self.ring:
+            x, y, pos = (shard_sequence(t, group=self.group, layout="zigzag", dim=1) for t in (x, y, pos))
+        return x, y, pos

@@ -1,0 +1,169 @@
+"""Dynamic sparse attention's side tensors and the per-block tile ranges the kernels loop over.
+
+The sparse front ends (``flashring.sparse``) hand the kernels tokens compacted (QK-sparse) or sorted by
+(bucket, position) (hash-sparse) per (batch, head), plus their original positions and buckets. Visibility is
+``flashring.masks.sparse_visible`` on those; because rows are sorted, the columns a block of rows can see form
+one contiguous range of column tiles, found by binary search: ``[lo, hi)`` holds every tile with a visible pair,
+``[mid_lo, mid_hi)`` only tiles whose every pair is visible (they run without masking arithmetic). One launch
+builds the table for all blocks; tests/test_sparse.py checks it against ``sparse_visible``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+PAD_POS = 1 << 30          # position (and bucket) of padding entries: sorts after every real token
+
+
+class SparseMeta(NamedTuple):
+    """Side tensors of dynamic sparse attention on compacted (QK-sparse) or bucket-sorted (hash-sparse) tokens.
+
+    q_pos ``(B, H, Sq)`` / k_pos ``(B, Hk, Sk)`` int32: original positions; within each (batch, head) the first
+    ``len`` entries are valid and sorted by (bucket, position); the rest hold ``PAD_POS``. q_len ``(B, H)`` /
+    k_len ``(B, Hk)`` int32. q_bkt / k_bkt: int32 buckets in the same layout, or None (QK-sparse).
+    """
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    q_len: torch.Tensor
+    k_len: torch.Tensor
+    q_bkt: Optional[torch.Tensor]
+    k_bkt: Optional[torch.Tensor]
+    causal: bool
+
+
+@triton.jit
+def _sort_key(Pos, Bkt, idx, mask, HASH: tl.constexpr):
+    # (bucket, position) packed into one int64 that sorts like the pair; padding (PAD_POS, PAD_POS) sorts last.
+    key = tl.load(Pos + idx, mask=mask, other=0).to(tl.int64)
+    if HASH:
+        key += tl.load(Bkt + idx, mask=mask, other=0).to(tl.int64) << 31
+    return key
+
+
+@triton.jit
+def _search(Pos, Bkt, n, steps, target, RIGHT: tl.constexpr, HASH: tl.constexpr):
+    """torch.searchsorted(keys[:n], target, right=RIGHT) for a vector of targets: ``steps`` = n.bit_length()
+    halvings of [lo, hi), one gathered key load each."""
+    lo = tl.zeros(target.shape, dtype=tl.int32)
+    hi = lo + n
+    for _ in range(steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        key = _sort_key(Pos=Pos, Bkt=Bkt, idx=mid, mask=active, HASH=HASH)
+        if RIGHT:
+            go_right = key <= target
+        else:
+            go_right = key < target
+        lo = tl.where(active & go_right, mid + 1, lo)
+        hi = tl.where(active & ~go_right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _tile_ranges_kernel(RowPos, RowBkt, RowLen, ColPos, ColBkt, ColLen, Ranges, NHEADS, NBLK, S_ROWS, S_COLS,
+                        STEPS, ROW_DIV, COL_DIV, ROWS_BLOCK: tl.constexpr, COLS_BLOCK: tl.constexpr,
+                        BLOCK: tl.constexpr, CAUSAL: tl.constexpr, HASH: tl.constexpr, FROM_KEYS: tl.constexpr):
+    """Program (i, h, b) fills row blocks [i*BLOCK, (i+1)*BLOCK) of query head h. The row/column side tensors are
+    indexed by head // ROW_DIV / COL_DIV (GQA: the K/V side serves GROUP query heads), so the K/V side is never
+    expanded in memory. ``FROM_KEYS``: rows are keys, columns queries (the dK/dV pass)."""
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rrow = b * (NHEADS // ROW_DIV) + h // ROW_DIV
+    crow = b * (NHEADS // COL_DIV) + h // COL_DIV
+    blk = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = blk < NBLK
+    RowPos += rrow * S_ROWS
+    ColPos += crow * S_COLS
+    if HASH:
+        RowBkt += rrow * S_ROWS
+        ColBkt += crow * S_COLS
+    start = blk * ROWS_BLOCK
+    end = tl.minimum(start + ROWS_BLOCK, tl.load(RowLen + rrow)) - 1
+    empty = end < start
+    first = _sort_key(Pos=RowPos, Bkt=RowBkt, idx=tl.minimum(start, S_ROWS - 1), mask=ok, HASH=HASH)
+    last = _sort_key(Pos=RowPos, Bkt=RowBkt, idx=tl.maximum(end, 0), mask=ok, HASH=HASH)
+    n_cols = tl.load(ColLen + crow)
+    zero = tl.zeros([BLOCK], dtype=tl.int32)
+    lo = zero
+    hi = zero + n_cols
+    full_lo = zero
+    full_hi = zero + n_cols
+    if HASH:
+        b_first = first >> 31
+        b_last = last >> 31
+        bucket_first = _search(ColPos, ColBkt, S_COLS, STEPS, b_first << 31, RIGHT=False, HASH=HASH)
+        if FROM_KEYS:       # columns are queries: visible ones come at or after the key (same bucket)
+            hi = _search(ColPos, ColBkt, S_COLS, STEPS, (b_last + 1) << 31, RIGHT=False, HASH=HASH)
+            full_hi = _search(ColPos, ColBkt, S_COLS, STEPS, (b_first + 1) << 31, RIGHT=False, HASH=HASH)
+            if CAUSAL:
+                lo = _search(ColPos, ColBkt, S_COLS, STEPS, first, RIGHT=False, HASH=HASH)
+                full_lo = _search(ColPos, ColBkt, S_COLS, STEPS, last, RIGHT=False, HASH=HASH)
+            else:
+                lo = bucket_first
+                full_lo = bucket_first
+        else:               # columns are keys: visible ones come at or before the query (same bucket)
+            lo = bucket_first
+            full_lo = bucket_first
+            if CAUSAL:
+                hi = _search(ColPos, ColBkt, S_COLS, STEPS, last, RIGHT=True, HASH=HASH)
+                full_hi = _search(ColPos, ColBkt, S_COLS, STEPS, first, RIGHT=True, HASH=HASH)
+            else:
+                hi = _search(ColPos, ColBkt, S_COLS, STEPS, (b_last + 1) << 31, RIGHT=False, HASH=HASH)
+                full_hi = _search(ColPos, ColBkt, S_COLS, STEPS, (b_first + 1) << 31, RIGHT=False, HASH=HASH)
+        full_hi = tl.where(b_first == b_last, full_hi, full_lo)       # several buckets: every tile masked
+    elif CAUSAL:
+        if FROM_KEYS:       # queries with position >= the block's first (some visible) / last key (all visible)
+            lo = _search(ColPos, ColBkt, S_COLS, STEPS, first, RIGHT=False, HASH=HASH)
+            full_lo = _search(ColPos, ColBkt, S_COLS, STEPS, last, RIGHT=False, HASH=HASH)
+        else:               # keys with position <= the block's last (some) / first query (all)
+            hi = _search(ColPos, ColBkt, S_COLS, STEPS, last, RIGHT=True, HASH=HASH)
+            full_hi = _search(ColPos, ColBkt, S_COLS, STEPS, first, RIGHT=True, HASH=HASH)
+    hi = tl.minimum(hi, n_cols)
+    lo = (lo // COLS_BLOCK) * COLS_BLOCK
+    hi = tl.maximum(hi, lo)
+    full_lo = ((full_lo + COLS_BLOCK - 1) // COLS_BLOCK) * COLS_BLOCK
+    full_hi = (tl.minimum(full_hi, n_cols) // COLS_BLOCK) * COLS_BLOCK
+    mid_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    mid_hi = tl.maximum(tl.minimum(full_hi, hi), mid_lo)
+    r = Ranges + ((b * NHEADS + h) * NBLK + blk) * 4
+    tl.store(r, tl.where(empty, 0, lo), mask=ok)
+    tl.store(r + 1, tl.where(empty, 0, mid_lo), mask=ok)
+    tl.store(r + 2, tl.where(empty, 0, mid_hi), mask=ok)
+    tl.store(r + 3, tl.where(empty, 0, hi), mask=ok)
+
+
+def tile_ranges(sp: SparseMeta, group: int, rows_block: int, cols_block: int, from_keys: bool) -> torch.Tensor:
+    """int32 ``(B, H, nblk, 4)``: per block of ``rows_block`` rows of query head h, ``[lo, mid_lo, mid_hi, hi)``
+    over column positions (multiples of ``cols_block``). Rows are queries (``from_keys=False``: forward and dQ)
+    or keys (dK/dV). One launch, no GQA expansion."""
+    if from_keys:
+        rows, cols, row_div, col_div = (sp.k_pos, sp.k_bkt, sp.k_len), (sp.q_pos, sp.q_bkt, sp.q_len), group, 1
+    else:
+        rows, cols, row_div, col_div = (sp.q_pos, sp.q_bkt, sp.q_len), (sp.k_pos, sp.k_bkt, sp.k_len), 1, group
+    b, h = sp.q_pos.shape[:2]
+    s_rows, s_cols = rows[0].shape[-1], cols[0].shape[-1]
+    nblk = triton.cdiv(s_rows, rows_block)
+    ranges = torch.empty(b, h, nblk, 4, dtype=torch.int32, device=sp.q_pos.device)
+    block = min(128, triton.next_power_of_2(nblk))
+    hashed = sp.q_bkt is not None
+    _tile_ranges_kernel[(triton.cdiv(nblk, block), h, b)](
+        rows[0], rows[1] if hashed else rows[0], rows[2], cols[0], cols[1] if hashed else cols[0], cols[2], ranges,
+        h, nblk, s_rows, s_cols, s_cols.bit_length(), row_div, col_div, ROWS_BLOCK=rows_block,
+        COLS_BLOCK=cols_block, BLOCK=block, CAUSAL=sp.causal, HASH=hashed, FROM_KEYS=from_keys, num_warps=4)
+    return ranges
+
+
+def kernel_side(sp: Optional[SparseMeta], group: int, block_q: int, block_k: int, from_keys: bool):
+    """The attention kernels' ``SP`` tuple ``(QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges)`` and flags for one
+    launch; dense launches get Nones and ``SPARSE=False``."""
+    if sp is None:
+        return (None,) * 7, dict(SPARSE=False, SP_CAUSAL=False, HASH=False)
+    if from_keys:
+        ranges = tile_ranges(sp, group, block_k, block_q, from_keys=True)
+    else:
+        ranges = tile_ranges(sp, group, block_q, block_k, from_keys=False)
+    side = (sp.q_pos, sp.k_pos, sp.q_bkt, sp.k_bkt, sp.q_len, sp.k_len, ranges)
+    return side, dict(SPARSE=True, SP_CAUSAL=sp.causal, HASH=sp.q_bkt is not None)

@@ -1,0 +1,358 @@
+"""The training loop of ``flashring train``: set-up, then one visible loop (step, log, validate, checkpoint).
+
+Under torchrun only ``--attn ring`` runs: every rank draws the same batch and keeps its zigzag shard of each
+sequence (``data.Batches``); the model is replicated and wrapped in ``DistributedDataParallel``, whose bucketed
+gradient all-reduce overlaps the backward (on its own process group, so it never interleaves with the ring's
+point-to-point traffic).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from ..metadata import run_metadata
+from .config import MODEL_FIELDS, TrainConfig
+from .data import Batches, Corpus, WindowSampler, file_corpus, stdlib_corpus
+from .model import GPT, GPTConfig, train_flops_per_token
+from .progress import ProgressBar
+
+
+class Env:
+    """Rank / world / device / process groups of this run; a single process is rank 0 of a world of 1."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        cfg.validate(self.world)
+        if cfg.device:
+            try:
+                self.device = torch.device(cfg.device)
+            except RuntimeError as exc:
+                raise ValueError(f"--device {cfg.device!r}: {exc}") from None
+        else:
+            self.device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {cfg.device}: CUDA is not available here")
+            index = self.device.index if self.device.index is not None else 0
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"device cuda:{index} does not exist: {torch.cuda.device_count()} GPU(s) visible "
+                                 f"(world size {self.world})")
+            torch.cuda.set_device(index)
+        elif self.device.type != "cpu":
+            raise ValueError(f"--device {cfg.device}: only cuda and cpu devices are supported")
+        self.group = self.grad_group = None
+        if self.world > 1:
+            import torch.distributed as dist
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend)
+            self.group = dist.group.WORLD                     # ring attention's K/V traffic
+            self.grad_group = dist.new_group(backend=backend)  # DDP's gradient all-reduce
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()           # ranks leave together: a gloo rank torn down while a peer is busy can abort
+            dist.destroy_process_group()
+
+
+def default_peak_tflops(device: torch.device) -> Optional[float]:
+    """Dense bf16 tensor-core peak (vendor datasheets): H100/H200 SXM 989, H100 PCIe 756, A100 312."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name or "H200" in name:
+        return 756.0 if "PCIe" in name else 989.0
+    return 312.0 if "A100" in name else None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from lr to min_lr at ``lr_decay_iters``; ``step`` 0-based."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if step >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup) / max(1, cfg.lr_decay_iters - cfg.warmup)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # weight decay on matrices (linear weights, embedding) only; LayerNorm gains and biases are not decayed
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def load_corpus(cfg: TrainConfig) -> Corpus:
+    if cfg.data:
+        return file_corpus(cfg.data, dtype=cfg.data_dtype, vocab_size=cfg.vocab_size)
+    if cfg.data_dtype:
+        raise ValueError("--data-dtype applies to a --data .bin file only")
+    corpus = stdlib_corpus(cfg.corpus_root, cfg.cache_dir, cfg.val_every)
+    if cfg.vocab_size is not None and cfg.vocab_size < 256:
+        raise ValueError(f"--vocab-size {cfg.vocab_size} is too small for a byte corpus (256 ids)")
+    return corpus
+
+
+def model_config(cfg: TrainConfig, corpus: Corpus, saved: Optional[dict]) -> GPTConfig:
+    """The model to train: the command line's, or on --resume the checkpoint's (a clash with an option given
+    explicitly is an error)."""
+    arch = {k: getattr(cfg, k) for k in MODEL_FIELDS}
+    arch["vocab_size"] = cfg.vocab_size or corpus.vocab_size
+    if saved is not None:
+        clash = [k for k in MODEL_FIELDS if k in set(cfg.explicit) | {"vocab_size"} and arch[k] != saved[k]]
+        if clash:
+            raise ValueError("--resume: the checkpoint's model has " + ", ".join(f"{k}={saved[k]}" for k in clash)
+                             + "; the command line asks for " + ", ".join(f"{k}={arch[k]}" for k in clash))
+        arch = {k: saved[k] for k in MODEL_FIELDS}
+    for k, v in arch.items():
+        setattr(cfg, k, v)                                 # so the log's metadata shows the model trained
+    return GPTConfig(**arch, attn=cfg.attn, drop=cfg.drop, buckets=cfg.buckets, ffn_chunk=cfg.ffn_chunk,
+                     ce_chunk=cfg.ce_chunk, checkpoint=cfg.checkpoint)
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def load_checkpoint(cfg: TrainConfig) -> dict:
+    path = Path(cfg.resume)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.is_file():
+        raise ValueError(f"--resume: no checkpoint at {str(path)!r}")
+    # our own file: it holds numpy generator state (plain dicts) besides tensors
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def save_checkpoint(run: "Run") -> None:
+    cfg = run.cfg
+    if not (cfg.out and run.env.main) or cfg.no_save:
+        return
+    state = {"model": run.raw_model.state_dict(), "optimizer": run.opt.state_dict(), "step": run.step,
+             "model_config": run.model_cfg.to_dict(), "sampler": run.batches.sampler.state(),
+             "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
+             "config": cfg.to_dict()}
+    path = Path(cfg.out) / "ckpt.pt"
+    torch.save(state, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)  # atomic: an interrupted save keeps the previous checkpoint
+
+
+# ------------------------------------------------------------------------------------------------- the run
+class Run:
+    """Everything built before the loop: data, model (DDP-wrapped under torchrun), optimizer, restored state."""
+
+    def __init__(self, cfg: TrainConfig, env: Env):
+        self.cfg, self.env, self.device = cfg, env, env.device
+        if cfg.dtype == "auto":
+            cfg.dtype = "bf16" if self.device.type == "cuda" else "fp32"
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16"
+                         else contextlib.nullcontext())
+        torch.manual_seed(cfg.seed)
+        self.corpus = load_corpus(cfg)
+        ckpt = load_checkpoint(cfg) if cfg.resume else None
+        self.model_cfg = model_config(cfg, self.corpus, None if ckpt is None else ckpt["model_config"])
+        with torch.device(self.device):  # initialise on the device: a 3.8B-parameter init on the CPU takes minutes
+            self.raw_model = GPT(self.model_cfg, group=env.group)
+        self.model = self.raw_model
+        if env.world > 1:                # DDP broadcasts rank 0's weights, then averages gradients over ranks
+            from torch.nn.parallel import DistributedDataParallel
+            self.model = DistributedDataParallel(self.raw_model, process_group=env.grad_group,
+                                                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.n_params = self.raw_model.num_params()
+        self.opt = make_optimizer(self.raw_model, cfg, self.device)
+        ring = cfg.attn == "ring"
+        self.batches = Batches(WindowSampler(self.corpus.train, cfg.batch_size, cfg.seqlen, cfg.seed, "train"),
+                               self.device, env.group, ring)
+        WindowSampler(self.corpus.val, 1, cfg.seqlen, 0, "validation")  # fail now, not at the first eval
+        self.step = 0
+        if ckpt is not None:
+            self.raw_model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.batches.sampler.load_state(ckpt["sampler"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
+            self.step = ckpt["step"]
+        peak = cfg.peak_tflops if cfg.peak_tflops is not None else default_peak_tflops(self.device)
+        self.peak_flops = None if peak is None else peak * 1e12 * env.world
+        self.tokens_per_step = cfg.batch_size * cfg.seqlen * cfg.grad_accum  # whole sequences, all ranks
+        self.flops_per_step = train_flops_per_token(self.model_cfg, cfg.seqlen, self.n_params) * self.tokens_per_step
+
+    def loss_sum(self, model, x, y, pos) -> torch.Tensor:
+        """This rank's summed cross-entropy over its tokens (fp32, 0-dim)."""
+        with self.autocast:
+            return model(x, y, pos)
+
+
+def forward_backward(run: Run) -> float:
+    """Gradients of the global mean loss over one step's ``grad_accum`` micro-batches, in every rank's ``.grad``;
+    returns that loss (over all tokens of all ranks). Each rank backpropagates its token sum x world / global
+    tokens: DDP averages over ranks, so the result is the gradient of the global mean (ring attention's backward
+    already routes the dK/dV of other ranks' queries home)."""
+    cfg, env = run.cfg, run.env
+    total = torch.zeros((), device=run.device, dtype=torch.float64)
+    tokens = cfg.batch_size * cfg.seqlen * cfg.grad_accum               # targets per step summed over all ranks
+    for micro in range(cfg.grad_accum):
+        last = micro == cfg.grad_accum - 1
+        sync = contextlib.nullcontext() if last or env.world == 1 else run.model.no_sync()
+        with sync:
+            loss = run.loss_sum(run.model, *run.batches.next())
+            (loss * env.world / tokens).backward()
+        total += loss.detach()
+    return env.sum(total).item() / tokens
+
+
+def train_step(run: Run) -> float:
+    """One optimizer step: learning rate, gradients, clipping, update. Returns the step's global mean loss."""
+    for group in run.opt.param_groups:
+        group["lr"] = lr_at(run.step, run.cfg)
+    loss = forward_backward(run)
+    if run.cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.cfg.grad_clip)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.step += 1
+    return loss
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean validation loss over the same ``eval_iters`` windows every time; its random draws (qk-sparse masks,
+    LSH rotations) use a forked RNG so validating never shifts the training run's random stream."""
+    cfg = run.cfg
+    run.raw_model.eval()
+    devices = [run.device.index or 0] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.seed + 1)
+        val = Batches(WindowSampler(run.corpus.val, cfg.batch_size, cfg.seqlen, cfg.seed + 1, "validation"),
+                      run.device, run.env.group, cfg.attn == "ring")
+        total = torch.zeros((), device=run.device)
+        for _ in range(cfg.eval_iters):
+            total += run.loss_sum(run.raw_model, *val.next())
+    run.raw_model.train()
+    return run.env.sum(total).item() / (cfg.eval_iters * cfg.batch_size * cfg.seqlen)
+
+
+def out_of_time(run: Run, started: float) -> bool:
+    """True once --max-minutes of training have passed, agreed by all ranks (rank clocks differ slightly; a rank
+    stopping alone would leave the others waiting in the ring)."""
+    if not run.cfg.max_minutes:
+        return False
+    late = torch.tensor(float(time.perf_counter() - started > 60 * run.cfg.max_minutes), device=run.device)
+    return run.env.sum(late).item() > 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(cfg: TrainConfig, env: Env, argv: List[str]) -> dict:
+    """Train; returns the summary (also written to ``--out``/summary.json)."""
+    run = Run(cfg, env)
+    log_file = None
+    if cfg.out and env.main:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        log_file = open(out / "log.jsonl", "a" if cfg.resume else "w")
+    bar = ProgressBar(cfg.iters, mode=cfg.progress if env.main else "off")
+
+    def log(record: dict) -> None:
+        if log_file is not None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    def say(line: str) -> None:
+        if env.main:
+            bar.clear()
+            print(line, flush=True)
+
+    def validate() -> float:
+        val = evaluate(run)
+        log({"type": "val", "step": run.step, "val_loss": val})
+        say(f"step {run.step:>5}/{cfg.iters} | val loss {val:.4f}")
+        return val
+
+    meta = run_metadata(env.device, ["flashring", "train", *argv], world_size=env.world, n_params=run.n_params,
+                        data=run.corpus.source, train_tokens=len(run.corpus.train), val_tokens=len(run.corpus.val),
+                        resumed_at_step=run.step if cfg.resume else None, config=cfg.to_dict())
+    log(meta)
+    mfu_note = "" if run.peak_flops is None else f", MFU vs {run.peak_flops / 1e12 / env.world:g} TFLOP/s"
+    say(f"flashring train: {run.n_params / 1e6:.2f}M params, attn {cfg.attn}, seqlen {cfg.seqlen}, "
+        f"{run.tokens_per_step} tokens/step, world {env.world}, {meta['device']} ({cfg.dtype}{mfu_note})")
+    say(f"data: {run.corpus.source}: {len(run.corpus.train):,} train / {len(run.corpus.val):,} val tokens")
+    times: List[float] = []
+    loss = val = float("nan")
+    started, stopped_early = time.perf_counter(), False
+    if run.step >= cfg.iters:
+        say(f"checkpoint is at step {run.step} >= --iters {cfg.iters}: nothing to train")
+    while run.step < cfg.iters:
+        _sync(run.device)
+        t0 = time.perf_counter()
+        loss = train_step(run)                             # .item() inside waits for the step
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {run.step}; try a lower --lr")
+        rec = {"type": "train", "step": run.step, "loss": loss, "lr": lr_at(run.step - 1, cfg), "dt_ms": dt * 1e3,
+               "tokens_per_s": run.tokens_per_step / dt,
+               "mfu": None if run.peak_flops is None else run.flops_per_step / dt / run.peak_flops}
+        log(rec)
+        bar.update(run.step, loss, dt, run.tokens_per_step, run.flops_per_step, run.peak_flops)
+        if run.step % cfg.log_every == 0 or run.step == cfg.iters:
+            mfu = "" if rec["mfu"] is None else f" | MFU {100 * rec['mfu']:.1f}%"
+            say(f"step {run.step:>5}/{cfg.iters} | loss {loss:.4f} | lr {rec['lr']:.2e} | {dt * 1e3:7.1f} ms/step | "
+                f"{rec['tokens_per_s'] / 1e3:8.1f}k tok/s{mfu}")
+        if run.step % cfg.eval_every == 0 or run.step == cfg.iters:
+            val = validate()
+        saved = bool(cfg.ckpt_every and run.step % cfg.ckpt_every == 0) or run.step == cfg.iters
+        if saved:
+            save_checkpoint(run)
+        if run.step < cfg.iters and out_of_time(run, started):
+            stopped_early = True
+            say(f"--max-minutes {cfg.max_minutes:g} reached at step {run.step}/{cfg.iters}")
+            if run.step % cfg.eval_every:
+                val = validate()
+            if not saved:          # resumable from here (a 3.8B-parameter checkpoint is 45 GB: never twice)
+                save_checkpoint(run)
+            break
+    # the first steps include Triton compilation / allocator warm-up: left out of the timing summary
+    steady = times[min(3, len(times) // 2):]
+    mean_s = float(np.mean(steady)) if steady else float("nan")
+    summary = {"type": "summary", "steps": run.step, "timed_steps": len(steady), "iter_time_ms_mean": mean_s * 1e3,
+               "iter_time_ms_median": float(np.median(steady)) * 1e3 if steady else float("nan"),
+               "tokens_per_s": run.tokens_per_step / mean_s if steady else float("nan"),
+               "mfu": (run.flops_per_step / mean_s / run.peak_flops) if run.peak_flops and steady else None,
+               "final_train_loss": loss, "final_val_loss": val, "n_params": run.n_params,
+               "peak_mem_gib": (torch.cuda.max_memory_allocated(run.device) / 2**30
+                                if run.device.type == "cuda" else None),
+               "attn": cfg.attn, "seqlen": cfg.seqlen, "world_size": env.world,
+               "tokens_per_s_per_gpu": run.tokens_per_step / mean_s / env.world if steady else float("nan"),
+               "stopped_early": stopped_early}
+    log(summary)
+    if log_file is not None:
+        log_file.close()
+        (Path(cfg.out) / "summary.json").write_text(json.dumps({**summary, "meta": meta}, indent=2) + "\n")
+    mfu = "" if summary["mfu"] is None else f", MFU {100 * summary['mfu']:.1f}%"
+    say(f"done: {summary['steps']} steps, {summary['iter_time_ms_mean']:.1f} ms/step, "
+        f"{summary['tokens_per_s'] / 1e3:.1f}k tok/s{mfu}, final val loss {val:.4f}")
+    return summary

@@ -1,0 +1,56 @@
+"""Training data: the stdlib corpus split, user token files, the window sampler."""
+import os
+import random
+
+import pytest
+import torch
+
+SEED = int(os.environ.get("FLASHRING_SEED", random.randrange(2**31)))
+
+
+def seed_msg(extra: str = "") -> str:
+    return f"FLASHRING_SEED={SEED} {extra}"
+
+import numpy as np
+
+from flashring.train.data import FILE_SEP, WindowSampler, file_corpus, stdlib_corpus
+
+
+def test_stdlib_split_deterministic_and_disjoint(corpus_root, tmp_path):
+    a = stdlib_corpus(corpus_root, tmp_path / "c1", val_every=4)
+    b = stdlib_corpus(corpus_root, tmp_path / "c2", val_every=4)
+    assert np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val)
+    files = sorted(p.relative_to(corpus_root).as_posix() for p in corpus_root.rglob("*.py"))
+    assert a.val_files == files[3::4] and not set(a.train_files) & set(a.val_files)
+    assert sorted(a.train_files + a.val_files) == files
+    expect_val = b"".join((corpus_root / f).read_bytes() + FILE_SEP for f in a.val_files)
+    assert a.val.tobytes() == expect_val and a.vocab_size == 256
+    # second call reads the cache rather than rebuilding it
+    meta = next((tmp_path / "c1").glob("*/meta.json"))
+    mtime = meta.stat().st_mtime_ns
+    c = stdlib_corpus(corpus_root, tmp_path / "c1", val_every=4)
+    assert meta.stat().st_mtime_ns == mtime and np.array_equal(c.train, a.train)
+
+
+def test_file_corpus_kinds(tmp_path):
+    rng = np.random.default_rng(SEED)
+    text = tmp_path / "t.txt"
+    text.write_bytes(rng.integers(32, 127, 5000, dtype=np.uint8).tobytes())
+    c = file_corpus(text)
+    assert len(c.train) == 4500 and len(c.val) == 500 and c.vocab_size == 256
+    tok = rng.integers(1, 1000, 3000).astype(np.uint16)
+    np.save(tmp_path / "t.npy", tok)
+    tok.tofile(tmp_path / "t.bin")
+    for name in ("t.npy", "t.bin"):
+        c = file_corpus(tmp_path / name)
+        assert np.array_equal(np.concatenate([c.train, c.val]), tok)
+        assert c.vocab_size == -(-(int(tok.max()) + 1) // 64) * 64
+    (tmp_path / "odd.bin").write_bytes(b"abc")
+    with pytest.raises(ValueError, match="odd number of bytes"):
+        file_corpus(tmp_path / "odd.bin")
+    with pytest.raises(ValueError, match="does not exist"):
+        file_corpus(tmp_path / "missing.txt")
+    s1, s2 = WindowSampler(tok, 3, 16, SEED), WindowSampler(tok, 3, 16, SEED)
+    x1, y1 = s1.next()
+    x2, y2 = s2.next()
+    assert torch.equal(x1, x2) and torch.equal(x1[:, 1:], y1[:, :-1]) and x1.shape == (3, 16)
