@@ -430,8 +430,10 @@ class Run:
 
 
 def results_name(device: torch.device, suite: str) -> str:
-    sha = (git_sha() or "nogit").replace("-dirty", "+")[:11]
-    return f"{device_slug(device)}-{suite}-{time.strftime('%Y%m%d-%H%M%S')}-{sha}.jsonl"
+    """``<device>-<suite>-<date>-<sha>.jsonl``; the sha cut to 10 characters, ``+`` marking a dirty checkout."""
+    raw = git_sha() or "nogit"
+    sha = "".join(c for c in raw.split("-")[0] if c.isalnum())[:10] + ("+" if raw.endswith("-dirty") else "")
+    return f"{device_slug(device)}-{suite}-{time.strftime('%Y%m%d-%H%M%S')}-{sha or 'nogit'}.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
