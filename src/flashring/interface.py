@@ -15,7 +15,7 @@ import torch
 
 from . import validation as V
 from .masks import flash_bounds, sdpa_bounds, window_offsets
-from .ops import dispatch
+from .ops import dispatch, kvcache
 from .ops.flash import Varlen
 from .ops.sparse_ranges import SparseMeta
 
@@ -277,6 +277,162 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     return flash_attn_varlen_func(q, *kv.unbind(1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                   return_attn_probs)
+
+
+# ------------------------------------------------------------------------------------------------- KV cache
+@torch.library.custom_op("flashring::fwd_kvcache", mutates_args=("k_cache", "v_cache"))
+def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: OptT, v: OptT, cos: OptT,
+                sin: OptT, cache_seqlens: torch.Tensor, cache_batch_idx: OptT, cache_leftpad: OptT,
+                block_table: OptT, softmax_scale: float, lower: Optional[int], upper: Optional[int], softcap: float,
+                rotary_interleaved: bool, rotate_q_per_token: bool,
+                num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    b, sq = q.shape[:2]
+    s_new = 0 if k is None else k.shape[1]
+    cache_seqlens = cache_seqlens.to(torch.int32)
+    if k is not None:
+        positions = cache_seqlens.long().unsqueeze(1) + torch.arange(s_new, device=q.device)
+        if cos is not None:
+            k = kvcache.rotate(k, cos, sin, positions, rotary_interleaved)
+        rows = cache_batch_idx if cache_batch_idx is not None else torch.arange(b, device=q.device)
+        kvcache.append_(k_cache, v_cache, k, v, positions, rows, block_table)
+    if cos is not None:
+        steps = torch.arange(sq, device=q.device) if rotate_q_per_token else torch.zeros(sq, dtype=torch.long,
+                                                                                           device=q.device)
+        q = kvcache.rotate(q, cos, sin, cache_seqlens.long().unsqueeze(1) + steps, rotary_interleaved)
+    end = cache_seqlens + s_new
+    start = cache_leftpad.to(torch.int32) if cache_leftpad is not None else torch.zeros_like(end)
+    return dispatch.decode(q, k_cache, v_cache, start.contiguous(), end.contiguous(), softmax_scale, lower, upper,
+                           softcap, block_table, cache_batch_idx, num_splits)
+
+
+@_kvcache_op.register_fake
+def _(q, *args):
+    b, sq, h, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, sq), dtype=torch.float32)
+
+
+def _check_index_tensor(t, name: str, shape, device) -> None:
+    V.check_tensor(t, name)
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+
+
+def _check_range(t: torch.Tensor, lo: int, hi: int, what: str) -> None:
+    """``lo <= t < hi`` elementwise: a host check on CPU; on a GPU a device-side assert, because a host check would
+    stall the queue on every decode step (as torch's own CUDA index ops check their indices on the device)."""
+    if t.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if t.is_cuda:
+        torch._assert_async(((t >= lo) & (t < hi)).all(), what)
+    elif not bool(((t >= lo) & (t < hi)).all()):
+        raise ValueError(f"{what}; got values in [{int(t.min())}, {int(t.max())}]")
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Attention of new queries over a KV cache, flash-attn's ``flash_attn_with_kvcache`` (inference: no backward).
+
+    Args:
+        q: ``(batch, seqlen_q, nheads, headdim)``, seqlen_q >= 1 (decode, speculative tokens, chunked prefill).
+        k_cache, v_cache: ``(batch_cache, seqlen_cache, nheads_k, headdim)``, or with ``block_table`` a paged cache
+            ``(num_pages, page_size, nheads_k, headdim)``, page_size a multiple of 16.
+        k, v: optional new keys/values ``(batch, seqlen_new, nheads_k, headdim)``, written into the caches *in
+            place* at positions ``cache_seqlens[b] ...`` (rotated by rotary_cos/sin first when given).
+        rotary_cos, rotary_sin: ``(seqlen_ro, rotary_dim / 2)``; q and the new k are rotated at their absolute
+            positions (with causal or a window each query at its own position, else all at ``cache_seqlens``);
+            interleaved pairs (0, 1), (2, 3)... or, with ``rotary_interleaved=False``, halves (GPT-NeoX).
+        cache_seqlens: int or int32 ``(batch,)``: keys already in the cache (end index when ``cache_leftpad`` is
+            given); default: the whole cache. Attention covers keys ``[cache_leftpad[b], cache_seqlens[b] +
+            seqlen_new)``; causal / window are bottom-right aligned to that end.
+        cache_batch_idx: int32 ``(batch,)``: the cache row of each batch row (contiguous caches only).
+        cache_leftpad: int32 ``(batch,)``: first valid key of each row.
+        block_table: int32 ``(batch, max_pages_per_seq)``: page ids of each row's cache (paged KV).
+        num_splits: split-KV programs per (row, KV head); 0 chooses from the shape and the SM count.
+    Returns ``out`` ``(batch, seqlen_q, nheads, headdim)``, and ``softmax_lse`` ``(batch, nheads, seqlen_q)`` fp32
+    with ``return_softmax_lse=True``. Out-of-range ``cache_seqlens`` / ``block_table`` entries raise ValueError on
+    CPU and trip a device-side assert on a GPU (no host sync per decode step).
+    """
+    V.check_tensor(q, "q", 4, "(batch, seqlen_q, nheads, headdim)")
+    paged = block_table is not None
+    layout = "(num_pages, page_size, nheads_k, headdim)" if paged else "(batch_cache, seqlen_cache, nheads_k, headdim)"
+    V.check_qkv(q, k_cache, v_cache, names=("q", "k_cache", "v_cache"), same_batch=False)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.shape[1] < 1 or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be {layout} with a contiguous last dimension")
+    V.check_alibi(alibi_slopes)
+    V.check_bool(causal, "causal")
+    V.check_bool(rotary_interleaved, "rotary_interleaved")
+    V.check_bool(return_softmax_lse, "return_softmax_lse")
+    scale, window, cap = V.check_scale(softmax_scale, q.shape[-1]), V.check_window(window_size), \
+        V.check_softcap(softcap)
+    V.check_int(num_splits, "num_splits", 0)
+    b, sq = q.shape[:2]
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new keys/values to append) or both be None")
+    s_new = 0
+    if k is not None:
+        V.check_qkv(q, k, v, names=("q", "k", "v"))
+        if k.shape[0] != b or k.shape[2:] != k_cache.shape[2:]:
+            raise ValueError(f"k must have shape (batch, seqlen_new, nheads_k, headdim) = ({b}, S, "
+                             f"{k_cache.shape[2]}, {k_cache.shape[3]}), got {tuple(k.shape)}")
+        s_new = k.shape[1]
+    if paged:
+        V.check_tensor(block_table, "block_table", 2, "(batch, max_pages_per_seq)")
+        _check_index_tensor(block_table, "block_table", (b, block_table.shape[1]), q.device)
+        if k_cache.shape[1] % 16:
+            raise ValueError(f"paged KV: the page size (k_cache.shape[1] = {k_cache.shape[1]}) must be a multiple "
+                             "of 16")
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be combined with block_table (the table already maps rows)")
+        capacity = block_table.shape[1] * k_cache.shape[1]
+        _check_range(block_table, 0, k_cache.shape[0], f"block_table entries must lie in [0, {k_cache.shape[0]})")
+    else:
+        capacity = k_cache.shape[1]
+        if cache_batch_idx is None and k_cache.shape[0] != b:
+            raise ValueError(f"k_cache has {k_cache.shape[0]} rows but q has batch {b}; pass cache_batch_idx to "
+                             "pick rows")
+    if cache_batch_idx is not None:
+        _check_index_tensor(cache_batch_idx, "cache_batch_idx", (b,), q.device)
+        _check_range(cache_batch_idx, 0, k_cache.shape[0], f"cache_batch_idx entries must lie in [0, "
+                                                           f"{k_cache.shape[0]})")
+    if cache_seqlens is None:
+        cache_seqlens = capacity - s_new
+    if isinstance(cache_seqlens, (int, torch.SymInt)) and not isinstance(cache_seqlens, bool):
+        if not 0 <= cache_seqlens <= capacity - s_new:
+            raise ValueError(f"cache_seqlens = {cache_seqlens} + {s_new} new tokens exceeds the cache capacity "
+                             f"({capacity})")
+        cache_seqlens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=q.device)
+    else:
+        _check_index_tensor(cache_seqlens, "cache_seqlens", (b,), q.device)
+        _check_range(cache_seqlens, 0, capacity - s_new + 1, f"cache_seqlens + {s_new} new tokens must stay within "
+                                                            f"the cache capacity ({capacity})")
+    if cache_leftpad is not None:
+        _check_index_tensor(cache_leftpad, "cache_leftpad", (b,), q.device)
+        _check_range(cache_leftpad, 0, capacity + 1, f"cache_leftpad must lie in [0, {capacity}]")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("rotary_cos/rotary_sin need the new k and v to append (flash-attn's contract)")
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            V.check_tensor(t, name, 2, "(seqlen_ro, rotary_dim / 2)")
+        if rotary_cos.shape != rotary_sin.shape or 2 * rotary_cos.shape[1] > q.shape[-1]:
+            raise ValueError(f"rotary_cos/rotary_sin must both be (seqlen_ro, rotary_dim / 2) with rotary_dim <= "
+                             f"headdim ({q.shape[-1]}), got {tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
+        if rotary_cos.shape[0] < capacity:
+            raise ValueError(f"rotary_cos/rotary_sin cover {rotary_cos.shape[0]} positions; the cache holds "
+                             f"{capacity}")
+    lower, upper = window_offsets(causal, window)
+    out, lse = _kvcache_op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                           cache_leftpad, block_table, scale, lower, upper, cap, rotary_interleaved,
+                           causal or window != (-1, -1), num_splits)
+    return (out, lse) if return_softmax_lse else out
 
 
 # ------------------------------------------------------------------------------------------------- SDPA drop-in

@@ -36,8 +36,9 @@ def check_tensor(t, name: str, ndim: Optional[int] = None, layout: str = "") -> 
 
 
 def check_qkv(q, k, v, names: Sequence[str] = ("q", "k", "v"), ndim: int = 4,
-              layout: str = "(batch, seqlen, nheads, headdim)") -> None:
-    """q/k/v of flash-attn layout (seq, heads, dim last; ``ndim`` 4, or 3 for packed variable-length tensors)."""
+              layout: str = "(batch, seqlen, nheads, headdim)", same_batch: bool = True) -> None:
+    """q/k/v of flash-attn layout (seq, heads, dim last; ``ndim`` 4, or 3 for packed variable-length tensors).
+    ``same_batch=False``: k/v are a cache whose first dim is not q's batch (paged, or rows picked by index)."""
     for name, t in zip(names, (q, k, v)):
         check_tensor(t, name, ndim, layout)
         if t.dtype not in DTYPES:
@@ -49,7 +50,7 @@ def check_qkv(q, k, v, names: Sequence[str] = ("q", "k", "v"), ndim: int = 4,
         raise TypeError(f"{qn}, {kn}, {vn} must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{qn}, {kn}, {vn} must be on one device, got {q.device}, {k.device}, {v.device}")
-    if ndim == 4 and not (q.shape[0] == k.shape[0] == v.shape[0]):
+    if ndim == 4 and not (k.shape[0] == v.shape[0] and (q.shape[0] == k.shape[0] or not same_batch)):
         raise ValueError(f"batch sizes differ: {qn} {q.shape[0]}, {kn} {k.shape[0]}, {vn} {v.shape[0]}")
     if k.shape[-3] != v.shape[-3]:
         raise ValueError(f"{kn} and {vn} must have the same seqlen, got {k.shape[-3]} and {v.shape[-3]}")

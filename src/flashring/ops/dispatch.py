@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import cpu, flash
+from . import cpu, decode as decode_kernel, flash, kvcache
 from .flash import Varlen
 from .sparse_ranges import SparseMeta
 
@@ -52,6 +52,18 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
                            out_dtype=grad_dtype)
     return cpu.bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse, out_dtype=grad_dtype,
                    tile_mask=cpu.sparse_tile_mask(sparse))
+
+
+def decode(q, k_cache, v_cache, start: torch.Tensor, end: torch.Tensor, softmax_scale: float,
+           lower: Optional[int], upper: Optional[int], softcap: float, block_table: Optional[torch.Tensor] = None,
+           cache_batch_idx: Optional[torch.Tensor] = None, num_splits: int = 0):
+    """``(out, lse)`` of q ``(B, Sq, H, D)`` over each batch row's cache keys ``[start[b], end[b])``, the queries
+    at the last Sq positions; ``lower``/``upper`` the band around a query's position. lse ``(B, H, Sq)``."""
+    if on_triton(q):
+        return decode_kernel.attention(q, k_cache, v_cache, start, end, softmax_scale, lower, upper, softcap,
+                                       block_table, cache_batch_idx, num_splits)
+    return kvcache.cpu_attention(q, k_cache, v_cache, start, end, softmax_scale, lower, upper, softcap, block_table,
+                                 cache_batch_idx)
 
 
 def _cpu_varlen(fn, varlen: Varlen, tensors, softmax_scale, lower, upper, softcap, out_dtype):

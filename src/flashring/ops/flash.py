@@ -38,26 +38,26 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Kernels may only read globals that are constexpr.
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(LN2)
-_EMPTY_LSE = tl.constexpr(EMPTY_ROW_LSE)
-_INTERP = tl.constexpr(INTERPRET)
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(LN2)
+EMPTY_LSE_C = tl.constexpr(EMPTY_ROW_LSE)
+INTERP_C = tl.constexpr(INTERPRET)
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
 @triton.jit
-def _tanh(x):
+def softcap_tanh(x):
     # tanh(x) = 1 - 2 / (exp(2x) + 1), through exp2 so the interpreter and every GPU target share one code path;
     # saturates cleanly to +-1 (exp2 -> inf or 0), never NaN.
     return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
 
 
 @triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr):
+def mma(a, b, acc, PRECISION: tl.constexpr):
     # Every product goes through here. Under TRITON_INTERPRET (triton 3.8) a bf16 tl.dot multiplies the raw bit
     # patterns (numpy has no bf16: errors of 1e10), so the interpreter gets fp32 operands. Values are already
     # rounded to the input dtype, so the result is what an fp32-accumulating tensor core computes.
-    if _INTERP:
+    if INTERP_C:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if acc is None:
@@ -197,9 +197,9 @@ def _scores(a, b, qi, kj, qp, kp, qb, kb, seqlen_k, lower, upper, SCORE,
     The masks are the fast path of ``flashring.masks.band_visible`` / ``sparse_visible``.
     Returns ``(s, t)``; ``t = tanh(.)`` is kept for the softcap backward (``t = s`` without softcap).
     """
-    s = _mma(a, b, None, PRECISION)
+    s = mma(a, b, None, PRECISION)
     if HAS_SOFTCAP:
-        t = _tanh(s * SCORE[0])
+        t = softcap_tanh(s * SCORE[0])
         s = t * SCORE[1]
     else:
         s = s * SCORE[0]
@@ -255,7 +255,7 @@ def _fwd_inner(acc, l_i, m_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_vn, S
         else:
             v = tl.load(V_ptrs + voff, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
-        acc = _mma(p.to(v.dtype), v, acc, PRECISION)
+        acc = mma(p.to(v.dtype), v, acc, PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -307,7 +307,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEQ, BAND, SCORE, SP,
     # so l_i would not be 0 when the block has valid rows too): the front ends return them for dropped queries.
     empty = (l_i == 0.0) | ~m_ok
     l_safe = tl.where(empty, 1.0, l_i)
-    lse = tl.where(empty, _EMPTY_LSE, (m_i + tl.log2(l_safe)) * _LN2)
+    lse = tl.where(empty, EMPTY_LSE_C, (m_i + tl.log2(l_safe)) * LN2_C)
     n_store = SEQ[1]                             # rows of the allocation (padding rows included) ...
     if VARLEN:
         n_store = seqlen_q                       # ... but never into the next sequence of a packed batch
@@ -366,20 +366,20 @@ def _dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, strid
             m_ok = qi >= 0
         qT = tl.load(Q_ptrs + start_m.to(tl.int64) * stride_qm, mask=d_ok[:, None] & m_ok[None, :], other=0.0)
         # Rows past seqlen_q read LSE = +inf, so their P is exactly 0 and they add nothing to dK/dV.
-        lse2 = tl.load(Lse_ptr + qi, mask=m_ok, other=float("inf")) * _LOG2E
+        lse2 = tl.load(Lse_ptr + qi, mask=m_ok, other=float("inf")) * LOG2E_C
         sT, tT = _scores(k, qT, qi=qi[None, :], kj=offs_n[:, None], qp=qp[None, :], kp=kp[:, None], qb=qb[None, :],
                          kb=kb[:, None], seqlen_k=seqlen_k, lower=lower, upper=upper, SCORE=SCORE, MASK=MASK,
                          HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE,
                          SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION)            # (BLOCK_N, BLOCK_M)
         pT = tl.exp2(sT - lse2[None, :])
         do = tl.load(DO_ptrs + start_m.to(tl.int64) * stride_dom, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        dv = _mma(pT.to(do.dtype), do, dv, PRECISION)
+        dv = mma(pT.to(do.dtype), do, dv, PRECISION)
         delta = tl.load(Delta_ptr + qi, mask=m_ok, other=0.0)
-        dpT = _mma(v, tl.trans(do), None, PRECISION)
+        dpT = mma(v, tl.trans(do), None, PRECISION)
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
-        dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, PRECISION)
+        dk = mma(dsT.to(qT.dtype), tl.trans(qT), dk, PRECISION)
     return dk, dv
 
 
@@ -479,11 +479,11 @@ def _dq_inner(dq, q, do, lse2, delta, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_
                        HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE,
                        SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION)
         p = tl.exp2(s - lse2[:, None])
-        dp = _mma(do, vT, None, PRECISION)
+        dp = mma(do, vT, None, PRECISION)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, PRECISION)
+        dq = mma(ds.to(kT.dtype), tl.trans(kT), dq, PRECISION)
     return dq
 
 
@@ -512,7 +512,7 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SEQ, BAND, SCORE, SP,
                 other=0.0)
     do = tl.load(_rows(DO, b, h, q_start) + offs_m[:, None].to(tl.int64) * DO[2] + offs_d[None, :], mask=qd_mask,
                  other=0.0)
-    lse2 = tl.load(_rows(LSE, b, h, q_start) + offs_m, mask=m_ok, other=float("inf")) * _LOG2E
+    lse2 = tl.load(_rows(LSE, b, h, q_start) + offs_m, mask=m_ok, other=float("inf")) * LOG2E_C
     delta = tl.load(_rows(DELTA, b, h, q_start) + offs_m, mask=m_ok, other=0.0)
     K_ptrs = _rows(K, b, hk, k_start) + offs_n[None, :] * K[2] + offs_d[:, None]
     V_ptrs = _rows(V, b, hk, k_start) + offs_n[None, :] * V[2] + offs_d[:, None]
@@ -565,17 +565,17 @@ def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, back
     return dict(next(cfg for d, cfg in (BWD_CONFIGS if backward else FWD_CONFIGS) if head_dim <= d))
 
 
-def _precision(dtype: torch.dtype) -> str:
+def precision(dtype: torch.dtype) -> str:
     # fp32 inputs get true fp32 products ("ieee"), not tf32: the documented fp32 precision is fp32's own.
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
+def unit_last(x: torch.Tensor) -> torch.Tensor:
     # Kernels address headdim with unit stride; any other stride layout is used as is.
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _tensor_arg(t: torch.Tensor) -> tuple:
+def tensor_arg(t: torch.Tensor) -> tuple:
     """``(ptr, stride_batch, stride_seq, stride_head)``; a packed (total, H, D) tensor has no batch stride."""
     if t.dim() == 3:
         return (t, 0, t.stride(0), t.stride(1))
@@ -594,7 +594,7 @@ def _band_args(lower: Optional[int], upper: Optional[int]):
         dict(HAS_LOWER=lower is not None, HAS_UPPER=upper is not None)
 
 
-def _score_args(softmax_scale: float, softcap: float) -> tuple:
+def score_args(softmax_scale: float, softcap: float) -> tuple:
     if softcap > 0:
         return (softmax_scale / softcap, softcap * LOG2E, softmax_scale)
     return (softmax_scale * LOG2E, 0.0, softmax_scale)
@@ -626,7 +626,7 @@ def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optio
         config: Optional[dict] = None, out_dtype: Optional[torch.dtype] = None):
     """Forward launch: ``(out, lse)``; lse ``(B, H, Sq)`` (varlen: ``(H, total_q)``) fp32, natural log. With
     ``varlen``, lower/upper are relative to each sequence's bottom-right diagonal (``masks.window_offsets``)."""
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
     b, sq, h, sk, hk, seq = _layout(q, k, varlen)
     d = q.shape[-1]
     out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
@@ -635,10 +635,10 @@ def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optio
     band, band_flags = _band_args(lower, upper)
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=False)
     _attn_fwd[(triton.cdiv(sq, cfg["BLOCK_M"]), h, b)](
-        _tensor_arg(q), _tensor_arg(k), _tensor_arg(v), _tensor_arg(out), _rows_arg(lse), seq, band,
-        _score_args(softmax_scale, softcap), side, GROUP=h // hk, HEAD_DIM=d,
+        tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(out), _rows_arg(lse), seq, band,
+        score_args(softmax_scale, softcap), side, GROUP=h // hk, HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_SOFTCAP=softcap > 0, VARLEN=varlen is not None,
-        PRECISION=_precision(q.dtype), **band_flags, **sp_flags, **cfg)
+        PRECISION=precision(q.dtype), **band_flags, **sp_flags, **cfg)
     return out, lse
 
 
@@ -646,7 +646,7 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
         softcap: float = 0.0, dlse: Optional[torch.Tensor] = None, grad_dtype: Optional[torch.dtype] = None,
         sparse: Optional[SparseMeta] = None, varlen: Optional[Varlen] = None, config: Optional[dict] = None):
     """Backward launches: ``(dq, dk, dv)``."""
-    do, q, k, v, out = (_unit_last(t) for t in (do, q, k, v, out))
+    do, q, k, v, out = (unit_last(t) for t in (do, q, k, v, out))
     b, sq, h, sk, hk, seq = _layout(q, k, varlen)
     d = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(d))
@@ -655,19 +655,19 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
     if dlse is not None:
         dlse = dlse.float().contiguous()
     _bwd_preprocess[(triton.cdiv(sq, 64), h, b)](
-        _tensor_arg(out), _tensor_arg(do), _rows_arg(dlse if dlse is not None else delta), _rows_arg(delta), seq,
+        tensor_arg(out), tensor_arg(do), _rows_arg(dlse if dlse is not None else delta), _rows_arg(delta), seq,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=64, HAS_DLSE=dlse is not None, VARLEN=varlen is not None)
     dq, dk, dv = (torch.empty(t.shape, dtype=grad_dtype or t.dtype, device=t.device) for t in (q, k, v))
     cfg = dict(config or default_config(d, q.dtype, q.device, backward=True))
     band, band_flags = _band_args(lower, upper)
     common = dict(GROUP=h // hk, HEAD_DIM=d, BLOCK_D=block_d, HAS_SOFTCAP=softcap > 0, VARLEN=varlen is not None,
-                  PRECISION=_precision(q.dtype), **band_flags, **cfg)
-    score = _score_args(softmax_scale, softcap)
-    ins = (_tensor_arg(q), _tensor_arg(k), _tensor_arg(v), _tensor_arg(do), _rows_arg(lse), _rows_arg(delta))
+                  PRECISION=precision(q.dtype), **band_flags, **cfg)
+    score = score_args(softmax_scale, softcap)
+    ins = (tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(do), _rows_arg(lse), _rows_arg(delta))
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=True)
-    _bwd_dkdv[(triton.cdiv(sk, cfg["BLOCK_N"]), hk, b)](*ins, _tensor_arg(dk), _tensor_arg(dv), seq, band, score,
+    _bwd_dkdv[(triton.cdiv(sk, cfg["BLOCK_N"]), hk, b)](*ins, tensor_arg(dk), tensor_arg(dv), seq, band, score,
                                                         side, **sp_flags, **common)
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=False)
-    _bwd_dq[(triton.cdiv(sq, cfg["BLOCK_M"]), h, b)](*ins, _tensor_arg(dq), seq, band, score, side, **sp_flags,
+    _bwd_dq[(triton.cdiv(sq, cfg["BLOCK_M"]), h, b)](*ins, tensor_arg(dq), seq, band, score, side, **sp_flags,
                                                      **common)
     return dq, dk, dv

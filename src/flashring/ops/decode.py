@@ -1,0 +1,224 @@
+"""Attention over a KV cache ("Flash-Decoding"): split-KV programs with GQA packing, paged or contiguous caches.
+
+Decode reads the whole cache for a handful of query rows, so it is bound by memory bandwidth, and the FA2 grid (one
+program per (query block, head, batch)) leaves most SMs idle (B=1, 32 heads: 32 programs on 132 SMs) and makes each
+query head re-read its KV head. Here:
+- GQA packing: the ``G = H / Hk`` query heads sharing a KV head and the ``Sq`` new queries form the rows of one
+  tile (row r = query r // G, head r % G), so every K/V byte is read once per program;
+- split-KV: each (batch, KV head)'s key range is cut into ``NUM_SPLITS`` tile-aligned chunks processed by separate
+  programs; their partial outputs (fp32) and log-sum-exps are merged by ``_combine`` (skipped when one split);
+- the cache is contiguous ``(batch_cache, seqlen_cache, Hk, D)`` (row ``cache_batch_idx[b]``) or paged
+  ``(num_pages, PAGE, Hk, D)`` through ``block_table[b, j // PAGE]``. Tiles are aligned to absolute positions and
+  ``PAGE % BLOCK_N == 0``, so a tile never straddles pages;
+- batch b's valid keys are ``[leftpad[b], end[b])``; query i sits at position ``end[b] - Sq + i`` (bottom-right).
+  Keys past ``end[b]`` are never loaded (masked loads), so garbage in the unused cache never leaks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .flash import EMPTY_LSE_C, LN2_C, mma, precision, score_args, softcap_tanh, unit_last
+
+
+@triton.jit
+def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, META, BlockTable, CacheIdx, SQ, SCORE, BAND,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_CACHE_IDX: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Program (split, m_block * Hk + hk, b). ``Q``/``O`` = (ptr, sb, ss, sh) of (B, Sq, H, D); ``K``/``V`` =
+    (ptr, s_batch_or_page, s_seq, s_head) of the cache; ``META`` = (Start, End) int32 (B,) valid key range;
+    ``LSE`` = (ptr, sb, sh) of (B, H, Sq); ``OP``/``LSEP`` = fp32 partials (NUM_SPLITS, B, Sq, H, D) /
+    (NUM_SPLITS, B, H, Sq), used when NUM_SPLITS > 1. ``BAND = (LOWER, UPPER)``: a query at position p sees
+    keys ``p + LOWER <= j <= p + UPPER`` (causal: UPPER = 0; window (left, right): -left, right)."""
+    split = tl.program_id(0)
+    hk = tl.program_id(1) % (SQ[1] // GROUP)
+    m_block = tl.program_id(1) // (SQ[1] // GROUP)
+    b = tl.program_id(2)
+    sq = SQ[0]
+    start = tl.load(META[0] + b)
+    end = tl.load(META[1] + b)
+    rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)          # packed (query, head-in-group) rows
+    r_ok = rows < sq * GROUP
+    qi = rows // GROUP
+    h = hk * GROUP + rows % GROUP
+    pos = end - sq + qi                                       # each query's absolute cache position
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_rows = Q[0] + b.to(tl.int64) * Q[1] + qi.to(tl.int64) * Q[2] + h.to(tl.int64) * Q[3]
+    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # This block's key range: [lo, hi) of valid keys its rows can see, then this split's share of its tiles.
+    last_q = tl.minimum(m_block * BLOCK_M + BLOCK_M - 1, sq * GROUP - 1) // GROUP
+    first_q = (m_block * BLOCK_M) // GROUP
+    hi = end
+    if HAS_UPPER:
+        hi = tl.minimum(end, end - sq + last_q + BAND[1] + 1)
+    lo = start
+    if HAS_LOWER:
+        lo = tl.maximum(start, end - sq + first_q + BAND[0])
+    tile0 = lo // BLOCK_N
+    n_tiles = tl.maximum(tl.cdiv(hi, BLOCK_N) - tile0, 0)
+    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    t_begin = tile0 + split * per_split
+    t_end = tl.minimum(t_begin + per_split, tile0 + n_tiles)
+
+    cache_b = b
+    if HAS_CACHE_IDX:
+        cache_b = tl.load(CacheIdx + b)
+    offs_n = tl.arange(0, BLOCK_N)
+    kv_head = hk.to(tl.int64)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for t in range(t_begin, t_end):
+        j0 = t * BLOCK_N
+        if PAGED:
+            page = tl.load(BlockTable[0] + b.to(tl.int64) * BlockTable[1] + j0 // PAGE).to(tl.int64)
+            k_base = K[0] + page * K[1] + (j0 % PAGE).to(tl.int64) * K[2] + kv_head * K[3]
+            v_base = V[0] + page * V[1] + (j0 % PAGE).to(tl.int64) * V[2] + kv_head * V[3]
+        else:
+            k_base = K[0] + cache_b.to(tl.int64) * K[1] + j0.to(tl.int64) * K[2] + kv_head * K[3]
+            v_base = V[0] + cache_b.to(tl.int64) * V[1] + j0.to(tl.int64) * V[2] + kv_head * V[3]
+        kj = j0 + offs_n
+        n_ok = (kj >= start) & (kj < end)
+        k = tl.load(k_base + offs_n[None, :] * K[2] + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        s = mma(q, k, None, PRECISION)
+        if HAS_SOFTCAP:
+            s = softcap_tanh(s * SCORE[0]) * SCORE[1]
+        else:
+            s = s * SCORE[0]
+        keep = n_ok[None, :] & r_ok[:, None]
+        if HAS_UPPER:
+            keep = keep & (kj[None, :] <= pos[:, None] + BAND[1])
+        if HAS_LOWER:
+            keep = keep & (kj[None, :] >= pos[:, None] + BAND[0])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * V[2] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, EMPTY_LSE_C, (m_i + tl.log2(l_safe)) * LN2_C)
+    out = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        lse_ptr = LSE[0] + b.to(tl.int64) * LSE[1] + h.to(tl.int64) * LSE[2] + qi
+        tl.store(lse_ptr, lse, mask=r_ok)
+        o_rows = O[0] + b.to(tl.int64) * O[1] + qi.to(tl.int64) * O[2] + h.to(tl.int64) * O[3]
+        tl.store(o_rows[:, None] + offs_d[None, :], out.to(O[0].dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+    else:
+        nb = tl.num_programs(2)
+        part = (split * nb + b).to(tl.int64)
+        lse_ptr = LSEP + (part * SQ[1] + h) * sq + qi
+        tl.store(lse_ptr, lse, mask=r_ok)
+        o_rows = OP + ((part * sq + qi) * SQ[1] + h) * HEAD_DIM
+        tl.store(o_rows[:, None] + offs_d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine(O, LSE, OP, LSEP, SQ, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+             BLOCK_S: tl.constexpr):
+    """out = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s, for one (batch, query, head) row. Empty
+    splits carry EMPTY_ROW_LSE, whose weight underflows to 0."""
+    row = tl.program_id(0)                    # b * Sq + i
+    h = tl.program_id(1)
+    nh = tl.num_programs(1)
+    sq = SQ[0]
+    b = row // sq
+    i = row % sq
+    nb = tl.num_programs(0) // sq
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < NUM_SPLITS
+    part = (s * nb + b).to(tl.int64)
+    lse_s = tl.load(LSEP + (part * nh + h) * sq + i, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    w = tl.exp(lse_s - m)
+    total = tl.sum(w, 0)
+    lse = m + tl.log(total)
+    w = w / total
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    op = tl.load(OP + ((part[:, None] * sq + i) * nh + h) * HEAD_DIM + offs_d[None, :],
+                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(op * w[:, None], 0)
+    empty = m <= EMPTY_LSE_C
+    lse = tl.where(empty, EMPTY_LSE_C, lse)
+    out = tl.where(empty, 0.0, out)
+    tl.store(LSE[0] + b.to(tl.int64) * LSE[1] + h.to(tl.int64) * LSE[2] + i, lse)
+    tl.store(O[0] + b.to(tl.int64) * O[1] + i.to(tl.int64) * O[2] + h.to(tl.int64) * O[3] + offs_d,
+             out.to(O[0].dtype.element_ty), mask=d_ok)
+
+
+def decode_config(head_dim: int, page: Optional[int], device: torch.device) -> dict:
+    """BLOCK_N: 64 keys per tile (D <= 128), 32 at D = 256; a divisor of the page size when paged. The
+    interpreter gets small tiles (coverage, not speed)."""
+    block_n = 16 if device.type != "cuda" else (64 if head_dim <= 128 else 32)
+    if page is not None:
+        block_n = min(block_n, page & -page)                  # largest power of two dividing the page size
+    return dict(BLOCK_N=block_n, num_warps=4, num_stages=3 if device.type == "cuda" else 1)
+
+
+def choose_splits(batch: int, heads_k: int, m_blocks: int, max_keys: int, block_n: int, device: torch.device,
+                  requested: int = 0) -> int:
+    """Split count: ``requested`` if > 0, else enough programs for ~4 per SM, each keeping >= 4 key tiles, at most
+    128 (from the shape and the SM count; no device sync)."""
+    if requested > 0:
+        return min(requested, 128)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    programs = batch * heads_k * m_blocks
+    tiles = triton.cdiv(max(max_keys, 1), block_n)
+    return max(1, min(128, triton.cdiv(4 * sms, programs), triton.cdiv(tiles, 4)))
+
+
+def attention(q, k_cache, v_cache, start: torch.Tensor, end: torch.Tensor, softmax_scale: float,
+              lower: Optional[int], upper: Optional[int], softcap: float, block_table: Optional[torch.Tensor] = None,
+              cache_batch_idx: Optional[torch.Tensor] = None, num_splits: int = 0):
+    """Triton launch: ``(out, lse)`` of q ``(B, Sq, H, D)`` over each batch's cache keys ``[start[b], end[b])``
+    (int32 (B,)); lse ``(B, H, Sq)`` fp32. ``lower``/``upper``: the band around each query's position (None =
+    unbounded)."""
+    q = unit_last(q)
+    b, sq, h, d = q.shape
+    hk = k_cache.shape[2]
+    group = h // hk
+    paged = block_table is not None
+    page = k_cache.shape[1] if paged else None
+    cfg = decode_config(d, page, q.device)
+    block_m = max(16, min(64, triton.next_power_of_2(sq * group)))
+    m_blocks = triton.cdiv(sq * group, block_m)
+    capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
+    splits = choose_splits(b, hk, m_blocks, capacity, cfg["BLOCK_N"], q.device, num_splits)
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
+    op = lsep = out
+    if splits > 1:
+        op = torch.empty(splits, b, sq, h, d, dtype=torch.float32, device=q.device)
+        lsep = torch.empty(splits, b, h, sq, dtype=torch.float32, device=q.device)
+    kv = lambda t: (t, t.stride(0), t.stride(1), t.stride(2))  # noqa: E731 - batch-or-page, seq, head strides
+    bt = (block_table, block_table.stride(0)) if paged else (None, 0)
+    _decode_fwd[(splits, m_blocks * hk, b)](
+        (q, q.stride(0), q.stride(1), q.stride(2)), kv(k_cache), kv(v_cache),
+        (out, out.stride(0), out.stride(1), out.stride(2)), (lse, lse.stride(0), lse.stride(1)), op, lsep,
+        (start, end), bt, cache_batch_idx, (sq, h), score_args(softmax_scale, softcap),
+        (0 if lower is None else int(lower), 0 if upper is None else int(upper)), GROUP=group, HEAD_DIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, NUM_SPLITS=splits, HAS_LOWER=lower is not None,
+        HAS_UPPER=upper is not None, HAS_SOFTCAP=softcap > 0,
+        PAGED=paged, PAGE=page or 1, HAS_CACHE_IDX=cache_batch_idx is not None, PRECISION=precision(q.dtype),
+        **cfg)
+    if splits > 1:
+        _combine[(b * sq, h)]((out, out.stride(0), out.stride(1), out.stride(2)),
+                              (lse, lse.stride(0), lse.stride(1)), op, lsep, (sq, h), HEAD_DIM=d,
+                              BLOCK_D=max(16, triton.next_power_of_2(d)), NUM_SPLITS=splits,
+                              BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    return out, lse
