@@ -4,6 +4,8 @@
     flashring bench sparse           # dynamic sparse vs dense, FlexAttention
     flashring bench ring             # ring attention (torchrun on GPUs; --cpu --nproc N spawns gloo ranks)
     flashring bench tune             # tile-configuration sweep of the Triton kernels
+    flashring bench decode           # KV-cache decode (bandwidth-bound inference step)
+    flashring bench varlen           # packed variable-length batches
 
 Every suite checks each provider against the float64 reference before timing it, prints a table last and writes
 ``<device>-<suite>-<date>-<sha>.jsonl`` (a metadata line, then rows) under ``--out`` (default
@@ -20,6 +22,10 @@ SUITES = {
     "sparse": ("flashring.bench.sparse", "QK-sparse / hash-sparse vs dense causal attention and FlexAttention"),
     "ring": ("flashring.bench.ring", "ring attention over a process group vs one device"),
     "tune": ("flashring.bench.tune", "tile-configuration sweep of the Triton kernels"),
+    "decode": ("flashring.bench.decode", "one-token decode over a KV cache: flashring (contiguous, paged) vs SDPA "
+                                         "backends, GB/s and share of copy bandwidth"),
+    "varlen": ("flashring.bench.varlen", "packed variable-length batches vs one sequence of the same tokens and "
+                                         "padded SDPA"),
 }
 LEGACY_FLAGS = {"--sparse": "sparse", "--ring": "ring"}
 

@@ -54,13 +54,20 @@ def fwd(q, k, v, softmax_scale: float, lower: Optional[int], upper: Optional[int
         for n0 in range((lo // chunk) * chunk, hi, chunk):
             n1 = min(sk, n0 + chunk)
             s = softcap_scores(torch.matmul(qc, kg[..., n0:n1, :].transpose(-1, -2)) * softmax_scale, softcap)
-            s = s.masked_fill(~_tile_visible(m0, m1, n0, n1, lower, upper, tile_mask, q.device), float("-inf"))
+            vis = _tile_visible(m0, m1, n0, n1, lower, upper, tile_mask, q.device)
+            s = s.masked_fill(~vis, float("-inf"))
             m_new = torch.maximum(m_i, s.amax(-1))
             m_safe = m_new.masked_fill(torch.isinf(m_new), 0.0)   # rows with nothing visible yet
             p = torch.exp(s - m_safe.unsqueeze(-1))
             alpha = torch.exp(m_i - m_safe)
             l_i = l_i * alpha + p.sum(-1)
-            acc = acc * alpha.unsqueeze(-1) + torch.matmul(p, vg[..., n0:n1, :])
+            # Exact masking next to non-finite values (as the kernels): a value row no query of the tile may see
+            # must not turn 0 * NaN into NaN; rows that do see a non-finite value row are poisoned explicitly.
+            vc = vg[..., n0:n1, :]
+            v_bad = ~torch.isfinite(vc).all(-1)                  # (B, Hk, 1, nc)
+            acc = acc * alpha.unsqueeze(-1) + torch.matmul(p, vc.masked_fill(v_bad.unsqueeze(-1), 0.0))
+            sees_bad = (vis & v_bad.unsqueeze(-2) & (s > float("-inf"))).any(-1, keepdim=True)
+            acc = acc.masked_fill(sees_bad, float("nan"))
             m_i = m_new
         empty = l_i == 0
         og[..., m0:m1, :] = acc / l_i.masked_fill(empty, 1.0).unsqueeze(-1)
@@ -100,9 +107,10 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int], upper
             ds = p * (dp - delta[..., m0:m1].unsqueeze(-1))
             if softcap > 0:
                 ds = ds * (1.0 - torch.tanh(raw / softcap) ** 2)
-            ds = ds * softmax_scale
-            dqg[..., m0:m1, :] += torch.matmul(ds, kg[..., n0:n1, :])
-            dkg[..., n0:n1, :] += torch.matmul(ds.transpose(-1, -2), qc).sum(2)
+            ds = ds.masked_fill(~vis, 0.0) * softmax_scale       # masked pairs: exactly 0, even next to NaN
+            finite = lambda x: x.masked_fill(~torch.isfinite(x), 0.0)  # noqa: E731
+            dqg[..., m0:m1, :] += torch.matmul(ds, finite(kg[..., n0:n1, :]))
+            dkg[..., n0:n1, :] += torch.matmul(ds.transpose(-1, -2), finite(qc)).sum(2)
     return dq.to(out_dtype or q.dtype), dk.to(out_dtype or k.dtype), dv.to(out_dtype or v.dtype)
 
 

@@ -66,6 +66,18 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def finite_or_inf(x):
+    """|x| as fp32, with NaN mapped to inf: a row max of inf flags a non-finite row."""
+    a = tl.abs(x.to(tl.float32))
+    return tl.where(a == a, a, float("inf"))
+
+
+@triton.jit
+def _zero_nonfinite(x):
+    return tl.where(finite_or_inf(x) < float("inf"), x, 0.0)
+
+
+@triton.jit
 def _rows(T, b, h, start):
     """Pointer to row ``start`` of (batch b, head h) of a flash-layout tensor ``T = (ptr, sb, ss, sh)``: the one
     place batch/head/sequence offsets are applied, in int64."""
@@ -252,10 +264,17 @@ def _fwd_inner(acc, l_i, m_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_vn, S
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK:
             v = tl.load(V_ptrs + voff, mask=(kj[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
+            # A masked pair multiplies a zero weight, and 0 * NaN = NaN would carry a value the row may not see
+            # into every row of the tile: zero non-finite value rows, then re-poison only the rows that see them.
+            v_bad = tl.max(finite_or_inf(v), 1) == float("inf")
+            v = tl.where(v_bad[:, None], 0.0, v)
+            sees_bad = tl.max(tl.where(v_bad[None, :] & (s > float("-inf")), 1.0, 0.0), 1) > 0.0
         else:
             v = tl.load(V_ptrs + voff, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
         acc = mma(p.to(v.dtype), v, acc, PRECISION)
+        if MASK:
+            acc = tl.where(sees_bad[:, None], float("nan"), acc)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -379,6 +398,9 @@ def _dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, strid
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
+        if MASK:       # masked pairs contribute exactly 0, also next to non-finite values (see _fwd_inner)
+            dsT = tl.where(sT == float("-inf"), 0.0, dsT)
+            qT = _zero_nonfinite(qT)
         dk = mma(dsT.to(qT.dtype), tl.trans(qT), dk, PRECISION)
     return dk, dv
 
@@ -483,6 +505,9 @@ def _dq_inner(dq, q, do, lse2, delta, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
+        if MASK:       # masked pairs contribute exactly 0, also next to non-finite values (see _fwd_inner)
+            ds = tl.where(s == float("-inf"), 0.0, ds)
+            kT = _zero_nonfinite(kT)
         dq = mma(ds.to(kT.dtype), tl.trans(kT), dq, PRECISION)
     return dq
 

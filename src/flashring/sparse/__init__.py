@@ -181,6 +181,8 @@ def sparse_attn_compact_func(q, k, v, q_idx, k_idx, q_len=None, k_len=None, q_bu
             ln = torch.full((b, nh), s, dtype=torch.int32, device=q.device)
         elif not isinstance(ln, torch.Tensor) or tuple(ln.shape) != (b, nh):
             raise ValueError(f"{name} must be a tensor of shape (batch, nheads) = {(b, nh)}")
+        elif ln.dtype.is_floating_point or ln.dtype.is_complex or ln.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor of row counts, got {ln.dtype}")
         elif ln.numel() and (int(ln.min()) < 0 or int(ln.max()) > s):
             raise ValueError(f"{name} entries must lie in [0, {s}]")
         lens.append(ln.to(device=q.device, dtype=torch.int32).contiguous())
@@ -241,12 +243,20 @@ def hash_sparse_attn_func(q, k, v, q_buckets, k_buckets, causal=True, softmax_sc
 
 
 # ------------------------------------------------------------------------------------------------- LSH
+def _check_buckets(n_buckets) -> None:
+    # angular LSH takes the argmax over [xR, -xR]: a bucket count is 2 x (rotated dims), so even and >= 2
+    if isinstance(n_buckets, bool) or not isinstance(n_buckets, int) or n_buckets < 2 or n_buckets % 2:
+        raise ValueError(f"n_buckets must be an even int >= 2, got {n_buckets!r}")
+
+
 def lsh_rotations(nheads: int, headdim: int, n_buckets: int, generator: Optional[torch.Generator] = None,
                   device=None, dtype=torch.float32) -> torch.Tensor:
     """Random Gaussian projections ``(nheads, headdim, n_buckets // 2)`` for angular LSH, drawn on the CPU from
     ``generator`` so a seed gives the same buckets on every device."""
-    if not isinstance(n_buckets, int) or n_buckets < 2 or n_buckets % 2:
-        raise ValueError(f"n_buckets must be an even int >= 2, got {n_buckets!r}")
+    _check_buckets(n_buckets)
+    for name, value in (("nheads", nheads), ("headdim", headdim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     r = torch.randn(nheads, headdim, n_buckets // 2, generator=generator, dtype=torch.float32)
     return r.to(device=device, dtype=dtype)
 
@@ -260,6 +270,7 @@ def lsh_buckets(x, n_buckets: int, rotations: Optional[torch.Tensor] = None,
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError("x must be a (batch, seqlen, nheads, headdim) tensor")
+    _check_buckets(n_buckets)
     if rotations is None:
         rotations = lsh_rotations(x.shape[2], x.shape[3], n_buckets, generator, device=x.device)
     elif tuple(rotations.shape) != (x.shape[2], x.shape[3], n_buckets // 2):

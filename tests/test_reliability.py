@@ -1,0 +1,190 @@
+"""The library as real clients use it: torch.compile (fullgraph, dynamic shapes), the SDPA drop-in behaving like
+torch's (results, dtypes, errors, fallbacks, no recursion), default-dtype changes, bad sparse-helper input, and
+non-finite values in masked-out positions."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flashring
+from flashring import interface
+from flashring.testing import assert_close
+
+
+class TinyBlock(torch.nn.Module):
+    """What every transformer does around attention: project, split heads, attend, merge heads (a view)."""
+
+    def __init__(self, use_sdpa: bool, d: int = 32, h: int = 4):
+        super().__init__()
+        self.qkv, self.proj, self.h, self.use_sdpa = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d), h, use_sdpa
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.h, d // self.h).unbind(2)
+        if self.use_sdpa:
+            o = flashring.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                       is_causal=True).transpose(1, 2)
+        else:
+            o = flashring.flash_attn_func(q, k, v, causal=True)
+        return self.proj(o.reshape(b, s, d))
+
+
+def test_compiled_reshape_of_the_output(device, seed):
+    # The fake output is contiguous (B, S, H, D); every path's real output must be too, or the compiled
+    # out.reshape becomes an invalid view ("view size is not compatible with input tensor's size and stride").
+    q = torch.randn(2, 16, 4, 32, device=device)
+    fn = torch.compile(lambda q: flashring.flash_attn_func(q, q, q, causal=True).reshape(2, 16, 128),
+                       backend="aot_eager", fullgraph=True)
+    assert torch.allclose(fn(q), flashring.flash_attn_func(q, q, q, causal=True).reshape(2, 16, 128))
+    assert flashring.flash_attn_func(q, q, q).is_contiguous()
+
+
+@pytest.mark.parametrize("use_sdpa", [False, True])
+def test_compile_dynamic_fullgraph_compiles_once(use_sdpa, device, seed):
+    """fullgraph=True + dynamic=True over several lengths: no graph break, one compile for the shape family."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = TinyBlock(use_sdpa).to(device)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True,
+                             backend="inductor" if device == "cuda" else "aot_eager")
+    for s in (5, 9, 17, 33, 40):
+        x = torch.randn(2, s, 32, device=device, requires_grad=True)
+        out = compiled(x)
+        ref = model(x)
+        assert torch.allclose(out, ref, atol=1e-5), s
+        out.sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_dynamic_scale_and_softcap_trace(device, seed):
+    # A float attribute (scaling) becomes a symbolic float under dynamic=True: the checks must not break the graph.
+    q = torch.randn(1, 12, 2, 16, device=device)
+    fn = torch.compile(lambda q, scale, cap: flashring.flash_attn_func(q, q, q, softmax_scale=scale, softcap=cap),
+                       fullgraph=True, dynamic=True, backend="aot_eager")
+    for scale in (0.2, 0.3):
+        assert torch.allclose(fn(q, scale, 2.0), flashring.flash_attn_func(q, q, q, softmax_scale=scale, softcap=2.0),
+                              atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- SDPA drop-in
+def test_dropin_routed_as_torch_sdpa_does_not_recurse(monkeypatch, device):
+    monkeypatch.setattr(F, "scaled_dot_product_attention", flashring.scaled_dot_product_attention)
+    interface.FALLBACKS.clear()
+    q = torch.randn(1, 2, 8, 16, device=device)
+    mask = torch.rand(8, 8, device=device) > 0.3
+    mask[:, 0] = True
+    with pytest.warns(UserWarning, match="sdpa_fallback_counts"):
+        out = F.scaled_dot_product_attention(q, q, q, attn_mask=mask)       # the fallback path, no RecursionError
+    assert torch.allclose(out, interface.TORCH_SDPA(q, q, q, attn_mask=mask))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                      # warned once per reason ...
+        F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    assert flashring.sdpa_fallback_counts() == {"attn_mask is not supported by the flash kernels": 2}  # ... counted
+
+
+@pytest.mark.parametrize("call", [
+    lambda: (torch.randn(1, 2, 0, 16), torch.randn(1, 2, 0, 16), torch.randn(1, 2, 0, 16), {}),      # seqlen 0
+    lambda: (torch.randn(0, 2, 8, 16), torch.randn(0, 2, 8, 16), torch.randn(0, 2, 8, 16), {}),      # batch 0
+    lambda: (torch.randn(1, 0, 8, 16), torch.randn(1, 0, 8, 16), torch.randn(1, 0, 8, 16), {}),      # heads 0
+    lambda: (torch.randn(1, 2, 8, 16), torch.randn(3, 2, 8, 16), torch.randn(3, 2, 8, 16), {}),      # broadcast
+    lambda: (torch.randn(1, 2, 8, 16),) * 3 + (dict(scale=-0.5),),
+    lambda: (torch.randn(1, 2, 8, 16),) * 3 + (dict(scale=0.0),),
+    lambda: (torch.randn(1, 2, 8, 16),) * 3 + (dict(scale=float("inf")),),
+    lambda: (torch.randn(1, 2, 8, 16),) * 3 + (dict(scale=torch.tensor(0.3)),),
+    lambda: (torch.randn(1, 2, 8, 16),) * 3 + (dict(is_causal=True, scale=0.7),),
+    lambda: (torch.randn(1, 2, 8, 16, dtype=torch.float64),) * 3 + ({},),
+], ids=["seqlen0", "batch0", "heads0", "batch-broadcast", "scale-neg", "scale-0", "scale-inf", "scale-tensor",
+        "causal-scale", "float64"])
+def test_dropin_matches_torch(call):
+    q, k, v, kw = call()
+    got = flashring.scaled_dot_product_attention(q, k, v, **kw)
+    want = interface.TORCH_SDPA(q, k, v, **kw)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.allclose(got, want, atol=1e-5, equal_nan=True)
+
+
+def test_dropin_raises_torch_errors():
+    q = torch.randn(1, 2, 8, 16)
+    for kw in (dict(is_causal=1), dict(dropout_p="x")):
+        with pytest.raises(TypeError) as ours:
+            flashring.scaled_dot_product_attention(q, q, q, **kw)
+        with pytest.raises(TypeError) as theirs:
+            interface.TORCH_SDPA(q, q, q, **kw)
+        assert str(ours.value) == str(theirs.value)
+
+
+def test_dropin_and_flash_attn_under_autocast(device, seed):
+    q = torch.randn(1, 2, 24, 16, device=device)
+    with torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16):
+        got = flashring.scaled_dot_product_attention(q, q, q, is_causal=True)
+        want = interface.TORCH_SDPA(q, q, q, is_causal=True)
+        fa = flashring.flash_attn_func(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), causal=True)
+    assert got.dtype == want.dtype == fa.dtype == torch.bfloat16
+    ref = interface.TORCH_SDPA(*(q.bfloat16().double(),) * 3, is_causal=True)
+    assert_close(got, ref, want, 2, "autocast drop-in", seed)
+
+
+# ------------------------------------------------------------------------------------------------- dtypes
+def test_default_dtype_float64_does_not_break_fp32_calls(device, seed):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        q = torch.randn(1, 40, 2, 16, device=device, dtype=torch.float32, requires_grad=True)
+        keep = torch.rand(1, 40, 2, device=device) > 0.3
+        out = flashring.flash_attn_func(q, q, q, causal=True)
+        out.sum().backward()
+        sparse = flashring.qk_sparse_attn_func(q, q, q, keep, keep, causal=True)
+        assert out.dtype == sparse.dtype == q.grad.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(before)
+
+
+# ------------------------------------------------------------------------------------------------- sparse helpers
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda x: flashring.lsh_buckets(x, 3, rotations=flashring.lsh_rotations(2, 16, 4)), ValueError, "n_buckets"),
+    (lambda x: flashring.lsh_buckets(x, 0), ValueError, "n_buckets"),
+    (lambda x: flashring.lsh_buckets(x, 4.0), ValueError, "n_buckets"),
+    (lambda x: flashring.lsh_buckets(x[0], 4), ValueError, "x must be"),
+    (lambda x: flashring.lsh_rotations(-1, 16, 8), ValueError, "nheads"),
+    (lambda x: flashring.lsh_rotations(2, 0, 8), ValueError, "headdim"),
+    (lambda x: flashring.lsh_rotations(2, 16, 7), ValueError, "n_buckets"),
+    (lambda x: flashring.sparse_attn_compact_func(x, x, x, *(torch.arange(8).view(1, 8, 1).expand(1, 8, 2),) * 2,
+                                                  q_len=torch.full((1, 2), 2.7)), TypeError, "q_len"),
+])
+def test_sparse_helpers_reject_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(torch.randn(1, 8, 2, 16))
+
+
+# ------------------------------------------------------------------------------------------------- non-finite
+def test_nan_past_a_sequence_end_never_leaks(device, seed):
+    """Garbage in positions no row may read (past a packed sequence's end, past a cache length) never reaches an
+    output: loads there are masked, not multiplied by zero."""
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
+    q = torch.randn(12, 2, 16, device=device)
+    k = torch.randn(12, 2, 16, device=device)
+    k_nan, v_nan = k.clone(), k.clone()
+    k_nan[5:], v_nan[5:] = float("nan"), float("nan")                # the second sequence's keys
+    out = flashring.flash_attn_varlen_func(q, k_nan, v_nan, cu, cu, 7, 7, causal=True)
+    assert torch.isfinite(out[:5]).all() and torch.isnan(out[5:]).any()
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_nan_reaches_exactly_the_rows_that_see_it(where, device, seed):
+    """One documented behaviour on every path: a non-finite key or value row reaches the outputs (and gradients)
+    of the queries that may see it, and no other (torch's math backend, multiplying zero weights by NaN, makes
+    every row NaN; a tiled kernel without care makes the rows of one tile NaN)."""
+    q, k, v, do = (torch.randn(1, 40, 2, 16, device=device) for _ in range(4))
+    bad = {"k": k, "v": v}[where].clone()
+    bad[0, 39] = float("nan")                                  # causal: only query 39 sees key 39
+    args = (q, bad, v) if where == "k" else (q, k, bad)
+    leaves = [t.clone().requires_grad_() for t in args]
+    out = flashring.flash_attn_func(*leaves, causal=True)
+    clean = flashring.flash_attn_func(q, *[t.nan_to_num(0.0) for t in args[1:]], causal=True)
+    assert torch.isnan(out[0, 39]).all() and torch.isfinite(out[0, :39]).all()
+    assert torch.allclose(out[0, :39], clean[0, :39], atol=1e-6)
+    out.backward(do)
+    assert torch.isfinite(leaves[0].grad[0, :39]).all()          # no query that cannot see key 39 gets NaN
