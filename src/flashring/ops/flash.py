@@ -284,8 +284,10 @@ def _attn_fwd(Q, K, V, O, LSE, SEQ, BAND, SCORE, SP,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, VARLEN: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, REVERSE_M: tl.constexpr):
     pid_m = tl.program_id(0)
+    if REVERSE_M:           # causal: the blocks with the most key tiles start first, so the last wave is short
+        pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2)
     hk, k_side, q_start, seqlen_q, k_start, seqlen_k, lower, upper, lo, mid_lo, mid_hi, hi, offs_m, qp, qb = \
@@ -517,8 +519,10 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SEQ, BAND, SCORE, SP,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
             SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, VARLEN: tl.constexpr,
-            PRECISION: tl.constexpr):
+            PRECISION: tl.constexpr, REVERSE_M: tl.constexpr):
     pid_m = tl.program_id(0)
+    if REVERSE_M:
+        pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2)
     hk, k_side, q_start, seqlen_q, k_start, seqlen_k, lower, upper, lo, mid_lo, mid_hi, hi, offs_m, qp, qb = \
@@ -657,6 +661,7 @@ def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optio
     out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty((h, q.shape[0]) if varlen else (b, h, sq), dtype=torch.float32, device=q.device)
     cfg = dict(config or default_config(d, q.dtype, q.device, backward=False))
+    cfg.setdefault("REVERSE_M", False)
     band, band_flags = _band_args(lower, upper)
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=False)
     _attn_fwd[(triton.cdiv(sq, cfg["BLOCK_M"]), h, b)](
@@ -684,6 +689,7 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=64, HAS_DLSE=dlse is not None, VARLEN=varlen is not None)
     dq, dk, dv = (torch.empty(t.shape, dtype=grad_dtype or t.dtype, device=t.device) for t in (q, k, v))
     cfg = dict(config or default_config(d, q.dtype, q.device, backward=True))
+    reverse_m = cfg.pop("REVERSE_M", False)                 # the dQ program's order (dK/dV has its own)
     band, band_flags = _band_args(lower, upper)
     common = dict(GROUP=h // hk, HEAD_DIM=d, BLOCK_D=block_d, HAS_SOFTCAP=softcap > 0, VARLEN=varlen is not None,
                   PRECISION=precision(q.dtype), **band_flags, **cfg)
@@ -694,5 +700,5 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
                                                         side, **sp_flags, **common)
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=False)
     _bwd_dq[(triton.cdiv(sq, cfg["BLOCK_M"]), h, b)](*ins, tensor_arg(dq), seq, band, score, side, **sp_flags,
-                                                     **common)
+                                                     REVERSE_M=reverse_m, **common)
     return dq, dk, dv
