@@ -251,13 +251,15 @@ def _check_buckets(n_buckets) -> None:
 
 def lsh_rotations(nheads: int, headdim: int, n_buckets: int, generator: Optional[torch.Generator] = None,
                   device=None, dtype=torch.float32) -> torch.Tensor:
-    """Random Gaussian projections ``(nheads, headdim, n_buckets // 2)`` for angular LSH, drawn on the CPU from
-    ``generator`` so a seed gives the same buckets on every device."""
+    """Random Gaussian projections ``(nheads, headdim, n_buckets // 2)`` for angular LSH. With a CPU ``generator``
+    they are drawn on the CPU (a seed gives the same buckets on every device); otherwise on ``device`` itself, so a
+    training step draws fresh rotations without a host-to-device copy (and stays capturable in a CUDA graph)."""
     _check_buckets(n_buckets)
     for name, value in (("nheads", nheads), ("headdim", headdim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    r = torch.randn(nheads, headdim, n_buckets // 2, generator=generator, dtype=torch.float32)
+    on = generator.device if generator is not None else torch.device(device or "cpu")
+    r = torch.randn(nheads, headdim, n_buckets // 2, generator=generator, dtype=torch.float32, device=on)
     return r.to(device=device, dtype=dtype)
 
 

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything one GPU session checks and measures, in one command (each step time-boxed, logs kept):
+#   bash benchmarks/gpu_run.sh OUT [STEPS]
+# STEPS: a comma list from tests,dense,sparse,decode,varlen,tune,generate (default: all). Results files land in
+# OUT (flashring bench's <device>-<suite>-<date>-<sha>.jsonl), logs in OUT/*.log; a summary is printed last.
+set -uo pipefail
+out=${1:?usage: gpu_run.sh OUT [STEPS]}
+steps=${2:-tests,dense,sparse,decode,varlen,tune,generate}
+mkdir -p "$out"
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+has() { [[ ",$steps," == *",$1,"* ]]; }
+step() {  # name seconds command...
+  local name=$1 secs=$2; shift 2
+  echo "== $name" >&2
+  timeout "$secs" "$@" > "$out/$name.log" 2>&1
+  echo "$name: exit $?" >> "$out/summary.txt"
+}
+: > "$out/summary.txt"
+has tests && step tests 300 python3 -m pytest -m gpu -q -x -n 8 -p no:cacheprovider
+has dense && step dense 240 python3 -m flashring bench dense --providers flashring,sdpa-flash,sdpa-cudnn \
+    --modes fwd,fwd+bwd --out "$out" --no-plot
+has sparse && step sparse 150 python3 -m flashring bench sparse --quick --out "$out" --no-plot
+has decode && step decode 200 python3 -m flashring bench decode --out "$out"
+has varlen && step varlen 120 python3 -m flashring bench varlen --out "$out"
+has tune && step tune 200 python3 -m flashring bench tune --seqlens 1k,8k --headdims 128,64 --causal yes \
+    --out "$out"
+has generate && step generate 240 python3 benchmarks/hf_generate.py --out "$out"
+for f in "$out"/*.log; do echo "---- $(basename "$f")"; tail -n "${TAIL_LINES:-25}" "$f"; done
+cat "$out/summary.txt"
