@@ -90,7 +90,6 @@ def main() -> int:
             rows.append(dict(kind="dense", D=d, N=n, causal=causal, mode=mode, new_ms=new_ms, old_ms=old_ms,
                              new_tflops=flops / new_ms * 1e-9, old_tflops=flops / old_ms * 1e-9, max_abs_diff=same))
             print(json.dumps(rows[-1]), flush=True)
-        del q, k, v, do, outs
     for n, kind, p in sparse_cases:
         b, h, d = max(1, 16384 // n), 32, 64
         q, k, v, do = (torch.randn(b, n, h, d, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(4))
@@ -114,7 +113,6 @@ def main() -> int:
             rows.append(dict(kind=f"sparse-{kind}", param=p, N=n, D=d, mode=mode, new_ms=new_ms, old_ms=old_ms,
                              max_abs_diff=same))
             print(json.dumps(rows[-1]), flush=True)
-        del q, k, v, do, outs
     with open(args.out / "before-after.jsonl", "w") as f:
         f.write(json.dumps(meta) + "\n")
         for r in rows:

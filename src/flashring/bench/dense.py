@@ -13,6 +13,7 @@ Exit code 0, 1 if any check FAILed (timing still completes), 2 for bad arguments
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -187,9 +188,7 @@ def render_table(results: List[dict]) -> str:
     for r in results:
         by_shape.setdefault(json.dumps(r["config"], sort_keys=True), []).append(r)
     for group in by_shape.values():
-        c = group[0]["config"]
-        rows.append(f"== B={c['batch']} S={c['seqlen_q']} H={c['nheads']} D={c['headdim']} "
-                    f"{'causal' if c['causal'] else 'full'} {c['dtype']}")
+        rows.append(f"== {H.config_label(group[0]['config'])}")
         base_ms = {(r["provider"], r["mode"]): r["ms"] for r in group if r["provider"] in BASELINES}
         for r in group:
             ratios = [H.fmt_x(base_ms[(b, r["mode"])] / r["ms"] if base_ms.get((b, r["mode"])) and r["ms"] else None)
@@ -222,7 +221,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run.progress.total = len(shapes) * (1 + len(providers) * (1 + len(modes)))
     with H.cpu_threads(args.threads):
         for i, shape in enumerate(shapes):
-            base = random_inputs(shape, seed + i, args.device)
+            base, error = run.inputs(shape, functools.partial(random_inputs, shape, seed + i, args.device),
+                                     [p.name for p in providers], modes, steps=1 + len(providers) * (1 + len(modes)))
+            if error:
+                continue
             run.progress.step(f"{shape.label()} | reference")
             ref = run.reference(base, shape, any(m != "fwd" for m in modes))
             for provider in providers:

@@ -93,10 +93,13 @@ def l2_bytes(device: torch.device) -> int:
 
 
 def is_oom(exc: BaseException) -> bool:
-    """torch.cuda.OutOfMemoryError, or an allocator failure surfaced as a plain RuntimeError (e.g. on CPU)."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
+    """torch.cuda.OutOfMemoryError, or an allocator failure surfaced as a plain RuntimeError (the CPU allocator's
+    reads "DefaultCPUAllocator: can't allocate memory") or MemoryError."""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(s in text for s in ("out of memory", "can't allocate memory",
+                                                                     "cannot allocate memory"))
 
 
 def free_memory(device: torch.device) -> None:
@@ -325,6 +328,24 @@ class Run:
                "check": check_status(detail), "check_detail": detail, "error": error, **extra}
         self.emit(row, f"{provider}{' ' + tag if tag else ''} {mode} [{shape.label()}]")
 
+    def inputs(self, shape: Shape, make: Callable[[], object], providers: Sequence[str], modes: Sequence[str],
+               steps: int = 0) -> Tuple[object, Optional[str]]:
+        """``(make(), None)``, or ``(None, error)`` after recording an error row per (provider, mode) when it fails
+        (out of memory for a shape too large for the device), so that the sweep goes on with the next shape.
+        ``steps``: progress steps the skipped shape would have taken."""
+        try:
+            return make(), None
+        except Exception as exc:
+            free_memory(self.device)
+            error = f"{reason(exc)} allocating inputs"
+            self.progress.message(f"[{shape.label()}]: {error}; skipped")
+            for _ in range(steps):
+                self.progress.step(f"{shape.label()} skipped")
+            for provider in providers:
+                for mode in modes:
+                    self.record(shape, provider, mode, error=error)
+            return None, error
+
     def time(self, fn: Callable[[], object]) -> float:
         return time_ms(fn, self.device, self.args.rep_ms, self.args.warmup_ms, self.args.repeats)
 
@@ -419,6 +440,11 @@ class Run:
         plots = [] if (self.args.no_plot or self.args.json_only or plot is None) else \
             plot(self.results, self.path.with_suffix(""))
         print(f"results: {self.path}" + "".join(f"\nplot: {p}" for p in plots))
+        too_big = list(dict.fromkeys(config_label(r["config"]) for r in self.results
+                                     if (r.get("error") or "").startswith("OOM")))
+        if too_big:
+            print(f"flashring bench {self.suite}: out of memory on {m['device']} (rows marked OOM; the rest of the "
+                  f"sweep ran): {'; '.join(too_big)}", file=sys.stderr)
         fails = [r for r in self.results if r.get("check") == "FAIL"]
         if fails:
             print(f"\n!!! {len(fails)} row(s) FAILED the correctness check (seed {self.seed}):", file=sys.stderr)
@@ -427,6 +453,15 @@ class Run:
                 print("!!!   " + " ".join(str(r.get(k)) for k in row_keys) + f": {bad}", file=sys.stderr)
             return 1
         return 0
+
+
+def config_label(c: dict) -> str:
+    """A result row's ``config`` as :meth:`Shape.label` writes it (the fields it has: ring probe rows have fewer)."""
+    parts = [f"{short}={c[key]}" for short, key in (("B", "batch"), ("S", "seqlen_q"), ("H", "nheads"),
+                                                     ("D", "headdim")) if key in c]
+    if "causal" in c:
+        parts.append("causal" if c["causal"] else "full")
+    return " ".join(parts + ([c["dtype"]] if "dtype" in c else []))
 
 
 def results_name(device: torch.device, suite: str) -> str:
@@ -455,9 +490,13 @@ def csv(kind: Callable, choices: Optional[Sequence[str]] = None):
 
 
 def positive(text: str) -> int:
-    n = int(text)
+    # ArgumentTypeError, not ValueError: argparse prints its message (for a ValueError only "invalid value")
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if n < 1:
-        raise ValueError(f"{text} is not a positive integer")
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
     return n
 
 
@@ -469,7 +508,7 @@ def seqlen(text: str) -> int:
 def headdim(text: str) -> int:
     d = positive(text)
     if d > 256:
-        raise ValueError(f"headdim {d} > 256 is not supported by flashring")
+        raise argparse.ArgumentTypeError(f"headdim {d} > 256 is not supported by flashring")
     return d
 
 

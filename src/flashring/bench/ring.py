@@ -46,7 +46,8 @@ from ..ring.layout import local_positions, shard_sequence
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flashring bench ring", description=__doc__.split("\n\n")[0])
-    p.add_argument("--cpu", action="store_true", help="run on CPU with gloo, spawning --nproc processes")
+    p.add_argument("--cpu", action="store_true",
+                   help="run on CPU with gloo, spawning --nproc processes (implied where there is no CUDA device)")
     p.add_argument("--nproc", type=H.positive, default=2, help="processes to spawn with --cpu (default 2)")
     p.add_argument("--seqlens", type=H.csv(H.seqlen), help="global lengths (default GPU: 8k,32k,128k; CPU: 256,512)")
     p.add_argument("--batch", type=H.positive, default=1)
@@ -68,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve(args):
-    cpu = args.cpu or args.device.type == "cpu"
+    if args.device.type == "cpu" and not args.cpu:
+        if "RANK" in os.environ:
+            raise ValueError("no CUDA device for this torchrun rank; the CPU run spawns its own gloo processes: "
+                             "run `flashring bench ring --cpu --nproc N` without torchrun")
+        args.cpu = True           # the CPU run: there is no other way to run ring attention here
+    cpu = args.cpu
     if args.cpu:
         args.device = torch.device("cpu")
     defaults = dict(seqlens=([8192, 32768, 131072], [256, 512]), nheads=(32, 2), headdim=(128, 32),
@@ -82,8 +88,15 @@ def resolve(args):
         raise ValueError(f"--nheads {args.nheads} must be divisible by --nheads-k {args.nheads_k}")
     if not cpu and not torch.cuda.is_available():
         raise ValueError("no CUDA device; use --cpu --nproc N for the gloo CPU run")
-    if args.probe_seconds <= 0:
+    if not args.probe_seconds > 0:
         raise ValueError(f"--probe-seconds must be > 0, got {args.probe_seconds}")
+    # checked here, before any process starts: a rank that raised inside the ring run left the others waiting
+    world = args.nproc if cpu else int(os.environ.get("WORLD_SIZE", "1"))
+    parts = 2 * world if args.layout == "zigzag" else world
+    bad = [n for n in args.seqlens if n % parts]
+    if bad:
+        raise ValueError(f"--seqlens {','.join(map(str, bad))}: every length must be divisible by {parts} "
+                         f"(--layout {args.layout} on {world} ranks)")
     args.repeats = args.iters
     return None
 
@@ -177,9 +190,6 @@ def _run(args, argv, seed: int, rank: int, world: int, device) -> int:
         return _gather(H.time_ms(fn, device, n_calls=args.iters), device)
 
     for i, n in enumerate(args.seqlens):
-        parts = 2 * world if args.layout == "zigzag" else world
-        if n % parts:
-            raise ValueError(f"--seqlens {n} must be divisible by {parts} for layout={args.layout} on {world} ranks")
         detail = check(args, n, rank, world, device, seed + i)
         ok = _gather(float(all(d["ok"] for d in detail.values())), device)
         if not all(ok):
@@ -196,15 +206,25 @@ def _run(args, argv, seed: int, rank: int, world: int, device) -> int:
                      check=None, check_detail=None, error=None)]
         del case
         if args.single:
-            single = Case(args, n, device, world, seed + i).single_step(seed + 1000 + i)
-            single_ms = H.time_ms(single, device, n_calls=args.iters)
-            rows.append(dict(row, provider="single", ms=single_ms, mem_bytes=_peak_bytes(single, device),
-                             check=None, check_detail=None, error=None))
-            rows[0]["efficiency"] = single_ms / world / max(ring_ms)
+            # the whole sequence on one device is what stops fitting first: out of memory is a row, not a crash
+            # (no collective runs inside, so a rank may fail here alone)
+            single = single_ms = mem_single = error = None
+            try:
+                single = Case(args, n, device, world, seed + i).single_step(seed + 1000 + i)
+                single_ms = H.time_ms(single, device, n_calls=args.iters)
+                mem_single = _peak_bytes(single, device)
+            except Exception as exc:
+                single_ms, error = None, H.reason(exc)
+                H.free_memory(device)
+            rows.append(dict(row, provider="single", ms=single_ms, mem_bytes=mem_single, check=None,
+                             check_detail=None, error=error))
+            if single_ms:
+                rows[0]["efficiency"] = single_ms / world / max(ring_ms)
             del single
         rows[0]["comm_overhead"] = max(ring_ms) / max(comp_ms) - 1.0
         for r in rows:
-            r["tflops_per_device"] = r["flops"] / (world if r["provider"] != "single" else 1) / (r["ms"] * 1e-3) / 1e12
+            devices = world if r["provider"] != "single" else 1
+            r["tflops_per_device"] = r["flops"] / devices / (r["ms"] * 1e-3) / 1e12 if r["ms"] else None
         results += rows
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -269,9 +289,10 @@ def render_table(results: List[dict]) -> str:
             continue
         comp, single = group.get("ring-compute"), group.get("single")
         eff = ring.get("efficiency")
+        single_ms = "-" if single is None else (single.get("error") or H.fmt_num(single["ms"], 4))
         rows.append([n, ring["config"]["world"], ring["config"]["seqlen_local"], H.fmt_num(ring["ms"], 4),
                      H.fmt_num(comp["ms"] if comp else None, 4), f"{100 * ring['comm_overhead']:.0f}%",
-                     H.fmt_num(single["ms"] if single else None, 4), "-" if eff is None else f"{100 * eff:.0f}%",
+                     single_ms, "-" if eff is None else f"{100 * eff:.0f}%",
                      H.fmt_num(ring["tflops_per_device"]), H.fmt_bytes(ring["mem_bytes"]), H.status(ring)])
     return H.format_table(headers, rows)
 
@@ -306,8 +327,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         rcs = mp.get_context("spawn").Manager().dict()
-        mp.spawn(_cpu_worker, args=(args.nproc, port, argv + ["--seed", str(seed)], seed, rcs), nprocs=args.nproc,
-                 join=True)
+        try:
+            mp.spawn(_cpu_worker, args=(args.nproc, port, argv + ["--seed", str(seed)], seed, rcs),
+                     nprocs=args.nproc, join=True)
+        except mp.ProcessRaisedException as exc:   # the rank's traceback is in the message: its last line says why
+            last = [line for line in str(exc).splitlines() if line.strip()][-1]
+            print(f"flashring bench ring: error: rank {exc.error_index} failed: {last}", file=sys.stderr)
+            return 1
         return int(rcs.get(0, 1))
     with H.cpu_threads(args.threads):
         if "RANK" in os.environ:                       # torchrun

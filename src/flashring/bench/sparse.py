@@ -24,6 +24,7 @@ visibility (``flashring.masks.sparse_pair_mask``) on a (batch, head) subset.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,9 +171,16 @@ class SparseRun(H.Run):
     def run_shape(self, shape: H.Shape, seed: int, patterns: Sequence[Pattern], modes: Sequence[str],
                   random_buckets: bool) -> None:
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        base = dense.random_inputs(shape, seed, self.device)
         need_grads = any(m != "fwd" for m in modes)
         self.pattern, self.extra, self.dense_ms = DENSE, {}, {}
+        base, error = self.inputs(shape, functools.partial(dense.random_inputs, shape, seed, self.device),
+                                  [p.name for p in self.dense_providers], modes,
+                                  steps=1 + len(self.dense_providers) * (1 + len(modes)) + len(patterns))
+        if error:
+            for pattern in patterns:       # the sparse rows of this shape say so too
+                self.pattern, self.extra = pattern, {}
+                self._skip_pattern(shape, modes, error)
+            return
         self.progress.step(f"{shape.label()} | dense reference")
         ref = self.reference(base, shape, need_grads)
         for provider in self.dense_providers:

@@ -9,6 +9,7 @@ that do not compile (shared memory) become error rows. This is the data behind `
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 from typing import List, Optional, Sequence
@@ -18,12 +19,16 @@ from . import dense, harness as H
 from ..masks import flash_bounds
 from ..ops import flash
 
-FWD_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-             for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3),
-                                (128, 128, 8, 2), (128, 32, 4, 3), (64, 128, 4, 2))]
-BWD_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-             for m, n, w, s in ((64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2),
-                                (64, 128, 8, 1), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 4, 2))]
+# REVERSE_M: query blocks in reverse order (causal: the longest first); the dK/dV pass is unaffected.
+FWD_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, REVERSE_M=r)
+             for m, n, w, s, r in ((128, 64, 8, 3, False), (128, 128, 8, 3, False), (128, 128, 8, 3, True),
+                                   (128, 64, 8, 3, True), (128, 64, 4, 3, False), (128, 64, 8, 4, False),
+                                   (64, 64, 4, 3, False), (64, 64, 4, 3, True), (128, 128, 8, 2, False),
+                                   (64, 128, 4, 2, False))]
+BWD_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, REVERSE_M=r)
+             for m, n, w, s, r in ((64, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 64, 4, 3, False),
+                                   (64, 64, 4, 3, True), (32, 64, 4, 2, False), (64, 128, 8, 2, False),
+                                   (128, 64, 8, 2, False), (32, 128, 4, 2, False), (64, 32, 4, 3, False))]
 CPU_SWEEP = list(flash.INTERP_CONFIGS)
 
 
@@ -57,7 +62,8 @@ def resolve(args):
 
 
 def _tile(cfg: dict) -> str:
-    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}/w{cfg['num_warps']}/s{cfg['num_stages']}"
+    return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}/w{cfg['num_warps']}/s{cfg['num_stages']}"
+            + ("/rev" if cfg.get("REVERSE_M") else ""))
 
 
 def render_table(results: List[dict]) -> str:
@@ -81,6 +87,12 @@ def render_table(results: List[dict]) -> str:
     return H.format_table(headers, rows, align="llrrrl")
 
 
+def prepare(shape: H.Shape, seed: int, device, scale: float, lower, upper):
+    """The shape's inputs (q, k, v, do) and the forward (out, lse) that the backward sweep differentiates."""
+    q, k, v, do = dense.random_inputs(shape, seed, device)
+    return (q, k, v, do), flash.fwd(q, k, v, scale, lower, upper)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(argv or [])
     parsed = H.parse_cli(build_parser(), resolve, argv, "flashring bench tune")
@@ -92,11 +104,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                         + len(bwd_sweep) * ("bwd" in args.passes))
     with H.cpu_threads(args.threads):
         for i, shape in enumerate(shapes):
-            q, k, v, do = dense.random_inputs(shape, seed + i, args.device)
-            ref = run.reference([q, k, v, do], shape, need_grads="bwd" in args.passes)
             scale = shape.headdim ** -0.5
             lower, upper = flash_bounds(shape.seqlen, shape.seqlen, shape.causal, (-1, -1))
-            out, lse = flash.fwd(q, k, v, scale, lower, upper)
+
+            # a shape whose inputs (or the backward's saved forward) do not fit: error rows, the sweep goes on
+            prepared, skipped = run.inputs(shape, functools.partial(prepare, shape, seed + i, args.device, scale,
+                                                                    lower, upper), (), ())
+            if not skipped:
+                (q, k, v, do), (out, lse) = prepared
+                ref = run.reference([q, k, v, do], shape, need_grads="bwd" in args.passes)
             for mode, sweep in (("fwd", fwd_sweep), ("bwd", bwd_sweep)):
                 if mode not in args.passes:
                     continue
@@ -107,15 +123,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         fn = lambda: flash.fwd(q, k, v, scale, lower, upper, config=cfg)  # noqa: E731
                     else:
                         fn = lambda: flash.bwd(do, q, k, v, out, lse, scale, lower, upper, config=cfg)  # noqa
-                    ms = detail = error = None
-                    try:
-                        result = fn()
-                        detail = (H.compare(ref, result[0], None) if mode == "fwd" else
-                                  H.compare(ref, out, result)) if ref else None
-                        ms = run.time(fn)
-                    except Exception as exc:        # a config that does not compile (shared memory) is data too
-                        error = H.reason(exc)
-                        H.free_memory(args.device)
+                    ms = detail = None
+                    error = skipped
+                    if not skipped:
+                        try:
+                            result = fn()
+                            detail = (H.compare(ref, result[0], None) if mode == "fwd" else
+                                      H.compare(ref, out, result)) if ref else None
+                            ms = run.time(fn)
+                        except Exception as exc:    # a config that does not compile (shared memory) is data too
+                            error = H.reason(exc)
+                            H.free_memory(args.device)
                     run.record(shape, "flashring", mode, ms=ms, detail=detail, error=error, tile=_tile(cfg),
-                               tile_config=cfg, default=cfg == default)
+                               tile_config=cfg, default={**cfg, "REVERSE_M": False} == {**default, "REVERSE_M":
+                                                                                         default.get("REVERSE_M",
+                                                                                                     False)})
     return run.finish(render_table, row_keys=("mode", "tile", "config"))

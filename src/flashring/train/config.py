@@ -86,6 +86,8 @@ class TrainConfig:
                     "ce_chunk"):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{flag(key)} must be >= 0, got {getattr(self, key)}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"--vocab-size must be >= 1, got {self.vocab_size}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
@@ -176,12 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, help="print a progress line every N steps")
     g.add_argument("--progress", choices=("auto", "on", "off"),
                    help="live progress bar (step, loss, tokens/s, MFU, ETA) redrawn every step; auto = on a terminal")
-    g.add_argument("--out", help="directory for log.jsonl, summary.json and ckpt.pt")
+    g.add_argument("--out", help="directory for log.jsonl, summary.json and ckpt.pt (+ ckpt.pt.sha256); one run "
+                                 "at a time writes it (a lock file, .lock, is held for the run)")
     g.add_argument("--ckpt-every", type=int, help="save ckpt.pt every N steps (0: only at the end); needs --out")
     g.add_argument("--no-save", action="store_const", const=True, help="never write ckpt.pt (logs and summary only)")
     g.add_argument("--max-minutes", type=float,
                    help="stop after this much training wall time (then validate and write the summary); 0 = no limit")
-    g.add_argument("--resume", help="checkpoint file, or a directory holding ckpt.pt")
+    g.add_argument("--resume", help="checkpoint file, or a directory holding ckpt.pt; its checksum file "
+                                    "(ckpt.pt.sha256) must be beside it")
     g.add_argument("--peak-tflops", type=float,
                    help="peak dense TFLOP/s per device for the MFU estimate (default: 989 for H100/H200 bf16, "
                         "none on CPU)")

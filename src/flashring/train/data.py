@@ -36,6 +36,24 @@ class Corpus:
     source: str
     train_files: Optional[List[str]] = None  # stdlib corpus: which files went where (relative paths)
     val_files: Optional[List[str]] = None
+    max_id: Optional[int] = None             # the largest token id, once read (one pass over the data)
+
+    def largest_id(self) -> int:
+        if self.max_id is None:
+            self.max_id = max((int(a.max()) for a in (self.train, self.val) if len(a)), default=-1)
+        return self.max_id
+
+    def check_vocab(self, vocab_size: int, origin: str, hint: str = "") -> None:
+        """ValueError unless every token id is below ``vocab_size`` (which ``origin`` set): an id outside the
+        vocabulary would otherwise surface as an IndexError deep inside the embedding. ``hint`` ends the message;
+        ``{need}`` in it becomes the smallest vocabulary size that fits."""
+        if vocab_size > np.iinfo(self.train.dtype).max:
+            return                           # e.g. bytes and a vocabulary of 256 or more: nothing to read
+        top = self.largest_id()
+        if top >= vocab_size:
+            data = self.source if self.train_files is not None else f"--data {self.source}"
+            raise ValueError(f"{data} holds token id {top}, but {origin} is {vocab_size} (ids must be below the "
+                             f"vocabulary size){hint.format(need=top + 1)}")
 
 
 def _stdlib_files(root: Path) -> List[Path]:
@@ -100,34 +118,56 @@ def stdlib_corpus(root: Optional[os.PathLike] = None, cache_dir: Optional[os.Pat
 
 def file_corpus(path: os.PathLike, val_fraction: float = 0.1, dtype: Optional[str] = None,
                 vocab_size: Optional[int] = None) -> Corpus:
-    """A user's file: ``.npy`` tokens, ``.bin`` raw tokens (``dtype``, default uint16) or text read as bytes."""
+    """A user's file: ``.npy`` tokens, ``.bin`` raw tokens (``dtype``, default uint16) or text read as bytes.
+    Every problem with the file is a ValueError naming ``--data`` and the file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} does not exist (or is not a file)")
+        raise ValueError(f"--data {path}: the file does not exist (or is not a file)")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"--data {path}: the file is empty")
+    try:
+        tokens = _read_tokens(path, dtype)
+    except OSError as exc:
+        raise ValueError(f"--data {path}: cannot read it: {exc.strerror or exc}") from None
+    if len(tokens) == 0:
+        raise ValueError(f"--data {path}: holds no tokens")
+    max_id = None
+    if vocab_size is None:
+        # uint16 ids: smallest multiple of 64 above the largest id (one O(n) pass over the memmap)
+        max_id = int(tokens.max())
+        vocab_size = 256 if tokens.dtype == np.uint8 else -(-(max_id + 1) // 64) * 64
+    n_val = int(len(tokens) * val_fraction)
+    return Corpus(train=tokens[: len(tokens) - n_val], val=tokens[len(tokens) - n_val:], vocab_size=vocab_size,
+                  source=str(path), max_id=max_id)
+
+
+def _read_tokens(path: Path, dtype: Optional[str]) -> np.ndarray:
+    """The file's tokens as a 1-D uint8 / uint16 memmap (see :func:`file_corpus`)."""
     if path.suffix == ".npy":
-        tokens = np.load(path, mmap_mode="r")
+        if dtype is not None:
+            raise ValueError(f"--data {path}: a .npy file records its own dtype; --data-dtype applies to .bin files")
+        try:
+            tokens = np.load(path, mmap_mode="r")
+        except (ValueError, EOFError) as exc:   # not an .npy array: a pickle, text, garbage, a truncated copy
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+            raise ValueError(f"--data {path}: not a readable .npy token array ({why})") from None
         if tokens.dtype not in (np.uint8, np.uint16) or tokens.ndim != 1:
-            raise ValueError(f"{path}: expected a 1-D uint8 or uint16 token array, got {tokens.ndim}-D {tokens.dtype}")
-    elif path.suffix == ".bin":
+            raise ValueError(f"--data {path}: expected a 1-D uint8 or uint16 token array, got {tokens.ndim}-D "
+                             f"{tokens.dtype}")
+        return tokens
+    if path.suffix == ".bin":
         dtype = dtype or "uint16"
         if dtype not in ("uint8", "uint16"):
             raise ValueError(f"dtype for a .bin token file must be uint8 or uint16, got {dtype!r}")
         if dtype == "uint16" and path.stat().st_size % 2:
-            raise ValueError(f"{path} has an odd number of bytes, so it is not a uint16 token file; pass "
+            raise ValueError(f"--data {path} has an odd number of bytes, so it is not a uint16 token file; pass "
                              "--data-dtype uint8 if it holds bytes")
-        tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
-    else:
-        if dtype not in (None, "uint8"):
-            raise ValueError(f"{path} is read as bytes (uint8); --data-dtype applies to .bin files only")
-        tokens = np.memmap(path, dtype=np.uint8, mode="r")
-    if vocab_size is None:
-        # uint16 ids: smallest multiple of 64 above the largest id (one O(n) pass over the memmap)
-        vocab_size = 256 if tokens.dtype == np.uint8 else -(-(int(tokens.max()) + 1) // 64) * 64
-    n_val = int(len(tokens) * val_fraction)
-    return Corpus(train=tokens[: len(tokens) - n_val], val=tokens[len(tokens) - n_val:], vocab_size=vocab_size,
-                  source=str(path))
+        return np.memmap(path, dtype=np.dtype(dtype), mode="r")
+    if dtype not in (None, "uint8"):
+        raise ValueError(f"--data {path} is read as bytes (uint8); --data-dtype applies to .bin files only")
+    return np.memmap(path, dtype=np.uint8, mode="r")
 
 
 class WindowSampler:

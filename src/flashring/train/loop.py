@@ -8,18 +8,21 @@ point-to-point traffic).
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import io
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import IO, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from ..metadata import run_metadata
-from .config import MODEL_FIELDS, TrainConfig
+from .config import MODEL_FIELDS, PRESETS, TrainConfig, flag
 from .data import Batches, Corpus, WindowSampler, file_corpus, stdlib_corpus
 from .model import GPT, GPTConfig, train_flops_per_token
 from .progress import ProgressBar
@@ -108,38 +111,136 @@ def load_corpus(cfg: TrainConfig) -> Corpus:
         return file_corpus(cfg.data, dtype=cfg.data_dtype, vocab_size=cfg.vocab_size)
     if cfg.data_dtype:
         raise ValueError("--data-dtype applies to a --data .bin file only")
-    corpus = stdlib_corpus(cfg.corpus_root, cfg.cache_dir, cfg.val_every)
+    try:
+        corpus = stdlib_corpus(cfg.corpus_root, cfg.cache_dir, cfg.val_every)
+    except OSError as exc:          # reading the sources (--corpus-root) or writing their cache (--cache-dir)
+        raise ValueError(f"--corpus-root / --cache-dir: {exc.filename}: {exc.strerror or exc}") from None
     if cfg.vocab_size is not None and cfg.vocab_size < 256:
         raise ValueError(f"--vocab-size {cfg.vocab_size} is too small for a byte corpus (256 ids)")
     return corpus
 
 
-def model_config(cfg: TrainConfig, corpus: Corpus, saved: Optional[dict]) -> GPTConfig:
-    """The model to train: the command line's, or on --resume the checkpoint's (a clash with an option given
-    explicitly is an error)."""
+def requested_model(cfg: TrainConfig) -> Dict[str, str]:
+    """The model fields this command line sets, each with the option that set it (a flag, else --preset)."""
+    asked = {k: f"--{flag(k)}" for k in MODEL_FIELDS if k in cfg.explicit}
+    for k in PRESETS.get(cfg.preset, {}):
+        if k in MODEL_FIELDS:
+            asked.setdefault(k, f"--preset {cfg.preset}")
+    return asked
+
+
+def model_config(cfg: TrainConfig, corpus: Corpus, saved: Optional[dict] = None,
+                 ckpt: str = "the checkpoint") -> Tuple[GPTConfig, List[str]]:
+    """The model to train, and the settings a checkpoint overrode ("n_layer=2 (not 6)"). On --resume the model is
+    the checkpoint's (``saved``); a model field the command line sets explicitly or through --preset must agree
+    with it, and the data's token ids must fit its vocabulary."""
     arch = {k: getattr(cfg, k) for k in MODEL_FIELDS}
     arch["vocab_size"] = cfg.vocab_size or corpus.vocab_size
-    if saved is not None:
-        clash = [k for k in MODEL_FIELDS if k in set(cfg.explicit) | {"vocab_size"} and arch[k] != saved[k]]
+    overridden: List[str] = []
+    if saved is None:
+        if cfg.vocab_size:
+            corpus.check_vocab(cfg.vocab_size, "--vocab-size", "; pass --vocab-size {need} or more, or leave it out")
+    else:
+        asked = requested_model(cfg)
+        clash = [k for k in asked if arch[k] != saved[k]]
         if clash:
-            raise ValueError("--resume: the checkpoint's model has " + ", ".join(f"{k}={saved[k]}" for k in clash)
-                             + "; the command line asks for " + ", ".join(f"{k}={arch[k]}" for k in clash))
+            raise ValueError(f"--resume {ckpt}: the checkpoint's model has "
+                             + ", ".join(f"{k}={saved[k]}" for k in clash) + "; the command line asks for "
+                             + ", ".join(f"{k}={arch[k]} ({asked[k]})" for k in clash)
+                             + "; drop those options to continue the checkpoint's model")
+        overridden = [f"{k}={saved[k]} (not {arch[k]})" for k in MODEL_FIELDS if saved[k] != arch[k]]
         arch = {k: saved[k] for k in MODEL_FIELDS}
+        corpus.check_vocab(arch["vocab_size"], f"the vocabulary of --resume {ckpt}",
+                           "; this data does not fit that model")
     for k, v in arch.items():
         setattr(cfg, k, v)                                 # so the log's metadata shows the model trained
     return GPTConfig(**arch, attn=cfg.attn, drop=cfg.drop, buckets=cfg.buckets, ffn_chunk=cfg.ffn_chunk,
-                     ce_chunk=cfg.ce_chunk, checkpoint=cfg.checkpoint)
+                     ce_chunk=cfg.ce_chunk, checkpoint=cfg.checkpoint), overridden
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
-def load_checkpoint(cfg: TrainConfig) -> dict:
+# Each ckpt.pt has a sha256 of its bytes in ckpt.pt.sha256 (sha256sum format), checked before it is loaded: a
+# truncated or altered copy is refused instead of loading silently (and diverging later as "loss is nan"). The
+# check reads the file once more (sha256 runs at ~1-2 GB/s: seconds next to the load itself).
+CKPT_KEYS = ("model", "optimizer", "step", "model_config", "sampler", "torch_rng", "config")
+
+
+def checkpoint_path(cfg: TrainConfig) -> Path:
     path = Path(cfg.resume)
-    if path.is_dir():
-        path = path / "ckpt.pt"
+    return path / "ckpt.pt" if path.is_dir() else path
+
+
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+class _HashingWriter(io.RawIOBase):
+    """Hashes the bytes torch.save writes, so a save reads nothing back. torch.save only appends to a file object;
+    were it ever to seek, RawIOBase.seek raises, so a wrong digest cannot be written silently."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f, self.sha = f, hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        return self.f.write(b)
+
+
+def file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def read_checksums(path: Path) -> List[str]:
+    """The sha256 digests listed in a checksum file (none when it is missing)."""
+    if not path.is_file():
+        return []
+    words = (line.split()[0].lower() for line in path.read_text(errors="replace").splitlines() if line.strip())
+    return [w for w in words if len(w) == 64 and all(c in "0123456789abcdef" for c in w)]
+
+
+def write_checksums(path: Path, digests: Sequence[str], name: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{d}  {name}\n" for d in dict.fromkeys(digests)))
+    tmp.replace(path)
+
+
+def load_checkpoint(cfg: TrainConfig) -> dict:
+    """The --resume checkpoint, verified against its checksum file; ValueError naming the file otherwise."""
+    path = checkpoint_path(cfg)
     if not path.is_file():
         raise ValueError(f"--resume: no checkpoint at {str(path)!r}")
-    # our own file: it holds numpy generator state (plain dicts) besides tensors
-    return torch.load(path, map_location="cpu", weights_only=False)
+    sums = checksum_path(path)
+    try:
+        expected, actual = read_checksums(sums), file_sha256(path)
+    except OSError as exc:
+        raise ValueError(f"--resume {path}: cannot read it: {exc.strerror or exc}") from None
+    if not expected:
+        raise ValueError(f"--resume {path}: no checksum file {sums.name} beside it to verify it against (flashring "
+                         "train writes one with every checkpoint; copy both files)")
+    if actual not in expected:
+        raise ValueError(f"--resume {path}: its contents do not match {sums.name} (truncated or altered, e.g. by a "
+                         "copy that did not finish); resume from an intact copy")
+    try:
+        # weights_only: tensors and plain containers only (the sampler state is a dict of ints), so a foreign
+        # pickle is refused rather than run
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        why = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"--resume {path}: not a checkpoint torch can load ({type(exc).__name__}: {why})") from None
+    missing = [k for k in CKPT_KEYS if k not in state] if isinstance(state, dict) else list(CKPT_KEYS)
+    if not missing and isinstance(state["model_config"], dict):
+        missing = [f"model_config.{k}" for k in MODEL_FIELDS if k not in state["model_config"]]
+    if missing:
+        raise ValueError(f"--resume {path}: not a flashring train checkpoint (it has no {', '.join(missing)})")
+    return state
 
 
 def save_checkpoint(run: "Run") -> None:
@@ -152,8 +253,84 @@ def save_checkpoint(run: "Run") -> None:
              "cuda_rng": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None,
              "config": cfg.to_dict()}
     path = Path(cfg.out) / "ckpt.pt"
-    torch.save(state, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)  # atomic: an interrupted save keeps the previous checkpoint
+    tmp, sums = path.with_suffix(".tmp"), checksum_path(path)
+    with open(tmp, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(state, writer)
+    # A kill may land between any two of these steps; at every point the checksum file lists the digest of the
+    # ckpt.pt on disk: first both the old and the new digest, then the rename (atomic: an interrupted save keeps
+    # the previous checkpoint), then the new digest alone.
+    digest = writer.sha.hexdigest()
+    write_checksums(sums, [digest, *read_checksums(sums)], path.name)
+    tmp.replace(path)
+    write_checksums(sums, [digest], path.name)
+
+
+# ------------------------------------------------------------------------------------------------- the output
+LOCK_NAME = ".lock"
+
+
+def lock_out_dir(out: Path) -> IO[str]:
+    """Create --out and lock it for this run (held while the returned file is open): a second run writing the
+    same directory would interleave its records with this run's in log.jsonl and overwrite its checkpoint."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"--out {out} exists and is not a directory; give a directory path") from None
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the directory: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the directory is not writable; choose another --out")
+    try:
+        lock = open(out / LOCK_NAME, "a+")
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write its lock file {LOCK_NAME}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise ValueError(f"--out {out} is in use by another flashring train run"
+                         + (f" (pid {holder})" if holder.isdigit() else "")
+                         + "; wait for it to finish or choose another --out") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def claim_out_dir(cfg: TrainConfig, env: Env) -> Optional[IO[str]]:
+    """:func:`lock_out_dir` on rank 0 (the only writer); every rank raises if it failed, so no rank is left
+    waiting for rank 0 in a collective."""
+    lock, error = None, None
+    if cfg.out and env.main:
+        try:
+            lock = lock_out_dir(Path(cfg.out))
+        except ValueError as exc:
+            error = exc
+    if env.world > 1:
+        failed = env.sum(torch.tensor(float(error is not None), device=env.device)).item()
+        if failed and error is None:
+            raise ValueError(f"--out {cfg.out}: rank 0 cannot use it (its error says why)")
+    if error is not None:
+        raise error
+    return lock
+
+
+def open_log(out: Path, append: bool) -> IO[str]:
+    path = out / "log.jsonl"
+    try:
+        log = open(path, "a" if append else "w")
+        if append and log.tell() > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":   # a run killed mid-record: keep that line apart from the ones that follow
+                    log.write("\n")
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write {path.name}: {exc.strerror or exc}") from None
+    return log
 
 
 # ------------------------------------------------------------------------------------------------- the run
@@ -169,7 +346,11 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.corpus = load_corpus(cfg)
         ckpt = load_checkpoint(cfg) if cfg.resume else None
-        self.model_cfg = model_config(cfg, self.corpus, None if ckpt is None else ckpt["model_config"])
+        where = str(checkpoint_path(cfg)) if ckpt is not None else ""
+        self.model_cfg, overridden = model_config(cfg, self.corpus, None if ckpt is None else ckpt["model_config"],
+                                                  where)
+        if overridden and env.main:
+            print(f"--resume {where}: the checkpoint sets the model: {', '.join(overridden)}", flush=True)
         with torch.device(self.device):  # initialise on the device: a 3.8B-parameter init on the CPU takes minutes
             self.raw_model = GPT(self.model_cfg, group=env.group)
         self.model = self.raw_model
@@ -185,13 +366,18 @@ class Run:
         WindowSampler(self.corpus.val, 1, cfg.seqlen, 0, "validation")  # fail now, not at the first eval
         self.step = 0
         if ckpt is not None:
-            self.raw_model.load_state_dict(ckpt["model"])
-            self.opt.load_state_dict(ckpt["optimizer"])
-            self.batches.sampler.load_state(ckpt["sampler"])
-            torch.set_rng_state(ckpt["torch_rng"])
-            if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
-            self.step = ckpt["step"]
+            try:
+                self.raw_model.load_state_dict(ckpt["model"])
+                self.opt.load_state_dict(ckpt["optimizer"])
+                self.batches.sampler.load_state(ckpt["sampler"])
+                torch.set_rng_state(ckpt["torch_rng"])
+                if self.device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+                    torch.cuda.set_rng_state(ckpt["cuda_rng"], self.device)
+                self.step = int(ckpt["step"])
+            except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+                why = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise ValueError(f"--resume {where}: its saved state does not fit the model it describes "
+                                 f"({type(exc).__name__}: {why})") from None
         peak = cfg.peak_tflops if cfg.peak_tflops is not None else default_peak_tflops(self.device)
         self.peak_flops = None if peak is None else peak * 1e12 * env.world
         self.tokens_per_step = cfg.batch_size * cfg.seqlen * cfg.grad_accum  # whole sequences, all ranks
@@ -267,13 +453,21 @@ def _sync(device: torch.device) -> None:
 
 
 def train(cfg: TrainConfig, env: Env, argv: List[str]) -> dict:
-    """Train; returns the summary (also written to ``--out``/summary.json)."""
-    run = Run(cfg, env)
-    log_file = None
-    if cfg.out and env.main:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        log_file = open(out / "log.jsonl", "a" if cfg.resume else "w")
+    """Train; returns the summary (also written to ``--out``/summary.json). --out is claimed (created and
+    locked) before anything is built, and log.jsonl opened only once the run is set up, so a run refused for bad
+    input never touches the files of the run it would have continued."""
+    with contextlib.ExitStack() as files:
+        lock = claim_out_dir(cfg, env)
+        if lock is not None:
+            files.enter_context(lock)
+        run = Run(cfg, env)
+        log_file = files.enter_context(open_log(Path(cfg.out), bool(cfg.resume))) if lock is not None else None
+        return run_loop(run, argv, log_file)
+
+
+def run_loop(run: Run, argv: List[str], log_file: Optional[IO[str]]) -> dict:
+    """The loop of :func:`train`: steps, logs, validation, checkpoints, then the summary."""
+    cfg, env = run.cfg, run.env
     bar = ProgressBar(cfg.iters, mode=cfg.progress if env.main else "off")
 
     def log(record: dict) -> None:
@@ -351,7 +545,10 @@ def train(cfg: TrainConfig, env: Env, argv: List[str]) -> dict:
     log(summary)
     if log_file is not None:
         log_file.close()
-        (Path(cfg.out) / "summary.json").write_text(json.dumps({**summary, "meta": meta}, indent=2) + "\n")
+        try:
+            (Path(cfg.out) / "summary.json").write_text(json.dumps({**summary, "meta": meta}, indent=2) + "\n")
+        except OSError as exc:      # the log already holds the summary record
+            raise ValueError(f"--out {cfg.out}: cannot write summary.json: {exc.strerror or exc}") from None
     mfu = "" if summary["mfu"] is None else f", MFU {100 * summary['mfu']:.1f}%"
     say(f"done: {summary['steps']} steps, {summary['iter_time_ms_mean']:.1f} ms/step, "
         f"{summary['tokens_per_s'] / 1e3:.1f}k tok/s{mfu}, final val loss {val:.4f}")

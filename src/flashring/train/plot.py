@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 
 def read_log(path: Path):
@@ -24,6 +24,14 @@ def read_log(path: Path):
         else:
             bad.append(i)
     return records, bad
+
+
+def points(records: List[dict], kind: str, key: str, scale: float) -> List[Tuple[float, float]]:
+    """(step x scale, value) of the records of one type; a record whose step or value is not a number (edited
+    by hand, or from another program) is left out rather than ending the plot in a TypeError."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    return [(r["step"] * scale, r[key]) for r in records
+            if r.get("type") == kind and number(r.get("step")) and number(r.get(key))]
 
 
 def main(argv: List[str]) -> int:
@@ -51,8 +59,8 @@ def main(argv: List[str]) -> int:
         label = f"{c.get('attn', '?')} S={c.get('seqlen', '?')} ({Path(log).parent.name or log})"
         per_step = c.get("batch_size", 1) * c.get("seqlen", 1) * c.get("grad_accum", 1)
         scale = per_step if args.x == "tokens" else 1
-        train = [(r["step"] * scale, r["loss"]) for r in records if r.get("type") == "train" and "loss" in r]
-        val = [(r["step"] * scale, r["val_loss"]) for r in records if r.get("type") == "val" and "val_loss" in r]
+        train = points(records, "train", "loss", scale)
+        val = points(records, "val", "val_loss", scale)
         if not train and not val:
             p.error(f"{log} holds no train or val records")
         color = f"C{i % 10}"
