@@ -1,0 +1,317 @@
+"""flashring as a transformers attention implementation (flashring.integrations.transformers), on tiny random-weight
+models built from configs: greedy generation (KV cache, with and without left padding) against eager, logits and
+parameter gradients against an eager float64 copy under flashring.testing's tolerance rule, padded and packed
+training batches against each sequence run alone.
+
+On a CPU machine conftest.py turns the Triton interpreter on. The float64-rule tests (logits and gradients, with
+and without padding) run flashring's Triton kernels under it, on sequences of <= 16 tokens; the generation and
+packed-sequence tests, which make many small calls, use the chunked PyTorch CPU path (fixture ``torch_path``; one
+generation case runs the kernels too) to keep the file fast.
+"""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import flashring  # noqa: E402
+from flashring.integrations import transformers as fr_hf  # noqa: E402
+from flashring.testing import GRAD_FACTOR, OUT_FACTOR, check_close  # noqa: E402
+
+VOCAB = 100
+WINDOW = 4
+# Weights 10x transformers' default scale, so attention scores are O(1) (not a near-uniform softmax), the sliding
+# windows and Gemma2's softcap change the result, and greedy logits are well separated.
+INIT = 0.2
+MODELS = ["llama", "qwen2", "mistral", "gemma2", "gpt2"]
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    from flashring.ops import dispatch
+    monkeypatch.setattr(dispatch, "CPU_BACKEND", "torch")
+
+
+def make_config(name):
+    common = dict(vocab_size=VOCAB, initializer_range=INIT, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    decoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, **common)
+    if name == "llama":
+        return transformers.LlamaConfig(**decoder)
+    if name == "qwen2":   # layer 0 full attention, layer 1 sliding
+        return transformers.Qwen2Config(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+                                        layer_types=["full_attention", "sliding_attention"], **decoder)
+    if name == "mistral":  # every layer sliding
+        return transformers.MistralConfig(sliding_window=WINDOW, **decoder)
+    if name == "gemma2":   # layer 0 sliding, layer 1 full; scores capped at 2 and scaled by 32**-0.5 (head_dim 8)
+        return transformers.Gemma2Config(head_dim=8, sliding_window=WINDOW, query_pre_attn_scalar=32,
+                                         attn_logit_softcapping=2.0, **decoder)
+    if name == "gpt2":     # no GQA; layer-dependent scaling (1/sqrt(d) / (layer_idx + 1))
+        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.0,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, scale_attn_by_inverse_layer_idx=True,
+                                       **common)
+    raise AssertionError(name)
+
+
+def make_models(name):
+    """(flashring fp32, eager fp32, eager fp64) copies of one random model."""
+    ours = transformers.AutoModelForCausalLM.from_config(make_config(name),
+                                                         attn_implementation=fr_hf.ATTN_IMPLEMENTATION)
+    assert ours.config._attn_implementation == fr_hf.ATTN_IMPLEMENTATION
+    eager = copy.deepcopy(ours)
+    eager.set_attn_implementation("eager")
+    assert eager.config._attn_implementation == "eager"
+    return ours, eager, copy.deepcopy(eager).double()
+
+
+def tokens(*shape):
+    return torch.randint(1, VOCAB, shape)
+
+
+def check(out, ref, low, factor, what):
+    c = check_close(out.detach(), ref.detach(), low.detach(), factor, dtype=torch.float32)
+    assert c["ok"], f"{what}: error {c['err']:.3g} > tolerance {c['tol']:.3g}"
+    return c
+
+
+def separate_logits(model, ids, lengths):
+    """Logits of each row's real tokens, every sequence run alone (batch 1, no padding); ``lengths``: per row, the
+    lengths of the sequences packed into it (or its one real length)."""
+    rows = []
+    with torch.no_grad():
+        for row, lens in zip(ids, lengths):
+            start, parts = 0, []
+            for n in lens:
+                parts.append(model(input_ids=row[None, start:start + n]).logits[0])
+                start += n
+            rows.append(torch.cat(parts))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- generation
+def assert_same_greedy(ours, eager, ids, mask, max_new_tokens=6):
+    kw = dict(attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+              pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        want = eager.generate(ids, **kw)
+        got = ours.generate(ids, **kw)
+    assert got.sequences.shape == want.sequences.shape == (ids.shape[0], ids.shape[1] + max_new_tokens)
+    assert torch.equal(got.sequences[:, :ids.shape[1]], ids)
+    diff = (got.sequences != want.sequences).nonzero()
+    if len(diff):
+        # Greedy picks may only differ where eager itself had a near tie (same prefix up to there).
+        row, col = diff[0].tolist()
+        top2 = want.logits[col - ids.shape[1]][row].topk(2).values
+        assert (top2[0] - top2[1]).item() < 1e-4, f"row {row} diverges at token {col} without a near tie"
+    # The prefill's logits (last prompt position, a real token in every row) agree, not just their argmax.
+    torch.testing.assert_close(got.logits[0], want.logits[0], atol=1e-4, rtol=1e-4)
+
+
+# Every model on the PyTorch CPU path, decode steps through flashring.flash_attn_with_kvcache and through the
+# general paths (what decode_step does without it); Gemma2 (sliding + full layers, softcap) also through the Triton
+# kernels.
+@pytest.mark.parametrize("name,path,decode", [(m, "torch", d) for m in MODELS for d in ("kvcache", "general")]
+                         + [("gemma2", "triton", "kvcache")])
+def test_generate_matches_eager(name, path, decode, seed, monkeypatch):
+    from flashring.ops import dispatch, flash
+    if path == "triton" and not flash.INTERPRET:
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    monkeypatch.setattr(dispatch, "CPU_BACKEND", path)
+    if decode == "general":
+        monkeypatch.delattr(flashring, "flash_attn_with_kvcache", raising=False)
+    elif not hasattr(flashring, "flash_attn_with_kvcache"):
+        pytest.skip("this flashring has no flash_attn_with_kvcache")
+    ours, eager, _ = make_models(name)
+    ours.eval(), eager.eval()
+    # Left-padded batch: prompts of 10 tokens (longer than the sliding window of 4) and of 2, whose padding stays
+    # inside the sliding layers' cache (window - 1 keys) for the first decode step.
+    ids = tokens(2, 10)
+    mask = torch.ones_like(ids)
+    mask[1, :8] = 0
+    ids[1, :8] = 0
+    assert_same_greedy(ours, eager, ids, mask)
+    # No padding: the mask function hands the attention None, the decode step runs without a mask.
+    assert_same_greedy(ours, eager, tokens(2, 7), None)
+
+
+CALLS = []   # what reference_kvcache was called with
+
+
+def reference_kvcache(q, k_cache, v_cache, cache_seqlens=None, cache_leftpad=None, softmax_scale=None, causal=False,
+                      window_size=(-1, -1), softcap=0.0):
+    """flash-attn's flash_attn_with_kvcache (no new k/v): row b attends cache keys [leftpad[b], seqlens[b])."""
+    CALLS.append(dict(seqlens=cache_seqlens.tolist(),
+                      leftpad=None if cache_leftpad is None else cache_leftpad.tolist(), sq=q.shape[1]))
+    out = []
+    for b in range(q.shape[0]):
+        lo = 0 if cache_leftpad is None else int(cache_leftpad[b])
+        hi = int(cache_seqlens[b])
+        out.append(flashring.flash_attn_func(q[b:b + 1], k_cache[b:b + 1, lo:hi], v_cache[b:b + 1, lo:hi],
+                                             softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                                             softcap=softcap))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_decode_step_uses_kvcache_function(name, seed, torch_path, monkeypatch):
+    """With a ``flashring.flash_attn_with_kvcache`` present (here a reference of flash-attn's contract), decode
+    steps go through it with the left padding as cache_leftpad; generation still matches eager."""
+    monkeypatch.setattr(flashring, "flash_attn_with_kvcache", reference_kvcache, raising=False)
+    CALLS.clear()
+    ours, eager, _ = make_models(name)
+    ours.eval(), eager.eval()
+    ids = tokens(2, 9)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    assert_same_greedy(ours, eager, ids, mask, max_new_tokens=4)
+    layers = 2
+    assert len(CALLS) == 3 * layers                      # 4 new tokens: 1 from the prefill, 3 decode steps
+    for step, call in enumerate(CALLS[::layers]):
+        assert call["sq"] == 1
+        if name == "llama":                              # full cache: 9 prompt + generated tokens
+            assert call["seqlens"] == [10 + step] * 2 and call["leftpad"] == [3, 0]
+        else:                                            # sliding cache: window-size keys, padding out of reach
+            assert call["seqlens"] == [WINDOW] * 2 and call["leftpad"] is None
+    CALLS.clear()
+    assert_same_greedy(ours, eager, tokens(2, 9), None, max_new_tokens=3)
+    assert len(CALLS) == 2 * layers and all(c["leftpad"] is None for c in CALLS)
+
+
+# ------------------------------------------------------------------------------------------------- float64 rule
+def loss_and_grads(model, ids, mask=None, labels=None):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=mask, labels=ids if labels is None else labels)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_and_grads_within_tolerance(name, seed):
+    """Training forward + backward (no padding, sequence 16 > window 4): logits within 2x and every parameter's
+    gradient within 3x of eager fp32's error against eager fp64."""
+    ours, eager, ref = make_models(name)
+    for m in (ours, eager, ref):
+        m.train()
+    ids = tokens(2, 16)
+    out, g_out = loss_and_grads(ours, ids)
+    low, g_low = loss_and_grads(eager, ids)
+    ref64, g_ref = loss_and_grads(ref, ids)
+    check(out, ref64, low, OUT_FACTOR, f"{name} logits")
+    assert set(g_out) == set(g_ref) and len(g_out) > 10
+    for pname in g_ref:
+        check(g_out[pname], g_ref[pname], g_low[pname], GRAD_FACTOR, f"{name} grad {pname}")
+
+
+# ------------------------------------------------------------------------------------------------- padded / packed
+@pytest.mark.parametrize("name", MODELS)
+def test_right_padded_training_batch(name, seed):
+    """Right padding (unpad + varlen): the real tokens' logits equal each sequence run alone, and gradients of the
+    loss over real tokens are within the tolerance rule of eager fp64 on the same padded batch."""
+    ours, eager, ref = make_models(name)
+    for m in (ours, eager, ref):
+        m.train()
+    # 3 padding tokens, fewer than the window: eager's fp64 reference gives NaN (then NaN gradients through the
+    # zero loss weight) on a padded query whose whole window is padding; flashring gives such a row 0.
+    lengths = [14, 11]
+    ids = tokens(2, 14)
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    out, g_out = loss_and_grads(ours, ids, mask, labels)
+    alone = separate_logits(eager, ids, [[n] for n in lengths])
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(out[b, :n], alone[b], atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(out).all()
+    _, g_low = loss_and_grads(eager, ids, mask, labels)
+    _, g_ref = loss_and_grads(ref, ids, mask, labels)
+    for pname in g_ref:
+        check(g_out[pname], g_ref[pname], g_low[pname], GRAD_FACTOR, f"{name} padded grad {pname}")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_packed_position_ids(name, seed, torch_path):
+    """Batch 2, several sequences per row marked by position_ids restarting at 0: each sequence's logits equal the
+    sequence run alone (so no attention crosses a boundary), sequences longer than the sliding window included."""
+    ours, eager, _ = make_models(name)
+    ours.train()
+    eager.eval()
+    lengths = [[7, 3, 8], [5, 13]]
+    ids = tokens(2, 18)
+    pos = torch.tensor([sum((list(range(n)) for n in row), []) for row in lengths])
+    with torch.no_grad():
+        out = ours(input_ids=ids, position_ids=pos).logits
+        crossed = ours(input_ids=ids).logits   # same tokens as one sequence per row: must differ after a boundary
+    alone = separate_logits(eager, ids, lengths)
+    for b in range(2):
+        torch.testing.assert_close(out[b], alone[b], atol=1e-4, rtol=1e-4)
+    assert (crossed[0, 7:] - out[0, 7:]).abs().max() > 1e-3
+
+
+def test_explicit_cu_seq_lens(seed, torch_path):
+    """DataCollatorWithFlattening's cu_seq_lens_q/k + max_length_q/k keyword arguments are used as given."""
+    ours, eager, _ = make_models("llama")
+    ours.eval(), eager.eval()
+    lengths = [6, 11, 4]
+    seqs = [tokens(n).tolist() for n in lengths]
+    batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": s} for s in seqs])
+    assert batch["cu_seq_lens_q"].tolist() == [0, 6, 17, 21]
+    batch.pop("labels")
+    with torch.no_grad():
+        out = ours(**batch).logits[0]
+        # position_ids without restarts: only the explicit tables separate the sequences. (RoPE is relative, so
+        # a sequence at shifted positions gives the same logits.)
+        batch["position_ids"] = torch.arange(21)[None]
+        out_tables_only = ours(**batch).logits[0]
+        dense = ours(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+    alone = separate_logits(eager, batch["input_ids"], [lengths])[0]
+    torch.testing.assert_close(out, alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_tables_only, alone, atol=1e-4, rtol=1e-4)
+    assert (dense[6:] - alone[6:]).abs().max() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------- contract
+def test_registration_and_mask_function():
+    name = fr_hf.ATTN_IMPLEMENTATION
+    assert "flash" not in name.lower() and "/" not in name
+    assert transformers.AttentionInterface()[name] is fr_hf.attention_forward
+    assert transformers.AttentionMaskInterface()[name] is fr_hf.padding_mask
+    full = torch.ones(2, 6, dtype=torch.bool)
+    assert fr_hf.padding_mask(2, 6, 6, attention_mask=full) is None
+    assert fr_hf.padding_mask(2, 6, 6, attention_mask=None) is None
+    padded = full.clone()
+    padded[0, 0] = False
+    assert torch.equal(fr_hf.padding_mask(2, 6, 6, attention_mask=padded), padded)
+    # A sliding layer's cache holds the last 4 keys: the padding is out of reach.
+    assert fr_hf.padding_mask(2, 1, 4, attention_mask=padded) is None
+    assert torch.equal(fr_hf.padding_mask(2, 1, 8, attention_mask=full), full)   # static cache: kept
+    with pytest.raises(ValueError, match="flash"):
+        fr_hf.register("my_flash_impl")
+
+
+def test_errors(seed):
+    cfg = make_config("gpt2")
+    cfg.attn_pdrop = 0.1
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=fr_hf.ATTN_IMPLEMENTATION)
+    ids = tokens(1, 5)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        model.train()(input_ids=ids)
+    assert model.eval()(input_ids=ids).logits.shape == (1, 5, VOCAB)   # eval mode: dropout 0, fine
+    q, k = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    with pytest.raises(NotImplementedError, match="attention_mask"):
+        fr_hf.attention_forward(torch.nn.Module(), q, k, k, torch.ones(1, 1, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="sliding_window"):
+        fr_hf.attention_forward(torch.nn.Module(), q, k, k, None, sliding_window=0)
+    with pytest.raises(ValueError, match="cu_seq_lens_k"):
+        fr_hf.attention_forward(torch.nn.Module(), q, k, k, None, cu_seq_lens_q=torch.tensor([0, 5]))
+    holes = torch.tensor([[True, False, True, True, True]])
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        fr_hf.attention_forward(torch.nn.Module(), q, k, k, holes, sliding_window=2)
+    # Without a window, padding between real tokens is simply skipped: equals attention over the real tokens.
+    out, weights = fr_hf.attention_forward(torch.nn.Module(), q, k, k, holes)
+    keep = holes[0]
+    alone = flashring.flash_attn_func(q.transpose(1, 2)[:, keep], k.transpose(1, 2)[:, keep],
+                                      k.transpose(1, 2)[:, keep], causal=True)
+    assert weights is None and out.shape == (1, 5, 4, 8)
+    torch.testing.assert_close(out[:, keep], alone)
+    assert (out[:, ~keep] == 0).all()
