@@ -16,14 +16,14 @@ step() {  # name seconds command...
   echo "$name: exit $?" >> "$out/summary.txt"
 }
 : > "$out/summary.txt"
-has tests && step tests 300 python3 -m pytest -m gpu -q -x -n 8 -p no:cacheprovider
+has tests && step tests 240 python3 -m pytest -m gpu -q -x -n 8 -p no:cacheprovider
 has dense && step dense 240 python3 -m flashring bench dense --providers flashring,sdpa-flash,sdpa-cudnn \
     --modes fwd,fwd+bwd --out "$out" --no-plot
 has sparse && step sparse 150 python3 -m flashring bench sparse --quick --out "$out" --no-plot
-has decode && step decode 200 python3 -m flashring bench decode --out "$out"
-has varlen && step varlen 120 python3 -m flashring bench varlen --out "$out"
-has tune && step tune 200 python3 -m flashring bench tune --seqlens 1k,8k --headdims 128,64 --causal yes \
-    --out "$out"
-has generate && step generate 240 python3 benchmarks/hf_generate.py --out "$out"
+has decode && step decode 150 python3 -m flashring bench decode --out "$out"
+has varlen && step varlen 90 python3 -m flashring bench varlen --out "$out"
+has tune && step tune 150 python3 -m flashring bench tune --seqlens ${TUNE_SEQLENS:-1k,8k} \
+    --headdims ${TUNE_HEADDIMS:-128} --causal ${TUNE_CAUSAL:-yes} --out "$out"
+has generate && step generate 150 python3 benchmarks/hf_generate.py --out "$out"
 for f in "$out"/*.log; do echo "---- $(basename "$f")"; tail -n "${TAIL_LINES:-25}" "$f"; done
 cat "$out/summary.txt"
