@@ -280,29 +280,45 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 
 
 # ------------------------------------------------------------------------------------------------- KV cache
+def _kvcache_forward(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens: OptT, seqlen: int, cache_batch_idx: OptT,
+                     cache_leftpad: OptT, block_table: OptT, softmax_scale: float, lower: Optional[int],
+                     upper: Optional[int], softcap: float, rotary_interleaved: bool, rotate_q_per_token: bool,
+                     num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Append (and rotate), then attend. ``cache_seqlens`` (int32 (B,)) or, when None, ``seqlen`` for every row:
+    the plain decode call then launches nothing but the attention kernel(s)."""
+    b, sq = q.shape[:2]
+    s_new = 0 if k is None else k.shape[1]
+    if k is not None or cos is not None:
+        lens = (cache_seqlens.long() if cache_seqlens is not None else
+                torch.full((b,), seqlen, dtype=torch.long, device=q.device)).unsqueeze(1)
+        if k is not None:
+            positions = lens + torch.arange(s_new, device=q.device)
+            if cos is not None:
+                k = kvcache.rotate(k, cos, sin, positions, rotary_interleaved)
+            rows = cache_batch_idx if cache_batch_idx is not None else torch.arange(b, device=q.device)
+            kvcache.append_(k_cache, v_cache, k, v, positions, rows, block_table)
+        if cos is not None:
+            steps = torch.arange(sq, device=q.device) if rotate_q_per_token else torch.zeros(sq, dtype=torch.long,
+                                                                                               device=q.device)
+            q = kvcache.rotate(q, cos, sin, lens + steps, rotary_interleaved)
+    if cache_seqlens is None:
+        end = seqlen + s_new
+    else:
+        end = (cache_seqlens + s_new if s_new else cache_seqlens).contiguous()
+    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731 - the kernel indexes them densely
+    return dispatch.decode(q, k_cache, v_cache, contiguous(cache_leftpad), end, softmax_scale, lower, upper, softcap,
+                           contiguous(block_table), contiguous(cache_batch_idx), num_splits)
+
+
 @torch.library.custom_op("flashring::fwd_kvcache", mutates_args=("k_cache", "v_cache"))
 def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: OptT, v: OptT, cos: OptT,
-                sin: OptT, cache_seqlens: torch.Tensor, cache_batch_idx: OptT, cache_leftpad: OptT,
+                sin: OptT, cache_seqlens: OptT, seqlen: int, cache_batch_idx: OptT, cache_leftpad: OptT,
                 block_table: OptT, softmax_scale: float, lower: Optional[int], upper: Optional[int], softcap: float,
                 rotary_interleaved: bool, rotate_q_per_token: bool,
                 num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    b, sq = q.shape[:2]
-    s_new = 0 if k is None else k.shape[1]
-    cache_seqlens = cache_seqlens.to(torch.int32)
-    if k is not None:
-        positions = cache_seqlens.long().unsqueeze(1) + torch.arange(s_new, device=q.device)
-        if cos is not None:
-            k = kvcache.rotate(k, cos, sin, positions, rotary_interleaved)
-        rows = cache_batch_idx if cache_batch_idx is not None else torch.arange(b, device=q.device)
-        kvcache.append_(k_cache, v_cache, k, v, positions, rows, block_table)
-    if cos is not None:
-        steps = torch.arange(sq, device=q.device) if rotate_q_per_token else torch.zeros(sq, dtype=torch.long,
-                                                                                           device=q.device)
-        q = kvcache.rotate(q, cos, sin, cache_seqlens.long().unsqueeze(1) + steps, rotary_interleaved)
-    end = cache_seqlens + s_new
-    start = cache_leftpad.to(torch.int32) if cache_leftpad is not None else torch.zeros_like(end)
-    return dispatch.decode(q, k_cache, v_cache, start.contiguous(), end.contiguous(), softmax_scale, lower, upper,
-                           softcap, block_table, cache_batch_idx, num_splits)
+    return _kvcache_forward(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens, seqlen, cache_batch_idx,
+                            cache_leftpad, block_table, softmax_scale, lower, upper, softcap, rotary_interleaved,
+                            rotate_q_per_token, num_splits)
 
 
 @_kvcache_op.register_fake
@@ -401,13 +417,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         _check_index_tensor(cache_batch_idx, "cache_batch_idx", (b,), q.device)
         _check_range(cache_batch_idx, 0, k_cache.shape[0], f"cache_batch_idx entries must lie in [0, "
                                                            f"{k_cache.shape[0]})")
+    seqlen = capacity - s_new
     if cache_seqlens is None:
-        cache_seqlens = capacity - s_new
-    if isinstance(cache_seqlens, (int, torch.SymInt)) and not isinstance(cache_seqlens, bool):
+        pass
+    elif isinstance(cache_seqlens, (int, torch.SymInt)) and not isinstance(cache_seqlens, bool):
         if not 0 <= cache_seqlens <= capacity - s_new:
             raise ValueError(f"cache_seqlens = {cache_seqlens} + {s_new} new tokens exceeds the cache capacity "
                              f"({capacity})")
-        cache_seqlens = torch.full((b,), cache_seqlens, dtype=torch.int32, device=q.device)
+        seqlen, cache_seqlens = int(cache_seqlens), None
     else:
         _check_index_tensor(cache_seqlens, "cache_seqlens", (b,), q.device)
         _check_range(cache_seqlens, 0, capacity - s_new + 1, f"cache_seqlens + {s_new} new tokens must stay within "
@@ -429,9 +446,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError(f"rotary_cos/rotary_sin cover {rotary_cos.shape[0]} positions; the cache holds "
                              f"{capacity}")
     lower, upper = window_offsets(causal, window)
-    out, lse = _kvcache_op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                           cache_leftpad, block_table, scale, lower, upper, cap, rotary_interleaved,
-                           causal or window != (-1, -1), num_splits)
+    # Eager calls skip the dispatcher (a decode step is short enough for its ~50 us of host time to show); the
+    # custom op is what torch.compile traces.
+    fn = _kvcache_op if torch.compiler.is_compiling() else _kvcache_forward
+    out, lse = fn(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, seqlen, cache_batch_idx,
+                  cache_leftpad, block_table, scale, lower, upper, cap, rotary_interleaved, causal or window != (-1, -1),
+                  num_splits)
     return (out, lse) if return_softmax_lse else out
 
 

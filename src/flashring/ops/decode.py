@@ -15,6 +15,7 @@ query head re-read its KV head. Here:
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -29,9 +30,10 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, META, BlockTable, CacheIdx, SQ, SCORE
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_CACHE_IDX: tl.constexpr,
-                PRECISION: tl.constexpr):
+                HAS_START: tl.constexpr, END_PER_ROW: tl.constexpr, PRECISION: tl.constexpr):
     """Program (split, m_block * Hk + hk, b). ``Q``/``O`` = (ptr, sb, ss, sh) of (B, Sq, H, D); ``K``/``V`` =
-    (ptr, s_batch_or_page, s_seq, s_head) of the cache; ``META`` = (Start, End) int32 (B,) valid key range;
+    (ptr, s_batch_or_page, s_seq, s_head) of the cache; ``META`` = (Start, End, END): the valid key range
+    ``[Start[b] or 0, End[b] or END)``;
     ``LSE`` = (ptr, sb, sh) of (B, H, Sq); ``OP``/``LSEP`` = fp32 partials (NUM_SPLITS, B, Sq, H, D) /
     (NUM_SPLITS, B, H, Sq), used when NUM_SPLITS > 1. ``BAND = (LOWER, UPPER)``: a query at position p sees
     keys ``p + LOWER <= j <= p + UPPER`` (causal: UPPER = 0; window (left, right): -left, right)."""
@@ -40,8 +42,12 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, META, BlockTable, CacheIdx, SQ, SCORE
     m_block = tl.program_id(1) // (SQ[1] // GROUP)
     b = tl.program_id(2)
     sq = SQ[0]
-    start = tl.load(META[0] + b)
-    end = tl.load(META[1] + b)
+    start = b * 0
+    if HAS_START:
+        start = tl.load(META[0] + b)
+    end = META[2] + b * 0
+    if END_PER_ROW:
+        end = tl.load(META[1] + b)
     rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)          # packed (query, head-in-group) rows
     r_ok = rows < sq * GROUP
     qi = rows // GROUP
@@ -170,19 +176,24 @@ def decode_config(head_dim: int, page: Optional[int], device: torch.device) -> d
     return dict(BLOCK_N=block_n, num_warps=4, num_stages=3 if device.type == "cuda" else 1)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def choose_splits(batch: int, heads_k: int, m_blocks: int, max_keys: int, block_n: int, device: torch.device,
                   requested: int = 0) -> int:
     """Split count: ``requested`` if > 0, else enough programs for ~4 per SM, each keeping >= 4 key tiles, at most
     128 (from the shape and the SM count; no device sync)."""
     if requested > 0:
         return min(requested, 128)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
     programs = batch * heads_k * m_blocks
     tiles = triton.cdiv(max(max_keys, 1), block_n)
     return max(1, min(128, triton.cdiv(4 * sms, programs), triton.cdiv(tiles, 4)))
 
 
-def attention(q, k_cache, v_cache, start: torch.Tensor, end: torch.Tensor, softmax_scale: float,
+def attention(q, k_cache, v_cache, start: Optional[torch.Tensor], end, softmax_scale: float,
               lower: Optional[int], upper: Optional[int], softcap: float, block_table: Optional[torch.Tensor] = None,
               cache_batch_idx: Optional[torch.Tensor] = None, num_splits: int = 0):
     """Triton launch: ``(out, lse)`` of q ``(B, Sq, H, D)`` over each batch's cache keys ``[start[b], end[b])``
@@ -191,6 +202,7 @@ def attention(q, k_cache, v_cache, start: torch.Tensor, end: torch.Tensor, softm
     q = unit_last(q)
     b, sq, h, d = q.shape
     hk = k_cache.shape[2]
+    per_row = isinstance(end, torch.Tensor)
     group = h // hk
     paged = block_table is not None
     page = k_cache.shape[1] if paged else None
@@ -210,11 +222,13 @@ def attention(q, k_cache, v_cache, start: torch.Tensor, end: torch.Tensor, softm
     _decode_fwd[(splits, m_blocks * hk, b)](
         (q, q.stride(0), q.stride(1), q.stride(2)), kv(k_cache), kv(v_cache),
         (out, out.stride(0), out.stride(1), out.stride(2)), (lse, lse.stride(0), lse.stride(1)), op, lsep,
-        (start, end), bt, cache_batch_idx, (sq, h), score_args(softmax_scale, softcap),
+        (start, end if per_row else None, 0 if per_row else int(end)), bt, cache_batch_idx, (sq, h),
+        score_args(softmax_scale, softcap),
         (0 if lower is None else int(lower), 0 if upper is None else int(upper)), GROUP=group, HEAD_DIM=d,
         BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, NUM_SPLITS=splits, HAS_LOWER=lower is not None,
         HAS_UPPER=upper is not None, HAS_SOFTCAP=softcap > 0,
-        PAGED=paged, PAGE=page or 1, HAS_CACHE_IDX=cache_batch_idx is not None, PRECISION=precision(q.dtype),
+        PAGED=paged, PAGE=page or 1, HAS_CACHE_IDX=cache_batch_idx is not None, HAS_START=start is not None,
+        END_PER_ROW=per_row, PRECISION=precision(q.dtype),
         **cfg)
     if splits > 1:
         _combine[(b * sq, h)]((out, out.stride(0), out.stride(1), out.stride(2)),

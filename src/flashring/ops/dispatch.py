@@ -54,11 +54,12 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
                    tile_mask=cpu.sparse_tile_mask(sparse))
 
 
-def decode(q, k_cache, v_cache, start: torch.Tensor, end: torch.Tensor, softmax_scale: float,
+def decode(q, k_cache, v_cache, start: Optional[torch.Tensor], end, softmax_scale: float,
            lower: Optional[int], upper: Optional[int], softcap: float, block_table: Optional[torch.Tensor] = None,
            cache_batch_idx: Optional[torch.Tensor] = None, num_splits: int = 0):
-    """``(out, lse)`` of q ``(B, Sq, H, D)`` over each batch row's cache keys ``[start[b], end[b])``, the queries
-    at the last Sq positions; ``lower``/``upper`` the band around a query's position. lse ``(B, H, Sq)``."""
+    """``(out, lse)`` of q ``(B, Sq, H, D)`` over each batch row's cache keys ``[start[b], end[b])`` (start None:
+    0; end an int32 (B,) tensor or one int for all rows), the queries at the last Sq positions; ``lower``/
+    ``upper`` the band around a query's position. lse ``(B, H, Sq)``."""
     if on_triton(q):
         return decode_kernel.attention(q, k_cache, v_cache, start, end, softmax_scale, lower, upper, softcap,
                                        block_table, cache_batch_idx, num_splits)

@@ -268,13 +268,14 @@ def _fwd_inner(acc, l_i, m_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_vn, S
             # into every row of the tile: zero non-finite value rows, then re-poison only the rows that see them.
             v_bad = tl.max(finite_or_inf(v), 1) == float("inf")
             v = tl.where(v_bad[:, None], 0.0, v)
+            acc = acc * alpha[:, None]
+            acc = mma(p.to(v.dtype), v, acc, PRECISION)
             sees_bad = tl.max(tl.where(v_bad[None, :] & (s > float("-inf")), 1.0, 0.0), 1) > 0.0
+            acc = tl.where(sees_bad[:, None], float("nan"), acc)
         else:
             v = tl.load(V_ptrs + voff, mask=d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None]
-        acc = mma(p.to(v.dtype), v, acc, PRECISION)
-        if MASK:
-            acc = tl.where(sees_bad[:, None], float("nan"), acc)
+            acc = acc * alpha[:, None]
+            acc = mma(p.to(v.dtype), v, acc, PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 

@@ -42,14 +42,16 @@ def append_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: to
         v_cache[pages, positions % page] = v
 
 
-def cpu_attention(q, k_cache, v_cache, start: torch.Tensor, end: torch.Tensor, softmax_scale: float,
+def cpu_attention(q, k_cache, v_cache, start: Optional[torch.Tensor], end, softmax_scale: float,
                   lower: Optional[int], upper: Optional[int], softcap: float,
                   block_table: Optional[torch.Tensor] = None, cache_batch_idx: Optional[torch.Tensor] = None):
     """The decode kernel's contract on the chunked PyTorch path: one call per batch row over its valid keys."""
     b, sq, h, _ = q.shape
     out = torch.zeros_like(q)
     lse = torch.empty(b, h, sq, dtype=torch.float32)
-    for i, (s0, s1) in enumerate(zip(start.tolist(), end.tolist())):
+    starts = start.tolist() if start is not None else [0] * b
+    ends = end.tolist() if isinstance(end, torch.Tensor) else [int(end)] * b
+    for i, (s0, s1) in enumerate(zip(starts, ends)):
         if block_table is None:
             row = i if cache_batch_idx is None else int(cache_batch_idx[i])
             k, v = k_cache[row, s0:s1], v_cache[row, s0:s1]
