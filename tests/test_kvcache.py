@@ -15,7 +15,7 @@ from conftest import gpu_only
 def _rotate_ref(x, cos, sin, positions, interleaved):
     """Rotary by complex multiplication, written independently of flashring's: pairs (2i, 2i+1) or (i, i+r/2)."""
     half = cos.shape[1]
-    xr = x[..., :2 * half].double()
+    xr = x[..., :2 * half].double().cpu()
     if interleaved:
         z = torch.complex(xr[..., 0::2], xr[..., 1::2])
     else:
@@ -23,7 +23,7 @@ def _rotate_ref(x, cos, sin, positions, interleaved):
     w = torch.complex(cos.double(), sin.double())[positions].unsqueeze(2)     # the tables as given (not renormalised)
     z = z * w
     parts = torch.stack((z.real, z.imag), -1).flatten(-2) if interleaved else torch.cat((z.real, z.imag), -1)
-    return torch.cat((parts.to(x.dtype), x[..., 2 * half:]), -1)
+    return torch.cat((parts.to(x.device, x.dtype), x[..., 2 * half:]), -1)
 
 
 def _case(device, b=3, sq=1, h=8, hk=2, d=64, cap=80, s_new=0, dtype=torch.float32, page=None, rotary=None,

@@ -116,7 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for mode, sweep in (("fwd", fwd_sweep), ("bwd", bwd_sweep)):
                 if mode not in args.passes:
                     continue
-                default = flash.default_config(shape.headdim, shape.dtype, args.device, backward=mode == "bwd")
+                default = flash.default_config(shape.headdim, shape.dtype, args.device, backward=mode == "bwd",
+                                               seqlen_q=shape.seqlen, causal=shape.causal)
                 for cfg in sweep:
                     run.progress.step(f"{shape.label()} | {mode} {_tile(cfg)}")
                     if mode == "fwd":
