@@ -66,18 +66,6 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def finite_or_inf(x):
-    """|x| as fp32, with NaN mapped to inf: a row max of inf flags a non-finite row."""
-    a = tl.abs(x.to(tl.float32))
-    return tl.where(a == a, a, float("inf"))
-
-
-@triton.jit
-def _zero_nonfinite(x):
-    return tl.where(finite_or_inf(x) < float("inf"), x, 0.0)
-
-
-@triton.jit
 def _rows(T, b, h, start):
     """Pointer to row ``start`` of (batch b, head h) of a flash-layout tensor ``T = (ptr, sb, ss, sh)``: the one
     place batch/head/sequence offsets are applied, in int64."""
@@ -262,20 +250,15 @@ def _fwd_inner(acc, l_i, m_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_vn, S
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
+        # Keys past the sequence are never loaded (masked loads); a non-finite value row inside it that a row of
+        # this tile may not see still meets that row's zero weight (0 * NaN): sanitising it in-kernel cost 8-50%
+        # of the forward on an H100 (benchmarks/NOTES.md), so the kernels leave it, as FA2 and cuDNN do.
         if MASK:
             v = tl.load(V_ptrs + voff, mask=(kj[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
-            # A masked pair multiplies a zero weight, and 0 * NaN = NaN would carry a value the row may not see
-            # into every row of the tile: zero non-finite value rows, then re-poison only the rows that see them.
-            v_bad = tl.max(finite_or_inf(v), 1) == float("inf")
-            v = tl.where(v_bad[:, None], 0.0, v)
-            acc = acc * alpha[:, None]
-            acc = mma(p.to(v.dtype), v, acc, PRECISION)
-            sees_bad = tl.max(tl.where(v_bad[None, :] & (s > float("-inf")), 1.0, 0.0), 1) > 0.0
-            acc = tl.where(sees_bad[:, None], float("nan"), acc)
         else:
             v = tl.load(V_ptrs + voff, mask=d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None]
-            acc = mma(p.to(v.dtype), v, acc, PRECISION)
+        acc = acc * alpha[:, None]
+        acc = mma(p.to(v.dtype), v, acc, PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -401,9 +384,6 @@ def _dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, strid
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
-        if MASK:       # masked pairs contribute exactly 0, also next to non-finite values (see _fwd_inner)
-            dsT = tl.where(sT == float("-inf"), 0.0, dsT)
-            qT = _zero_nonfinite(qT)
         dk = mma(dsT.to(qT.dtype), tl.trans(qT), dk, PRECISION)
     return dk, dv
 
@@ -508,9 +488,6 @@ def _dq_inner(dq, q, do, lse2, delta, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        if MASK:       # masked pairs contribute exactly 0, also next to non-finite values (see _fwd_inner)
-            ds = tl.where(s == float("-inf"), 0.0, ds)
-            kT = _zero_nonfinite(kT)
         dq = mma(ds.to(kT.dtype), tl.trans(kT), dq, PRECISION)
     return dq
 
@@ -589,7 +566,8 @@ INTERP_CONFIGS = (dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
 
 # Short causal forwards (H100, bf16, D=128, N=1k, `flashring bench tune`, 2026-11-23): 64x64/4 warps/3 stages 278
 # TFLOP/s, the 128x128 default 180 (the "causal 1k cliff"), 128x64/8/3 239: with only 1-8 key tiles per query block
-# the smaller tiles give 4x the programs and a short pipeline prologue.
+# the smaller tiles give 4x the programs and a short pipeline prologue. At 2k the 128x128 default did 281 (anchor
+# run) and 64x64 221 (dense run of a69f62a), so the rule stops at 1k.
 SHORT_CAUSAL_FWD = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
@@ -599,7 +577,7 @@ def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, back
         return dict(INTERP_CONFIGS[backward])
     if dtype == torch.float32:
         return dict(FP32_CONFIGS[backward])
-    if not backward and causal and 64 < head_dim <= 128 and seqlen_q <= 2048:
+    if not backward and causal and 64 < head_dim <= 128 and seqlen_q <= 1024:
         return dict(SHORT_CAUSAL_FWD)
     return dict(next(cfg for d, cfg in (BWD_CONFIGS if backward else FWD_CONFIGS) if head_dim <= d))
 
