@@ -166,18 +166,18 @@ def decode_step(q, k, v, mask: Optional[torch.Tensor], *, softmax_scale, causal,
     """A few new queries ``(B, Sq, H, D)`` against the whole K/V cache ``(B, Sk, Hk, D)``, Sk > Sq; the queries are
     the cache's last positions (bottom-right causal). ``mask``: None or the ``(B, L)`` padding mask, L <= Sk.
 
-    The place for a decode kernel: flashring's ``flash_attn_with_kvcache`` when it exists (inference only: it has no
-    autograd), with each row's valid keys ``[leftpad, L)``; otherwise the general paths."""
+    Without gradients: flashring's decode kernel, ``flash_attn_with_kvcache`` (split-KV, GQA packing), each row's
+    valid keys ``[leftpad, L)``. With gradients, or padding between real tokens: the general paths (looked up at
+    call time, so the tests can run both)."""
     opts = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap)
     kvcache = getattr(flashring, "flash_attn_with_kvcache", None)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if kvcache is not None and not needs_grad:
-        b, length = q.shape[0], k.shape[1] if mask is None else mask.shape[1]
+        length = k.shape[1] if mask is None else mask.shape[1]
         pure, leftpad = (True, None) if mask is None else _MEMO.get(mask, ("leftpad",), lambda: left_padding(mask))
         if pure:
             extra = {} if leftpad is None else dict(cache_leftpad=leftpad)
-            seqlens = torch.full((b,), length, dtype=torch.int32, device=q.device)
-            return kvcache(q, k, v, cache_seqlens=seqlens, **extra, **opts)
+            return kvcache(q, k, v, cache_seqlens=length, **extra, **opts)       # an int: no per-step tensor
     if mask is None:
         return flashring.flash_attn_func(q, k, v, **opts)
     return padded_attention(q, k, v, mask, **opts)
