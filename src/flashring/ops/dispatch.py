@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..masks import EMPTY_ROW_LSE
 from . import cpu, decode as decode_kernel, flash, kvcache
 from .flash import Varlen
 from .sparse_ranges import SparseMeta
@@ -94,12 +95,10 @@ def _cpu_varlen(fn, varlen: Varlen, tensors, softmax_scale, lower, upper, softca
             if sq == 0:
                 continue
             if sk == 0:
-                results[1][:, qs] = EMPTY_LSE
+                results[1][:, qs] = EMPTY_ROW_LSE
                 continue
             out, lse = fn(q[qs].unsqueeze(0), k[ks].unsqueeze(0), tensors[2][ks].unsqueeze(0), softmax_scale, lo,
                           up, softcap, out_dtype=out_dtype)
             results[0][qs], results[1][:, qs] = out[0], lse[0]
     return tuple(results)
 
-
-EMPTY_LSE = flash.EMPTY_ROW_LSE
