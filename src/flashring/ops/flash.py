@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ..masks import EMPTY_ROW_LSE
 from .sparse_ranges import SparseMeta, kernel_side
+from .launch import Launcher, cdiv, next_power_of_2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
@@ -638,6 +639,11 @@ def _layout(q, k, varlen: Optional[Varlen]):
     return varlen.batch, varlen.max_q, h, varlen.max_k, hk, (h, q.shape[0], k.shape[0], varlen.cu_q, varlen.cu_k)
 
 
+# Every launch goes through ops.launch.Launcher (Triton's generic launch path costs ~45 us of host time each).
+LAUNCH_FWD, LAUNCH_BWD_PRE, LAUNCH_BWD_DKDV, LAUNCH_BWD_DQ = (
+    Launcher(k) for k in (_attn_fwd, _bwd_preprocess, _bwd_dkdv, _bwd_dq))
+
+
 def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optional[int] = None,
         softcap: float = 0.0, sparse: Optional[SparseMeta] = None, varlen: Optional[Varlen] = None,
         config: Optional[dict] = None, out_dtype: Optional[torch.dtype] = None):
@@ -653,10 +659,10 @@ def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optio
     cfg.setdefault("REVERSE_M", False)
     band, band_flags = _band_args(lower, upper)
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=False)
-    _attn_fwd[(triton.cdiv(sq, cfg["BLOCK_M"]), h, b)](
+    LAUNCH_FWD[(cdiv(sq, cfg["BLOCK_M"]), h, b)](
         tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(out), _rows_arg(lse), seq, band,
         score_args(softmax_scale, softcap), side, GROUP=h // hk, HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_SOFTCAP=softcap > 0, VARLEN=varlen is not None,
+        BLOCK_D=max(16, next_power_of_2(d)), HAS_SOFTCAP=softcap > 0, VARLEN=varlen is not None,
         PRECISION=precision(q.dtype), **band_flags, **sp_flags, **cfg)
     return out, lse
 
@@ -668,12 +674,12 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
     do, q, k, v, out = (unit_last(t) for t in (do, q, k, v, out))
     b, sq, h, sk, hk, seq = _layout(q, k, varlen)
     d = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_power_of_2(d))
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     if dlse is not None:
         dlse = dlse.float().contiguous()
-    _bwd_preprocess[(triton.cdiv(sq, 64), h, b)](
+    LAUNCH_BWD_PRE[(cdiv(sq, 64), h, b)](
         tensor_arg(out), tensor_arg(do), _rows_arg(dlse if dlse is not None else delta), _rows_arg(delta), seq,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=64, HAS_DLSE=dlse is not None, VARLEN=varlen is not None)
     dq, dk, dv = (torch.empty(t.shape, dtype=grad_dtype or t.dtype, device=t.device) for t in (q, k, v))
@@ -685,9 +691,9 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
     score = score_args(softmax_scale, softcap)
     ins = (tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(do), _rows_arg(lse), _rows_arg(delta))
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=True)
-    _bwd_dkdv[(triton.cdiv(sk, cfg["BLOCK_N"]), hk, b)](*ins, tensor_arg(dk), tensor_arg(dv), seq, band, score,
+    LAUNCH_BWD_DKDV[(cdiv(sk, cfg["BLOCK_N"]), hk, b)](*ins, tensor_arg(dk), tensor_arg(dv), seq, band, score,
                                                         side, **sp_flags, **common)
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=False)
-    _bwd_dq[(triton.cdiv(sq, cfg["BLOCK_M"]), h, b)](*ins, tensor_arg(dq), seq, band, score, side, **sp_flags,
+    LAUNCH_BWD_DQ[(cdiv(sq, cfg["BLOCK_M"]), h, b)](*ins, tensor_arg(dq), seq, band, score, side, **sp_flags,
                                                      REVERSE_M=reverse_m, **common)
     return dq, dk, dv

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher, cdiv, next_power_of_2
+
 PAD_POS = 1 << 30          # position (and bucket) of padding entries: sorts after every real token
 
 
@@ -135,6 +137,9 @@ def _tile_ranges_kernel(RowPos, RowBkt, RowLen, ColPos, ColBkt, ColLen, Ranges, 
     tl.store(r + 3, tl.where(empty, 0, hi), mask=ok)
 
 
+LAUNCH_TILE_RANGES = Launcher(_tile_ranges_kernel)   # see ops.launch: host time per launch
+
+
 def tile_ranges(sp: SparseMeta, group: int, rows_block: int, cols_block: int, from_keys: bool) -> torch.Tensor:
     """int32 ``(B, H, nblk, 4)``: per block of ``rows_block`` rows of query head h, ``[lo, mid_lo, mid_hi, hi)``
     over column positions (multiples of ``cols_block``). Rows are queries (``from_keys=False``: forward and dQ)
@@ -145,11 +150,11 @@ def tile_ranges(sp: SparseMeta, group: int, rows_block: int, cols_block: int, fr
         rows, cols, row_div, col_div = (sp.q_pos, sp.q_bkt, sp.q_len), (sp.k_pos, sp.k_bkt, sp.k_len), 1, group
     b, h = sp.q_pos.shape[:2]
     s_rows, s_cols = rows[0].shape[-1], cols[0].shape[-1]
-    nblk = triton.cdiv(s_rows, rows_block)
+    nblk = cdiv(s_rows, rows_block)
     ranges = torch.empty(b, h, nblk, 4, dtype=torch.int32, device=sp.q_pos.device)
-    block = min(128, triton.next_power_of_2(nblk))
+    block = min(128, next_power_of_2(nblk))
     hashed = sp.q_bkt is not None
-    _tile_ranges_kernel[(triton.cdiv(nblk, block), h, b)](
+    LAUNCH_TILE_RANGES[(cdiv(nblk, block), h, b)](
         rows[0], rows[1] if hashed else rows[0], rows[2], cols[0], cols[1] if hashed else cols[0], cols[2], ranges,
         h, nblk, s_rows, s_cols, s_cols.bit_length(), row_div, col_div, ROWS_BLOCK=rows_block,
         COLS_BLOCK=cols_block, BLOCK=block, CAUSAL=sp.causal, HASH=hashed, FROM_KEYS=from_keys, num_warps=4)

@@ -1,0 +1,64 @@
+"""Kernel launches with less host time: ``Launcher(kernel)[grid](*args, **kwargs)`` behaves like
+``kernel[grid](...)`` but, once a specialisation has been compiled, goes straight to the compiled kernel.
+
+Why: a decode step is a few microseconds of GPU work, and on the H100 machine Triton 3.6's generic launch path
+(options and knobs read per call, a string cache key built from ~40 arguments, global-value checks) cost ~45 us
+per launch: flashring's decode took 120-200 us of host time per call where its kernels ran 8-190 us, against 17-34
+us for torch's SDPA (benchmarks/decode_floor.py, 2026-11-23). Here each call runs Triton's own argument binder
+(native code: the same specialisation, dtypes, 16-byte alignment and ``== 1`` integer checks that select a compiled
+variant), looks the result up in a dict, and calls the compiled kernel's launcher; an unseen specialisation takes
+Triton's normal path, which compiles it, and is remembered. Anything unexpected (the interpreter, another Triton
+whose internals differ) falls back to the normal path for good.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Tuple
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class Launcher:
+    """A launch-site wrapper around one ``@triton.jit`` kernel (see the module docstring)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.compiled: Dict[Tuple[Any, ...], Any] = {}
+        self.fast = not INTERPRET and hasattr(kernel, "device_caches")
+        self.fast_calls = 0                      # launches that skipped Triton's generic path (tests read it)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+
+    def launch(self, grid, args, kwargs):
+        if not self.fast:
+            return self.kernel[grid](*args, **kwargs)
+        try:
+            from triton.runtime import driver
+            device = driver.active.get_current_device()
+            binder = self.kernel.device_caches[device][4]
+            bound, specialization, options = binder(*args, **kwargs)
+            key = (device, tuple(specialization), tuple(options.items()))
+            compiled = self.compiled.get(key)
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+            self.fast = False                    # not the Triton this was written against: generic path only
+            return self.kernel[grid](*args, **kwargs)
+        if compiled is None:
+            compiled = self.kernel[grid](*args, **kwargs)
+            if compiled is not None and hasattr(compiled, "run") and not hasattr(compiled, "result"):
+                self.compiled[key] = compiled
+            return compiled
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        compiled[grid](*bound.values(), stream=driver.active.get_current_stream(device))
+        self.fast_calls += 1
+        return compiled
+
+
+# Host-side grid arithmetic. ``triton.cdiv`` / ``triton.next_power_of_2`` are JIT-callable objects whose Python
+# call costs ~5 us each (argument unwrapping); a launcher makes up to six such calls.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
