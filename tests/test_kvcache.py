@@ -7,6 +7,7 @@ import torch
 
 import flashring
 from flashring.masks import flash_bounds
+from flashring.ops.decode import split_counters
 from flashring.testing import assert_close, max_err, reference_pair, rounding_floor
 
 from conftest import gpu_only
@@ -110,6 +111,8 @@ def check_kvcache(case, mask, interleaved, device, seed):
                                                      softcap=softcap, rotary_interleaved=interleaved,
                                                      num_splits=splits, return_softmax_lse=True, **kw)
         tag = f"{case} causal={causal} window={window} softcap={softcap} splits={splits}"
+        # split-KV counters are left at 0 for the next call (the last split of each tile re-zeroes its counter)
+        assert not split_counters(q.device, 1).any(), tag
         assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
         for i, r in enumerate(refs):
             assert_close(out[i:i + 1], r["ref"]["out"], r["low"]["out"], 2, f"out row {i} {tag}", seed)

@@ -2,9 +2,11 @@
 
 Providers: ``flashring`` (``flash_attn_with_kvcache``, contiguous cache), ``flashring-paged`` (the same cache in
 256-token pages behind a shuffled block table), torch SDPA with each backend forced (query ``(B, H, 1, D)``,
-``enable_gqa``) and FlexAttention (compiled) where they accept the shape. Every provider is checked against the
-float64 reference on one batch row before it is timed. Reported: µs, GB/s of K+V read (the bytes that must move)
-and the share of the device copy bandwidth measured in the same run (``copy_GBps``, read + write bytes).
+``enable_gqa``) and FlexAttention (compiled) where they accept the shape. On a GPU, ``flashring-graph`` and
+``sdpa-graph`` replay the flashring and default-SDPA calls from CUDA graphs: their time is the device work alone,
+without the host time of launching it (a small decode call is host-bound in eager mode). Every provider is checked
+against the float64 reference on one batch row before it is timed. Reported: µs, GB/s of K+V read (the bytes that
+must move) and the share of the device copy bandwidth measured in the same run (``copy_GBps``, read + write bytes).
 
 GPU default grid: batch {1, 4, 16, 64} x cache {1k, 4k, 16k, 32k, 128k} (at most 512k cached tokens per row of
 the grid), heads 32/8 and head dim 128, plus heads 32/32 and 64/8 and head dim 64 at batch 16 x 8k. CPU: a tiny
@@ -92,6 +94,10 @@ def _providers(case: Case, q, k, v) -> Dict[str, Callable[[], Callable]]:
                           ("sdpa-efficient", "EFFICIENT_ATTENTION"), ("sdpa-math", "MATH")):
         out[name] = sdpa(backend)
     out["flex"] = flex
+    if q.is_cuda:     # the device work alone, launched from a CUDA graph (host launch time excluded, for both)
+        out["flashring-graph"] = lambda: H.cuda_graph(flashring_contiguous(), q.device)
+        out["sdpa-graph"] = lambda: H.cuda_graph(
+            lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=case.nheads != case.nheads_k), q.device)
     return out
 
 
@@ -143,15 +149,18 @@ def resolve(args):
 
 def render_table(results: List[dict]) -> str:
     headers = ["provider", "us", "GB/s", "% copy BW", "vs best sdpa", "check"]
+    # eager rows are compared with the fastest eager SDPA backend, "-graph" rows with SDPA replayed from a graph
     rows: List[object] = []
     groups: Dict[str, List[dict]] = {}
     for r in results:
         groups.setdefault(r["label"], []).append(r)
     for label, group in groups.items():
-        sdpa = [r["ms"] for r in group if r["provider"].startswith("sdpa") and r["ms"]]
-        best = min(sdpa) if sdpa else None
         rows.append(f"== {label}  (K+V {group[0]['kv_bytes'] / 2**20:.0f} MiB)")
         for r in group:
+            graph = r["provider"].endswith("-graph")
+            sdpa = [x["ms"] for x in group if x["provider"].startswith("sdpa") and x["ms"]
+                    and x["provider"].endswith("-graph") == graph]
+            best = min(sdpa) if sdpa else None
             rows.append([r["provider"], H.fmt_num(r["ms"] * 1e3 if r["ms"] else None, 4),
                          H.fmt_num(r.get("gbps"), 4), H.fmt_num(100 * r["bw_share"] if r.get("bw_share") else None),
                          H.fmt_x(best / r["ms"] if best and r["ms"] else None), H.status(r)])
@@ -175,7 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dev = args.device
     copy = H.copy_bandwidth_gbps(dev)
     run = H.Run(args, dev, "decode", argv, seed, copy_GBps=copy)
-    run.progress.total = len(cases) * 7
+    run.progress.total = len(cases) * (9 if dev.type == "cuda" else 7)
     g = torch.Generator(device=dev).manual_seed(seed)
     with H.cpu_threads(args.threads):
         for case in cases:

@@ -6,7 +6,10 @@ query head re-read its KV head. Here:
 - GQA packing: the ``G = H / Hk`` query heads sharing a KV head and the ``Sq`` new queries form the rows of one
   tile (row r = query r // G, head r % G), so every K/V byte is read once per program;
 - split-KV: each (batch, KV head)'s key range is cut into ``NUM_SPLITS`` tile-aligned chunks processed by separate
-  programs; their partial outputs (fp32) and log-sum-exps are merged by ``_combine`` (skipped when one split);
+  programs; each writes its partial output (fp32) and log-sum-exp, and the program that finishes last (an atomic
+  counter per tile) merges them. One launch: on the H100 machine a Triton launch costs ~36 us of host time
+  (benchmarks/launch_overhead.py), more than the kernel itself for small caches, so a second combine kernel cost
+  more than it computed;
 - the cache is contiguous ``(batch_cache, seqlen_cache, Hk, D)`` (row ``cache_batch_idx[b]``) or paged
   ``(num_pages, PAGE, Hk, D)`` through ``block_table[b, j // PAGE]``. Tiles are aligned to absolute positions and
   ``PAGE % BLOCK_N == 0``, so a tile never straddles pages;
@@ -23,10 +26,11 @@ import triton
 import triton.language as tl
 
 from .flash import EMPTY_LSE_C, LN2_C, mma, precision, score_args, softcap_tanh, unit_last
+from .launch import Launcher, cdiv, next_power_of_2
 
 
 @triton.jit
-def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, META, BlockTable, CacheIdx, SQ, SCORE, BAND,
+def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ, SCORE, BAND,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_CACHE_IDX: tl.constexpr,
@@ -35,7 +39,8 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, META, BlockTable, CacheIdx, SQ, SCORE
     (ptr, s_batch_or_page, s_seq, s_head) of the cache; ``META`` = (Start, End, END): the valid key range
     ``[Start[b] or 0, End[b] or END)``;
     ``LSE`` = (ptr, sb, sh) of (B, H, Sq); ``OP``/``LSEP`` = fp32 partials (NUM_SPLITS, B, Sq, H, D) /
-    (NUM_SPLITS, B, H, Sq), used when NUM_SPLITS > 1. ``BAND = (LOWER, UPPER)``: a query at position p sees
+    (NUM_SPLITS, B, H, Sq) and ``Count`` = int32 zeros, one per (batch, m_block, KV head) tile, used when
+    NUM_SPLITS > 1 (the counters are back at 0 when the launch ends). ``BAND = (LOWER, UPPER)``: a query at position p sees
     keys ``p + LOWER <= j <= p + UPPER`` (causal: UPPER = 0; window (left, right): -left, right)."""
     split = tl.program_id(0)
     hk = tl.program_id(1) % (SQ[1] // GROUP)
@@ -120,51 +125,58 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, META, BlockTable, CacheIdx, SQ, SCORE
     lse = tl.where(empty, EMPTY_LSE_C, (m_i + tl.log2(l_safe)) * LN2_C)
     out = acc / l_safe[:, None]
     if NUM_SPLITS == 1:
-        lse_ptr = LSE[0] + b.to(tl.int64) * LSE[1] + h.to(tl.int64) * LSE[2] + qi
-        tl.store(lse_ptr, lse, mask=r_ok)
-        o_rows = O[0] + b.to(tl.int64) * O[1] + qi.to(tl.int64) * O[2] + h.to(tl.int64) * O[3]
-        tl.store(o_rows[:, None] + offs_d[None, :], out.to(O[0].dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+        _store_rows(O=O, LSE=LSE, b=b, h=h, qi=qi, out=out, lse=lse, r_ok=r_ok, offs_d=offs_d, d_ok=d_ok)
     else:
         nb = tl.num_programs(2)
         part = (split * nb + b).to(tl.int64)
-        lse_ptr = LSEP + (part * SQ[1] + h) * sq + qi
-        tl.store(lse_ptr, lse, mask=r_ok)
+        tl.store(LSEP + (part * SQ[1] + h) * sq + qi, lse, mask=r_ok)
         o_rows = OP + ((part * sq + qi) * SQ[1] + h) * HEAD_DIM
         tl.store(o_rows[:, None] + offs_d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
+        # Serial split-K: every thread's partial stores happen before the counter's release (barrier + acq_rel
+        # atomic); the split that sees NUM_SPLITS - 1 acquires them all, merges, and re-zeroes the counter.
+        tl.debug_barrier()
+        tile = Count + (b * tl.num_programs(1) + tl.program_id(1))
+        if tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            _merge_splits(O=O, LSE=LSE, OP=OP, LSEP=LSEP, b=b, h=h, qi=qi, sq=sq, nh=SQ[1], nb=nb, r_ok=r_ok,
+                          offs_d=offs_d, d_ok=d_ok, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+                          NUM_SPLITS=NUM_SPLITS)
+            tl.store(tile, 0)
 
 
 @triton.jit
-def _combine(O, LSE, OP, LSEP, SQ, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-             BLOCK_S: tl.constexpr):
-    """out = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s, for one (batch, query, head) row. Empty
-    splits carry EMPTY_ROW_LSE, whose weight underflows to 0."""
-    row = tl.program_id(0)                    # b * Sq + i
-    h = tl.program_id(1)
-    nh = tl.num_programs(1)
-    sq = SQ[0]
-    b = row // sq
-    i = row % sq
-    nb = tl.num_programs(0) // sq
-    s = tl.arange(0, BLOCK_S)
-    s_ok = s < NUM_SPLITS
-    part = (s * nb + b).to(tl.int64)
-    lse_s = tl.load(LSEP + (part * nh + h) * sq + i, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    w = tl.exp(lse_s - m)
-    total = tl.sum(w, 0)
-    lse = m + tl.log(total)
-    w = w / total
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    op = tl.load(OP + ((part[:, None] * sq + i) * nh + h) * HEAD_DIM + offs_d[None, :],
-                 mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    out = tl.sum(op * w[:, None], 0)
+def _store_rows(O, LSE, b, h, qi, out, lse, r_ok, offs_d, d_ok):
+    tl.store(LSE[0] + b.to(tl.int64) * LSE[1] + h.to(tl.int64) * LSE[2] + qi, lse, mask=r_ok)
+    o_rows = O[0] + b.to(tl.int64) * O[1] + qi.to(tl.int64) * O[2] + h.to(tl.int64) * O[3]
+    tl.store(o_rows[:, None] + offs_d[None, :], out.to(O[0].dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_splits(O, LSE, OP, LSEP, b, h, qi, sq, nh, nb, r_ok, offs_d, d_ok, HEAD_DIM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """out = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s, for this tile's rows (online over the
+    splits). Partials are read with .cg (L2, not this SM's L1, which other SMs' writes do not update). Rows no
+    split saw carry EMPTY_ROW_LSE in every split: out 0 and that LSE."""
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        part = (s * nb + b).to(tl.int64)
+        lse_s = tl.load(LSEP + (part * nh + h) * sq + qi, mask=r_ok, other=0.0, cache_modifier=".cg")
+        o_s = tl.load((OP + ((part * sq + qi) * nh + h) * HEAD_DIM)[:, None] + offs_d[None, :],
+                      mask=r_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse_s)
+        alpha = tl.exp(m - m_new)
+        w = tl.exp(lse_s - m_new)
+        acc = acc * alpha[:, None] + o_s * w[:, None]
+        l_sum = l_sum * alpha + w
+        m = m_new
     empty = m <= EMPTY_LSE_C
-    lse = tl.where(empty, EMPTY_LSE_C, lse)
-    out = tl.where(empty, 0.0, out)
-    tl.store(LSE[0] + b.to(tl.int64) * LSE[1] + h.to(tl.int64) * LSE[2] + i, lse)
-    tl.store(O[0] + b.to(tl.int64) * O[1] + i.to(tl.int64) * O[2] + h.to(tl.int64) * O[3] + offs_d,
-             out.to(O[0].dtype.element_ty), mask=d_ok)
+    lse = tl.where(empty, EMPTY_LSE_C, m + tl.log(l_sum))
+    out = tl.where(empty[:, None], 0.0, acc / l_sum[:, None])
+    _store_rows(O=O, LSE=LSE, b=b, h=h, qi=qi, out=out, lse=lse, r_ok=r_ok, offs_d=offs_d, d_ok=d_ok)
+
+
+LAUNCH_DECODE = Launcher(_decode_fwd)   # see ops.launch: host time per launch
 
 
 def decode_config(head_dim: int, page: Optional[int], device: torch.device) -> dict:
@@ -183,22 +195,40 @@ def _sm_count(index: int) -> int:
 
 def choose_splits(batch: int, heads_k: int, m_blocks: int, max_keys: int, block_n: int, device: torch.device,
                   requested: int = 0) -> int:
-    """Split count: ``requested`` if > 0, else enough programs for ~4 per SM, each keeping >= 4 key tiles, at most
-    128 (from the shape and the SM count; no device sync)."""
+    """Split count: ``requested`` if > 0, else about 2 programs per SM, each keeping >= 2 key tiles, at most 128
+    (from the shape and the SM count; no device sync). H100, 32/8 heads, D=128, CUDA-graph device time
+    (benchmarks/decode_floor.py --tune, 2026-11-23): 2 programs per SM beat the former 4 at every shape tried
+    (16 x 8k: splits 2 -> 177.7 us vs 5 -> 188.4; 1 x 16k: 32 -> 30.2 vs 64 -> 32.8), and B=1 x 1k wants 8 splits
+    of 2 tiles (7.4 us vs 4 splits 8.3)."""
     if requested > 0:
         return min(requested, 128)
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
     programs = batch * heads_k * m_blocks
-    tiles = triton.cdiv(max(max_keys, 1), block_n)
-    return max(1, min(128, triton.cdiv(4 * sms, programs), triton.cdiv(tiles, 4)))
+    tiles = cdiv(max(max_keys, 1), block_n)
+    return max(1, min(128, (2 * sms) // programs, cdiv(tiles, 2)))
+
+
+_COUNTERS: dict = {}
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` int32 zeros for the split counters, one buffer per (device, stream): the kernel leaves them
+    at 0 when it ends, so the buffer is reused without a memset launch; launches on one stream are ordered, and
+    each stream (a CUDA-graph capture stream included) has its own buffer. Grown (never shrunk) on demand."""
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else (None, 0)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
 
 
 def attention(q, k_cache, v_cache, start: Optional[torch.Tensor], end, softmax_scale: float,
               lower: Optional[int], upper: Optional[int], softcap: float, block_table: Optional[torch.Tensor] = None,
-              cache_batch_idx: Optional[torch.Tensor] = None, num_splits: int = 0):
+              cache_batch_idx: Optional[torch.Tensor] = None, num_splits: int = 0, config: Optional[dict] = None):
     """Triton launch: ``(out, lse)`` of q ``(B, Sq, H, D)`` over each batch's cache keys ``[start[b], end[b])``
     (int32 (B,)); lse ``(B, H, Sq)`` fp32. ``lower``/``upper``: the band around each query's position (None =
-    unbounded)."""
+    unbounded). ``config``: BLOCK_N / num_warps / num_stages instead of :func:`decode_config` (tuning)."""
     q = unit_last(q)
     b, sq, h, d = q.shape
     hk = k_cache.shape[2]
@@ -206,33 +236,29 @@ def attention(q, k_cache, v_cache, start: Optional[torch.Tensor], end, softmax_s
     group = h // hk
     paged = block_table is not None
     page = k_cache.shape[1] if paged else None
-    cfg = decode_config(d, page, q.device)
-    block_m = max(16, min(64, triton.next_power_of_2(sq * group)))
-    m_blocks = triton.cdiv(sq * group, block_m)
+    cfg = config or decode_config(d, page, q.device)
+    block_m = max(16, min(64, next_power_of_2(sq * group)))
+    m_blocks = cdiv(sq * group, block_m)
     capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
     splits = choose_splits(b, hk, m_blocks, capacity, cfg["BLOCK_N"], q.device, num_splits)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
-    op = lsep = out
+    op = lsep = count = None                 # None: constexpr for the launcher, no pointer to check
     if splits > 1:
         op = torch.empty(splits, b, sq, h, d, dtype=torch.float32, device=q.device)
         lsep = torch.empty(splits, b, h, sq, dtype=torch.float32, device=q.device)
+        count = split_counters(q.device, b * m_blocks * hk)
     kv = lambda t: (t, t.stride(0), t.stride(1), t.stride(2))  # noqa: E731 - batch-or-page, seq, head strides
     bt = (block_table, block_table.stride(0)) if paged else (None, 0)
-    _decode_fwd[(splits, m_blocks * hk, b)](
+    LAUNCH_DECODE[(splits, m_blocks * hk, b)](
         (q, q.stride(0), q.stride(1), q.stride(2)), kv(k_cache), kv(v_cache),
-        (out, out.stride(0), out.stride(1), out.stride(2)), (lse, lse.stride(0), lse.stride(1)), op, lsep,
+        (out, out.stride(0), out.stride(1), out.stride(2)), (lse, lse.stride(0), lse.stride(1)), op, lsep, count,
         (start, end if per_row else None, 0 if per_row else int(end)), bt, cache_batch_idx, (sq, h),
         score_args(softmax_scale, softcap),
         (0 if lower is None else int(lower), 0 if upper is None else int(upper)), GROUP=group, HEAD_DIM=d,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, NUM_SPLITS=splits, HAS_LOWER=lower is not None,
+        BLOCK_D=max(16, next_power_of_2(d)), BLOCK_M=block_m, NUM_SPLITS=splits, HAS_LOWER=lower is not None,
         HAS_UPPER=upper is not None, HAS_SOFTCAP=softcap > 0,
         PAGED=paged, PAGE=page or 1, HAS_CACHE_IDX=cache_batch_idx is not None, HAS_START=start is not None,
         END_PER_ROW=per_row, PRECISION=precision(q.dtype),
         **cfg)
-    if splits > 1:
-        _combine[(b * sq, h)]((out, out.stride(0), out.stride(1), out.stride(2)),
-                              (lse, lse.stride(0), lse.stride(1)), op, lsep, (sq, h), HEAD_DIM=d,
-                              BLOCK_D=max(16, triton.next_power_of_2(d)), NUM_SPLITS=splits,
-                              BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out, lse
