@@ -79,7 +79,7 @@ def _check_common(q, k, v, causal, softmax_scale):
 # gradient: one gather each way, no zero-fill + scatter_add.
 class _Permute(torch.autograd.Function):
     """``x.gather(dim, fwd)`` whose gradient is ``grad.gather(dim, bwd)``: fwd / bwd are inverse permutations
-    along ``dim``, broadcast to x's shape."""
+    along ``dim``, broadcast to x's shape. Used for the (B, H, S) LSE rows."""
 
     @staticmethod
     def forward(ctx, x, fwd, bwd, dim):
@@ -93,10 +93,30 @@ class _Permute(torch.autograd.Function):
         return grad.gather(ctx.dim, bwd), None, None, None
 
 
-def _permute_rows(x, fwd, bwd):
-    # x (B, S, H, D); fwd / bwd (B, H, S) int64 inverse permutations -> rows x[:, fwd[b, h, s], h] (B, S, H, D).
-    e = lambda i: i.transpose(1, 2).unsqueeze(-1).expand(x.shape)  # noqa: E731
-    return _Permute.apply(x, e(fwd), e(bwd), 1)
+class _PermuteRows(torch.autograd.Function):
+    """Rows of a (B, S, H, D) tensor in another order: ``y.view(-1, D) = x.view(-1, D)[fwd]`` with flat row ids,
+    gradient ``grad.view(-1, D)[bwd]``. One index per D-element row: a ``gather`` with an index expanded to
+    (B, S, H, D) reads 8 index bytes per 2-byte element, and its kernel took 0.49 ms of a 1.8 ms QK-sparse
+    fwd+bwd at 8k on the H100 (benchmarks/sparse_gpu_profile.py, 2026-11-23)."""
+
+    @staticmethod
+    def forward(ctx, x, fwd, bwd):
+        ctx.save_for_backward(bwd)
+        return x.reshape(-1, x.shape[-1]).index_select(0, fwd).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (bwd,) = ctx.saved_tensors
+        return grad.reshape(-1, grad.shape[-1]).index_select(0, bwd).view(grad.shape), None, None
+
+
+def _row_ids(perm):
+    """(B, H, S) slot -> token permutation -> flat row ids of a (B, S, H, D) tensor seen as (B*S*H, D), in that
+    tensor's (B, S, H) row order."""
+    b, h, s = perm.shape
+    base = (torch.arange(b, device=perm.device).view(b, 1, 1) * (s * h)
+            + torch.arange(h, device=perm.device).view(1, h, 1))
+    return (base + perm * h).transpose(1, 2).reshape(-1)
 
 
 def _positions(perm, valid, shift):
@@ -144,10 +164,12 @@ def _sparse_call(q, k, v, scale, causal, q_side, k_side, return_attn_probs):
     """Shared tail of the front ends: q_side / k_side = (perm, inv, lens, pos, bkt or None)."""
     (q_perm, q_inv, q_len, q_pos, q_bkt), (k_perm, k_inv, k_len, k_pos, k_bkt) = q_side, k_side
     meta = SparseMeta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, causal)
-    out_c, lse_c = attention(_permute_rows(q, q_perm, q_inv), _permute_rows(k, k_perm, k_inv),
-                              _permute_rows(v, k_perm, k_inv), scale, None, None, 0.0, meta)
+    # rows x[:, perm[b, h, s], h] of each (B, S, H, D) input, as flat row ids (one set per side, both directions)
+    qf, qb, kf, kb = (_row_ids(p) for p in (q_perm, q_inv, k_perm, k_inv))
+    out_c, lse_c = attention(_PermuteRows.apply(q, qf, qb), _PermuteRows.apply(k, kf, kb),
+                             _PermuteRows.apply(v, kf, kb), scale, None, None, 0.0, meta)
     # Slots past a head's length hold out 0 / EMPTY_ROW_LSE (kernel), which is what dropped queries return.
-    out = _permute_rows(out_c, q_inv, q_perm)
+    out = _PermuteRows.apply(out_c, qb, qf)
     if not return_attn_probs:
         return out
     return out, _Permute.apply(lse_c, q_inv, q_perm, -1), None
