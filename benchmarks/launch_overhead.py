@@ -37,11 +37,11 @@ def main():
     lse = torch.empty(b, h, 1, device=dev)
     kv = lambda t: (t, t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
     args = ((q, q.stride(0), q.stride(1), q.stride(2)), kv(k), kv(v), (out, out.stride(0), out.stride(1),
-            out.stride(2)), (lse, lse.stride(0), lse.stride(1)), out, lse, (None, None, sk), (None, 0), None, (1, h),
-            (0.1, 0.0, 0.1), (0, 0))
+            out.stride(2)), (lse, lse.stride(0), lse.stride(1)), None, None, None, (None, None, sk), (None, 0), None,
+            (1, h), (0.1, 0.0, 0.1), (0, 0))
     kw = dict(GROUP=h // hk, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=16, NUM_SPLITS=1, HAS_LOWER=False, HAS_UPPER=False,
               HAS_SOFTCAP=False, PAGED=False, PAGE=1, HAS_CACHE_IDX=False, HAS_START=False, END_PER_ROW=False,
-              PRECISION="tf32", BLOCK_N=64, num_warps=4, num_stages=3)
+              PRECISION="tf32", BLOCK_S=1, BLOCK_N=64, num_warps=4, num_stages=3)
     grid = (1, hk, b)
     jit = decode._decode_fwd
     compiled = jit[grid](*args, **kw)

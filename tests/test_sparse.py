@@ -258,3 +258,14 @@ def test_sparse_fwd_bwd_is_capturable_in_a_cuda_graph(kind, seed):
     want = (eager, *(t.grad for t in leaves))
     for a, w in zip(got, want):
         assert torch.isfinite(a).all() and (kind == "hash" or torch.equal(a, w))
+
+
+@pytest.mark.parametrize("d", [33, 64])
+def test_permute_rows_kernel_matches_index_select(d, device, seed):
+    """ops.rows (the sparse front ends' gather): any row count, odd head dims, both directions of a permutation."""
+    from flashring.ops import dispatch
+    x = torch.randn(2, 37, 3, d, device=device)
+    perm = torch.randperm(x.numel() // d, device=device)
+    y = dispatch.permute_rows(x, perm)
+    assert torch.equal(y, x.reshape(-1, d)[perm].view(x.shape))
+    assert torch.equal(dispatch.permute_rows(y, torch.argsort(perm)), x)

@@ -34,7 +34,8 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_CACHE_IDX: tl.constexpr,
-                HAS_START: tl.constexpr, END_PER_ROW: tl.constexpr, PRECISION: tl.constexpr):
+                HAS_START: tl.constexpr, END_PER_ROW: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_S: tl.constexpr):
     """Program (split, m_block * Hk + hk, b). ``Q``/``O`` = (ptr, sb, ss, sh) of (B, Sq, H, D); ``K``/``V`` =
     (ptr, s_batch_or_page, s_seq, s_head) of the cache; ``META`` = (Start, End, END): the valid key range
     ``[Start[b] or 0, End[b] or END)``;
@@ -139,7 +140,7 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
         if tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
             _merge_splits(O=O, LSE=LSE, OP=OP, LSEP=LSEP, b=b, h=h, qi=qi, sq=sq, nh=SQ[1], nb=nb, r_ok=r_ok,
                           offs_d=offs_d, d_ok=d_ok, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
-                          NUM_SPLITS=NUM_SPLITS)
+                          NUM_SPLITS=NUM_SPLITS, BLOCK_S=BLOCK_S)
             tl.store(tile, 0)
 
 
@@ -152,27 +153,31 @@ def _store_rows(O, LSE, b, h, qi, out, lse, r_ok, offs_d, d_ok):
 
 @triton.jit
 def _merge_splits(O, LSE, OP, LSEP, b, h, qi, sq, nh, nb, r_ok, offs_d, d_ok, HEAD_DIM: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """out = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s, for this tile's rows (online over the
-    splits). Partials are read with .cg (L2, not this SM's L1, which other SMs' writes do not update). Rows no
-    split saw carry EMPTY_ROW_LSE in every split: out 0 and that LSE."""
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s, for this tile's rows. The LSEs come in one
+    (splits, rows) load, so the weights are known before any partial output is read and the (unrolled) partial
+    loads do not wait on each other: a running-max merge made them serial, +7 us at 33 splits (H100). Partials are
+    read with .cg (L2, not this SM's L1, which other SMs' writes do not update). Rows no split saw carry
+    EMPTY_ROW_LSE in every split: out 0 and that LSE."""
+    s_idx = tl.arange(0, BLOCK_S)
+    parts = (s_idx * nb + b).to(tl.int64)
+    lse_all = tl.load(LSEP + (parts[:, None] * nh + h[None, :]) * sq + qi[None, :],
+                      mask=(s_idx < NUM_SPLITS)[:, None] & r_ok[None, :], other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse_all, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.sum(tl.exp(lse_all - m_safe[None, :]), 0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for s in range(NUM_SPLITS):
+    for s in tl.static_range(NUM_SPLITS):
         part = (s * nb + b).to(tl.int64)
-        lse_s = tl.load(LSEP + (part * nh + h) * sq + qi, mask=r_ok, other=0.0, cache_modifier=".cg")
+        w = tl.exp(tl.load(LSEP + (part * nh + h) * sq + qi, mask=r_ok, other=float("-inf"),
+                           cache_modifier=".cg") - m_safe)
         o_s = tl.load((OP + ((part * sq + qi) * nh + h) * HEAD_DIM)[:, None] + offs_d[None, :],
                       mask=r_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse_s)
-        alpha = tl.exp(m - m_new)
-        w = tl.exp(lse_s - m_new)
-        acc = acc * alpha[:, None] + o_s * w[:, None]
-        l_sum = l_sum * alpha + w
-        m = m_new
+        acc += o_s * w[:, None]
     empty = m <= EMPTY_LSE_C
-    lse = tl.where(empty, EMPTY_LSE_C, m + tl.log(l_sum))
-    out = tl.where(empty[:, None], 0.0, acc / l_sum[:, None])
+    l_safe = tl.where(l_sum == 0.0, 1.0, l_sum)
+    lse = tl.where(empty, EMPTY_LSE_C, m_safe + tl.log(l_safe))
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     _store_rows(O=O, LSE=LSE, b=b, h=h, qi=qi, out=out, lse=lse, r_ok=r_ok, offs_d=offs_d, d_ok=d_ok)
 
 
@@ -193,19 +198,22 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+MAX_SPLITS = 64      # the merge unrolls over the splits (flash-attn allows 128; at 1 x 16k, 64 already lost to 32)
+
+
 def choose_splits(batch: int, heads_k: int, m_blocks: int, max_keys: int, block_n: int, device: torch.device,
                   requested: int = 0) -> int:
-    """Split count: ``requested`` if > 0, else about 2 programs per SM, each keeping >= 2 key tiles, at most 128
-    (from the shape and the SM count; no device sync). H100, 32/8 heads, D=128, CUDA-graph device time
+    """Split count: ``requested`` if > 0 (at most MAX_SPLITS), else about 2 programs per SM, each keeping >= 2 key
+    tiles, at most 32 (from the shape and the SM count; no device sync). H100, 32/8 heads, D=128, CUDA-graph device time
     (benchmarks/decode_floor.py --tune, 2026-11-23): 2 programs per SM beat the former 4 at every shape tried
     (16 x 8k: splits 2 -> 177.7 us vs 5 -> 188.4; 1 x 16k: 32 -> 30.2 vs 64 -> 32.8), and B=1 x 1k wants 8 splits
     of 2 tiles (7.4 us vs 4 splits 8.3)."""
     if requested > 0:
-        return min(requested, 128)
+        return min(requested, MAX_SPLITS)
     sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
     programs = batch * heads_k * m_blocks
     tiles = cdiv(max(max_keys, 1), block_n)
-    return max(1, min(128, (2 * sms) // programs, cdiv(tiles, 2)))
+    return max(1, min(32, (2 * sms) // programs, cdiv(tiles, 2)))
 
 
 _COUNTERS: dict = {}
@@ -259,6 +267,6 @@ def attention(q, k_cache, v_cache, start: Optional[torch.Tensor], end, softmax_s
         BLOCK_D=max(16, next_power_of_2(d)), BLOCK_M=block_m, NUM_SPLITS=splits, HAS_LOWER=lower is not None,
         HAS_UPPER=upper is not None, HAS_SOFTCAP=softcap > 0,
         PAGED=paged, PAGE=page or 1, HAS_CACHE_IDX=cache_batch_idx is not None, HAS_START=start is not None,
-        END_PER_ROW=per_row, PRECISION=precision(q.dtype),
+        END_PER_ROW=per_row, PRECISION=precision(q.dtype), BLOCK_S=next_power_of_2(splits),
         **cfg)
     return out, lse

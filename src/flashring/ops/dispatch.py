@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..masks import EMPTY_ROW_LSE
-from . import cpu, decode as decode_kernel, flash, kvcache
+from . import cpu, decode as decode_kernel, flash, kvcache, rows
 from .flash import Varlen
 from .sparse_ranges import SparseMeta
 
@@ -21,6 +21,13 @@ CPU_BACKEND = "triton" if flash.INTERPRET else "torch"
 
 def on_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or CPU_BACKEND == "triton"
+
+
+def permute_rows(x: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` seen as ``(-1, D)`` in the order ``row_ids`` (flat int64 ids), shaped like x."""
+    if on_triton(x):
+        return rows.permute_rows(x, row_ids)
+    return x.reshape(-1, x.shape[-1]).index_select(0, row_ids).view(x.shape)
 
 
 def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optional[int] = None,

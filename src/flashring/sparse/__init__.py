@@ -22,6 +22,7 @@ import torch
 
 from .. import validation as V
 from ..interface import attention
+from ..ops import dispatch
 from ..ops.sparse_ranges import PAD_POS, SparseMeta
 
 __all__ = ["qk_sparse_attn_func", "hash_sparse_attn_func", "sparse_attn_compact_func", "lsh_buckets",
@@ -95,19 +96,17 @@ class _Permute(torch.autograd.Function):
 
 class _PermuteRows(torch.autograd.Function):
     """Rows of a (B, S, H, D) tensor in another order: ``y.view(-1, D) = x.view(-1, D)[fwd]`` with flat row ids,
-    gradient ``grad.view(-1, D)[bwd]``. One index per D-element row: a ``gather`` with an index expanded to
-    (B, S, H, D) reads 8 index bytes per 2-byte element, and its kernel took 0.49 ms of a 1.8 ms QK-sparse
-    fwd+bwd at 8k on the H100 (benchmarks/sparse_gpu_profile.py, 2026-11-23)."""
+    gradient ``grad.view(-1, D)[bwd]`` (``ops.rows``: one index load per row, not per element)."""
 
     @staticmethod
     def forward(ctx, x, fwd, bwd):
         ctx.save_for_backward(bwd)
-        return x.reshape(-1, x.shape[-1]).index_select(0, fwd).view(x.shape)
+        return dispatch.permute_rows(x, fwd)
 
     @staticmethod
     def backward(ctx, grad):
         (bwd,) = ctx.saved_tensors
-        return grad.reshape(-1, grad.shape[-1]).index_select(0, bwd).view(grad.shape), None, None
+        return dispatch.permute_rows(grad, bwd), None, None
 
 
 def _row_ids(perm):
