@@ -14,7 +14,8 @@ from flashring.testing import assert_close, attention_ref
 from conftest import CUDA, gpu_only
 
 
-def run_sparse(kind, b, sq, sk, h, hk, d, dtype, device, causal, seed, qa=None, ka=None, rate=0.5, nb=4):
+def run_sparse(kind, b, sq, sk, h, hk, d, dtype, device, causal, seed, qa=None, ka=None, rate=0.5, nb=4,
+               strict=False):
     q = torch.randn(b, sq, h, d, device=device, dtype=dtype)
     k = torch.randn(b, sk, hk, d, device=device, dtype=dtype)
     v = torch.randn(b, sk, hk, d, device=device, dtype=dtype)
@@ -27,9 +28,10 @@ def run_sparse(kind, b, sq, sk, h, hk, d, dtype, device, causal, seed, qa=None, 
             ka = torch.randint(0, nb, (b, sk, hk), device=device)
     fn = flashring.qk_sparse_attn_func if kind == "qk" else flashring.hash_sparse_attn_func
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    out, lse, _ = fn(qg, kg, vg, qa, ka, causal=causal, return_attn_probs=True)
+    extra = dict(strict_causal=True) if strict else {}
+    out, lse, _ = fn(qg, kg, vg, qa, ka, causal=causal, return_attn_probs=True, **extra)
     out.backward(do)
-    mask = sparse_pair_mask(kind, qa, ka, causal, shift=sk - sq)
+    mask = sparse_pair_mask(kind, qa, ka, causal, shift=sk - sq - int(strict))     # strict: j <= i - 1
     kw = dict(softmax_scale=1 / math.sqrt(d), mask=mask)
     refs = []
     for dt in (torch.float64, None):
@@ -37,7 +39,7 @@ def run_sparse(kind, b, sq, sk, h, hk, d, dtype, device, causal, seed, qa=None, 
         o, l = attention_ref(qr, kr, vr, dtype=dt, **kw)
         o.backward(do.to(o.dtype))
         refs.append((o, l, qr.grad, kr.grad, vr.grad))
-    tag = f"{kind} {(b, sq, sk, h, hk, d, dtype)} causal={causal}"
+    tag = f"{kind} {(b, sq, sk, h, hk, d, dtype)} causal={causal} strict={strict}"
     assert_close(out, refs[0][0], refs[1][0], 2, f"out {tag}", seed)
     assert torch.isfinite(lse).all()
     assert_close(lse, refs[0][1], refs[1][1], 2, f"lse {tag}", seed)
@@ -56,6 +58,26 @@ SHAPES = [(2, 70, 70, 4, 2, 32, torch.bfloat16), (1, 113, 113, 2, 1, 64, torch.f
 @pytest.mark.parametrize("causal", [True, False])
 def test_sparse_matches_dense_masked_reference(kind, shape, causal, device, seed):
     run_sparse(kind, *shape, device, causal, seed)
+
+
+@pytest.mark.parametrize("shape", [(2, 70, 70, 4, 2, 32, torch.bfloat16), (1, 33, 33, 2, 2, 16, torch.float32)])
+def test_hash_strictly_causal(shape, device, seed):
+    """strict_causal: j < i inside a bucket (no self-attention); the first token, and any token first in its
+    bucket, sees nothing: out 0 and the empty-row LSE."""
+    out, lse, _ = run_sparse("hash", *shape, device, True, seed, strict=True)
+    assert (out[:, 0] == 0).all() and (lse[:, :, 0] == -1e30).all()
+    q = torch.randn(1, 4, 1, 16, device=device)
+    with pytest.raises(ValueError, match="strict_causal"):
+        flashring.hash_sparse_attn_func(q, q, q, *(torch.zeros(1, 4, 1, dtype=torch.long, device=device),) * 2,
+                                        causal=False, strict_causal=True)
+
+
+def test_lsh_unit_norm_rotations():
+    r = flashring.lsh_rotations(3, 16, 8, torch.Generator().manual_seed(0), unit_norm=True)
+    assert torch.allclose(r.norm(dim=1), torch.ones(3, 4))
+    x = torch.randn(2, 5, 3, 16)
+    # bucket = argmax over [xR, -xR]: scale-invariant in x, so normalising x (shared-QK keys) keeps its bucket
+    assert torch.equal(flashring.lsh_buckets(x, 8, r), flashring.lsh_buckets(3.0 * x, 8, r))
 
 
 def test_keep_everything_equals_dense_flash(device, seed):

@@ -244,7 +244,8 @@ def qk_sparse_attn_func(q, k, v, q_keep, k_keep, causal=True, softmax_scale=None
     return _sparse_call(q, k, v, scale, causal, q_side, k_side, return_attn_probs)
 
 
-def hash_sparse_attn_func(q, k, v, q_buckets, k_buckets, causal=True, softmax_scale=None, return_attn_probs=False):
+def hash_sparse_attn_func(q, k, v, q_buckets, k_buckets, causal=True, softmax_scale=None, return_attn_probs=False,
+                          strict_causal=False):
     """Attention restricted to (query, key) pairs in the same bucket (and j <= i when causal).
 
     Args:
@@ -253,12 +254,19 @@ def hash_sparse_attn_func(q, k, v, q_buckets, k_buckets, causal=True, softmax_sc
             ``[0, 2**30)`` (checked on the host for CPU tensors, by a device-side assert on a GPU).
     Causal: query i sees key j <= i only if they share a bucket; with q and k bucketed by the same hash of the
     same token (self-attention) the diagonal shares a bucket, so no causal row is empty.
+    ``strict_causal=True`` (with causal): j < i, no token attends to itself, as in Pagliardini et al.'s
+    shared-QK language models (a query's own key would always share its bucket); a query with no earlier key in
+    its bucket (the first one, at least) outputs 0 with LSE -1e30.
     """
     scale = _check_common(q, k, v, causal, softmax_scale)
+    V.check_bool(strict_causal, "strict_causal")
+    if strict_causal and not causal:
+        raise ValueError("strict_causal=True needs causal=True")
     on_cpu = q.device.type == "cpu"
     _check_side(q_buckets, "q_buckets", q, "int", values=on_cpu)
     _check_side(k_buckets, "k_buckets", k, "int", values=on_cpu)
-    q_side = _bucket_sort(q_buckets, k.shape[1] - q.shape[1] if causal else 0, "q_buckets")
+    # a query at (shifted) position p sees keys at positions <= p; strict: <= p - 1
+    q_side = _bucket_sort(q_buckets, k.shape[1] - q.shape[1] - int(strict_causal) if causal else 0, "q_buckets")
     k_side = _bucket_sort(k_buckets, 0, "k_buckets")
     return _sparse_call(q, k, v, scale, causal, q_side, k_side, return_attn_probs)
 
@@ -271,31 +279,37 @@ def _check_buckets(n_buckets) -> None:
 
 
 def lsh_rotations(nheads: int, headdim: int, n_buckets: int, generator: Optional[torch.Generator] = None,
-                  device=None, dtype=torch.float32) -> torch.Tensor:
+                  device=None, dtype=torch.float32, unit_norm: bool = False) -> torch.Tensor:
     """Random Gaussian projections ``(nheads, headdim, n_buckets // 2)`` for angular LSH. With a CPU ``generator``
     they are drawn on the CPU (a seed gives the same buckets on every device); otherwise on ``device`` itself, so a
-    training step draws fresh rotations without a host-to-device copy (and stays capturable in a CUDA graph)."""
+    training step draws fresh rotations without a host-to-device copy (and stays capturable in a CUDA graph).
+    ``unit_norm``: each projection direction scaled to length 1 (Pagliardini et al.'s released code), so no
+    direction wins the argmax by its length alone."""
+    V.check_bool(unit_norm, "unit_norm")
     _check_buckets(n_buckets)
     for name, value in (("nheads", nheads), ("headdim", headdim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     on = generator.device if generator is not None else torch.device(device or "cpu")
     r = torch.randn(nheads, headdim, n_buckets // 2, generator=generator, dtype=torch.float32, device=on)
+    if unit_norm:
+        r = r / r.norm(dim=1, keepdim=True)
     return r.to(device=device, dtype=dtype)
 
 
 def lsh_buckets(x, n_buckets: int, rotations: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: Optional[torch.Generator] = None, unit_norm: bool = False) -> torch.Tensor:
     """Angular LSH per head: bucket = argmax over ``[xR, -xR]`` (Andoni et al. 2015, as in Reformer).
 
     x ``(batch, seqlen, nheads, headdim)`` -> int64 buckets ``(batch, seqlen, nheads)`` in ``[0, n_buckets)``.
-    Pass the same ``rotations`` (or a generator seeded the same) for queries and keys so they share buckets.
+    Pass the same ``rotations`` (or a generator seeded the same) for queries and keys so they share buckets;
+    ``unit_norm`` applies to rotations drawn here (see :func:`lsh_rotations`).
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError("x must be a (batch, seqlen, nheads, headdim) tensor")
     _check_buckets(n_buckets)
     if rotations is None:
-        rotations = lsh_rotations(x.shape[2], x.shape[3], n_buckets, generator, device=x.device)
+        rotations = lsh_rotations(x.shape[2], x.shape[3], n_buckets, generator, device=x.device, unit_norm=unit_norm)
     elif tuple(rotations.shape) != (x.shape[2], x.shape[3], n_buckets // 2):
         raise ValueError(f"rotations must have shape (nheads, headdim, n_buckets // 2) = "
                          f"{(x.shape[2], x.shape[3], n_buckets // 2)}, got {tuple(rotations.shape)}")
