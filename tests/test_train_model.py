@@ -218,3 +218,30 @@ def test_presets_shapes():
             assert preset["seqlen"] % 4 == 0  # zigzag over 2 ranks
         elif name != "tiny":  # experiment 1: ~20-120M parameters
             assert 20e6 <= n <= 120e6, (name, n)
+
+
+def test_shared_qk_and_learned_positions():
+    """shared-QK: the projection makes q and v only and attention sees k = normalize(q); learned positions: an
+    embedding table instead of rotary, so a token's output depends on where it stands."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=50, n_layer=1, n_head=2, d_model=16, attn="flash", shared_qk=True,
+                    positions="learned", n_positions=12)
+    model = GPT(cfg)
+    assert model.blocks[0].qkv.out_features == 2 * 16 and model.wpe.num_embeddings == 12
+    seen = {}
+    model.blocks[0].attn.register_forward_pre_hook(lambda mod, args: seen.update(q=args[0], k=args[1]))
+    idx = torch.randint(0, 50, (2, 12))
+    logits = model(idx)
+    assert torch.allclose(seen["k"], torch.nn.functional.normalize(seen["q"], dim=-1))
+    assert torch.allclose(seen["k"].norm(dim=-1), torch.ones(2, 12, 2))
+    # the same token at two positions: different logits (positions are learned, not absent)
+    same = torch.full((1, 12), 7)
+    out = model(same)
+    assert not torch.allclose(out[0, 0], out[0, 5])
+    assert logits.shape == (2, 12, 50)
+    with pytest.raises(ValueError, match="learned 12 positions"):
+        model(torch.randint(0, 50, (1, 13)))
+    with pytest.raises(ValueError, match="n_positions"):
+        GPTConfig(positions="learned")
+    with pytest.raises(ValueError, match="positions must be one of"):
+        GPTConfig(positions="alibi")

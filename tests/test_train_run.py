@@ -193,3 +193,41 @@ def test_progress_bar_fields():
     assert stream.getvalue().endswith("\r\x1b[K") and not bar.shown
     assert not ProgressBar(5, stream=io.StringIO()).enabled  # auto, not a terminal
     assert fmt_duration(3725) == "1:02:05" and fmt_duration(float("nan")) == "?"
+
+
+# ------------------------------------------------------------------ Pagliardini et al.'s recipe (issue 14 options)
+def test_paper_recipe_options_train_and_log_kept_pairs(run_args, tmp_path):
+    """--shared-qk, --positions learned, --lsh-unit-norm and --strict-causal train (hash-sparse), and every logged
+    step records each layer's kept-pair fraction: hash buckets keep a fraction in (0, 1); a resumed run keeps the
+    checkpoint's learned-position table and refuses a longer --seqlen."""
+    out = tmp_path / "paper"
+    args = run_args + ["--attn", "hash-sparse", "--buckets", "4", "--shared-qk", "--positions", "learned",
+                       "--lsh-unit-norm", "--strict-causal", "--seqlen", "32", "--batch-size", "2", "--iters", "4",
+                       "--log-every", "2", "--eval-every", "4", "--out", str(out)]
+    assert main(args) == 0
+    log = read_log(out)
+    assert log[0]["config"]["shared_qk"] is True and log[0]["config"]["positions"] == "learned"
+    logged = [r for r in log if r["type"] == "train" and "kept_pairs" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    for r in logged:
+        assert len(r["kept_pairs"]) == 2 and all(0.0 < f < 1.0 for f in r["kept_pairs"]), r
+    assert main(args[:-2] + ["--iters", "5", "--resume", str(out), "--out", str(out)]) == 0
+    assert main(args[:-2] + ["--iters", "6", "--seqlen", "64", "--resume", str(out)]) == 2
+
+
+def test_qk_sparse_logs_kept_pairs_near_keep_rate_squared(run_args, tmp_path):
+    out = tmp_path / "qk"
+    assert main(run_args + ["--attn", "qk-sparse", "--drop", "0.5", "--iters", "2", "--log-every", "1",
+                            "--eval-every", "2", "--out", str(out)]) == 0
+    kept = [f for r in read_log(out) if r["type"] == "train" for f in r["kept_pairs"]]
+    # 4 x 64 tokens x 2 heads per layer: (1 - drop)^2 = 0.25 up to sampling noise
+    assert len(kept) == 4 and all(0.15 < f < 0.35 for f in kept), kept
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--strict-causal"], "--strict-causal applies to --attn hash-sparse"),
+    (["--attn", "flash", "--lsh-unit-norm"], "--lsh-unit-norm applies to --attn hash-sparse"),
+])
+def test_recipe_flags_need_hash_sparse(extra, message, run_args, capsys):
+    assert main(run_args + extra) == 2
+    assert message in capsys.readouterr().err

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 ATTN_MODES = ("sdpa", "flash", "qk-sparse", "hash-sparse", "ring")
-MODEL_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "ffn_mult", "rope_base")
+MODEL_FIELDS = ("vocab_size", "n_layer", "n_head", "d_model", "ffn_mult", "rope_base", "shared_qk", "positions")
+# What a checkpoint written before a model field existed trained with (loaded checkpoints are filled with these).
+ARCH_DEFAULTS = {"shared_qk": False, "positions": "rope", "n_positions": 0}
+POSITIONS = ("rope", "learned")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flashring"
 
 
@@ -26,10 +29,14 @@ class TrainConfig:
     ffn_mult: int = 4
     rope_base: float = 10000.0
     vocab_size: Optional[int] = None          # default: the corpus's
+    shared_qk: bool = False                   # k = normalize(q) per head (the projection makes q and v only)
+    positions: str = "rope"                   # rope, or learned absolute embeddings (one per position < seqlen)
     # attention (model.py): --attn, and the sparse modes' settings
     attn: str = "flash"
     drop: float = 0.5                         # qk-sparse: probability of dropping a query / key, per head
     buckets: int = 8                          # hash-sparse: LSH buckets (even)
+    lsh_unit_norm: bool = False               # hash-sparse: unit-length LSH projection directions
+    strict_causal: bool = False               # hash-sparse: j < i inside a bucket (no token attends to itself)
     # memory: tokens per feed-forward / cross-entropy chunk (0 = unchunked); whole-block recomputation
     ffn_chunk: int = 4096
     ce_chunk: int = 4096
@@ -53,7 +60,10 @@ class TrainConfig:
     # data
     data: Optional[str] = None
     data_dtype: Optional[str] = None
+    corpus: str = "python"                    # python (bytes of the stdlib's .py files) or english (BPE prose)
     corpus_root: Optional[str] = None
+    text_root: Optional[str] = None           # english: comma-separated dirs of HTML / text docs to add
+    bpe_vocab: int = 8192
     val_every: int = 20
     cache_dir: str = str(DEFAULT_CACHE)
     # logging and checkpoints
@@ -99,6 +109,17 @@ class TrainConfig:
         if self.attn == "hash-sparse" and (self.buckets < 2 or self.buckets % 2):
             # angular LSH takes the argmax over [xR, -xR], so a bucket count is 2 x (rotated dims)
             raise ValueError(f"--buckets must be an even number >= 2 for --attn hash-sparse, got {self.buckets}")
+        if self.corpus not in ("python", "english"):
+            raise ValueError(f"--corpus must be python or english, got {self.corpus!r}")
+        if self.corpus == "english" and self.data:
+            raise ValueError("--corpus english builds its own data; it cannot be combined with --data")
+        if self.corpus != "english" and (self.text_root or "bpe_vocab" in self.explicit):
+            raise ValueError(f"--{'text-root' if self.text_root else 'bpe-vocab'} applies to --corpus english only")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"--positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        if (self.lsh_unit_norm or self.strict_causal) and self.attn != "hash-sparse":
+            which = "--lsh-unit-norm" if self.lsh_unit_norm else "--strict-causal"
+            raise ValueError(f"{which} applies to --attn hash-sparse only (got --attn {self.attn})")
         if world > 1 and self.attn != "ring":
             raise ValueError(f"WORLD_SIZE={world}, but only --attn ring splits work across processes (each rank "
                              f"holds a shard of the sequence); run --attn {self.attn} as a single process")
@@ -146,9 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attn", choices=ATTN_MODES, help="attention kernel (default flash)")
     a("--drop", type=float, help="qk-sparse: probability of dropping each query / key, per head (default 0.5)")
     a("--buckets", type=int, help="hash-sparse: number of LSH buckets, even (default 8)")
+    a("--lsh-unit-norm", action="store_const", const=True,
+      help="hash-sparse: unit-length random projection directions (Pagliardini et al.'s code)")
+    a("--strict-causal", action="store_const", const=True,
+      help="hash-sparse: a query sees earlier keys of its bucket only (j < i); the first token outputs 0")
     g = p.add_argument_group("model (default: preset, else a 6-layer 384-wide model)")
     for name, typ in (("n_layer", int), ("n_head", int), ("d_model", int), ("ffn_mult", int), ("rope_base", float)):
         g.add_argument(f"--{flag(name)}", type=typ)
+    g.add_argument("--shared-qk", action="store_const", const=True,
+                   help="keys are the normalised queries, per head (k = normalize(q)); hash-sparse then hashes q")
+    g.add_argument("--positions", choices=POSITIONS, help="rope (default) or learned absolute position embeddings")
     g = p.add_argument_group("memory")
     g.add_argument("--ffn-chunk", type=int, help="tokens per feed-forward chunk, 0 = unchunked")
     g.add_argument("--ce-chunk", type=int, help="tokens per cross-entropy chunk, 0 = unchunked")
@@ -169,7 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   "default: the Python stdlib's .py sources")
     g.add_argument("--data-dtype", choices=("uint8", "uint16"), help=".bin token dtype (default uint16)")
     g.add_argument("--vocab-size", type=int, help="default: 256 for bytes, max id + 1 rounded up to 64 for uint16")
-    g.add_argument("--corpus-root", help="directory of .py files for the default corpus (default: the stdlib)")
+    g.add_argument("--corpus", choices=("python", "english"),
+                   help="no --data: python = bytes of the stdlib's .py files (default); english = BPE-tokenised "
+                        "English prose that installed software ships (docstrings, plus --text-root docs)")
+    g.add_argument("--corpus-root", help="directory of .py files for the corpus (default: the stdlib; english: "
+                                         "site-packages and the stdlib)")
+    g.add_argument("--text-root", help="english: comma-separated directories of .html/.txt/.rst documentation to add "
+                                       "(e.g. an unpacked Debian linux-doc package)")
+    g.add_argument("--bpe-vocab", type=int, help="english: BPE vocabulary size (default 8192)")
     g.add_argument("--val-every", type=int, help="default corpus: every Nth file is validation (default 20)")
     g.add_argument("--cache-dir", help=f"where the default corpus is cached (default {DEFAULT_CACHE})")
     g = p.add_argument_group("logging and checkpoints")

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from ..metadata import run_metadata
-from .config import MODEL_FIELDS, PRESETS, TrainConfig, flag
+from .config import ARCH_DEFAULTS, MODEL_FIELDS, PRESETS, TrainConfig, flag
 from .data import Batches, Corpus, WindowSampler, file_corpus, stdlib_corpus
-from .model import GPT, GPTConfig, train_flops_per_token
+from .english import english_corpus
+from .model import GPT, CausalAttention, GPTConfig, train_flops_per_token
 from .progress import ProgressBar
 
 
@@ -112,6 +113,10 @@ def load_corpus(cfg: TrainConfig) -> Corpus:
     if cfg.data_dtype:
         raise ValueError("--data-dtype applies to a --data .bin file only")
     try:
+        if cfg.corpus == "english":
+            roots = [cfg.corpus_root] if cfg.corpus_root else None
+            text_roots = [r for r in (cfg.text_root or "").split(",") if r]
+            return english_corpus(roots, text_roots, cfg.cache_dir, cfg.val_every, cfg.bpe_vocab)
         corpus = stdlib_corpus(cfg.corpus_root, cfg.cache_dir, cfg.val_every)
     except OSError as exc:          # reading the sources (--corpus-root) or writing their cache (--cache-dir)
         raise ValueError(f"--corpus-root / --cache-dir: {exc.filename}: {exc.strerror or exc}") from None
@@ -136,11 +141,13 @@ def model_config(cfg: TrainConfig, corpus: Corpus, saved: Optional[dict] = None,
     with it, and the data's token ids must fit its vocabulary."""
     arch = {k: getattr(cfg, k) for k in MODEL_FIELDS}
     arch["vocab_size"] = cfg.vocab_size or corpus.vocab_size
+    arch["n_positions"] = cfg.seqlen if cfg.positions == "learned" else 0
     overridden: List[str] = []
     if saved is None:
         if cfg.vocab_size:
             corpus.check_vocab(cfg.vocab_size, "--vocab-size", "; pass --vocab-size {need} or more, or leave it out")
     else:
+        saved = {**ARCH_DEFAULTS, **saved}
         asked = requested_model(cfg)
         clash = [k for k in asked if arch[k] != saved[k]]
         if clash:
@@ -148,14 +155,20 @@ def model_config(cfg: TrainConfig, corpus: Corpus, saved: Optional[dict] = None,
                              + ", ".join(f"{k}={saved[k]}" for k in clash) + "; the command line asks for "
                              + ", ".join(f"{k}={arch[k]} ({asked[k]})" for k in clash)
                              + "; drop those options to continue the checkpoint's model")
+        fields = MODEL_FIELDS + tuple(ARCH_DEFAULTS)
         overridden = [f"{k}={saved[k]} (not {arch[k]})" for k in MODEL_FIELDS if saved[k] != arch[k]]
-        arch = {k: saved[k] for k in MODEL_FIELDS}
+        arch = {k: saved[k] for k in fields}
+        if arch["positions"] == "learned" and cfg.seqlen > arch["n_positions"]:
+            raise ValueError(f"--resume {ckpt}: the checkpoint's model learned {arch['n_positions']} positions; "
+                             f"--seqlen {cfg.seqlen} needs more")
         corpus.check_vocab(arch["vocab_size"], f"the vocabulary of --resume {ckpt}",
                            "; this data does not fit that model")
     for k, v in arch.items():
-        setattr(cfg, k, v)                                 # so the log's metadata shows the model trained
-    return GPTConfig(**arch, attn=cfg.attn, drop=cfg.drop, buckets=cfg.buckets, ffn_chunk=cfg.ffn_chunk,
-                     ce_chunk=cfg.ce_chunk, checkpoint=cfg.checkpoint), overridden
+        if k in MODEL_FIELDS:
+            setattr(cfg, k, v)                             # so the log's metadata shows the model trained
+    return GPTConfig(**arch, attn=cfg.attn, drop=cfg.drop, buckets=cfg.buckets, lsh_unit_norm=cfg.lsh_unit_norm,
+                     strict_causal=cfg.strict_causal, ffn_chunk=cfg.ffn_chunk, ce_chunk=cfg.ce_chunk,
+                     checkpoint=cfg.checkpoint), overridden
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
@@ -237,6 +250,7 @@ def load_checkpoint(cfg: TrainConfig) -> dict:
         raise ValueError(f"--resume {path}: not a checkpoint torch can load ({type(exc).__name__}: {why})") from None
     missing = [k for k in CKPT_KEYS if k not in state] if isinstance(state, dict) else list(CKPT_KEYS)
     if not missing and isinstance(state["model_config"], dict):
+        state["model_config"] = {**ARCH_DEFAULTS, **state["model_config"]}     # older checkpoints lack new fields
         missing = [f"model_config.{k}" for k in MODEL_FIELDS if k not in state["model_config"]]
     if missing:
         raise ValueError(f"--resume {path}: not a flashring train checkpoint (it has no {', '.join(missing)})")
@@ -495,11 +509,16 @@ def run_loop(run: Run, argv: List[str], log_file: Optional[IO[str]]) -> dict:
         f"{run.tokens_per_step} tokens/step, world {env.world}, {meta['device']} ({cfg.dtype}{mfu_note})")
     say(f"data: {run.corpus.source}: {len(run.corpus.train):,} train / {len(run.corpus.val):,} val tokens")
     times: List[float] = []
+    sparse = cfg.attn in ("qk-sparse", "hash-sparse")
     loss = val = float("nan")
     started, stopped_early = time.perf_counter(), False
     if run.step >= cfg.iters:
         say(f"checkpoint is at step {run.step} >= --iters {cfg.iters}: nothing to train")
     while run.step < cfg.iters:
+        logged = (run.step + 1) % cfg.log_every == 0 or run.step + 1 == cfg.iters
+        attns = [m for m in run.model.modules() if isinstance(m, CausalAttention)] if sparse else []
+        for m in attns:
+            m.measure = logged                             # kept-pair fractions on logged steps only
         _sync(run.device)
         t0 = time.perf_counter()
         loss = train_step(run)                             # .item() inside waits for the step
@@ -510,6 +529,10 @@ def run_loop(run: Run, argv: List[str], log_file: Optional[IO[str]]) -> dict:
         rec = {"type": "train", "step": run.step, "loss": loss, "lr": lr_at(run.step - 1, cfg), "dt_ms": dt * 1e3,
                "tokens_per_s": run.tokens_per_step / dt,
                "mfu": None if run.peak_flops is None else run.flops_per_step / dt / run.peak_flops}
+        if logged and attns:                   # per layer (the last micro-batch's call); forward only
+            rec["kept_pairs"] = [None if m.kept is None else round(float(m.kept), 5) for m in attns]
+            for m in attns:
+                m.measure = False              # validation passes are not measured
         log(rec)
         bar.update(run.step, loss, dt, run.tokens_per_step, run.flops_per_step, run.peak_flops)
         if run.step % cfg.log_every == 0 or run.step == cfg.iters:

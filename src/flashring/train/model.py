@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from ..interface import flash_attn_func
 from ..ring import ring_flash_attn_func
 from ..sparse import hash_sparse_attn_func, lsh_buckets, qk_sparse_attn_func
-from .config import ATTN_MODES, MODEL_FIELDS
+from .config import ARCH_DEFAULTS, ATTN_MODES, MODEL_FIELDS, POSITIONS
 
 
 @dataclass
@@ -32,10 +32,15 @@ class GPTConfig:
     d_model: int = 64
     ffn_mult: int = 4
     rope_base: float = 10000.0
+    shared_qk: bool = False           # k = normalize(q) per head; the projection makes q and v only
+    positions: str = "rope"           # "rope" or "learned" (absolute embeddings for positions < n_positions)
+    n_positions: int = 0
     # attention core (CausalAttention)
     attn: str = "sdpa"
     drop: float = 0.0
     buckets: int = 0
+    lsh_unit_norm: bool = False
+    strict_causal: bool = False
     # memory: tokens per feed-forward / cross-entropy chunk (0 = unchunked); whole-block recomputation
     ffn_chunk: int = 0
     ce_chunk: int = 0
@@ -49,9 +54,13 @@ class GPTConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        if (self.d_model // self.n_head) % 2:
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}; got {self.positions!r}")
+        if self.positions == "rope" and (self.d_model // self.n_head) % 2:
             raise ValueError(f"head dim d_model / n_head = {self.d_model // self.n_head} must be even for rotary "
                              "positions")
+        if self.positions == "learned" and self.n_positions < 1:
+            raise ValueError(f"learned positions need n_positions >= 1, got {self.n_positions}")
         for name in ("ffn_chunk", "ce_chunk"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = unchunked), got {getattr(self, name)}")
@@ -61,7 +70,7 @@ class GPTConfig:
 
     def arch(self) -> dict:
         """The fields that shape the weights (what a checkpoint must match)."""
-        return {k: getattr(self, k) for k in MODEL_FIELDS}
+        return {k: getattr(self, k) for k in MODEL_FIELDS + tuple(ARCH_DEFAULTS)}
 
 
 # ------------------------------------------------------------------------------------------------------ attention
@@ -70,17 +79,25 @@ class CausalAttention(nn.Module):
 
     ``drop``: qk-sparse; each call draws fresh keep masks, per layer and per head, keeping a query (key) with
     probability ``1 - drop`` (the random Q/K dropping of Pagliardini et al. 2023's language-model runs).
-    ``n_buckets``: hash-sparse; queries and keys are bucketed by one shared random rotation per call.
+    ``n_buckets``: hash-sparse; queries and keys are bucketed by one random rotation per call and head, drawn on
+    the device (``unit_norm``: unit-length directions); ``shared_qk``: keys are normalised queries, so the queries'
+    buckets serve both; ``strict``: j < i inside a bucket.
     ``group``: ring; the process group whose ranks each hold one zigzag shard of the sequence (``data.Batches``).
+    ``measure``: when set, the next call stores the fraction of causal (query, key) pairs it kept in ``kept``
+    (a 0-dim device tensor; read at logging steps only, so training never waits for it).
     """
 
-    def __init__(self, mode: str, drop: float = 0.0, n_buckets: int = 0, group=None):
+    def __init__(self, mode: str, drop: float = 0.0, n_buckets: int = 0, group=None, shared_qk: bool = False,
+                 unit_norm: bool = False, strict: bool = False):
         super().__init__()
         self.mode, self.drop, self.n_buckets, self.group = mode, float(drop), int(n_buckets), group
+        self.shared_qk, self.unit_norm, self.strict = shared_qk, unit_norm, strict
+        self.measure, self.kept = False, None
 
     def extra_repr(self) -> str:
-        extra = {"qk-sparse": f", drop={self.drop}", "hash-sparse": f", buckets={self.n_buckets}"}
-        return f"mode={self.mode}" + extra.get(self.mode, "")
+        extra = {"qk-sparse": f", drop={self.drop}",
+                 "hash-sparse": f", buckets={self.n_buckets}, unit_norm={self.unit_norm}, strict={self.strict}"}
+        return f"mode={self.mode}" + extra.get(self.mode, "") + (", shared_qk" if self.shared_qk else "")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.mode == "sdpa":                           # torch wants (B, H, S, D)
@@ -92,12 +109,36 @@ class CausalAttention(nn.Module):
         if self.mode == "qk-sparse":
             q_keep = torch.rand(q.shape[:3], device=q.device) >= self.drop     # (B, S, H): one coin per token, head
             k_keep = torch.rand(k.shape[:3], device=q.device) >= self.drop
+            if self.measure:
+                self.kept = kept_pair_fraction(q_keep.long(), k_keep.long())
             return qk_sparse_attn_func(q, k, v, q_keep, k_keep, causal=True)
         if self.mode == "hash-sparse":
-            # one lsh_buckets call on queries and keys together, so both see the same random rotation
-            buckets = lsh_buckets(torch.cat([q, k], dim=1), self.n_buckets)    # (B, 2S, H)
-            return hash_sparse_attn_func(q, k, v, buckets[:, :q.shape[1]], buckets[:, q.shape[1]:], causal=True)
+            if self.shared_qk:        # k = normalize(q): the same bucket (argmax of xR is scale-invariant)
+                q_b = k_b = lsh_buckets(q, self.n_buckets, unit_norm=self.unit_norm)
+            else:                     # one call on queries and keys together: both see the same rotation
+                both = lsh_buckets(torch.cat([q, k], dim=1), self.n_buckets, unit_norm=self.unit_norm)
+                q_b, k_b = both[:, :q.shape[1]], both[:, q.shape[1]:]
+            if self.measure:
+                self.kept = kept_pair_fraction(q_b, k_b, self.n_buckets, self.strict)
+            return hash_sparse_attn_func(q, k, v, q_b, k_b, causal=True, strict_causal=self.strict)
         return ring_flash_attn_func(q, k, v, causal=True, group=self.group, layout="zigzag")
+
+
+def kept_pair_fraction(q_side: torch.Tensor, k_side: torch.Tensor, n_buckets: int = 0,
+                       strict: bool = False) -> torch.Tensor:
+    """Fraction of the causal (query, key) pairs (j <= i, the dense causal count) a sparse call attends, as a
+    0-dim device tensor (no host sync). ``n_buckets == 0``: 0/1 keep flags ``(B, S, H)``; else bucket ids in
+    ``[0, n_buckets)`` (pairs in one bucket; ``strict``: j < i). Trained buckets are skewed, so this is measured,
+    not assumed."""
+    b, s, h = q_side.shape
+    if not n_buckets:
+        pairs = (q_side * k_side.cumsum(1)).sum()
+    else:
+        seen = F.one_hot(k_side.transpose(1, 2), n_buckets).cumsum(2)         # (B, H, S, buckets): keys <= i
+        pairs = seen.gather(-1, q_side.transpose(1, 2).unsqueeze(-1)).sum()
+        if strict:
+            pairs = pairs - (q_side == k_side).sum()                            # drop j == i
+    return pairs.double() / (b * h * s * (s + 1) / 2)
 
 
 # ------------------------------------------------------------------------------------------------------ rotary
@@ -189,16 +230,23 @@ class Block(nn.Module):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
         self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.shared_qk, self.rope = cfg.shared_qk, cfg.positions == "rope"
+        self.qkv = nn.Linear(cfg.d_model, (2 if cfg.shared_qk else 3) * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.attn = CausalAttention(cfg.attn, drop=cfg.drop, n_buckets=cfg.buckets, group=group)
+        self.attn = CausalAttention(cfg.attn, drop=cfg.drop, n_buckets=cfg.buckets, group=group,
+                                    shared_qk=cfg.shared_qk, unit_norm=cfg.lsh_unit_norm, strict=cfg.strict_causal)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = ChunkedMLP(cfg.d_model, cfg.ffn_mult * cfg.d_model, cfg.ffn_chunk)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
         B, S, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, S, 3, self.n_head, self.head_dim).unbind(2)  # each (B, S, H, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.shared_qk:            # Pagliardini et al.'s language models: k = normalize(q), per head
+            q, v = self.qkv(self.ln1(x)).view(B, S, 2, self.n_head, self.head_dim).unbind(2)
+            k = F.normalize(q, dim=-1)
+        else:
+            q, k, v = self.qkv(self.ln1(x)).view(B, S, 3, self.n_head, self.head_dim).unbind(2)  # (B, S, H, D)
+        if self.rope:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         x = x + self.proj(self.attn(q, k, v).reshape(B, S, d))
         return x + self.mlp(x, self.ln2)  # ln2 applied per chunk, recomputed in the backward
 
@@ -212,6 +260,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.d_model) if cfg.positions == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg, group) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self._init_weights()
@@ -232,9 +281,16 @@ class GPT(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"idx must be (batch, seqlen) token ids, got shape {tuple(idx.shape)}")
         if positions is None:
+            if self.wpe is not None and idx.shape[1] > self.cfg.n_positions:
+                raise ValueError(f"sequence of {idx.shape[1]} tokens, but the model learned {self.cfg.n_positions} "
+                                 "positions")
             positions = torch.arange(idx.shape[1], device=idx.device)[None]  # (1, S)
-        cos, sin = rotary_tables(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_base)
         x = self.wte(idx)
+        cos = sin = None
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        else:
+            cos, sin = rotary_tables(positions, self.cfg.d_model // self.cfg.n_head, self.cfg.rope_base)
         for block in self.blocks:
             if self.cfg.checkpoint and torch.is_grad_enabled():
                 # RNG state preserved: qk-sparse / hash-sparse must redraw the same masks / rotation on recompute
