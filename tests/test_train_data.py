@@ -54,3 +54,46 @@ def test_file_corpus_kinds(tmp_path):
     x1, y1 = s1.next()
     x2, y2 = s2.next()
     assert torch.equal(x1, x2) and torch.equal(x1[:, 1:], y1[:, :-1]) and x1.shape == (3, 16)
+
+
+# ------------------------------------------------------------------------------------------ English BPE corpus
+def test_english_corpus_builds_once_and_round_trips(tmp_path):
+    """Docstring prose (code-like and short docstrings dropped) plus HTML docs with the markup stripped, split by
+    file, BPE-tokenised and cached; the ids decode back to the text."""
+    import json
+    from tokenizers import Tokenizer
+    from flashring.train.english import english_corpus
+    src, docs = tmp_path / "src", tmp_path / "docs"
+    src.mkdir()
+    docs.mkdir()
+    words = "the quick brown fox jumps over a lazy dog while attention reads every key once".split()
+    for i in range(30):
+        prose = " ".join(words[(i + j) % len(words)] for j in range(20))
+        (src / f"m{i:02d}.py").write_text(f'"""Module {i}: {prose}."""\n\ndef f():\n    """x = [1, 2]; y = {{3: 4}}"""\n')
+    (docs / "page.html").write_text("<html><body><p>Kernel documentation says that a spinlock must never be held "
+                                    "while sleeping in any context.</p><pre>int x = 1;</pre></body></html>")
+    corpus = english_corpus([src], [docs], tmp_path / "cache", val_every=10, bpe_vocab=300, workers=1)
+    assert corpus.vocab_size == 300 and corpus.train.dtype == np.uint16 and len(corpus.val) > 0
+    cache = next((tmp_path / "cache").glob("english-*"))
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["files"] == 31 and meta["files_with_text"] == 31 and meta["documents"] == 31
+    text = Tokenizer.from_file(str(cache / "tokenizer.json")).decode(np.asarray(corpus.train).tolist(),
+                                                                       skip_special_tokens=True)
+    assert "Module 0: the quick brown fox" in text and "spinlock must never be held" in text
+    assert "x = [1, 2]" not in text and "int x = 1" not in text
+    stamp = (cache / "train.bin").stat().st_mtime_ns
+    english_corpus([src], [docs], tmp_path / "cache", val_every=10, bpe_vocab=300)
+    assert (cache / "train.bin").stat().st_mtime_ns == stamp           # cached: not rebuilt
+
+
+def test_english_corpus_trains(tmp_path, run_args):
+    from flashring.train import main
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"m{i:02d}.py").write_text('"""' + " ".join(f"word{(i * 7 + j) % 50} is here" for j in range(300))
+                                          + '"""\n')
+    args = [a for a in run_args if a not in ()]
+    args[args.index("--corpus-root") + 1] = str(src)
+    assert main(args + ["--corpus", "english", "--bpe-vocab", "512", "--iters", "2", "--eval-every", "2"]) == 0
+    assert main(args + ["--bpe-vocab", "512"]) == 2                  # --bpe-vocab without --corpus english

@@ -71,14 +71,14 @@ def split_files(files: List[Path], val_every: int) -> Tuple[List[Path], List[Pat
     return train, val
 
 
-def _tmp_name(path: Path) -> Path:
+def tmp_name(path: Path) -> Path:
     # per-process name: under torchrun every rank may build the same cache at once; the last rename wins and
     # every rename installs a complete file
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
 def _write_split(files: List[Path], path: Path) -> None:
-    tmp = _tmp_name(path)
+    tmp = tmp_name(path)
     with open(tmp, "wb") as out:
         for f in files:
             out.write(f.read_bytes())
@@ -106,7 +106,7 @@ def stdlib_corpus(root: Optional[os.PathLike] = None, cache_dir: Optional[os.Pat
         _write_split(train_f, cache / "train.bin")
         _write_split(val_f, cache / "val.bin")
         meta = {"root": str(root), "val_every": val_every, "train_files": rel(train_f), "val_files": rel(val_f)}
-        tmp = _tmp_name(meta_path)
+        tmp = tmp_name(meta_path)
         tmp.write_text(json.dumps(meta))
         tmp.replace(meta_path)  # written last: its presence means both splits are complete
     meta = json.loads(meta_path.read_text())
