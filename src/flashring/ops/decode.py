@@ -41,8 +41,8 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
     ``[Start[b] or 0, End[b] or END)``;
     ``LSE`` = (ptr, sb, sh) of (B, H, Sq); ``OP``/``LSEP`` = fp32 partials (NUM_SPLITS, B, Sq, H, D) /
     (NUM_SPLITS, B, H, Sq) and ``Count`` = int32 zeros, one per (batch, m_block, KV head) tile, used when
-    NUM_SPLITS > 1 (the counters are back at 0 when the launch ends). ``BAND = (LOWER, UPPER)``: a query at position p sees
-    keys ``p + LOWER <= j <= p + UPPER`` (causal: UPPER = 0; window (left, right): -left, right)."""
+    NUM_SPLITS > 1 (the counters are back at 0 when the launch ends). ``BAND = (LOWER, UPPER)``: a query at
+    position p sees keys ``p + LOWER <= j <= p + UPPER`` (causal: UPPER = 0; window (left, right): -left, right)."""
     split = tl.program_id(0)
     hk = tl.program_id(1) % (SQ[1] // GROUP)
     m_block = tl.program_id(1) // (SQ[1] // GROUP)
