@@ -148,6 +148,18 @@ PRESETS: Dict[str, dict] = {
                     warmup=100, eval_every=200, eval_iters=8, log_every=10, ffn_chunk=8192, ce_chunk=8192),
     "gpt-32k": dict(n_layer=12, n_head=12, d_model=768, seqlen=32768, batch_size=1, iters=1000, lr=6e-4,
                     warmup=100, eval_every=200, eval_iters=8, log_every=10, ffn_chunk=8192, ce_chunk=8192),
+    # Pagliardini et al.'s language-model recipe (issue 14): 12 x 768, 12 heads x 64, shared-QK, learned absolute
+    # positions, English BPE; lr 1e-3 -> 2e-4 cosine, 2% warm-up, weight decay 0.1, betas (0.9, 0.95), no
+    # gradient clipping. 32k tokens per step: 1000 steps = 33M tokens. Arms: --attn flash|sdpa|qk-sparse|
+    # hash-sparse (add --lsh-unit-norm --strict-causal for their hashing).
+    "paper-8k": dict(n_layer=12, n_head=12, d_model=768, seqlen=8192, batch_size=4, iters=1000, lr=1e-3, min_lr=2e-4,
+                     warmup=20, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=0.0, shared_qk=True,
+                     positions="learned", corpus="english", eval_every=100, eval_iters=8, log_every=10,
+                     ffn_chunk=8192, ce_chunk=8192),
+    "paper-16k": dict(n_layer=12, n_head=12, d_model=768, seqlen=16384, batch_size=2, iters=1000, lr=1e-3,
+                      min_lr=2e-4, warmup=20, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=0.0, shared_qk=True,
+                      positions="learned", corpus="english", eval_every=100, eval_iters=8, log_every=10,
+                      ffn_chunk=8192, ce_chunk=8192),
     # The ring experiment's model (3.78B parameters, 20 heads x 128), sized so that one sequence of its length
     # does not fit one 141 GB H200 (BENCHMARKS.md: one H200 fits 32,768 tokens at 132.6 GiB peak, 49 GiB of it
     # weights and AdamW state + 2.6 MiB per token, and runs out of memory at 40,960; the ring on 2 H200s holds
