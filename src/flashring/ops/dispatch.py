@@ -23,11 +23,11 @@ def on_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or CPU_BACKEND == "triton"
 
 
-def permute_rows(x: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` seen as ``(-1, D)`` in the order ``row_ids`` (flat int64 ids), shaped like x."""
+def permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``y[b, s, h] = x[b, perm[b, h, s], h]``: x ``(B, S, H, D)``, perm ``(B, H, S)`` (each (b, h)'s order)."""
     if on_triton(x):
-        return rows.permute_rows(x, row_ids)
-    return x.reshape(-1, x.shape[-1]).index_select(0, row_ids).view(x.shape)
+        return rows.permute_rows(x, perm)
+    return x.gather(1, perm.transpose(1, 2).unsqueeze(-1).expand(x.shape))
 
 
 def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optional[int] = None,

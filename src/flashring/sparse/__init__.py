@@ -95,8 +95,9 @@ class _Permute(torch.autograd.Function):
 
 
 class _PermuteRows(torch.autograd.Function):
-    """Rows of a (B, S, H, D) tensor in another order: ``y.view(-1, D) = x.view(-1, D)[fwd]`` with flat row ids,
-    gradient ``grad.view(-1, D)[bwd]`` (``ops.rows``: one index load per row, not per element)."""
+    """Rows of a (B, S, H, D) tensor in each (batch, head)'s order: ``y[b, s, h] = x[b, fwd[b, h, s], h]``, with
+    gradient ``grad[b, bwd[b, h, s], h]`` (fwd / bwd inverse permutations (B, H, S); ``ops.rows``: one index load
+    per row, not per element)."""
 
     @staticmethod
     def forward(ctx, x, fwd, bwd):
@@ -107,15 +108,6 @@ class _PermuteRows(torch.autograd.Function):
     def backward(ctx, grad):
         (bwd,) = ctx.saved_tensors
         return dispatch.permute_rows(grad, bwd), None, None
-
-
-def _row_ids(perm):
-    """(B, H, S) slot -> token permutation -> flat row ids of a (B, S, H, D) tensor seen as (B*S*H, D), in that
-    tensor's (B, S, H) row order."""
-    b, h, s = perm.shape
-    base = (torch.arange(b, device=perm.device).view(b, 1, 1) * (s * h)
-            + torch.arange(h, device=perm.device).view(1, h, 1))
-    return (base + perm * h).transpose(1, 2).reshape(-1)
 
 
 def _positions(perm, valid, shift):
@@ -163,12 +155,10 @@ def _sparse_call(q, k, v, scale, causal, q_side, k_side, return_attn_probs):
     """Shared tail of the front ends: q_side / k_side = (perm, inv, lens, pos, bkt or None)."""
     (q_perm, q_inv, q_len, q_pos, q_bkt), (k_perm, k_inv, k_len, k_pos, k_bkt) = q_side, k_side
     meta = SparseMeta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, causal)
-    # rows x[:, perm[b, h, s], h] of each (B, S, H, D) input, as flat row ids (one set per side, both directions)
-    qf, qb, kf, kb = (_row_ids(p) for p in (q_perm, q_inv, k_perm, k_inv))
-    out_c, lse_c = attention(_PermuteRows.apply(q, qf, qb), _PermuteRows.apply(k, kf, kb),
-                             _PermuteRows.apply(v, kf, kb), scale, None, None, 0.0, meta)
+    out_c, lse_c = attention(_PermuteRows.apply(q, q_perm, q_inv), _PermuteRows.apply(k, k_perm, k_inv),
+                             _PermuteRows.apply(v, k_perm, k_inv), scale, None, None, 0.0, meta)
     # Slots past a head's length hold out 0 / EMPTY_ROW_LSE (kernel), which is what dropped queries return.
-    out = _PermuteRows.apply(out_c, qb, qf)
+    out = _PermuteRows.apply(out_c, q_inv, q_perm)
     if not return_attn_probs:
         return out
     return out, _Permute.apply(lse_c, q_inv, q_perm, -1), None
