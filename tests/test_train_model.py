@@ -171,12 +171,13 @@ def test_sparse_modes_call_contract(monkeypatch):
         allowed = (q_keep.permute(0, 2, 1)[..., :, None] & k_keep.permute(0, 2, 1)[..., None, :])  # (B, H, S, S)
         return _masked_attn(q, k, v, allowed)
 
-    def lsh(x, n_buckets, generator=None):
-        calls.append(x.shape)
+    def lsh(x, n_buckets, generator=None, unit_norm=False):
+        calls.append((x.shape, unit_norm))
         return torch.randint(0, n_buckets, x.shape[:3])
 
-    def hash_sparse(q, k, v, q_buckets, k_buckets, causal=True, softmax_scale=None):
+    def hash_sparse(q, k, v, q_buckets, k_buckets, causal=True, softmax_scale=None, strict_causal=False):
         assert q_buckets.shape == q.shape[:3] == k_buckets.shape and not q_buckets.is_floating_point()
+        calls.append(("strict", strict_causal))
         allowed = q_buckets.permute(0, 2, 1)[..., :, None] == k_buckets.permute(0, 2, 1)[..., None, :]
         return _masked_attn(q, k, v, allowed)
 
@@ -205,7 +206,14 @@ def test_sparse_modes_call_contract(monkeypatch):
     calls.clear()
     mh = GPT(GPTConfig(n_layer=2, n_head=4, d_model=32, attn="hash-sparse", buckets=4))
     mh(idx, tgt).backward()
-    assert calls == [torch.Size([2, 128, 4, 8])] * 2  # queries and keys of a layer, concatenated: one rotation
+    # queries and keys of a layer, concatenated: one rotation
+    assert calls == [(torch.Size([2, 128, 4, 8]), False), ("strict", False)] * 2
+    # shared-QK: k = normalize(q) shares q's buckets, so only q is hashed; the recipe's flags reach the calls
+    calls.clear()
+    ms = GPT(GPTConfig(n_layer=2, n_head=4, d_model=32, attn="hash-sparse", buckets=4, shared_qk=True,
+                       lsh_unit_norm=True, strict_causal=True))
+    ms(idx, tgt).backward()
+    assert calls == [(torch.Size([2, 64, 4, 8]), True), ("strict", True)] * 2
 
 
 def test_presets_shapes():
