@@ -72,6 +72,22 @@ def test_hash_strictly_causal(shape, device, seed):
                                         causal=False, strict_causal=True)
 
 
+def test_hash_positions_never_borrow_from_the_bucket(device, seed):
+    """Regression (review of strict_causal): the tile-range builder packs (bucket, position) into one sort key, so
+    a negative query position (token 0 under strict causality, or seqlen_q > seqlen_k) read as the previous
+    bucket and gave token 0 a full tile of future keys (and inf/NaN gradients). Token 0 alone in bucket 1 at the
+    end of a query tile; and a causal call with seqlen_q > seqlen_k."""
+    buckets = torch.zeros(1, 64, 1, dtype=torch.long, device=device)
+    buckets[0, 0] = 1
+    out, lse, grads = run_sparse("hash", 1, 64, 64, 1, 1, 16, torch.float32, device, True, seed, qa=buckets,
+                                 ka=buckets, strict=True)
+    assert (out[0, 0] == 0).all() and all(torch.isfinite(g).all() for g in grads)
+    qb = torch.randint(0, 3, (1, 64, 2), device=device)
+    kb = torch.randint(0, 3, (1, 62, 2), device=device)
+    run_sparse("hash", 1, 64, 62, 2, 2, 16, torch.float32, device, True, seed, qa=qb, ka=kb)
+    run_sparse("qk", 1, 64, 62, 2, 2, 16, torch.float32, device, True, seed)
+
+
 def test_lsh_unit_norm_rotations():
     r = flashring.lsh_rotations(3, 16, 8, torch.Generator().manual_seed(0), unit_norm=True)
     assert torch.allclose(r.norm(dim=1), torch.ones(3, 4))

@@ -123,6 +123,18 @@ def _int32(x):
     return x.to(torch.int32, memory_format=torch.contiguous_format)
 
 
+def _causal_shifts(q, k, causal, strict: int = 0):
+    """Offsets added to query / key positions so that query i sees key j iff ``j + k_shift <= i + q_shift``
+    (bottom-right causal; ``strict``: j < i). Both stay >= 0: the tile-range builder packs (bucket, position) into
+    one sort key, where a negative position would borrow from the bucket (a query at -1 read as the previous
+    bucket's), so when seqlen_q > seqlen_k or strict the keys move up instead of the queries down."""
+    if not causal:
+        return 0, 0
+    shift = k.shape[1] - q.shape[1] - strict
+    base = max(0, -shift)
+    return shift + base, base
+
+
 def _compact(keep, shift):
     """QK-sparse: a stable partition per (batch, head), kept tokens first in position order, then the dropped.
 
@@ -228,9 +240,9 @@ def qk_sparse_attn_func(q, k, v, q_keep, k_keep, causal=True, softmax_scale=None
     scale = _check_common(q, k, v, causal, softmax_scale)
     _check_side(q_keep, "q_keep", q, "bool")
     _check_side(k_keep, "k_keep", k, "bool")
-    shift = k.shape[1] - q.shape[1] if causal else 0
-    q_side = _compact(q_keep, shift) + (None,)
-    k_side = _compact(k_keep, 0) + (None,)
+    q_shift, k_shift = _causal_shifts(q, k, causal)
+    q_side = _compact(q_keep, q_shift) + (None,)
+    k_side = _compact(k_keep, k_shift) + (None,)
     return _sparse_call(q, k, v, scale, causal, q_side, k_side, return_attn_probs)
 
 
@@ -256,8 +268,9 @@ def hash_sparse_attn_func(q, k, v, q_buckets, k_buckets, causal=True, softmax_sc
     _check_side(q_buckets, "q_buckets", q, "int", values=on_cpu)
     _check_side(k_buckets, "k_buckets", k, "int", values=on_cpu)
     # a query at (shifted) position p sees keys at positions <= p; strict: <= p - 1
-    q_side = _bucket_sort(q_buckets, k.shape[1] - q.shape[1] - int(strict_causal) if causal else 0, "q_buckets")
-    k_side = _bucket_sort(k_buckets, 0, "k_buckets")
+    q_shift, k_shift = _causal_shifts(q, k, causal, int(strict_causal))
+    q_side = _bucket_sort(q_buckets, q_shift, "q_buckets")
+    k_side = _bucket_sort(k_buckets, k_shift, "k_buckets")
     return _sparse_call(q, k, v, scale, causal, q_side, k_side, return_attn_probs)
 
 
