@@ -222,7 +222,11 @@ _COUNTERS: dict = {}
 def split_counters(device: torch.device, n: int) -> torch.Tensor:
     """At least ``n`` int32 zeros for the split counters, one buffer per (device, stream): the kernel leaves them
     at 0 when it ends, so the buffer is reused without a memset launch; launches on one stream are ordered, and
-    each stream (a CUDA-graph capture stream included) has its own buffer. Grown (never shrunk) on demand."""
+    each stream has its own buffer. Grown (never shrunk) on demand. Under CUDA-graph capture every call gets a
+    fresh zeroed buffer (its memset is part of the graph): a cached buffer baked into a graph could be replaced
+    and freed by a later eager call, or shared by several captures on torch's one capture stream."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
     key = (device.index, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else (None, 0)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
