@@ -97,3 +97,18 @@ def test_english_corpus_trains(tmp_path, run_args):
     args[args.index("--corpus-root") + 1] = str(src)
     assert main(args + ["--corpus", "english", "--bpe-vocab", "512", "--iters", "2", "--eval-every", "2"]) == 0
     assert main(args + ["--bpe-vocab", "512"]) == 2                  # --bpe-vocab without --corpus english
+
+
+def test_english_corpus_refuses_an_empty_split(tmp_path):
+    """Validation files whose prose the training files already hold leave an empty split: a clear error, and no
+    cache written that would fail the same way forever."""
+    from flashring.train.english import english_corpus
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"m{i:02d}.py").write_text('"""The same sentence in every file of this corpus, word for word."""\n')
+    with pytest.raises(ValueError, match="validation files"):
+        english_corpus([src], [], tmp_path / "cache", val_every=10, bpe_vocab=300, workers=1)
+    assert not list((tmp_path / "cache").glob("english-*/meta.json"))
+    with pytest.raises(ValueError, match="val_every|source files"):
+        english_corpus([src], [], tmp_path / "cache", val_every=50, bpe_vocab=300, workers=1)

@@ -111,7 +111,7 @@ class TrainConfig:
             raise ValueError(f"--buckets must be an even number >= 2 for --attn hash-sparse, got {self.buckets}")
         if self.corpus not in ("python", "english"):
             raise ValueError(f"--corpus must be python or english, got {self.corpus!r}")
-        if self.corpus == "english" and self.data:
+        if self.corpus == "english" and self.data and "corpus" in self.explicit:   # a preset's corpus yields
             raise ValueError("--corpus english builds its own data; it cannot be combined with --data")
         if self.corpus != "english" and (self.text_root or "bpe_vocab" in self.explicit):
             raise ValueError(f"--{'text-root' if self.text_root else 'bpe-vocab'} applies to --corpus english only")

@@ -126,8 +126,16 @@ def english_corpus(roots: Optional[Sequence[os.PathLike]] = None, text_roots: Se
     if len(files) < val_every:
         raise ValueError(f"found {len(files)} source files under {', '.join(map(str, roots + text_roots))}; need at "
                          f"least val_every={val_every}")
-    key = hashlib.sha256(json.dumps([MIN_WORDS, PROSE_SHARE, bpe_vocab, val_every,
-                                     [(str(f), f.stat().st_size) for f in files]]).encode()).hexdigest()[:16]
+    try:
+        import tokenizers
+        tok_version = tokenizers.__version__
+    except ImportError:
+        tok_version = None
+    # the key: every setting that shapes the result, and each source file's name, size and mtime
+    key = hashlib.sha256(json.dumps([MIN_WORDS, PROSE_SHARE, TEXT_SUFFIXES, sorted(_TextOnly.SKIP), DOC_TOKEN,
+                                     tok_version, bpe_vocab, val_every,
+                                     [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]]).encode()
+                         ).hexdigest()[:16]
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE) / f"english-{key}"
     meta_path = cache / "meta.json"
     if not meta_path.exists():
@@ -168,6 +176,14 @@ def _build(files, cache: Path, val_every: int, bpe_vocab: int, workers: int, roo
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=bpe_vocab, special_tokens=[DOC_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    for name, docs in (("training", train_docs), ("validation", val_docs)):
+        if not docs:
+            raise ValueError(f"--corpus english: the {name} files ({len(train_f if name == 'training' else val_f)}"
+                             f" of {len(files)}) hold no prose that the training files do not already hold; "
+                             "give more sources (--corpus-root / --text-root) or a different --val-every")
+    # the separator is a special token: text that happens to contain its spelling must not encode as it
+    train_docs, val_docs = ([d.replace(DOC_TOKEN, DOC_TOKEN.replace("|", "| ")) for d in docs]
+                            for docs in (train_docs, val_docs))
     tok.train_from_iterator(train_docs, trainer=trainer)
     sep = tok.token_to_id(DOC_TOKEN)
     sizes = {}
