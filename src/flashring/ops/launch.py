@@ -1,14 +1,14 @@
 """Kernel launches with less host time: ``Launcher(kernel)[grid](*args, **kwargs)`` behaves like
 ``kernel[grid](...)`` but, once a specialisation has been compiled, goes straight to the compiled kernel.
 
-Why: a decode step is a few microseconds of GPU work, and on the H100 machine Triton 3.6's generic launch path
-(options and knobs read per call, a string cache key built from ~40 arguments, global-value checks) cost ~45 us
-per launch: flashring's decode took 120-200 us of host time per call where its kernels ran 8-190 us, against 17-34
-us for torch's SDPA (benchmarks/decode_floor.py, 2026-11-23). Here each call runs Triton's own argument binder
-(native code: the same specialisation, dtypes, 16-byte alignment and ``== 1`` integer checks that select a compiled
-variant), looks the result up in a dict, and calls the compiled kernel's launcher; an unseen specialisation takes
-Triton's normal path, which compiles it, and is remembered. Anything unexpected (the interpreter, another Triton
-whose internals differ) falls back to the normal path for good.
+Why: a decode step is a few microseconds of GPU work, and on the H100 machine a launch through Triton 3.6's
+generic path cost 46.8-50.4 us of host time, of which the argument binder 12-14 us and the compiled kernel's own
+C launcher 24 us (benchmarks/launch_overhead.py, 2026-11-23); flashring's decode took 100-200 us of host time per
+call where its kernels ran 7-190 us, against 17-34 us for torch's SDPA. Here each call runs Triton's own argument
+binder (native code: the same specialisation, dtypes, 16-byte alignment and ``== 1`` integer checks that select a
+compiled variant), looks the result up in a dict, and calls the compiled kernel's launcher (37.9-38.8 us in all);
+an unseen specialisation takes Triton's normal path, which compiles it, and is remembered. Anything unexpected
+(the interpreter, another Triton whose internals differ) falls back to the normal path for good.
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ class Launcher:
 
 
 # Host-side grid arithmetic. ``triton.cdiv`` / ``triton.next_power_of_2`` are JIT-callable objects whose Python
-# call costs ~5 us each (argument unwrapping); a launcher makes up to six such calls.
+# call costs ~0.6 us each on the CPU dev box (argument unwrapping; a decode launcher's six calls: 18.4 -> 15.0 us
+# of host time without them), several times that on the GPU machines' slower host.
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
