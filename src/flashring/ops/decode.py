@@ -7,7 +7,7 @@ query head re-read its KV head. Here:
   tile (row r = query r // G, head r % G), so every K/V byte is read once per program;
 - split-KV: each (batch, KV head)'s key range is cut into ``NUM_SPLITS`` tile-aligned chunks processed by separate
   programs; each writes its partial output (fp32) and log-sum-exp, and the program that finishes last (an atomic
-  counter per tile) merges them. One launch: on the H100 machine a Triton launch costs ~36 us of host time
+  counter per tile) merges them. One launch: on the H100 machine a Triton launch costs ~38 us of host time
   (benchmarks/launch_overhead.py), more than the kernel itself for small caches, so a second combine kernel cost
   more than it computed;
 - the cache is contiguous ``(batch_cache, seqlen_cache, Hk, D)`` (row ``cache_batch_idx[b]``) or paged
