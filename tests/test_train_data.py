@@ -72,6 +72,9 @@ def test_english_corpus_builds_once_and_round_trips(tmp_path):
         (src / f"m{i:02d}.py").write_text(f'"""Module {i}: {prose}."""\n\ndef f():\n    """x = [1, 2]; y = {{3: 4}}"""\n')
     (docs / "page.html").write_text("<html><body><p>Kernel documentation says that a spinlock must never be held "
                                     "while sleeping in any context.</p><pre>int x = 1;</pre></body></html>")
+    (docs / "_sources").mkdir()          # Sphinx's copy of the page source: skipped, not counted twice
+    (docs / "_sources" / "page.rst.txt").write_text("A spinlock must never be held while sleeping in any context, "
+                                                   "says the kernel documentation.\n")
     corpus = english_corpus([src], [docs], tmp_path / "cache", val_every=10, bpe_vocab=300, workers=1)
     assert corpus.vocab_size == 300 and corpus.train.dtype == np.uint16 and len(corpus.val) > 0
     cache = next((tmp_path / "cache").glob("english-*"))

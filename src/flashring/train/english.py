@@ -33,6 +33,7 @@ from .data import Corpus, split_files, tmp_name
 MIN_WORDS = 8
 PROSE_SHARE = 0.85          # letters + whitespace share of a kept docstring
 TEXT_SUFFIXES = (".html", ".htm", ".txt", ".rst")
+SKIP_DIRS = {"_sources", "_static", "_images", "_downloads"}
 DOC_TOKEN = "<|doc|>"
 
 
@@ -96,8 +97,9 @@ def source_files(roots: Sequence[Path], text_roots: Sequence[Path]) -> List[Path
     files = set()
     for root in roots:
         files.update(p for p in root.rglob("*.py") if p.is_file() and "__pycache__" not in p.parts)
-    for root in text_roots:
-        files.update(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    for root in text_roots:     # Sphinx's _sources/ hold the same pages again as .txt: skipped, as are assets
+        files.update(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                     and not SKIP_DIRS & set(p.relative_to(root).parts))
     return sorted(files)
 
 
@@ -132,8 +134,8 @@ def english_corpus(roots: Optional[Sequence[os.PathLike]] = None, text_roots: Se
     except ImportError:
         tok_version = None
     # the key: every setting that shapes the result, and each source file's name, size and mtime
-    key = hashlib.sha256(json.dumps([MIN_WORDS, PROSE_SHARE, TEXT_SUFFIXES, sorted(_TextOnly.SKIP), DOC_TOKEN,
-                                     tok_version, bpe_vocab, val_every,
+    key = hashlib.sha256(json.dumps([MIN_WORDS, PROSE_SHARE, TEXT_SUFFIXES, sorted(SKIP_DIRS),
+                                     sorted(_TextOnly.SKIP), DOC_TOKEN, tok_version, bpe_vocab, val_every,
                                      [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]]).encode()
                          ).hexdigest()[:16]
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE) / f"english-{key}"
