@@ -6,8 +6,10 @@ Sources (``--corpus english``):
   mostly letters and spaces (prose, not code or tables), exact duplicates dropped. On the CPU development machine
   (torch, transformers, triton, numpy...) that is ~48k docstrings, ~21 MB of text;
 - optionally the HTML / text / reStructuredText files under ``--text-root`` directories, e.g. an unpacked Debian
-  documentation package (``apt-get download linux-doc-6.1``: the Linux kernel's documentation as HTML) with the
-  markup stripped.
+  documentation package (``apt-get download linux-doc-6.1``, a 37 MB .deb: the Linux kernel's documentation as
+  HTML; ``dpkg -x`` it and pass ``.../usr/share/doc/linux-doc-6.1/html``) with the markup stripped. Both together
+  on the CPU development machine: 65k documents, 58 MB of text, 14.5M + 0.6M tokens at BPE 8192, built in 134 s
+  on 2 cores.
 The split is by source file (every ``val_every``-th file of the sorted list goes to validation). A byte-level BPE
 (``tokenizers``, vocabulary ``bpe_vocab``) is trained on the training split; both splits are encoded to uint16
 with a document-separator token between documents and cached under ``cache_dir`` with the tokenizer and a
