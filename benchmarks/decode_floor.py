@@ -23,33 +23,15 @@ from flashring.metadata import run_metadata
 from flashring.ops import decode
 
 
-def host_us(fn, n=300):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
-
-
 def graph_us(fn, n=200):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
+    """Device microseconds per call: ``fn`` replayed from a CUDA graph, back to back (no launch cost)."""
+    replay = H.cuda_graph(fn, torch.device("cuda"))
+    replay()
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
     for _ in range(n):
-        g.replay()
+        replay()
     b.record()
     torch.cuda.synchronize()
     return a.elapsed_time(b) / n * 1e3
@@ -116,7 +98,7 @@ def main():
         launches = decode.LAUNCH_DECODE.fast_calls
         for name, fn in (("flashring", fr), ("sdpa", sd), ("launcher", kern)):
             row[f"{name}_harness_us"] = H.time_ms(fn, dev) * 1e3
-            row[f"{name}_host_us"] = host_us(fn)
+            row[f"{name}_host_us"] = H.host_us(fn, dev)
             row[f"{name}_graph_us"] = graph_us(fn)
         row["fast_launches"] = decode.LAUNCH_DECODE.fast_calls - launches
         rows.append(row)

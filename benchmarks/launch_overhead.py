@@ -6,25 +6,13 @@ calls issued back to back (the GPU work is a few microseconds, so the host is th
 """
 from __future__ import annotations
 
-import time
 
 import torch
 from triton.runtime import driver
 
 from flashring import flash_attn_with_kvcache
+from flashring.bench import harness as H
 from flashring.ops import decode
-
-
-def per_call_us(fn, n=2000):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
 
 
 def main():
@@ -70,7 +58,7 @@ def main():
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)),
     ]
     for name, fn in rows:
-        print(f"{name:<36} {per_call_us(fn):8.1f} us", flush=True)
+        print(f"{name:<36} {H.host_us(fn, dev, n=2000):8.1f} us", flush=True)
 
 
 if __name__ == "__main__":

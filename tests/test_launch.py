@@ -30,7 +30,7 @@ def test_interpreter_falls_back(seed):
         pytest.skip("CPU: the interpreter path")
     from flashring.ops import dispatch
     q, k, v = _decode_inputs("cpu")
-    before = decode.LAUNCH_DECODE.fast_calls if hasattr(decode, "LAUNCH_DECODE") else 0
+    before = decode.LAUNCH_DECODE.fast_calls
     old = dispatch.CPU_BACKEND
     dispatch.CPU_BACKEND = "triton"
     try:

@@ -163,6 +163,21 @@ def time_ms(fn: Callable[[], object], device: torch.device, rep_ms: float = 100,
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def host_us(fn: Callable[[], object], device: torch.device, n: int = 300) -> float:
+    """Host microseconds per call of ``fn``: calls issued back to back, one sync before and after. For calls whose
+    GPU work is shorter than their launch (small decode steps) this is what bounds their throughput; ``time_ms``
+    measures the device side."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize(device)
+    return (t1 - t0) / n * 1e6
+
+
 def cuda_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
     """``fn`` captured in a CUDA graph: the returned callable replays it and returns the captured output. Timing
     the replay measures the device work alone, without the host time of launching it (what inference servers that

@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Tuple
 
+from triton.runtime import driver
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -34,7 +36,6 @@ class Launcher:
         if not self.fast:
             return self.kernel[grid](*args, **kwargs)
         try:
-            from triton.runtime import driver
             device = driver.active.get_current_device()
             binder = self.kernel.device_caches[device][4]
             bound, specialization, options = binder(*args, **kwargs)

@@ -69,7 +69,8 @@ class _TextOnly(html.parser.HTMLParser):
         self.skipping += tag in self.SKIP
 
     def handle_endtag(self, tag):
-        self.skipping -= tag in self.SKIP and self.skipping > 0
+        if tag in self.SKIP and self.skipping:
+            self.skipping -= 1
 
     def handle_data(self, data):
         if not self.skipping:
