@@ -1,6 +1,7 @@
 """Training data: the stdlib corpus split, user token files, the window sampler."""
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -100,6 +101,44 @@ def test_english_corpus_trains(tmp_path, run_args):
     args[args.index("--corpus-root") + 1] = str(src)
     assert main(args + ["--corpus", "english", "--bpe-vocab", "512", "--iters", "2", "--eval-every", "2"]) == 0
     assert main(args + ["--bpe-vocab", "512"]) == 2                  # --bpe-vocab without --corpus english
+    # the built corpus, copied elsewhere, trains as --data DIR on the same tokens (how the GPU runs get it);
+    # a paper-* preset's own corpus (english) yields to --data
+    built = next((tmp_path / "cache").glob("english-*"))
+    copy = tmp_path / "copied-corpus"
+    shutil.copytree(built, copy)
+    rest = [a for i, a in enumerate(args) if a != "--corpus-root" and args[i - 1] != "--corpus-root"]
+    assert main(rest + ["--data", str(copy), "--iters", "2", "--eval-every", "2", "--shared-qk",
+                        "--positions", "learned"]) == 0
+    from flashring.train.english import corpus_dir
+    a, b = corpus_dir(built), corpus_dir(copy)
+    assert np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val) and a.vocab_size == b.vocab_size
+
+
+def test_corpus_dir_refuses_incomplete_or_truncated_copies(tmp_path, run_args):
+    import json
+    from flashring.train import main
+    from flashring.train.english import corpus_dir
+    d = tmp_path / "corpus"
+    d.mkdir()
+    with pytest.raises(ValueError, match="--data .*missing meta.json, train.bin, val.bin"):
+        corpus_dir(d)
+    np.arange(300, dtype=np.uint16).tofile(d / "train.bin")
+    np.arange(40, dtype=np.uint16).tofile(d / "val.bin")
+    (d / "meta.json").write_text("{not json")
+    with pytest.raises(ValueError, match="--data .*unreadable meta.json"):
+        corpus_dir(d)
+    (d / "meta.json").write_text(json.dumps({"vocab_size": 512, "train_tokens": 300, "val_tokens": 41}))
+    with pytest.raises(ValueError, match="--data .*val.bin holds 40 tokens, meta.json says 41"):
+        corpus_dir(d)
+    (d / "meta.json").write_text(json.dumps({"vocab_size": 512, "train_tokens": 300, "val_tokens": 40}))
+    c = corpus_dir(d)
+    assert c.vocab_size == 512 and len(c.train) == 300 and int(c.val[-1]) == 39
+    (d / "val.bin").write_bytes(b"\x01")
+    with pytest.raises(ValueError, match="--data .*val.bin must hold uint16 tokens"):
+        corpus_dir(d)
+    args = [a for i, a in enumerate(run_args) if a != "--corpus-root" and run_args[i - 1] != "--corpus-root"]
+    assert main(args + ["--data", str(d)]) == 2                        # one line naming --data, exit 2
+    assert main(args + ["--data", str(tmp_path), "--data-dtype", "uint16"]) == 2
 
 
 def test_english_corpus_refuses_an_empty_split(tmp_path):

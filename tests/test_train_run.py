@@ -161,6 +161,15 @@ def test_plot(run_args, tmp_path, monkeypatch, capsys):
         return
     assert main(["plot", str(out / "log.jsonl"), "--out", str(tmp_path / "l.png")]) == 0
     assert (tmp_path / "l.png").stat().st_size > 1000
+    assert main(["plot", str(out / "log.jsonl"), "--x", "time", "--out", str(tmp_path / "t.png")]) == 0
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_training_seconds_sums_the_steps_times():
+    from flashring.train.plot import training_seconds
+    recs = [{"type": "meta"}, {"type": "train", "step": 1, "dt_ms": 250.0}, {"type": "val", "step": 1},
+            {"type": "train", "step": 2, "dt_ms": 500.0}, {"type": "train", "step": 3, "dt_ms": "x"}]
+    assert training_seconds(recs) == {1: 0.25, 2: 0.75}
 
 
 # ------------------------------------------------------------------------------------------------- progress
@@ -231,3 +240,12 @@ def test_qk_sparse_logs_kept_pairs_near_keep_rate_squared(run_args, tmp_path):
 def test_recipe_flags_need_hash_sparse(extra, message, run_args, capsys):
     assert main(run_args + extra) == 2
     assert message in capsys.readouterr().err
+
+
+def test_no_shared_qk_overrides_a_paper_preset():
+    """The recipe's controls (separate q/k with RoPE) are the paper presets with --no-shared-qk --positions rope."""
+    from flashring.train.config import from_argv
+    assert from_argv(["--preset", "paper-8k"]).shared_qk is True
+    cfg = from_argv(["--preset", "paper-8k", "--no-shared-qk", "--positions", "rope"])
+    assert cfg.shared_qk is False and cfg.positions == "rope" and cfg.seqlen == 8192
+    assert from_argv(["--shared-qk"]).shared_qk is True and from_argv([]).shared_qk is False

@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{flag(name)}", type=typ)
     g.add_argument("--shared-qk", action="store_const", const=True,
                    help="keys are the normalised queries, per head (k = normalize(q)); hash-sparse then hashes q")
+    g.add_argument("--no-shared-qk", dest="shared_qk", action="store_const", const=False,
+                   help="separate q and k projections (the default; overrides a paper-* preset)")
     g.add_argument("--positions", choices=POSITIONS, help="rope (default) or learned absolute position embeddings")
     g = p.add_argument_group("memory")
     g.add_argument("--ffn-chunk", type=int, help="tokens per feed-forward chunk, 0 = unchunked")
@@ -205,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=("auto", "bf16", "fp32"), help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     g.add_argument("--device", help="default: cuda if available (cuda:LOCAL_RANK under torchrun)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="token file: .npy (uint8/uint16), .bin (see --data-dtype) or text (bytes); "
-                                  "default: the Python stdlib's .py sources")
+    g.add_argument("--data", help="token file: .npy (uint8/uint16), .bin (see --data-dtype) or text (bytes), or a "
+                                  "corpus directory that --corpus english built (meta.json, train.bin, val.bin; "
+                                  "copy it to train elsewhere on the same tokens); default: the Python stdlib's "
+                                  ".py sources")
     g.add_argument("--data-dtype", choices=("uint8", "uint16"), help=".bin token dtype (default uint16)")
     g.add_argument("--vocab-size", type=int, help="default: 256 for bytes, max id + 1 rounded up to 64 for uint16")
     g.add_argument("--corpus", choices=("python", "english"),

@@ -145,11 +145,39 @@ def english_corpus(roots: Optional[Sequence[os.PathLike]] = None, text_roots: Se
     meta_path = cache / "meta.json"
     if not meta_path.exists():
         _build(files, cache, val_every, bpe_vocab, workers or min(16, os.cpu_count() or 1), roots, text_roots)
-    meta = json.loads(meta_path.read_text())
-    return Corpus(train=np.memmap(cache / "train.bin", dtype=np.uint16, mode="r"),
-                  val=np.memmap(cache / "val.bin", dtype=np.uint16, mode="r"), vocab_size=meta["vocab_size"],
-                  source=f"English prose ({meta['documents']:,} documents, {meta['text_bytes'] / 1e6:.1f} MB of "
-                         f"text from {meta['files_with_text']:,} files; BPE {meta['vocab_size']}; cache {cache})")
+    return corpus_dir(cache)
+
+
+CORPUS_FILES = ("meta.json", "train.bin", "val.bin")
+
+
+def corpus_dir(path: os.PathLike) -> Corpus:
+    """A built corpus directory (``meta.json``, ``train.bin``, ``val.bin``: what ``--corpus english`` caches) as a
+    ``Corpus``. Copy one to another machine and pass it as ``--data DIR`` to train on exactly the same tokens
+    there (the cache key depends on the installed files, which differ between machines). Every problem is a
+    ValueError naming ``--data`` and the path."""
+    path = Path(path)
+    missing = [n for n in CORPUS_FILES if not (path / n).is_file()]
+    if missing:
+        raise ValueError(f"--data {path}: a corpus directory needs {', '.join(CORPUS_FILES)}; missing "
+                         f"{', '.join(missing)}")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        vocab = int(meta["vocab_size"])
+        sizes = {n: (path / f"{n}.bin").stat().st_size for n in ("train", "val")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--data {path}: unreadable meta.json ({type(exc).__name__}: {exc})") from None
+    for n, size in sizes.items():
+        if size == 0 or size % 2:
+            raise ValueError(f"--data {path}: {n}.bin must hold uint16 tokens (a non-zero, even size), got "
+                             f"{size} bytes")
+        if f"{n}_tokens" in meta and meta[f"{n}_tokens"] != size // 2:
+            raise ValueError(f"--data {path}: {n}.bin holds {size // 2} tokens, meta.json says "
+                             f"{meta[f'{n}_tokens']} (a truncated copy?)")
+    desc = (f"English prose ({meta['documents']:,} documents, {meta['text_bytes'] / 1e6:.1f} MB of text from "
+            f"{meta['files_with_text']:,} files; BPE {vocab}; {path})" if "documents" in meta else str(path))
+    return Corpus(train=np.memmap(path / "train.bin", dtype=np.uint16, mode="r"),
+                  val=np.memmap(path / "val.bin", dtype=np.uint16, mode="r"), vocab_size=vocab, source=desc)
 
 
 def _build(files, cache: Path, val_every: int, bpe_vocab: int, workers: int, roots, text_roots) -> None:

@@ -24,7 +24,7 @@ import torch
 from ..metadata import run_metadata
 from .config import ARCH_DEFAULTS, MODEL_FIELDS, PRESETS, TrainConfig, flag
 from .data import Batches, Corpus, WindowSampler, file_corpus, stdlib_corpus
-from .english import english_corpus
+from .english import corpus_dir, english_corpus
 from .model import GPT, CausalAttention, GPTConfig, train_flops_per_token
 from .progress import ProgressBar
 
@@ -108,6 +108,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 
 def load_corpus(cfg: TrainConfig) -> Corpus:
+    if cfg.data and Path(cfg.data).is_dir():
+        if cfg.data_dtype:
+            raise ValueError("--data-dtype applies to a --data .bin file, not a corpus directory")
+        return corpus_dir(cfg.data)
     if cfg.data:
         return file_corpus(cfg.data, dtype=cfg.data_dtype, vocab_size=cfg.vocab_size)
     if cfg.data_dtype:

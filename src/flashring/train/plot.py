@@ -34,11 +34,23 @@ def points(records: List[dict], kind: str, key: str, scale: float) -> List[Tuple
             if r.get("type") == kind and number(r.get("step")) and number(r.get(key))]
 
 
+def training_seconds(records: List[dict]) -> dict:
+    """step -> training wall-clock seconds up to and including that step: the running sum of the train records'
+    ``dt_ms`` (validation and checkpoint time left out, as a run's speed is compared on training time)."""
+    total, at = 0.0, {}
+    for r in records:
+        if r.get("type") == "train" and isinstance(r.get("dt_ms"), (int, float)) and isinstance(r.get("step"), int):
+            total += r["dt_ms"] / 1e3
+            at[r["step"]] = total
+    return at
+
+
 def main(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="flashring train plot", description="plot training / validation loss curves")
     p.add_argument("logs", nargs="+", help="log.jsonl files written by flashring train --out")
     p.add_argument("--out", default="loss.png", help="image file to write")
-    p.add_argument("--x", choices=("step", "tokens"), default="step", help="x axis")
+    p.add_argument("--x", choices=("step", "tokens", "time"), default="step",
+                   help="x axis; time = training wall-clock seconds (the sum of the steps' times)")
     args = p.parse_args(argv)
     for log in args.logs:
         if not Path(log).is_file():
@@ -61,6 +73,10 @@ def main(argv: List[str]) -> int:
         scale = per_step if args.x == "tokens" else 1
         train = points(records, "train", "loss", scale)
         val = points(records, "val", "val_loss", scale)
+        if args.x == "time":             # a resumed log restarts its steps' sum where its records start
+            at = training_seconds(records)
+            train = [(at[int(x)], y) for x, y in train if int(x) in at]
+            val = [(at[int(x)], y) for x, y in val if int(x) in at]
         if not train and not val:
             p.error(f"{log} holds no train or val records")
         color = f"C{i % 10}"
@@ -68,7 +84,7 @@ def main(argv: List[str]) -> int:
             ax.plot(*zip(*train), color=color, alpha=0.5, linewidth=0.8, label=f"{label} train")
         if val:
             ax.plot(*zip(*val), "o-", color=color, label=f"{label} val")
-    ax.set_xlabel("tokens" if args.x == "tokens" else "step")
+    ax.set_xlabel({"tokens": "tokens", "time": "training time (s)"}.get(args.x, "step"))
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
