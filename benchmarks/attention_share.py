@@ -65,7 +65,6 @@ def main(argv=None) -> int:
                "ms_per_call": ms, "ms_per_step": ms * cfg.n_layer, "options": ARMS[arm]}
         rows.append(row)
         print(f"{arm:<12} {ms:>8.3f} {ms * cfg.n_layer:>8.2f}", flush=True)
-        del q, v, k_in, grad
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {path}")
     return 0
