@@ -253,3 +253,17 @@ def test_shared_qk_and_learned_positions():
         GPTConfig(positions="learned")
     with pytest.raises(ValueError, match="positions must be one of"):
         GPTConfig(positions="alibi")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (autocast casts normalize to fp32 there)")
+def test_shared_qk_under_cuda_autocast_keeps_one_dtype():
+    """CUDA autocast runs F.normalize in fp32: k = normalize(q) must come back in q's dtype, or the attention
+    refuses mixed dtypes (found in the first bf16 paper-8k run)."""
+    cfg = GPTConfig(vocab_size=50, n_layer=1, n_head=2, d_model=32, attn="flash", shared_qk=True,
+                    positions="learned", n_positions=64)
+    model = GPT(cfg).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(torch.randint(0, 50, (2, 64), device="cuda"), torch.randint(0, 50, (2, 64), device="cuda"))
+    loss.float().sum().backward()
+    assert torch.isfinite(loss).all() and model.blocks[0].qkv.weight.grad is not None

@@ -242,7 +242,7 @@ class Block(nn.Module):
         B, S, d = x.shape
         if self.shared_qk:            # Pagliardini et al.'s language models: k = normalize(q), per head
             q, v = self.qkv(self.ln1(x)).view(B, S, 2, self.n_head, self.head_dim).unbind(2)
-            k = F.normalize(q, dim=-1)
+            k = F.normalize(q, dim=-1).to(q.dtype)     # autocast computes normalize in fp32
         else:
             q, k, v = self.qkv(self.ln1(x)).view(B, S, 3, self.n_head, self.head_dim).unbind(2)  # (B, S, H, D)
         if self.rope:
