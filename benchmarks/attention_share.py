@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flashring.bench.harness import time_ms
+from flashring.bench.harness import cuda_graph, time_ms
 from flashring.metadata import run_metadata
 from flashring.train.config import from_argv
 from flashring.train.model import CausalAttention
@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"attention-share-{args.preset}.jsonl"
     rows = [run_metadata(device, ["benchmarks/attention_share.py", *(argv or sys.argv[1:])], preset=args.preset)]
-    print(f"{'arm':<12} {'ms/call':>8} {'ms/step':>8}  (fwd+bwd of the attention core, x n_layer)")
+    print(f"{'arm':<12} {'ms/call':>8} {'ms/step':>8} {'graph/call':>9} {'graph/step':>9}  (fwd+bwd of the "
+          "attention core; x n_layer per step; graph: replayed from a CUDA graph)")
     for arm in args.arms.split(","):
         cfg = from_argv(["--preset", args.preset, *ARMS[arm]] +
                         (["--batch-size", str(args.batch_size)] if args.batch_size else []) +
@@ -61,10 +62,14 @@ def main(argv=None) -> int:
             k = F.normalize(q, dim=-1) if cfg.shared_qk else k_in
             core(q, k, v).backward(grad)
         ms = time_ms(step, device, rep_ms=300)
+        # device time alone: the same call replayed from a CUDA graph (what `flashring train --cuda-graph` runs)
+        graph_ms = time_ms(cuda_graph(step, device), device, rep_ms=300) if device.type == "cuda" else None
         row = {"type": "result", "preset": args.preset, "arm": arm, "shape": list(shape), "n_layer": cfg.n_layer,
-               "ms_per_call": ms, "ms_per_step": ms * cfg.n_layer, "options": ARMS[arm]}
+               "ms_per_call": ms, "ms_per_step": ms * cfg.n_layer, "graph_ms_per_call": graph_ms,
+               "graph_ms_per_step": None if graph_ms is None else graph_ms * cfg.n_layer, "options": ARMS[arm]}
         rows.append(row)
-        print(f"{arm:<12} {ms:>8.3f} {ms * cfg.n_layer:>8.2f}", flush=True)
+        print(f"{arm:<12} {ms:>8.3f} {ms * cfg.n_layer:>8.2f} {graph_ms or float('nan'):>9.3f} "
+              f"{(graph_ms or float('nan')) * cfg.n_layer:>9.2f}", flush=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {path}")
     return 0

@@ -41,6 +41,7 @@ class TrainConfig:
     ffn_chunk: int = 4096
     ce_chunk: int = 4096
     checkpoint: bool = False
+    cuda_graph: bool = False                  # each micro-batch's forward + backward replayed from a CUDA graph
     # optimisation
     seqlen: int = 1024
     batch_size: int = 8
@@ -120,6 +121,11 @@ class TrainConfig:
         if (self.lsh_unit_norm or self.strict_causal) and self.attn != "hash-sparse":
             which = "--lsh-unit-norm" if self.lsh_unit_norm else "--strict-causal"
             raise ValueError(f"{which} applies to --attn hash-sparse only (got --attn {self.attn})")
+        if self.cuda_graph and (self.checkpoint or self.attn == "ring" or world > 1):
+            why = "--checkpoint" if self.checkpoint else ("--attn ring" if self.attn == "ring" else
+                                                          f"WORLD_SIZE={world}")
+            raise ValueError(f"--cuda-graph captures one process's whole micro-batch; it cannot be combined with "
+                             f"{why}")
         if world > 1 and self.attn != "ring":
             raise ValueError(f"WORLD_SIZE={world}, but only --attn ring splits work across processes (each rank "
                              f"holds a shard of the sequence); run --attn {self.attn} as a single process")
@@ -195,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ffn-chunk", type=int, help="tokens per feed-forward chunk, 0 = unchunked")
     g.add_argument("--ce-chunk", type=int, help="tokens per cross-entropy chunk, 0 = unchunked")
     g.add_argument("--checkpoint", action="store_const", const=True, help="recompute each block in the backward")
+    g.add_argument("--cuda-graph", action="store_const", const=True,
+                   help="capture each micro-batch's forward + backward once and replay it as a CUDA graph: the host "
+                        "no longer launches every kernel of every step (the sparse front ends' per-call cost); one "
+                        "CUDA process, not with --checkpoint or --attn ring")
     g = p.add_argument_group("optimisation")
     for name, typ, help_ in [("seqlen", int, "tokens per sequence"), ("batch_size", int, "sequences per step"),
                              ("grad_accum", int, "micro-batches per step"), ("iters", int, "optimizer steps"),

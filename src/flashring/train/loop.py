@@ -359,8 +359,11 @@ class Run:
         self.cfg, self.env, self.device = cfg, env, env.device
         if cfg.dtype == "auto":
             cfg.dtype = "bf16" if self.device.type == "cuda" else "fp32"
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16"
-                         else contextlib.nullcontext())
+        if cfg.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"--cuda-graph needs a CUDA device (got {self.device})")
+        # a captured graph must not depend on autocast's cast cache (torch.cuda.make_graphed_callables)
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=not cfg.cuda_graph)
+                         if cfg.dtype == "bf16" else contextlib.nullcontext())
         torch.manual_seed(cfg.seed)
         self.corpus = load_corpus(cfg)
         ckpt = load_checkpoint(cfg) if cfg.resume else None
@@ -396,6 +399,9 @@ class Run:
                 why = (str(exc).strip().splitlines() or [""])[0][:200]
                 raise ValueError(f"--resume {where}: its saved state does not fit the model it describes "
                                  f"({type(exc).__name__}: {why})") from None
+        self.graphed, self.graph_kept = None, []
+        if cfg.cuda_graph:
+            self.graphed, self.graph_kept = capture_loss(self)
         peak = cfg.peak_tflops if cfg.peak_tflops is not None else default_peak_tflops(self.device)
         self.peak_flops = None if peak is None else peak * 1e12 * env.world
         self.tokens_per_step = cfg.batch_size * cfg.seqlen * cfg.grad_accum  # whole sequences, all ranks
@@ -405,6 +411,38 @@ class Run:
         """This rank's summed cross-entropy over its tokens (fp32, 0-dim)."""
         with self.autocast:
             return model(x, y, pos)
+
+
+class LossModule(torch.nn.Module):
+    """``Run.loss_sum`` as a module, the form ``torch.cuda.make_graphed_callables`` needs to find the parameters."""
+
+    def __init__(self, run: Run):
+        super().__init__()
+        self.model, self.autocast = run.model, run.autocast
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        with self.autocast:
+            return self.model(x, y, pos)
+
+
+def capture_loss(run: Run):
+    """(graphed loss, kept-pair tensors): each micro-batch's forward and backward captured once in CUDA graphs
+    (``torch.cuda.make_graphed_callables``; warm-up on random tokens of the batch's shape, gradients not
+    accumulated) and replayed every step. Random draws inside (qk-sparse masks, LSH rotations) are fresh on
+    every replay (PyTorch's graph-safe generator). The sparse cores measure their kept-pair fraction on every
+    replay into tensors the graph owns, returned for the logging steps to read."""
+    attns = [m for m in run.raw_model.modules() if isinstance(m, CausalAttention)]
+    sparse = [m for m in attns if m.mode in ("qk-sparse", "hash-sparse")]
+    for m in sparse:
+        m.measure = True
+    x = torch.randint(0, run.model_cfg.vocab_size, (run.cfg.batch_size, run.cfg.seqlen), device=run.device)
+    sample = run.batches.place(x, torch.roll(x, -1, dims=1))
+    graphed = torch.cuda.make_graphed_callables(LossModule(run), sample, num_warmup_iters=3,
+                                               allow_unused_input=True)
+    kept = [m.kept for m in sparse]
+    for m in sparse:
+        m.measure = False                   # validation runs the eager model: nothing measured there
+    return graphed, kept
 
 
 def forward_backward(run: Run) -> float:
@@ -419,7 +457,8 @@ def forward_backward(run: Run) -> float:
         last = micro == cfg.grad_accum - 1
         sync = contextlib.nullcontext() if last or env.world == 1 else run.model.no_sync()
         with sync:
-            loss = run.loss_sum(run.model, *run.batches.next())
+            batch = run.batches.next()
+            loss = run.graphed(*batch) if run.graphed is not None else run.loss_sum(run.model, *batch)
             (loss * env.world / tokens).backward()
         total += loss.detach()
     return env.sum(total).item() / tokens
@@ -520,7 +559,8 @@ def run_loop(run: Run, argv: List[str], log_file: Optional[IO[str]]) -> dict:
         say(f"checkpoint is at step {run.step} >= --iters {cfg.iters}: nothing to train")
     while run.step < cfg.iters:
         logged = (run.step + 1) % cfg.log_every == 0 or run.step + 1 == cfg.iters
-        attns = [m for m in run.model.modules() if isinstance(m, CausalAttention)] if sparse else []
+        attns = [m for m in run.model.modules() if isinstance(m, CausalAttention)] if sparse and not run.graphed \
+            else []
         for m in attns:
             m.measure = logged                             # kept-pair fractions on logged steps only
         _sync(run.device)
@@ -537,6 +577,8 @@ def run_loop(run: Run, argv: List[str], log_file: Optional[IO[str]]) -> dict:
             rec["kept_pairs"] = [None if m.kept is None else round(float(m.kept), 5) for m in attns]
             for m in attns:
                 m.measure = False              # validation passes are not measured
+        elif logged and run.graph_kept:        # the graph measures every replay; read the last one
+            rec["kept_pairs"] = [round(float(k), 5) for k in run.graph_kept]
         log(rec)
         bar.update(run.step, loss, dt, run.tokens_per_step, run.flops_per_step, run.peak_flops)
         if run.step % cfg.log_every == 0 or run.step == cfg.iters:
