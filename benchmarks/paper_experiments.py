@@ -26,6 +26,10 @@ from pathlib import Path
 ARMS = {
     "dense": ["--attn", "flash"],
     "sdpa": ["--attn", "sdpa"],
+    # shared-QK puts each row's highest score on its own key (q . q/|q| = |q|); the hash arms exclude it (strict
+    # buckets), so the like-for-like dense baseline excludes it too
+    "dense-strict": ["--attn", "flash", "--strict-causal"],
+    "sdpa-strict": ["--attn", "sdpa", "--strict-causal"],
     "hash8": ["--attn", "hash-sparse", "--buckets", "8", "--lsh-unit-norm", "--strict-causal"],
     "hash16": ["--attn", "hash-sparse", "--buckets", "16", "--lsh-unit-norm", "--strict-causal"],
     "hash32": ["--attn", "hash-sparse", "--buckets", "32", "--lsh-unit-norm", "--strict-causal"],

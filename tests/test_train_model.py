@@ -15,7 +15,7 @@ def seed_msg(extra: str = "") -> str:
 
 from flashring.train import model as M
 from flashring.train.config import PRESETS
-from flashring.train.model import GPT, ChunkedMLP, GPTConfig, chunked_cross_entropy
+from flashring.train.model import GPT, CausalAttention, ChunkedMLP, GPTConfig, chunked_cross_entropy
 
 
 def _clone(model: GPT, cfg: GPTConfig, dtype) -> GPT:
@@ -267,3 +267,21 @@ def test_shared_qk_under_cuda_autocast_keeps_one_dtype():
         loss = model(torch.randint(0, 50, (2, 64), device="cuda"), torch.randint(0, 50, (2, 64), device="cuda"))
     loss.float().sum().backward()
     assert torch.isfinite(loss).all() and model.blocks[0].qkv.weight.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["flash", "sdpa"])
+def test_strict_causal_dense_core(mode):
+    """Dense strictly causal attention (the fair dense baseline for shared-QK models): query i attends keys
+    j < i exactly (float64 reference with the mask), query 0 outputs 0, and gradients flow."""
+    torch.manual_seed(SEED)
+    q, k, v = (torch.randn(2, 37, 3, 16, dtype=torch.float64 if mode == "sdpa" else torch.float32,
+                           requires_grad=True) for _ in range(3))
+    out = CausalAttention(mode, strict=True)(q, k, v)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / 4.0
+    allowed = torch.ones(37, 37).tril(-1).bool()
+    p = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)     # row 0: nothing visible -> 0
+    want = torch.einsum("bhqk,bkhd->bqhd", p, v.double())
+    assert torch.allclose(out.double(), want, atol=1e-5), (out.double() - want).abs().max()
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.equal(v.grad[:, -1], torch.zeros_like(v.grad[:, -1]))

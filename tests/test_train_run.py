@@ -235,7 +235,7 @@ def test_qk_sparse_logs_kept_pairs_near_keep_rate_squared(run_args, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--strict-causal"], "--strict-causal applies to --attn hash-sparse"),
+    (["--attn", "qk-sparse", "--strict-causal"], "--strict-causal applies to --attn hash-sparse, flash or sdpa"),
     (["--attn", "flash", "--lsh-unit-norm"], "--lsh-unit-norm applies to --attn hash-sparse"),
 ])
 def test_recipe_flags_need_hash_sparse(extra, message, run_args, capsys):

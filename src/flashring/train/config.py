@@ -36,7 +36,7 @@ class TrainConfig:
     drop: float = 0.5                         # qk-sparse: probability of dropping a query / key, per head
     buckets: int = 8                          # hash-sparse: LSH buckets (even)
     lsh_unit_norm: bool = False               # hash-sparse: unit-length LSH projection directions
-    strict_causal: bool = False               # hash-sparse: j < i inside a bucket (no token attends to itself)
+    strict_causal: bool = False               # j < i: no token attends to itself (hash-sparse: inside a bucket)
     # memory: tokens per feed-forward / cross-entropy chunk (0 = unchunked); whole-block recomputation
     ffn_chunk: int = 4096
     ce_chunk: int = 4096
@@ -118,9 +118,10 @@ class TrainConfig:
             raise ValueError(f"--{'text-root' if self.text_root else 'bpe-vocab'} applies to --corpus english only")
         if self.positions not in POSITIONS:
             raise ValueError(f"--positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
-        if (self.lsh_unit_norm or self.strict_causal) and self.attn != "hash-sparse":
-            which = "--lsh-unit-norm" if self.lsh_unit_norm else "--strict-causal"
-            raise ValueError(f"{which} applies to --attn hash-sparse only (got --attn {self.attn})")
+        if self.lsh_unit_norm and self.attn != "hash-sparse":
+            raise ValueError(f"--lsh-unit-norm applies to --attn hash-sparse only (got --attn {self.attn})")
+        if self.strict_causal and self.attn not in ("hash-sparse", "flash", "sdpa"):
+            raise ValueError(f"--strict-causal applies to --attn hash-sparse, flash or sdpa (got --attn {self.attn})")
         if self.cuda_graph and (self.checkpoint or self.attn == "ring" or world > 1):
             why = "--checkpoint" if self.checkpoint else ("--attn ring" if self.attn == "ring" else
                                                           f"WORLD_SIZE={world}")
@@ -188,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lsh-unit-norm", action="store_const", const=True,
       help="hash-sparse: unit-length random projection directions (Pagliardini et al.'s code)")
     a("--strict-causal", action="store_const", const=True,
-      help="hash-sparse: a query sees earlier keys of its bucket only (j < i); the first token outputs 0")
+      help="a query sees earlier keys only (j < i; hash-sparse: of its bucket), never itself; the first token "
+           "outputs 0 (flash, sdpa, hash-sparse). With --shared-qk a token's own key always scores highest")
     g = p.add_argument_group("model (default: preset, else a 6-layer 384-wide model)")
     for name, typ in (("n_layer", int), ("n_head", int), ("d_model", int), ("ffn_mult", int), ("rope_base", float)):
         g.add_argument(f"--{flag(name)}", type=typ)

@@ -81,7 +81,7 @@ class CausalAttention(nn.Module):
     probability ``1 - drop`` (the random Q/K dropping of Pagliardini et al. 2023's language-model runs).
     ``n_buckets``: hash-sparse; queries and keys are bucketed by one random rotation per call and head, drawn on
     the device (``unit_norm``: unit-length directions); ``shared_qk``: keys are normalised queries, so the queries'
-    buckets serve both; ``strict``: j < i inside a bucket.
+    buckets serve both; ``strict``: j < i (inside a bucket for hash-sparse; dense for sdpa / flash).
     ``group``: ring; the process group whose ranks each hold one zigzag shard of the sequence (``data.Batches``).
     ``measure``: when set, the next call stores the fraction of causal (query, key) pairs it kept in ``kept``
     (a 0-dim device tensor; read at logging steps only, so training never waits for it).
@@ -97,9 +97,16 @@ class CausalAttention(nn.Module):
     def extra_repr(self) -> str:
         extra = {"qk-sparse": f", drop={self.drop}",
                  "hash-sparse": f", buckets={self.n_buckets}, unit_norm={self.unit_norm}, strict={self.strict}"}
-        return f"mode={self.mode}" + extra.get(self.mode, "") + (", shared_qk" if self.shared_qk else "")
+        return f"mode={self.mode}" + extra.get(self.mode, "") + (", shared_qk" if self.shared_qk else "") + \
+            (", strict" if self.strict and self.mode in ("sdpa", "flash") else "")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.strict and self.mode in ("sdpa", "flash"):
+            # Strictly causal dense (j < i): query i over keys 0..i-1 is a causal call of queries 1.. over keys
+            # ..S-2 (bottom-right aligned, equal lengths); query 0 sees nothing and outputs 0. With shared-QK the
+            # diagonal would otherwise always hold a row's highest score (q . q/|q| = |q| >= q . k_j).
+            inner = CausalAttention(self.mode)(q[:, 1:], k[:, :-1], v[:, :-1])
+            return F.pad(inner, (0, 0, 0, 0, 1, 0))
         if self.mode == "sdpa":                           # torch wants (B, H, S, D)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=True)
