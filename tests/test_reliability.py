@@ -172,27 +172,84 @@ def test_nan_past_a_sequence_end_never_leaks(device, seed):
     assert torch.isfinite(out[:5]).all() and torch.isnan(out[5:]).any()
 
 
-@pytest.mark.parametrize("where", ["k", "v"])
-def test_nan_reaches_the_rows_that_see_it(where, device, seed):
-    """A non-finite key reaches exactly the queries that may see it (masked scores become -inf, never NaN * 0). A
-    non-finite VALUE row: the chunked CPU path confines it to those queries too; the Triton kernels let it reach
-    the other queries of the query tiles that load it (0 * NaN in P @ V; sanitising it in-kernel cost 8-50% of the
-    forward on an H100), never queries in tiles that skip it. torch's math backend makes every row NaN."""
-    from flashring.ops import dispatch, flash
-    q, k, v, do = (torch.randn(1, 40, 2, 16, device=device) for _ in range(4))
-    bad = {"k": k, "v": v}[where].clone()
-    bad[0, 39] = float("nan")                                  # causal: only query 39 sees key 39
-    args = (q, bad, v) if where == "k" else (q, k, bad)
-    leaves = [t.clone().requires_grad_() for t in args]
-    out = flashring.flash_attn_func(*leaves, causal=True)
-    clean = flashring.flash_attn_func(q, *[t.nan_to_num(0.0) for t in args[1:]], causal=True)
-    assert torch.isnan(out[0, 39]).all()
-    kernels = dispatch.on_triton(q)
-    exact = 39 if (where == "k" or not kernels) else \
-        39 // flash.default_config(16, q.dtype, q.device, backward=False, seqlen_q=40, causal=True)["BLOCK_M"] * \
-        flash.default_config(16, q.dtype, q.device, backward=False, seqlen_q=40, causal=True)["BLOCK_M"]
-    assert torch.isfinite(out[0, :exact]).all()
-    assert torch.allclose(out[0, :exact], clean[0, :exact], atol=1e-6)
-    out.backward(do)
-    if where == "k" and not kernels:
-        assert torch.isfinite(leaves[0].grad[0, :39]).all()   # the CPU path's backward is exact as well
+NONFINITE_CASES = [  # (seqlen_q, seqlen_k, causal, window, heads q / kv, bad position, tensor, value, element)
+    (40, 40, True, (-1, -1), (2, 2), 39, "v", "nan", False),     # the issue's case: only query 39 sees key 39
+    (40, 40, True, (-1, -1), (2, 2), 5, "v", "inf", True),       # one element, a key most rows see
+    (40, 40, True, (-1, -1), (4, 2), 21, "k", "nan", False),     # GQA: both query heads of KV head 0
+    (23, 57, True, (-1, -1), (2, 2), 50, "v", "-inf", False),    # bottom-right causal, Sq < Sk
+    (40, 40, False, (3, 2), (2, 1), 17, "v", "nan", True),       # a window: rows 15..20 see key 17
+    (33, 33, False, (-1, -1), (2, 2), 32, "v", "nan", False),    # no mask: every row sees it
+]
+
+
+def _with_non_finite(case, device):
+    sq, sk, causal, window, (h, hk), pos, which, value, element = case
+    q = torch.randn(2, sq, h, 16, device=device)
+    k, v = (torch.randn(2, sk, hk, 16, device=device) for _ in range(2))
+    bad = {"k": k, "v": v}[which]
+    if element:
+        bad[0, pos, 0, 3] = float(value)
+    else:
+        bad[0, pos, 0] = float(value)
+    return q, k, v
+
+
+@pytest.mark.parametrize("case", NONFINITE_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[6]}{c[5]}-{c[7]}")
+def test_non_finite_reaches_exactly_the_rows_that_see_it(case, device, seed):
+    """One behaviour on every path (GPU kernels, interpreter, chunked CPU path): a non-finite K or V value makes
+    the output of exactly the query rows that may see it non-finite; every other row is finite and unchanged.
+    Inside the kernels' masked tiles a zero weight must not multiply a non-finite value (0 * NaN = NaN, what
+    torch's math backend does, making all 40 rows of the issue's case NaN). Gradients: with a non-finite value dV
+    stays finite (dO is), and rows that cannot see it get finite dQ."""
+    from flashring.masks import flash_bounds, visible_mask
+    sq, sk, causal, window, (h, hk), pos = case[:6]
+    q, k, v = _with_non_finite(case, device)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = flashring.flash_attn_func(*leaves, causal=causal, window_size=window)
+    clean = flashring.flash_attn_func(q, *[t.nan_to_num(0.0, 0.0, 0.0) for t in (k, v)], causal=causal,
+                                      window_size=window)
+    lower, upper = flash_bounds(sq, sk, causal, window)
+    sees = visible_mask(sq, sk, lower, upper, device=device)[:, pos]           # (Sq,)
+    want = torch.zeros(2, sq, h, dtype=torch.bool, device=device)
+    want[0, :, : h // hk] = sees[:, None]                                      # the query heads of KV head 0
+    got = ~torch.isfinite(out).all(-1)
+    assert torch.equal(got, want), (got[0, :, 0].nonzero().flatten().tolist(), sees.nonzero().flatten().tolist())
+    assert torch.allclose(out[~want], clean[~want], atol=1e-5)
+    out.backward(torch.randn_like(out))
+    dq, dk, dv = (t.grad for t in leaves)
+    if case[6] == "v":               # a NaN key makes the softmax rows that see it NaN, and so their dV terms
+        assert torch.isfinite(dv).all()
+        assert torch.isfinite(dq[~want]).all()
+    # A non-finite key row may reach dQ of rows in its tile that cannot see it (a zero dS times it, as in torch's
+    # math backend); the chunked CPU path zeroes it (README, "NaN/inf").
+
+
+def test_both_cpu_paths_agree_on_non_finite_values(monkeypatch, seed):
+    """The interpreter (the GPU kernels' code) and the chunked PyTorch path flag the same rows, also through
+    varlen, the KV-cache kernel with several new tokens (speculative decoding) and both sparse modes."""
+    from flashring.ops import dispatch
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(1, 48, 2, 16) for _ in range(3))
+    v[0, 30, 1] = float("nan")
+    cu = torch.tensor([0, 20, 48], dtype=torch.int32)
+    kc, vc = (torch.randn(2, 64, 2, 16) for _ in range(2))
+    vc[1, 41, 0] = float("nan")                       # new tokens at 40..43: query 0 (position 40) cannot see 41
+    lens = torch.tensor([30, 40], dtype=torch.int32)
+    keep = torch.rand(1, 48, 2) > 0.3
+    keep[0, 30] = True                                # the bad value's key is kept
+    buckets = torch.randint(0, 4, (1, 48, 2))
+    calls = {
+        "dense": lambda: flashring.flash_attn_func(q, k, v, causal=True),
+        "varlen": lambda: flashring.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 28, 28, causal=True),
+        "kvcache": lambda: flashring.flash_attn_with_kvcache(q[:, :4].expand(2, 4, 2, 16).contiguous(), kc, vc,
+                                                             cache_seqlens=lens + 4, causal=True),
+        "qk-sparse": lambda: flashring.qk_sparse_attn_func(q, k, v, keep, keep, causal=True),
+        "hash-sparse": lambda: flashring.hash_sparse_attn_func(q, k, v, buckets, buckets, causal=True),
+    }
+    for name, call in calls.items():
+        rows = {}
+        for backend in ("triton", "torch"):
+            monkeypatch.setattr(dispatch, "CPU_BACKEND", backend)
+            rows[backend] = ~torch.isfinite(call()).all(-1)
+        assert torch.equal(rows["triton"], rows["torch"]), (name, rows)
+        assert rows["torch"].any() and not rows["torch"].all(), name

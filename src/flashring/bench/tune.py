@@ -28,7 +28,10 @@ FWD_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, REVERSE_M=r)
 BWD_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, REVERSE_M=r)
              for m, n, w, s, r in ((64, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 64, 4, 3, False),
                                    (64, 64, 4, 3, True), (32, 64, 4, 2, False), (64, 128, 8, 2, False),
-                                   (128, 64, 8, 2, False), (32, 128, 4, 2, False), (64, 32, 4, 3, False))]
+                                   (128, 64, 8, 2, False), (32, 128, 4, 2, False), (64, 32, 4, 3, False),
+                                   # spill-free at D=128 when compiled for sm_90 (benchmarks/compile_probe.py;
+                                   # the 64x64/4/2 default's dK/dV loop spills 42-75 instructions per tile)
+                                   (64, 64, 8, 2, False), (32, 128, 8, 2, False), (32, 64, 4, 3, False))]
 CPU_SWEEP = list(flash.INTERP_CONFIGS)
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import EMPTY_LSE_C, LN2_C, mma, precision, score_args, softcap_tanh, unit_last
+from .flash import EMPTY_LSE_C, LN2_C, NO_KEY_C, mma, precision, score_args, softcap_tanh, unit_last
 from .launch import Launcher, cdiv, next_power_of_2
 
 
@@ -35,14 +35,17 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
                 BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_CACHE_IDX: tl.constexpr,
                 HAS_START: tl.constexpr, END_PER_ROW: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_S: tl.constexpr):
+                BLOCK_S: tl.constexpr, MIXED: tl.constexpr):
     """Program (split, m_block * Hk + hk, b). ``Q``/``O`` = (ptr, sb, ss, sh) of (B, Sq, H, D); ``K``/``V`` =
     (ptr, s_batch_or_page, s_seq, s_head) of the cache; ``META`` = (Start, End, END): the valid key range
     ``[Start[b] or 0, End[b] or END)``;
     ``LSE`` = (ptr, sb, sh) of (B, H, Sq); ``OP``/``LSEP`` = fp32 partials (NUM_SPLITS, B, Sq, H, D) /
     (NUM_SPLITS, B, H, Sq) and ``Count`` = int32 zeros, one per (batch, m_block, KV head) tile, used when
     NUM_SPLITS > 1 (the counters are back at 0 when the launch ends). ``BAND = (LOWER, UPPER)``: a query at
-    position p sees keys ``p + LOWER <= j <= p + UPPER`` (causal: UPPER = 0; window (left, right): -left, right)."""
+    position p sees keys ``p + LOWER <= j <= p + UPPER`` (causal: UPPER = 0; window (left, right): -left, right).
+    ``MIXED``: rows of one tile may see different keys (several query positions and a band), so a non-finite
+    value row must not reach a row that may not see it through its zero weight (as ``flash._fwd_inner``'s masked
+    tiles; one-token decode never needs it)."""
     split = tl.program_id(0)
     hk = tl.program_id(1) % (SQ[1] // GROUP)
     m_block = tl.program_id(1) // (SQ[1] // GROUP)
@@ -87,6 +90,7 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    bad_i = tl.zeros([BLOCK_M], dtype=tl.int32)
     for t in range(t_begin, t_end):
         j0 = t * BLOCK_N
         if PAGED:
@@ -118,6 +122,18 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * V[2] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                     other=0.0)
+        if MIXED:
+            row_bad = tl.sum((v * 0.0).to(tl.float32), 1) != 0.0      # inf or NaN anywhere in the row
+            v = tl.where(row_bad[:, None], 0.0, v)
+            first = tl.min(tl.where(row_bad, kj, NO_KEY_C))
+            while first < NO_KEY_C:                                    # once per non-finite value row
+                sees = r_ok & (first >= start) & (first < end)
+                if HAS_UPPER:
+                    sees = sees & (first <= pos + BAND[1])
+                if HAS_LOWER:
+                    sees = sees & (first >= pos + BAND[0])
+                bad_i = bad_i | sees.to(tl.int32)
+                first = tl.min(tl.where(row_bad & (kj > first), kj, NO_KEY_C))
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
         m_i = m_new
 
@@ -125,6 +141,8 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, EMPTY_LSE_C, (m_i + tl.log2(l_safe)) * LN2_C)
     out = acc / l_safe[:, None]
+    if MIXED:
+        out = tl.where(bad_i[:, None] != 0, float("nan"), out)
     if NUM_SPLITS == 1:
         _store_rows(O=O, LSE=LSE, b=b, h=h, qi=qi, out=out, lse=lse, r_ok=r_ok, offs_d=offs_d, d_ok=d_ok)
     else:
@@ -272,5 +290,5 @@ def attention(q, k_cache, v_cache, start: Optional[torch.Tensor], end, softmax_s
         HAS_UPPER=upper is not None, HAS_SOFTCAP=softcap > 0,
         PAGED=paged, PAGE=page or 1, HAS_CACHE_IDX=cache_batch_idx is not None, HAS_START=start is not None,
         END_PER_ROW=per_row, PRECISION=precision(q.dtype), BLOCK_S=next_power_of_2(splits),
-        **cfg)
+        MIXED=sq > 1 and (lower is not None or upper is not None), **cfg)
     return out, lse

@@ -43,6 +43,7 @@ LOG2E_C = tl.constexpr(LOG2E)
 LN2_C = tl.constexpr(LN2)
 EMPTY_LSE_C = tl.constexpr(EMPTY_ROW_LSE)
 INTERP_C = tl.constexpr(INTERPRET)
+NO_KEY_C = tl.constexpr(2**31 - 1)           # "no such key" in a min over key indices
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -206,24 +207,35 @@ def _scores(a, b, qi, kj, qp, kp, qb, kb, seqlen_k, lower, upper, SCORE,
         s = s * SCORE[0]
         t = s
     if MASK:
-        keep = kj < seqlen_k
-        if SPARSE:
-            if SP_CAUSAL:
-                keep = keep & (kp <= qp)
-            if HASH:
-                keep = keep & (kb == qb)
-        else:
-            if HAS_LOWER:
-                keep = keep & (kj >= qi + lower)
-            if HAS_UPPER:
-                keep = keep & (kj <= qi + upper)
+        keep = _visible(qi=qi, kj=kj, qp=qp, kp=kp, qb=qb, kb=kb, seqlen_k=seqlen_k, lower=lower, upper=upper,
+                        HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, SPARSE=SPARSE, SP_CAUSAL=SP_CAUSAL, HASH=HASH)
         s = tl.where(keep, s, float("-inf"))
     return s, t
 
 
+@triton.jit
+def _visible(qi, kj, qp, kp, qb, kb, seqlen_k, lower, upper, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
+             SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr):
+    """May query ``qi`` see key ``kj`` (any shapes that broadcast): the fast path of ``masks.band_visible`` /
+    ``sparse_visible``."""
+    keep = kj < seqlen_k
+    if SPARSE:
+        if SP_CAUSAL:
+            keep = keep & (kp <= qp)
+        if HASH:
+            keep = keep & (kb == qb)
+    else:
+        if HAS_LOWER:
+            keep = keep & (kj >= qi + lower)
+        if HAS_UPPER:
+            keep = keep & (kj <= qi + upper)
+    return keep
+
+
 # ----------------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_vn, SP, k_side, offs_m, offs_n, d_ok,
+def _fwd_inner(acc, l_i, m_i, bad_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_vn, SP, k_side, offs_m, offs_n,
+               d_ok,
                lo, hi, seqlen_k, lower, upper, SCORE, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPARSE: tl.constexpr,
                SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr):
@@ -251,17 +263,36 @@ def _fwd_inner(acc, l_i, m_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_vn, S
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        # Keys past the sequence are never loaded (masked loads); a non-finite value row inside it that a row of
-        # this tile may not see still meets that row's zero weight (0 * NaN): sanitising it in-kernel cost 8-50%
-        # of the forward on an H100 (benchmarks/NOTES.md), so the kernels leave it, as FA2 and cuDNN do.
+        # Keys past the sequence are never loaded (masked loads). Inside it, a masked pair's zero weight times a
+        # non-finite value (0 * NaN = NaN) would carry that value to a row that may not see it: in masked tiles
+        # only, zero the non-finite value rows and flag the rows that may see one (the loop runs once per bad key:
+        # never, in practice), to poison them at the end. Nothing 2-D stays alive for it: compiled for sm_90,
+        # registers stay at or under 128 (D <= 64, with the configs' maxnreg) and 255 without spills (D = 128),
+        # where reducing each value row into a per-key flag and testing it against the scores spilled (NOTES.md).
         if MASK:
             v = tl.load(V_ptrs + voff, mask=(kj[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
+            row_bad = tl.sum((v * 0.0).to(tl.float32), 1) != 0.0      # inf or NaN anywhere in the row -> NaN
+            v = tl.where(row_bad[:, None], 0.0, v)
+            first = tl.min(tl.where(row_bad, kj, NO_KEY_C))
+            while first < NO_KEY_C:
+                kp_f = first
+                kb_f = first
+                if SPARSE:
+                    if SP_CAUSAL:
+                        kp_f = tl.load(SP[1] + k_side + first)
+                    if HASH:
+                        kb_f = tl.load(SP[3] + k_side + first)
+                sees = _visible(qi=offs_m, kj=first, qp=qp, kp=kp_f, qb=qb, kb=kb_f, seqlen_k=seqlen_k, lower=lower,
+                                upper=upper, HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, SPARSE=SPARSE,
+                                SP_CAUSAL=SP_CAUSAL, HASH=HASH)
+                bad_i = bad_i | sees.to(tl.int32)
+                first = tl.min(tl.where(row_bad & (kj > first), kj, NO_KEY_C))
         else:
             v = tl.load(V_ptrs + voff, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
         acc = mma(p.to(v.dtype), v, acc, PRECISION)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, l_i, m_i, bad_i
 
 
 @triton.jit
@@ -294,6 +325,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEQ, BAND, SCORE, SP,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    bad_i = tl.zeros([BLOCK_M], dtype=tl.int32)
     # Three passes over the key range: the masked head, the unmasked middle, the masked tail.
     for phase in tl.static_range(3):
         if phase == 0:
@@ -302,12 +334,12 @@ def _attn_fwd(Q, K, V, O, LSE, SEQ, BAND, SCORE, SP,
             start, stop, masked = mid_lo, mid_hi, False
         else:
             start, stop, masked = mid_hi, hi, True
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, qp, qb, K_ptrs=K_ptrs, V_ptrs=V_ptrs, stride_kn=K[2],
-                                   stride_vn=V[2], SP=SP, k_side=k_side, offs_m=offs_m, offs_n=offs_n, d_ok=d_ok,
-                                   lo=start, hi=stop, seqlen_k=seqlen_k, lower=lower, upper=upper, SCORE=SCORE,
-                                   BLOCK_N=BLOCK_N, MASK=masked, HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER,
-                                   HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE, SP_CAUSAL=SP_CAUSAL, HASH=HASH,
-                                   PRECISION=PRECISION)
+        acc, l_i, m_i, bad_i = _fwd_inner(
+            acc, l_i, m_i, bad_i, q, qp, qb, K_ptrs=K_ptrs, V_ptrs=V_ptrs, stride_kn=K[2], stride_vn=V[2], SP=SP,
+            k_side=k_side, offs_m=offs_m, offs_n=offs_n, d_ok=d_ok, lo=start, hi=stop, seqlen_k=seqlen_k,
+            lower=lower, upper=upper, SCORE=SCORE, BLOCK_N=BLOCK_N, MASK=masked, HAS_LOWER=HAS_LOWER,
+            HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE, SP_CAUSAL=SP_CAUSAL, HASH=HASH,
+            PRECISION=PRECISION)
 
     # Sparse padding rows (seqlen_q <= row < SEQLEN_Q) get out = 0 / empty LSE, never stale memory (their q is 0,
     # so l_i would not be 0 when the block has valid rows too): the front ends return them for dropped queries.
@@ -320,6 +352,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEQ, BAND, SCORE, SP,
     in_alloc = offs_m < n_store
     tl.store(_rows(LSE, b, h, q_start) + offs_m, lse, mask=in_alloc)
     out = tl.where(m_ok[:, None], acc / l_safe[:, None], 0.0)
+    out = tl.where(bad_i[:, None] != 0, float("nan"), out)
     tl.store(_rows(O, b, h, q_start) + offs_m[:, None].to(tl.int64) * O[2] + offs_d[None, :],
              out.to(O[0].dtype.element_ty), mask=in_alloc[:, None] & d_ok[None, :])
 
@@ -385,6 +418,8 @@ def _dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, strid
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
+        if MASK:       # masked pairs (P = 0) contribute exactly 0, also when dP is NaN (a non-finite value or
+            dsT = tl.where(pT == 0.0, 0.0, dsT)     # a poisoned row's delta): free, P is live here anyway
         dk = mma(dsT.to(qT.dtype), tl.trans(qT), dk, PRECISION)
     return dk, dv
 
@@ -489,6 +524,8 @@ def _dq_inner(dq, q, do, lse2, delta, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
+        if MASK:       # as in _dkdv_inner
+            ds = tl.where(p == 0.0, 0.0, ds)
         dq = mma(ds.to(kT.dtype), tl.trans(kT), dq, PRECISION)
     return dq
 
@@ -550,7 +587,10 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SEQ, BAND, SCORE, SP,
 # H100 (bf16, N=8k, `flashring bench tune`; benchmarks/NOTES.md): forward D<=64 128x64/8 warps/3 stages 431 (full) /
 # 396 (causal) TFLOP/s, 128x128 364 / 343; D<=128 128x128/8/3 458 (causal), 128x64/8/3 436, 128x64/4/3 168 (spills).
 # Backward D<=64 64x64/4/3 366 / 292, 64x64/4/2 339 / 266; D<=128 64x64/4/2 336 / 315, 8 warps 158-180.
-FWD_CONFIGS = ((64, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)),
+# maxnreg=128 (D <= 64): two 256-thread programs per SM. Compiled for sm_90 (benchmarks/compile_probe.py) the
+# non-finite value handling of the masked tiles took the causal kernel from 116 to 142 registers, one program per
+# SM; capped at 128, ptxas fits it without spilling.
+FWD_CONFIGS = ((64, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=128)),
                (128, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)),
                (256, dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)))
 BWD_CONFIGS = ((64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)),

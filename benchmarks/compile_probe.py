@@ -1,0 +1,132 @@
+"""Registers, spills and shared memory of flashring's flash kernels, compiled for a GPU that is not here.
+
+    PYTHONPATH=src python3 benchmarks/compile_probe.py [--arch 90] [--headdims 64,128] [--seqlen 8192] [--loops]
+
+Triton compiles for any NVIDIA target with the ptxas it bundles, so a CPU-only machine can check what a kernel
+change does to its resources before device time is spent on it: the launch arguments come from the real host
+functions (`ops.flash.fwd` / `bwd`, their launchers swapped for recorders), the kernels are compiled with
+`JITFunction.warmup` against a stand-in driver that reports the target, and `cuobjdump` reads the cubin.
+`--loops` also counts the local-memory spill instructions (STL/LDL) and MMAs between branches of the SASS, to see
+whether spills sit in a hot loop or a rarely run one. Registers decide how many programs share an SM (65,536 per
+SM; e.g. 8 warps at <= 128 registers: two). Compile with the Triton version the GPU machine runs: ptxas and the
+compiler differ between versions (3.6 and 3.8 gave the forward at D=64 causal 127 and 116 registers).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+
+class TargetOnly:
+    """Enough of a Triton driver to compile for ``arch`` (nothing can be loaded or launched)."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+    def map_python_to_cpp_type(self, ty):
+        return ty
+
+
+def record(module, names):
+    """Swap ``module``'s launchers for recorders; returns (recorded calls, restore)."""
+    calls, old = {}, {n: getattr(module, n) for n in names}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.__setitem__(self.name, (args, kw, grid))
+    for n in names:
+        setattr(module, n, Recorder(n))
+    return calls, lambda: [setattr(module, n, f) for n, f in old.items()]
+
+
+def usage(kernel, loops: bool) -> str:
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    res = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", res)
+    text = f"regs {m.group(1):>3} stack {m.group(2):>4} B  smem {kernel.metadata.shared:>6} B"
+    if loops:
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+        spans, spills, mmas = [], 0, 0
+        for line in sass.splitlines():
+            ins = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+            if not ins:
+                continue
+            ins = ins.group(1)
+            if re.search(r"\b(STL|LDL)", ins):
+                spills += 1
+            elif "MMA" in ins:
+                mmas += 1
+            elif "BRA" in ins and "@" in ins:
+                if spills or mmas:
+                    spans.append(f"{spills}s/{mmas}m")
+                spills = mmas = 0
+        text += "  spills/MMAs between branches: " + " ".join(spans)
+    os.unlink(f.name)
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100 / H200)")
+    p.add_argument("--headdims", default="64,128")
+    p.add_argument("--seqlen", type=int, default=8192)
+    p.add_argument("--loops", action="store_true", help="spills and MMAs between the branches of the SASS")
+    args = p.parse_args(argv)
+    driver.set_active(TargetOnly(args.arch))
+    from flashring.ops import flash
+    cuda = torch.device("cuda")                    # only its type is read: the GPU configuration tables
+    print(f"triton {triton.__version__}, sm_{args.arch}, seqlen {args.seqlen}, bf16")
+    for d in (int(x) for x in args.headdims.split(",")):
+        q = torch.randn(1, args.seqlen, 2, d, dtype=torch.bfloat16)
+        lse = torch.zeros(1, 2, args.seqlen)
+        for causal in (False, True):
+            upper = 0 if causal else None
+            calls, restore = record(flash, ("LAUNCH_FWD", "LAUNCH_BWD_PRE", "LAUNCH_BWD_DKDV", "LAUNCH_BWD_DQ"))
+            try:
+                cfg = flash.default_config(d, q.dtype, cuda, backward=False, seqlen_q=args.seqlen, causal=causal)
+                flash.fwd(q, q, q, d ** -0.5, upper=upper, config=cfg)
+                flash.bwd(q, q, q, q, q, lse, d ** -0.5, upper=upper,
+                          config=flash.default_config(d, q.dtype, cuda, backward=True))
+            finally:
+                restore()
+            for name, fn in (("LAUNCH_FWD", flash._attn_fwd), ("LAUNCH_BWD_DKDV", flash._bwd_dkdv),
+                             ("LAUNCH_BWD_DQ", flash._bwd_dq)):
+                a, kw, grid = calls[name]
+                tiles = {k: v for k, v in kw.items() if k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages",
+                                                              "maxnreg")}
+                print(f"D={d:<3} causal={causal!s:<5} {name[7:]:<9} {tiles}\n    "
+                      f"{usage(fn.warmup(*a, grid=grid, **kw), args.loops)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
