@@ -48,8 +48,9 @@ def main(argv=None) -> int:
     base, sdpa = graph_runs.get("dense"), graph_runs.get("sdpa")
     attn_key = "graph_ms_per_step"
     a_dense = share.get("dense", {}).get(attn_key)
-    print("| arm | CUDA graph | steps | tokens | ms/step | tok/s | val loss | val vs dense (same step) | speedup vs dense flashring "
-          "| vs SDPA | kept pairs | attention ms/step (isolated) | Amdahl: predicted | ideal |")
+    print("| arm | CUDA graph | steps | tokens | ms/step | tok/s | val loss | val vs dense (same step) "
+          "| speedup vs dense flashring | vs SDPA | kept pairs | attention ms/step (isolated) | Amdahl: predicted "
+          "| ideal |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         arm, graph = r["run"], bool(r.get("cuda_graph"))
