@@ -610,6 +610,10 @@ INTERP_CONFIGS = (dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
 # the smaller tiles give 4x the programs and a short pipeline prologue. At 2k the 128x128 default did 281 (anchor
 # run) and 64x64 221 (dense run of a69f62a), so the rule stops at 1k.
 SHORT_CAUSAL_FWD = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+# Longer causal forwards at D 65-128: 128x64/8 warps/3 stages. Same tune run at 8k: 422 TFLOP/s vs 404 for
+# 128x128; compiled for sm_90 it is also the one that keeps the masked tiles' non-finite handling spill-free
+# (218 registers, 128 KB of shared memory; 128x128: 56 B of stack), benchmarks/NOTES.md.
+CAUSAL_FWD_128 = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
 
 
 def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, backward: bool,
@@ -618,8 +622,8 @@ def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, back
         return dict(INTERP_CONFIGS[backward])
     if dtype == torch.float32:
         return dict(FP32_CONFIGS[backward])
-    if not backward and causal and 64 < head_dim <= 128 and seqlen_q <= 1024:
-        return dict(SHORT_CAUSAL_FWD)
+    if not backward and causal and 64 < head_dim <= 128:
+        return dict(SHORT_CAUSAL_FWD if seqlen_q <= 1024 else CAUSAL_FWD_128)
     return dict(next(cfg for d, cfg in (BWD_CONFIGS if backward else FWD_CONFIGS) if head_dim <= d))
 
 
