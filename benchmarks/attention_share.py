@@ -4,7 +4,8 @@
 
 For each arm, the `train.model.CausalAttention` core that `flashring train` builds for those options runs forward
 + backward on random bf16 (B, S, H, D) inputs of the preset's shape (shared-QK arms: k = normalize(q) per head,
-as the model makes it). The median time (bench.harness.time_ms, CUDA events, back-to-back calls so a host-bound
+as the model makes it; that normalize, which the model runs outside the core, and the inputs' gradient
+accumulation are timed too, a slight overestimate of the core). The median time (bench.harness.time_ms, CUDA events, back-to-back calls so a host-bound
 front end shows its host time) x n_layer is the attention time of one training step; `paper_report.py` sets it
 against the measured ms/step of the training runs (attention share, Amdahl prediction). Writes
 DIR/attention-share-<preset>.jsonl (meta line first) and prints a table.

@@ -43,9 +43,12 @@ def main(argv=None) -> int:
     p.add_argument("--plots", help="write PREFIX-tokens.png and PREFIX-time.png (validation loss) of the graph runs")
     args = p.parse_args(argv)
     runs = [r for r in rows_of(args.summary) if r.get("type") == "summary"]
+    for r in runs:                    # a run made with --cuda-graph records it in its config
+        r.setdefault("cuda_graph", bool(r.get("meta", {}).get("config", {}).get("cuda_graph")))
     share = {r["arm"]: r for r in rows_of(args.share) if r.get("type") == "result"}
     graph_runs = {r["run"]: r for r in runs if r.get("cuda_graph")}
-    base, sdpa = graph_runs.get("dense"), graph_runs.get("sdpa")
+    eager_runs = {r["run"]: r for r in runs if not r.get("cuda_graph")}
+    base = graph_runs.get("dense")
     attn_key = "graph_ms_per_step"
     a_dense = share.get("dense", {}).get(attn_key)
     print("| arm | CUDA graph | steps | tokens | ms/step | tok/s | val loss | val vs dense (same step) "
@@ -59,8 +62,10 @@ def main(argv=None) -> int:
         toks = r["steps"] * c["batch_size"] * c["seqlen"] * c.get("grad_accum", 1)
         ref = graph_runs.get("dense") if graph else next((x for x in runs if x["run"] == "dense" and
                                                           not x.get("cuda_graph")), None)
-        log = args.logs / ("graph" if graph else "eager") / f"{r['preset']}-{arm}" / "log.jsonl"
-        ref_log = args.logs / ("graph" if graph else "eager") / f"{r['preset']}-dense" / "log.jsonl"
+        kind = args.logs / ("graph" if graph else "eager")
+        logs = kind if kind.is_dir() else args.logs        # one kind of run only: no graph/ or eager/ level
+        log = logs / f"{r['preset']}-{arm}" / "log.jsonl"
+        ref_log = logs / f"{r['preset']}-dense" / "log.jsonl"
         dval = "-"
         if arm != "dense" and log.exists() and ref_log.exists():   # at the last validation both runs reached
             mine, theirs = val_curve(log), val_curve(ref_log)
@@ -76,6 +81,7 @@ def main(argv=None) -> int:
             frac = kept if kept is not None else 1.0
             ideal = f"{base['iter_time_ms_median'] / (base['iter_time_ms_median'] - a_dense * (1 - frac)):.2f}x"
         sp = f"{ref['iter_time_ms_median'] / ms:.2f}x" if ref else "-"
+        sdpa = (graph_runs if graph else eager_runs).get("sdpa")      # the same kind of run
         sv = f"{sdpa['iter_time_ms_median'] / ms:.2f}x" if sdpa else "-"
         print(f"| {arm} | {'yes' if graph else 'no'} | {r['steps']} | {toks / 1e6:.1f}M | {ms:.1f} | "
               f"{r['tokens_per_s'] / 1e3:.0f}k | {r['final_val_loss']:.3f} | {dval} | {sp} | {sv} | "
@@ -86,12 +92,13 @@ def main(argv=None) -> int:
         print(f"\nattention share of the dense flashring step (graph): {a_dense:.1f} / "
               f"{base['iter_time_ms_median']:.1f} ms = {100 * s:.0f}%; Amdahl's bound with free attention: "
               f"{1 / (1 - s):.2f}x")
+    sdpa = graph_runs.get("sdpa")
     if sdpa and share.get("sdpa", {}).get(attn_key):
         s = share["sdpa"][attn_key] / sdpa["iter_time_ms_median"]
         print(f"attention share of the SDPA step (graph): {100 * s:.0f}%; bound {1 / (1 - s):.2f}x")
     if args.plots:
-        logs = sorted(str(x) for x in (args.logs / "graph").glob("*/log.jsonl")
-                      if not x.parent.name.endswith("-sdpa"))
+        where = args.logs / "graph" if (args.logs / "graph").is_dir() else args.logs
+        logs = sorted(str(x) for x in where.glob("*/log.jsonl") if not x.parent.name.endswith("-sdpa"))
         for x in ("tokens", "time"):
             subprocess.run([sys.executable, "-m", "flashring", "train", "plot", *logs, "--x", x, "--out",
                             f"{args.plots}-{x}.png"], check=True)

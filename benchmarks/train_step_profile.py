@@ -5,9 +5,11 @@
 
 Builds the run exactly as `flashring train` does (`train.loop.Run`, the same options per arm as
 benchmarks/paper_experiments.py), takes 3 warm-up steps, then profiles `--steps` steps with torch.profiler and
-prints per arm: the step time, the device time summed over kernels, and the top kernels by device time, with the
-attention core's share (kernels launched inside `CausalAttention` calls and their backward). Written to answer
-issue 14's open question: why the QK-sparse step is ~19 ms slower than its isolated attention time predicts.
+prints per arm: the step time, the device time summed over kernels, the top kernels by device time, and the
+device time of the kernels launched inside the attention cores' forward calls (a profiler range; the backward's
+kernels appear in the per-kernel list by name). With `--extra=--cuda-graph` the graph is captured before the
+range is added, so that column reads 0 and the kernels still show. Written to answer issue 14's open question:
+why the QK-sparse step is ~19 ms slower than its isolated attention time predicts.
 """
 from __future__ import annotations
 

@@ -266,14 +266,17 @@ def test_cuda_graph_refusals(extra, message, run_args, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_trains_like_eager(run_args, tmp_path):
-    """Replayed graphs give the eager run's losses (dense: no random draws; same weights and data), and the
+    """Replayed graphs give the eager run's losses (dense: no random draws; same weights and data), with and
+    without gradient accumulation (the graph's static gradient buffers must be summed, not adopted), and the
     sparse modes train from graphs with fresh random draws and their kept-pair fractions logged."""
     base = run_args + ["--iters", "6", "--log-every", "1", "--eval-every", "6", "--device", "cuda"]
-    losses = {}
-    for name, extra in (("eager", []), ("graph", ["--cuda-graph"])):
-        assert main(base + ["--attn", "flash", "--out", str(tmp_path / name)] + extra) == 0
-        losses[name] = [r["loss"] for r in read_log(tmp_path / name) if r["type"] == "train"]
-    assert np.allclose(losses["eager"], losses["graph"], rtol=2e-2), losses
+    for accum in ("1", "2"):
+        losses = {}
+        for name, extra in (("eager", []), ("graph", ["--cuda-graph"])):
+            out = tmp_path / f"{name}-{accum}"
+            assert main(base + ["--attn", "flash", "--grad-accum", accum, "--out", str(out)] + extra) == 0
+            losses[name] = [r["loss"] for r in read_log(out) if r["type"] == "train"]
+        assert np.allclose(losses["eager"], losses["graph"], rtol=2e-2), (accum, losses)
     for mode in (["--attn", "qk-sparse", "--drop", "0.5"], ["--attn", "hash-sparse", "--buckets", "4"]):
         out = tmp_path / mode[1]
         assert main(base + mode + ["--cuda-graph", "--grad-accum", "2", "--out", str(out)]) == 0

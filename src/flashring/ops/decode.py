@@ -101,7 +101,9 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
             k_base = K[0] + cache_b.to(tl.int64) * K[1] + j0.to(tl.int64) * K[2] + kv_head * K[3]
             v_base = V[0] + cache_b.to(tl.int64) * V[1] + j0.to(tl.int64) * V[2] + kv_head * V[3]
         kj = j0 + offs_n
-        n_ok = (kj >= start) & (kj < end)
+        # [lo, hi): the keys some row of this block may see. A key outside it is never loaded (a window's first
+        # tile starts before lo: loading those with weight 0 would meet a non-finite value there as 0 * NaN).
+        n_ok = (kj >= lo) & (kj < hi)
         k = tl.load(k_base + offs_n[None, :] * K[2] + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :],
                     other=0.0)
         s = mma(q, k, None, PRECISION)
@@ -123,7 +125,7 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
         v = tl.load(v_base + offs_n[:, None] * V[2] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                     other=0.0)
         if MIXED:
-            row_bad = tl.sum((v * 0.0).to(tl.float32), 1) != 0.0      # inf or NaN anywhere in the row
+            row_bad = tl.sum(v.to(tl.float32) * 0.0, 1) != 0.0        # inf or NaN anywhere in the row
             v = tl.where(row_bad[:, None], 0.0, v)
             first = tl.min(tl.where(row_bad, kj, NO_KEY_C))
             while first < NO_KEY_C:                                    # once per non-finite value row

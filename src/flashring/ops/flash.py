@@ -271,7 +271,7 @@ def _fwd_inner(acc, l_i, m_i, bad_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, strid
         # where reducing each value row into a per-key flag and testing it against the scores spilled (NOTES.md).
         if MASK:
             v = tl.load(V_ptrs + voff, mask=(kj[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
-            row_bad = tl.sum((v * 0.0).to(tl.float32), 1) != 0.0      # inf or NaN anywhere in the row -> NaN
+            row_bad = tl.sum(v.to(tl.float32) * 0.0, 1) != 0.0        # inf or NaN anywhere in the row -> NaN
             v = tl.where(row_bad[:, None], 0.0, v)
             first = tl.min(tl.where(row_bad, kj, NO_KEY_C))
             while first < NO_KEY_C:
@@ -352,7 +352,8 @@ def _attn_fwd(Q, K, V, O, LSE, SEQ, BAND, SCORE, SP,
     in_alloc = offs_m < n_store
     tl.store(_rows(LSE, b, h, q_start) + offs_m, lse, mask=in_alloc)
     out = tl.where(m_ok[:, None], acc / l_safe[:, None], 0.0)
-    out = tl.where(bad_i[:, None] != 0, float("nan"), out)
+    # rows past seqlen_q (a sparse head's padding: what dropped queries return) stay 0 whatever they "saw"
+    out = tl.where((bad_i[:, None] != 0) & m_ok[:, None], float("nan"), out)
     tl.store(_rows(O, b, h, q_start) + offs_m[:, None].to(tl.int64) * O[2] + offs_d[None, :],
              out.to(O[0].dtype.element_ty), mask=in_alloc[:, None] & d_ok[None, :])
 

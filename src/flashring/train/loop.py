@@ -435,10 +435,18 @@ def capture_loss(run: Run):
     sparse = [m for m in attns if m.mode in ("qk-sparse", "hash-sparse")]
     for m in sparse:
         m.measure = True
-    x = torch.randint(0, run.model_cfg.vocab_size, (run.cfg.batch_size, run.cfg.seqlen), device=run.device)
-    sample = run.batches.place(x, torch.roll(x, -1, dims=1))
-    graphed = torch.cuda.make_graphed_callables(LossModule(run), sample, num_warmup_iters=3,
-                                               allow_unused_input=True)
+    # the capture's warm-up draws random numbers: a resumed run must continue the checkpoint's stream
+    with torch.random.fork_rng(devices=[run.device.index or 0]):
+        x = torch.randint(0, run.model_cfg.vocab_size, (run.cfg.batch_size, run.cfg.seqlen), device=run.device)
+        sample = run.batches.place(x, torch.roll(x, -1, dims=1))
+        graphed = torch.cuda.make_graphed_callables(LossModule(run), sample, num_warmup_iters=3,
+                                                   allow_unused_input=True)
+    # The graphed backward returns the same static gradient buffers on every replay, and autograd adopts such a
+    # buffer as p.grad when p.grad is None, so with --grad-accum the next replay would overwrite the sum (each
+    # step then held grad_accum x the last micro-batch's gradient). Gradients that always exist are added in
+    # place instead; train_step zeroes them rather than dropping them.
+    for prm in run.raw_model.parameters():
+        prm.grad = torch.zeros_like(prm)
     kept = [m.kept for m in sparse]
     for m in sparse:
         m.measure = False                   # validation runs the eager model: nothing measured there
@@ -472,7 +480,7 @@ def train_step(run: Run) -> float:
     if run.cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.cfg.grad_clip)
     run.opt.step()
-    run.opt.zero_grad(set_to_none=True)
+    run.opt.zero_grad(set_to_none=run.graphed is None)     # see capture_loss
     run.step += 1
     return loss
 

@@ -105,6 +105,8 @@ class CausalAttention(nn.Module):
             # Strictly causal dense (j < i): query i over keys 0..i-1 is a causal call of queries 1.. over keys
             # ..S-2 (bottom-right aligned, equal lengths); query 0 sees nothing and outputs 0. With shared-QK the
             # diagonal would otherwise always hold a row's highest score (q . q/|q| = |q| >= q . k_j).
+            if q.shape[1] == 1:
+                return q.new_zeros(*q.shape[:-1], v.shape[-1])
             inner = CausalAttention(self.mode)(q[:, 1:], k[:, :-1], v[:, :-1])
             return F.pad(inner, (0, 0, 0, 0, 1, 0))
         if self.mode == "sdpa":                           # torch wants (B, H, S, D)
