@@ -285,3 +285,17 @@ def test_strict_causal_dense_core(mode):
     assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
     out.sum().backward()
     assert torch.isfinite(q.grad).all() and torch.equal(v.grad[:, -1], torch.zeros_like(v.grad[:, -1]))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_kept_pair_fraction_shared_buckets_fast_path(strict):
+    """Shared-QK buckets (the same tensor for queries and keys) count pairs per bucket; the general running count
+    (a copy, so the fast path is not taken) gives the same fraction."""
+    from flashring.train.model import kept_pair_fraction
+    torch.manual_seed(SEED)
+    buckets = torch.randint(0, 6, (2, 50, 3))
+    fast = kept_pair_fraction(buckets, buckets, 6, strict)
+    slow = kept_pair_fraction(buckets, buckets.clone(), 6, strict)
+    assert torch.allclose(fast, slow), (fast, slow)
+    one = torch.zeros(1, 10, 1, dtype=torch.long)                 # one bucket: every causal pair (strict: j < i)
+    assert float(kept_pair_fraction(one, one, 2, strict)) == pytest.approx(45 / 55 if strict else 1.0)

@@ -142,6 +142,14 @@ def kept_pair_fraction(q_side: torch.Tensor, k_side: torch.Tensor, n_buckets: in
     b, s, h = q_side.shape
     if not n_buckets:
         pairs = (q_side * k_side.cumsum(1)).sum()
+    elif q_side is k_side:
+        # shared buckets (shared-QK): a bucket of n tokens holds n (n + 1) / 2 causal pairs (n (n - 1) / 2
+        # strict). Per-bucket counts instead of a (B, H, S, buckets) running count: measured on every replay
+        # under --cuda-graph, that one-hot cumsum cost hash16 ~8% of its step (BENCHMARKS.md, session 6).
+        n = torch.zeros(b, h, n_buckets, device=q_side.device, dtype=torch.float64)
+        n.scatter_add_(-1, q_side.transpose(1, 2).long(), torch.ones(b, h, s, device=q_side.device,
+                                                                      dtype=torch.float64))
+        pairs = (n * (n - 1 if strict else n + 1) / 2).sum()
     else:
         seen = F.one_hot(k_side.transpose(1, 2), n_buckets).cumsum(2)         # (B, H, S, buckets): keys <= i
         pairs = seen.gather(-1, q_side.transpose(1, 2).unsqueeze(-1)).sum()
