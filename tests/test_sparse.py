@@ -309,3 +309,8 @@ def test_permute_rows_kernel_matches_gather(d, device, seed):
     want = torch.stack([torch.stack([x[b, perm[b, h], h] for h in range(3)], 1) for b in range(2)])
     assert torch.equal(y, want)
     assert torch.equal(dispatch.permute_rows(y, torch.argsort(perm, dim=-1)), x)
+    # a view of a fused projection (what a model's q / v are): read with its strides, no copy first
+    qkv = torch.randn(2, 37, 3, 3, d, device=device)
+    view = qkv[:, :, 1]
+    want = torch.stack([torch.stack([view[b, perm[b, h], h] for h in range(3)], 1) for b in range(2)])
+    assert torch.equal(dispatch.permute_rows(view, perm), want)

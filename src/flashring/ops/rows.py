@@ -17,9 +17,11 @@ from .launch import Launcher, cdiv, next_power_of_2
 
 
 @triton.jit
-def _permute_rows(X, Y, Perm, n_rows, S, H, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``Y[b, s, h] = X[b, Perm[b, h, s], h]`` for this program's output rows r = (b * S + s) * H + h; X, Y
-    contiguous (B, S, H, D), Perm contiguous (B, H, S)."""
+def _permute_rows(X, Y, Perm, n_rows, S, H, stride_b, stride_s, stride_h, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_R: tl.constexpr):
+    """``Y[b, s, h] = X[b, Perm[b, h, s], h]`` for this program's output rows r = (b * S + s) * H + h; X (B, S, H,
+    D) with unit stride in D and any others (a model's q / v are views of one projection), Y contiguous, Perm
+    contiguous (B, H, S)."""
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     r_ok = r < n_rows
     h = r % H
@@ -28,7 +30,7 @@ def _permute_rows(X, Y, Perm, n_rows, S, H, D: tl.constexpr, BLOCK_D: tl.constex
     src = tl.load(Perm + (b * H + h) * S + s, mask=r_ok, other=0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     ok = r_ok[:, None] & (offs_d < D)[None, :]
-    x = tl.load(X + ((b * S + src) * H + h)[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
+    x = tl.load(X + (b * stride_b + src * stride_s + h * stride_h)[:, None] + offs_d[None, :], mask=ok, other=0.0)
     tl.store(Y + r[:, None] * D + offs_d[None, :], x, mask=ok)
 
 
@@ -38,12 +40,13 @@ LAUNCH_PERMUTE_ROWS = Launcher(_permute_rows)   # see ops.launch: host time per 
 def permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """``y[b, s, h] = x[b, perm[b, h, s], h]`` for x ``(B, S, H, D)`` and an integer ``perm`` ``(B, H, S)``."""
     b, s, h, d = x.shape
-    x = x.contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     perm = perm.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n = b * s * h
     if n:
         block_r = 64 if x.is_cuda else 16
-        LAUNCH_PERMUTE_ROWS[(cdiv(n, block_r),)](x, y, perm, n, s, h, D=d, BLOCK_D=max(16, next_power_of_2(d)),
-                                                 BLOCK_R=block_r, num_warps=4)
+        LAUNCH_PERMUTE_ROWS[(cdiv(n, block_r),)](x, y, perm, n, s, h, x.stride(0), x.stride(1), x.stride(2), D=d,
+                                                 BLOCK_D=max(16, next_power_of_2(d)), BLOCK_R=block_r, num_warps=4)
     return y
