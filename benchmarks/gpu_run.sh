@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Everything one GPU session checks and measures, in one command (each step time-boxed, logs kept):
 #   bash benchmarks/gpu_run.sh OUT [STEPS]
-# STEPS: a comma list from tests,dense,sparse,decode,varlen,tune,generate (default: all). Results files land in
-# OUT (flashring bench's <device>-<suite>-<date>-<sha>.jsonl), logs in OUT/*.log; a summary is printed last.
+# STEPS: a comma list from tests,dense,sparse,decode,varlen,tune,generate (default: all), and on request
+# beforeafter (this checkout vs the one unpacked in .before/src, its sha in .before/SHA), profile (a training
+# step's kernels per arm), share (attention_share.py; SHARE_PRESET) and paper (paper_experiments.py; PAPER_PRESET,
+# PAPER_ARMS, PAPER_MINUTES per arm), the last three on the corpus directory carried in .corpus/english.
+# Results files land in OUT (flashring bench's <device>-<suite>-<date>-<sha>.jsonl), logs in OUT/*.log; a
+# summary is printed last.
 set -uo pipefail
 out=${1:?usage: gpu_run.sh OUT [STEPS]}
 steps=${2:-tests,dense,sparse,decode,varlen,tune,generate}
@@ -25,5 +29,14 @@ has varlen && step varlen 90 python3 -m flashring bench varlen --out "$out"
 has tune && step tune 150 python3 -m flashring bench tune --seqlens ${TUNE_SEQLENS:-1k,8k} \
     --headdims ${TUNE_HEADDIMS:-128} --causal ${TUNE_CAUSAL:-yes} --out "$out"
 has generate && step generate 150 python3 benchmarks/hf_generate.py --out "$out"
+has beforeafter && step beforeafter 240 python3 benchmarks/before_after.py --old .before/src \
+    --old-sha "$(cat .before/SHA 2>/dev/null || echo unknown)" --quick --out "$out"
+has profile && step profile 240 python3 benchmarks/train_step_profile.py --data .corpus/english \
+    --arms "${PROFILE_ARMS:-dense,qk50,hash16}" --out "$out"
+has share && step share 150 python3 benchmarks/attention_share.py --preset "${SHARE_PRESET:-paper-16k}" --out "$out"
+# shellcheck disable=SC2086
+has paper && step paper 590 python3 benchmarks/paper_experiments.py --preset "${PAPER_PRESET:-paper-8k}" \
+    --data .corpus/english --iters "${PAPER_ITERS:-920}" --max-minutes "${PAPER_MINUTES:-3}" --out "$out/paper" \
+    --extra=--cuda-graph ${PAPER_ARMS:-dense-strict hash8 hash32}
 for f in "$out"/*.log; do echo "---- $(basename "$f")"; tail -n "${TAIL_LINES:-25}" "$f"; done
 cat "$out/summary.txt"
