@@ -2,7 +2,8 @@
 # Everything one GPU session checks and measures, in one command (each step time-boxed, logs kept):
 #   bash benchmarks/gpu_run.sh OUT [STEPS]
 # STEPS: a comma list from tests,dense,sparse,decode,varlen,tune,generate (default: all), and on request
-# beforeafter (this checkout vs the one unpacked in .before/src, its sha in .before/SHA), profile (a training
+# beforeafter (this checkout vs the one unpacked in .before/src, its sha in .before/SHA), gluon (the Gluon
+# Hopper forward prototype: check + time), profile (a training
 # step's kernels per arm), share (attention_share.py; SHARE_PRESET) and paper (paper_experiments.py; PAPER_PRESET,
 # PAPER_ARMS, PAPER_MINUTES per arm), the last three on the corpus directory carried in .corpus/english.
 # Results files land in OUT (flashring bench's <device>-<suite>-<date>-<sha>.jsonl), logs in OUT/*.log; a
@@ -33,6 +34,7 @@ has beforeafter && step beforeafter 240 python3 benchmarks/before_after.py --old
     --old-sha "$(cat .before/SHA 2>/dev/null || echo unknown)" --quick --out "$out"
 has profile && step profile 240 python3 benchmarks/train_step_profile.py --data .corpus/english \
     --arms "${PROFILE_ARMS:-dense,qk50,hash16}" --out "$out"
+has gluon && step gluon 300 python3 benchmarks/gluon_fwd.py --out "$out"
 has share && step share 150 python3 benchmarks/attention_share.py --preset "${SHARE_PRESET:-paper-16k}" --out "$out"
 # shellcheck disable=SC2086
 has paper && step paper 590 python3 benchmarks/paper_experiments.py --preset "${PAPER_PRESET:-paper-8k}" \
