@@ -3,9 +3,10 @@
 #   bash benchmarks/gpu_run.sh OUT [STEPS]
 # STEPS: a comma list from tests,dense,sparse,decode,varlen,tune,generate (default: all), and on request
 # beforeafter (this checkout vs the one unpacked in .before/src, its sha in .before/SHA), gluon (the Gluon
-# Hopper forward prototype: check + time), profile (a training
-# step's kernels per arm), share (attention_share.py; SHARE_PRESET) and paper (paper_experiments.py; PAPER_PRESET,
-# PAPER_ARMS, PAPER_MINUTES per arm), the last three on the corpus directory carried in .corpus/english.
+# Hopper forward prototype: check + time), profile (a training step's kernels per arm; PROFILE_ARMS,
+# PROFILE_EXTRA e.g. --cuda-graph), share (attention_share.py; SHARE_PRESET, default paper-16k) and paper
+# (paper_experiments.py; PAPER_PRESET, PAPER_ARMS, PAPER_MINUTES per arm, default 3.2: a hash arm at 186 ms/step
+# needs 2.9 for 920 steps). profile and paper train on the corpus directory carried in .corpus/english.
 # Results files land in OUT (flashring bench's <device>-<suite>-<date>-<sha>.jsonl), logs in OUT/*.log; a
 # summary is printed last.
 set -uo pipefail
@@ -32,13 +33,18 @@ has tune && step tune 150 python3 -m flashring bench tune --seqlens ${TUNE_SEQLE
 has generate && step generate 150 python3 benchmarks/hf_generate.py --out "$out"
 has beforeafter && step beforeafter 240 python3 benchmarks/before_after.py --old .before/src \
     --old-sha "$(cat .before/SHA 2>/dev/null || echo unknown)" --quick --out "$out"
+# shellcheck disable=SC2086
 has profile && step profile 240 python3 benchmarks/train_step_profile.py --data .corpus/english \
-    --arms "${PROFILE_ARMS:-dense,qk50,hash16}" --out "$out"
+    --arms "${PROFILE_ARMS:-dense,qk50,hash16}" --out "$out" ${PROFILE_EXTRA:+--extra="$PROFILE_EXTRA"}
 has gluon && step gluon 300 python3 benchmarks/gluon_fwd.py --out "$out"
 has share && step share 150 python3 benchmarks/attention_share.py --preset "${SHARE_PRESET:-paper-16k}" --out "$out"
+paper_arms=${PAPER_ARMS:-dense-strict hash16}
+paper_minutes=${PAPER_MINUTES:-3.2}
+# each arm: its training time plus ~30 s of start-up and validation; at most 590 s (the device's per-command cap)
+paper_secs=$(python3 -c "print(min(590, int(len('$paper_arms'.split()) * ($paper_minutes * 60 + 30))))")
 # shellcheck disable=SC2086
-has paper && step paper 590 python3 benchmarks/paper_experiments.py --preset "${PAPER_PRESET:-paper-8k}" \
-    --data .corpus/english --iters "${PAPER_ITERS:-920}" --max-minutes "${PAPER_MINUTES:-3}" --out "$out/paper" \
-    --extra=--cuda-graph ${PAPER_ARMS:-dense-strict hash8 hash32}
+has paper && step paper "$paper_secs" python3 benchmarks/paper_experiments.py --preset "${PAPER_PRESET:-paper-8k}" \
+    --data .corpus/english --iters "${PAPER_ITERS:-920}" --max-minutes "$paper_minutes" --out "$out/paper" \
+    --extra=--cuda-graph $paper_arms
 for f in "$out"/*.log; do echo "---- $(basename "$f")"; tail -n "${TAIL_LINES:-25}" "$f"; done
 cat "$out/summary.txt"

@@ -48,7 +48,9 @@ def main(argv=None) -> int:
     p.add_argument("--arms", default="dense,qk50,hash16")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=12)
-    p.add_argument("--out", help="write profile-<preset>-<arm>.json (chrome trace) and a summary here")
+    p.add_argument("--out", help="write train-step-profile-<preset>.json (the per-arm summary) here")
+    p.add_argument("--trace", action="store_true", help="also write profile-<preset>-<arm>.json chrome traces "
+                                                         "(large) to --out")
     p.add_argument("--extra", default="", help="more `flashring train` options (one string)")
     args = p.parse_args(argv)
     rows = []
@@ -84,13 +86,14 @@ def main(argv=None) -> int:
             print(f"   {ms:8.2f} ms  {name[:100]}")
         rows.append({"arm": arm, "step_ms": step_ms, "kernel_ms": total, "attention_forward_ms": attn,
                      "top": sorted(kernels.items(), key=lambda kv: -kv[1])[:40]})
-        if args.out:
+        if args.out and args.trace:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             prof.export_chrome_trace(str(Path(args.out) / f"profile-{args.preset}-{arm}.json"))
         del run
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"train-step-profile-{args.preset}.json").write_text(json.dumps(rows, indent=1))
     return 0
 

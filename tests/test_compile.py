@@ -3,8 +3,8 @@
 A kernel change can pass every interpreter test and still cost 10-50% on an H100 through registers alone (session
 4's non-finite masking: 179 registers at D=64, spills at D=128). ``benchmarks/compile_probe.py`` compiles the
 kernels for sm_90 with the ptxas that Triton bundles; this checks its report for the default configurations: the
-forward and dQ kernels never spill, and the D <= 64 forward keeps two 256-thread programs per SM (<= 128
-registers). Triton versions differ (the GPU image runs 3.6, CI whatever the constraints pin), so the limits are the
+forward and dQ kernels never spill, and the D <= 64 forward keeps its 128-register cap (two 256-thread programs
+per SM). Triton versions differ (the GPU image runs 3.6, CI whatever the constraints pin), so the limits are the
 structural ones, not exact counts. The D=128 dK/dV kernel already spills on 3.6 (benchmarks/NOTES.md): not checked.
 """
 import os
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,5 +34,8 @@ def test_default_kernels_compile_for_sm90_without_spills():
     for d, causal, kernel, regs, stack in found:
         if kernel in ("FWD", "BWD_DQ"):
             assert int(stack) == 0, (d, causal, kernel, regs, stack)
-        if kernel == "FWD" and int(d) <= 64:
-            assert int(regs) <= 128, (d, causal, kernel, regs)
+    # the D <= 64 forward keeps two 256-thread programs per SM through its config's register cap (ptxas then
+    # spills rather than exceed it, which the check above catches)
+    from flashring.ops import flash
+    cfg = flash.default_config(64, torch.bfloat16, torch.device("cuda"), backward=False, seqlen_q=8192, causal=True)
+    assert cfg.get("maxnreg") == 128 and cfg["num_warps"] == 8, cfg
