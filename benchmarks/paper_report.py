@@ -35,6 +35,30 @@ def last_kept(log: Path):
     return mean(recs[-1]["kept_pairs"]) if recs else None
 
 
+def kept_plot(logs: Path, out: str) -> None:
+    """Each sparse arm's kept-pair fraction per layer over training (one panel per arm, a line per layer): trained
+    hash buckets are skewed, so the fraction of pairs a hash arm attends is measured, not assumed."""
+    from matplotlib.figure import Figure
+    arms = [(d.name, [r for r in rows_of(d / "log.jsonl") if r.get("type") == "train" and r.get("kept_pairs")])
+            for d in sorted(logs.iterdir()) if (d / "log.jsonl").exists()]
+    arms = [(name, recs) for name, recs in arms if recs]
+    if not arms:
+        return
+    fig = Figure(figsize=(4.2 * len(arms), 3.6), layout="constrained")
+    for ax, (name, recs) in zip(fig.subplots(1, len(arms), squeeze=False)[0], arms):
+        steps = [r["step"] for r in recs]
+        for layer in range(len(recs[0]["kept_pairs"])):
+            ax.plot(steps, [r["kept_pairs"][layer] for r in recs], linewidth=0.9, label=f"layer {layer + 1}")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+    fig.axes[0].set_ylabel("kept fraction of causal pairs")
+    fig.axes[-1].legend(fontsize=6, ncol=2)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--summary", required=True, type=Path)
@@ -97,6 +121,7 @@ def main(argv=None) -> int:
         s = share["sdpa"][attn_key] / sdpa["iter_time_ms_median"]
         print(f"attention share of the SDPA step (graph): {100 * s:.0f}%; bound {1 / (1 - s):.2f}x")
     if args.plots:
+        kept_plot(args.logs / "graph" if (args.logs / "graph").is_dir() else args.logs, f"{args.plots}-kept.png")
         where = args.logs / "graph" if (args.logs / "graph").is_dir() else args.logs
         logs = sorted(str(x) for x in where.glob("*/log.jsonl") if not x.parent.name.endswith("-sdpa"))
         for x in ("tokens", "time"):
