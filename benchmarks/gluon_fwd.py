@@ -230,6 +230,8 @@ def attn_fwd_ws_kernel(desc_q, desc_k, desc_v, desc_o, lse_ptr, sm_scale, N_CTX,
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # ping-pong turnstile
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
+    # the TMA unit (the async proxy) signals these barriers: make their initialisation visible to it first
+    fence_async_shared()
     if PINGPONG:
         gl.static_assert(OVERLAP != 0, "ping-pong is implemented on the overlapped loop only")
         gl.static_assert(NUM_WG == 2, "ping-pong needs the two warpgroups in separate partitions")
