@@ -4,8 +4,8 @@
 
 For each arm, the `train.model.CausalAttention` core that `flashring train` builds for those options runs forward
 + backward on random bf16 (B, S, H, D) inputs of the preset's shape (shared-QK arms: k = normalize(q) per head,
-as the model makes it; that normalize, which the model runs outside the core, and the inputs' gradient
-accumulation are timed too, a slight overestimate of the core). The median time (bench.harness.time_ms, CUDA events, back-to-back calls so a host-bound
+as the model makes it, given as its own input so that normalize, which the model runs outside the core, is not
+timed). The median time (bench.harness.time_ms, CUDA events, back-to-back calls so a host-bound
 front end shows its host time) x n_layer is the attention time of one training step; `paper_report.py` sets it
 against the measured ms/step of the training runs (attention share, Amdahl prediction). Writes
 DIR/attention-share-<preset>.jsonl (meta line first) and prints a table.
@@ -56,12 +56,14 @@ def main(argv=None) -> int:
         h, d = cfg.n_head, cfg.d_model // cfg.n_head
         shape = (cfg.batch_size * cfg.grad_accum, cfg.seqlen, h, d)
         q, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
-        k_in = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        # shared-QK arms: the keys the model would pass (normalised queries), as a leaf of their own, so the
+        # normalize that the model runs outside the core is not timed
+        k = (F.normalize(q.detach(), dim=-1) if cfg.shared_qk else torch.randn(shape, device=device, dtype=dtype))
+        k.requires_grad_(True)
         grad = torch.randn(shape, device=device, dtype=dtype)
 
-        def step():
-            k = F.normalize(q, dim=-1) if cfg.shared_qk else k_in
-            core(q, k, v).backward(grad)
+        def step():              # gradients returned, not accumulated into .grad (no extra add kernels)
+            return torch.autograd.grad(core(q, k, v), (q, k, v), grad)
         ms = time_ms(step, device, rep_ms=300)
         # device time alone: the same call replayed from a CUDA graph (what `flashring train --cuda-graph` runs)
         graph_ms = time_ms(cuda_graph(step, device), device, rep_ms=300) if device.type == "cuda" else None
