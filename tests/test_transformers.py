@@ -90,9 +90,9 @@ def separate_logits(model, ids, lengths):
 
 
 # ------------------------------------------------------------------------------------------------- generation
-def assert_same_greedy(ours, eager, ids, mask, max_new_tokens=6):
+def assert_same_greedy(ours, eager, ids, mask, max_new_tokens=6, **extra):
     kw = dict(attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-              pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+              pad_token_id=0, return_dict_in_generate=True, output_logits=True, **extra)
     with torch.no_grad():
         want = eager.generate(ids, **kw)
         got = ours.generate(ids, **kw)
@@ -131,6 +131,41 @@ def test_generate_matches_eager(name, path, decode, seed, monkeypatch):
     assert_same_greedy(ours, eager, ids, mask)
     # No padding: the mask function hands the attention None, the decode step runs without a mask.
     assert_same_greedy(ours, eager, tokens(2, 7), None)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2"])
+def test_generate_with_a_static_cache_matches_eager(name, seed, torch_path):
+    """A static cache hands the attention every slot, the ones past the tokens seen so far unused (zeros). With or
+    without a padding mask, only the real keys count: the mask function reads the cache's query offset (found when
+    generate() without an attention_mask attended the empty slots and picked different tokens)."""
+    ours, eager, _ = make_models(name)
+    ours.eval(), eager.eval()
+    ids = tokens(2, 10)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    ids[1, :6] = 0
+    assert_same_greedy(ours, eager, ids, mask, cache_implementation="static")
+    assert_same_greedy(ours, eager, tokens(2, 7), None, cache_implementation="static")
+
+
+def test_compiled_static_cache_decoding_matches_eager(seed, torch_path):
+    """torch.compile(fullgraph=True) over a static-cache forward (what compiled generation runs): the traced mask
+    function and decode step read no host values, and the prefill + decode logits match eager attention."""
+    torch._dynamo.reset()
+    logits = {}
+    for impl in ("eager", fr_hf.ATTN_IMPLEMENTATION):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(make_config("llama"), attn_implementation=impl).eval()
+        fwd = torch.compile(model.forward, fullgraph=True, backend="aot_eager") if impl != "eager" else model.forward
+        cache = transformers.StaticCache(config=model.config, max_cache_len=24)
+        ids, steps = tokens(2, 9), []
+        with torch.no_grad():
+            for _ in range(4):                  # the prefill, then three one-token steps
+                out = fwd(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+                steps.append(out)
+                ids = out.argmax(-1, keepdim=True)
+        logits[impl] = torch.stack(steps)
+    torch.testing.assert_close(logits[fr_hf.ATTN_IMPLEMENTATION], logits["eager"], atol=1e-4, rtol=1e-4)
 
 
 CALLS = []   # what reference_kvcache was called with
@@ -286,6 +321,10 @@ def test_registration_and_mask_function():
     # A sliding layer's cache holds the last 4 keys: the padding is out of reach.
     assert fr_hf.padding_mask(2, 1, 4, attention_mask=padded) is None
     assert torch.equal(fr_hf.padding_mask(2, 1, 8, attention_mask=full), full)   # static cache: kept
+    # no mask, a static cache of 8 slots holding 3 tokens before this one: keys [0, 4) are real
+    for offset in (3, torch.tensor(3)):
+        assert torch.equal(fr_hf.padding_mask(2, 1, 8, q_offset=offset), torch.ones(2, 4, dtype=torch.bool))
+    assert fr_hf.padding_mask(2, 1, 8, q_offset=7) is None                       # every slot holds a token
     with pytest.raises(ValueError, match="flash"):
         fr_hf.register("my_flash_impl")
 

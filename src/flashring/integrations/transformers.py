@@ -172,6 +172,13 @@ def decode_step(q, k, v, mask: Optional[torch.Tensor], *, softmax_scale, causal,
     opts = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap)
     kvcache = getattr(flashring, "flash_attn_with_kvcache", None)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if kvcache is not None and not needs_grad and mask is not None and torch.compiler.is_compiling():
+        # traced (torch.compile): no host read of the mask. Each row's keys are [first True, last True] (left
+        # padding before, a static cache's unused slots after), both ends found on the device.
+        keys = torch.arange(mask.shape[1], device=mask.device)
+        lead = torch.where(mask, keys, mask.shape[1]).amin(1).to(torch.int32)
+        end = (torch.where(mask, keys, -1).amax(1) + 1).to(torch.int32)
+        return kvcache(q, k, v, cache_seqlens=end, cache_leftpad=lead, **opts)
     if kvcache is not None and not needs_grad:
         length = k.shape[1] if mask is None else mask.shape[1]
         pure, leftpad = (True, None) if mask is None else _MEMO.get(mask, ("leftpad",), lambda: left_padding(mask))
@@ -290,7 +297,17 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     token), or None when nothing is padded. Without this registration transformers would hand the attention
     function no mask at all and padding would be silently attended to."""
     if attention_mask is None:
-        return None
+        # No padding, but a static cache's keys past q_offset + q_length are unused slots (zeros), not tokens. A
+        # cache holds q_offset (an int, or a 0-dim tensor for static caches) tokens before these queries.
+        if isinstance(q_offset, torch.Tensor):
+            if torch.compiler.is_compiling():      # no host read while traced: the valid keys as a device mask
+                keys = torch.arange(kv_length, device=q_offset.device)
+                return (keys < q_offset + q_length).expand(batch_size, kv_length)
+            q_offset = int(q_offset)               # eager: one host read per forward (the mask is built once)
+        end = int(q_offset) + q_length
+        if end >= kv_length:
+            return None
+        return torch.ones(batch_size, end, dtype=torch.bool, device=kwargs.get("device"))
     mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
     if mask.dim() != 2:
         return mask     # attention_forward rejects it with a clear message
