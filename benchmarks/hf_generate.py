@@ -31,6 +31,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                    help="transformers' KV cache; static: fixed-size buffers, and generate() compiles the decode "
+                         "step (CUDA graphs) where transformers does so by default")
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
     import transformers
@@ -53,23 +56,26 @@ def main() -> int:
                 base.set_attn_implementation(impl)
             else:
                 base.config._attn_implementation = impl
+            static = dict(cache_implementation="static") if args.cache == "static" else {}
             kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                      pad_token_id=0)
+                      pad_token_id=0, **static)
             try:
                 with torch.no_grad():
                     # warm-up on the timed shapes: every kernel variant the timed call needs (prefill tiles,
                     # the decode split count of this cache length) is compiled before the clock starts
-                    base.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+                    base.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0,
+                                  **static)
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     out = base.generate(ids, **kw)
                     torch.cuda.synchronize()
                     dt = time.perf_counter() - t0
                 outs[impl] = out[:, prompt:]
-                rows.append(dict(batch=batch, prompt=prompt, impl=impl, seconds=dt,
+                rows.append(dict(batch=batch, prompt=prompt, impl=impl, cache=args.cache, seconds=dt,
                                  new_tokens_per_s=batch * args.new_tokens / dt, error=None))
             except Exception as exc:                     # e.g. OOM of the materialised SDPA mask at 16k
-                rows.append(dict(batch=batch, prompt=prompt, impl=impl, seconds=None, new_tokens_per_s=None,
+                rows.append(dict(batch=batch, prompt=prompt, impl=impl, cache=args.cache, seconds=None,
+                                 new_tokens_per_s=None,
                                  error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
                 torch.cuda.empty_cache()
             print(json.dumps(rows[-1]), flush=True)
