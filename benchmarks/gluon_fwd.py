@@ -79,16 +79,7 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
             mbarrier.wait(k_ready.index(stage), phase)
             s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-            s = s * qk_scale
-            if CAUSAL:
-                # only the diagonal tile(s) need the mask; a production kernel would split the loop instead
-                keep = rows[:, None] >= (start_n + cols0)[None, :]
-                s = gl.where(keep, s, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, axis=1))
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            m_i = m_new
+            p, alpha, m_i, l_i = _softmax_tile(s, start_n, rows, cols0, m_i, l_i, qk_scale, CAUSAL)
             acc = acc * gl.convert_layout(alpha, o_row)[:, None]
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             mbarrier.wait(v_ready.index(stage), phase)
@@ -110,8 +101,9 @@ def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
 
 @gluon.jit
 def _softmax_tile(s, start_n, rows, cols0, m_i, l_i, qk_scale, CAUSAL: gl.constexpr):
+    """Online softmax of one score tile in base 2: (p, alpha, m, l)."""
     s = s * qk_scale
-    if CAUSAL:
+    if CAUSAL:      # every tile is masked here; a production kernel would split off the diagonal tiles
         keep = rows[:, None] >= (start_n + cols0)[None, :]
         s = gl.where(keep, s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, axis=1))
@@ -282,21 +274,18 @@ def make_descs(q, k, v, o, BLOCK_M, BLOCK_N, NUM_WG=2):
     return dq, dk, dv, do
 
 
-def attention_forward(q, k, v, sm_scale, causal, BLOCK_M=128, BLOCK_N=128, NUM_STAGES=2, OVERLAP=0, PINGPONG=False,
-                      maxnreg=None, producer_regs=24, consumer_regs=240, NUM_WG=2, warmup=False):
+def prepare(q, k, v, sm_scale, causal, BLOCK_M=128, BLOCK_N=128, NUM_STAGES=2, OVERLAP=0, PINGPONG=False,
+            producer_regs=24, consumer_regs=240, NUM_WG=2):
+    """(grid, args, num_warps, o, lse) of one call: descriptors and outputs built once, so a launch of
+    ``attn_fwd_ws_kernel[grid](*args, num_warps=num_warps)`` times the kernel, not their set-up."""
     B, H, N, D = q.shape
     assert N % BLOCK_M == 0 and N % BLOCK_N == 0, "prototype: no ragged tails"
     o = torch.empty_like(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     dq, dk, dv, do = make_descs(q, k, v, o, BLOCK_M, BLOCK_N, NUM_WG)
-    grid = (N // BLOCK_M, B * H)
     args = (dq, dk, dv, do, lse, sm_scale, N, H, k.shape[1], BLOCK_M, BLOCK_N, D, NUM_STAGES, causal, OVERLAP,
             PINGPONG, producer_regs, consumer_regs, NUM_WG)
-    num_warps = 4 if NUM_WG == 2 else 8
-    if warmup:
-        return attn_fwd_ws_kernel.warmup(*args, grid=grid, num_warps=num_warps, maxnreg=maxnreg)
-    attn_fwd_ws_kernel[grid](*args, num_warps=num_warps, maxnreg=maxnreg)
-    return o, lse
+    return (N // BLOCK_M, B * H), args, 4 if NUM_WG == 2 else 8, o, lse
 
 
 CONFIGS = [dict(OVERLAP=0, PINGPONG=False), dict(OVERLAP=1, PINGPONG=False), dict(OVERLAP=1, PINGPONG=True)]
@@ -314,23 +303,10 @@ def compile_only(args) -> int:
         k = torch.empty(b, hkv, n, d, dtype=torch.bfloat16)
         for cfg in CONFIGS:
             for causal in (False, True):
-                kern = attention_forward(q, k, k, d ** -0.5, causal, warmup=True, **cfg)
+                grid, kargs, num_warps, _, _ = prepare(q, k, k, d ** -0.5, causal, **cfg)
+                kern = attn_fwd_ws_kernel.warmup(*kargs, grid=grid, num_warps=num_warps)
                 print(f"B={b} H={h}/{hkv} N={n} D={d} causal={causal!s:<5} {cfg}: {usage(kern, False)}")
     return 0
-
-
-def launcher(q, k, v, sm_scale, causal, BLOCK_M=128, BLOCK_N=128, NUM_STAGES=2, OVERLAP=0, PINGPONG=False,
-             producer_regs=24, consumer_regs=240, NUM_WG=2):
-    """(run, o, lse): descriptors and outputs built once, so timing ``run`` measures the kernel, not their set-up."""
-    B, H, N, D = q.shape
-    o = torch.empty_like(q)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    dq, dk, dv, do = make_descs(q, k, v, o, BLOCK_M, BLOCK_N, NUM_WG)
-    grid = (N // BLOCK_M, B * H)
-    args = (dq, dk, dv, do, lse, sm_scale, N, H, k.shape[1], BLOCK_M, BLOCK_N, D, NUM_STAGES, causal, OVERLAP,
-            PINGPONG, producer_regs, consumer_regs, NUM_WG)
-    num_warps = 4 if NUM_WG == 2 else 8
-    return (lambda: attn_fwd_ws_kernel[grid](*args, num_warps=num_warps)), o, lse
 
 
 def finite(c: dict) -> dict:
@@ -388,7 +364,10 @@ def main(argv=None) -> int:
             for cfg in CONFIGS:
                 row = dict(type="result", B=b, H=h, H_KV=hkv, N=n, D=d, causal=causal, **cfg)
                 try:
-                    run, out, lse = launcher(q, k, v, d ** -0.5, causal, **cfg)
+                    grid, kargs, num_warps, out, lse = prepare(q, k, v, d ** -0.5, causal, **cfg)
+
+                    def run():
+                        attn_fwd_ws_kernel[grid](*kargs, num_warps=num_warps)
                     run()
                     torch.cuda.synchronize()
                     c_out = check_close(out[:1].transpose(1, 2), refs["ref"]["out"], refs["low"]["out"],
