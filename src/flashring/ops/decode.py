@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash import EMPTY_LSE_C, LN2_C, NO_KEY_C, mma, precision, score_args, softcap_tanh, unit_last
+from .flash import (EMPTY_LSE_C, LN2_C, NO_KEY_C, mma, next_flagged_key, nonfinite_rows, precision, score_args,
+                    softcap_tanh, unit_last)
 from .launch import Launcher, cdiv, next_power_of_2
 
 
@@ -125,9 +126,9 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
         v = tl.load(v_base + offs_n[:, None] * V[2] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                     other=0.0)
         if MIXED:
-            row_bad = tl.sum(v.to(tl.float32) * 0.0, 1) != 0.0        # inf or NaN anywhere in the row
+            row_bad = nonfinite_rows(v)
             v = tl.where(row_bad[:, None], 0.0, v)
-            first = tl.min(tl.where(row_bad, kj, NO_KEY_C))
+            first = tl.min(tl.where(row_bad, kj, NO_KEY_C))             # the first flagged key
             while first < NO_KEY_C:                                    # once per non-finite value row
                 sees = r_ok & (first >= start) & (first < end)
                 if HAS_UPPER:
@@ -135,7 +136,7 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
                 if HAS_LOWER:
                     sees = sees & (first >= pos + BAND[0])
                 bad_i = bad_i | sees.to(tl.int32)
-                first = tl.min(tl.where(row_bad & (kj > first), kj, NO_KEY_C))
+                first = next_flagged_key(row_bad, kj, first)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
         m_i = m_new
 

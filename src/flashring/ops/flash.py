@@ -68,6 +68,18 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def nonfinite_rows(v):
+    """Rows of a value tile holding an inf or NaN anywhere (0 * x is NaN exactly there), as a bool vector."""
+    return tl.sum(v.to(tl.float32) * 0.0, 1) != 0.0
+
+
+@triton.jit
+def next_flagged_key(flags, kj, after):
+    """The smallest key index in ``kj`` past ``after`` whose flag is set, else NO_KEY_C (a scalar)."""
+    return tl.min(tl.where(flags & (kj > after), kj, NO_KEY_C))
+
+
+@triton.jit
 def _rows(T, b, h, start):
     """Pointer to row ``start`` of (batch b, head h) of a flash-layout tensor ``T = (ptr, sb, ss, sh)``: the one
     place batch/head/sequence offsets are applied, in int64."""
@@ -271,9 +283,9 @@ def _fwd_inner(acc, l_i, m_i, bad_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, strid
         # where reducing each value row into a per-key flag and testing it against the scores spilled (NOTES.md).
         if MASK:
             v = tl.load(V_ptrs + voff, mask=(kj[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
-            row_bad = tl.sum(v.to(tl.float32) * 0.0, 1) != 0.0        # inf or NaN anywhere in the row -> NaN
+            row_bad = nonfinite_rows(v)
             v = tl.where(row_bad[:, None], 0.0, v)
-            first = tl.min(tl.where(row_bad, kj, NO_KEY_C))
+            first = tl.min(tl.where(row_bad, kj, NO_KEY_C))             # the first flagged key
             while first < NO_KEY_C:
                 kp_f = first
                 kb_f = first
@@ -286,7 +298,7 @@ def _fwd_inner(acc, l_i, m_i, bad_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, strid
                                 upper=upper, HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, SPARSE=SPARSE,
                                 SP_CAUSAL=SP_CAUSAL, HASH=HASH)
                 bad_i = bad_i | sees.to(tl.int32)
-                first = tl.min(tl.where(row_bad & (kj > first), kj, NO_KEY_C))
+                first = next_flagged_key(row_bad, kj, first)
         else:
             v = tl.load(V_ptrs + voff, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
