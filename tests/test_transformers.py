@@ -120,17 +120,22 @@ def test_generate_matches_eager(name, path, decode, seed, monkeypatch):
     monkeypatch.setattr(dispatch, "CPU_BACKEND", path)
     if decode == "general":
         monkeypatch.delattr(flashring, "flash_attn_with_kvcache", raising=False)
+    # Prompts of 10 tokens (longer than the sliding window of 4) and of 2, whose padding stays inside the sliding
+    # layers' cache (window - 1 keys) for the first decode step.
+    assert_generation_matches(name, pad=8)
+
+
+def assert_generation_matches(name, pad, **extra):
+    """Greedy generation of a left-padded batch (row 1: ``pad`` padding tokens of 10) and of an unpadded one (the
+    mask function hands the attention None) equals eager's."""
     ours, eager, _ = make_models(name)
     ours.eval(), eager.eval()
-    # Left-padded batch: prompts of 10 tokens (longer than the sliding window of 4) and of 2, whose padding stays
-    # inside the sliding layers' cache (window - 1 keys) for the first decode step.
     ids = tokens(2, 10)
     mask = torch.ones_like(ids)
-    mask[1, :8] = 0
-    ids[1, :8] = 0
-    assert_same_greedy(ours, eager, ids, mask)
-    # No padding: the mask function hands the attention None, the decode step runs without a mask.
-    assert_same_greedy(ours, eager, tokens(2, 7), None)
+    mask[1, :pad] = 0
+    ids[1, :pad] = 0
+    assert_same_greedy(ours, eager, ids, mask, **extra)
+    assert_same_greedy(ours, eager, tokens(2, 7), None, **extra)
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "gemma2"])
@@ -138,14 +143,7 @@ def test_generate_with_a_static_cache_matches_eager(name, seed, torch_path):
     """A static cache hands the attention every slot, the ones past the tokens seen so far unused (zeros). With or
     without a padding mask, only the real keys count: the mask function reads the cache's query offset (found when
     generate() without an attention_mask attended the empty slots and picked different tokens)."""
-    ours, eager, _ = make_models(name)
-    ours.eval(), eager.eval()
-    ids = tokens(2, 10)
-    mask = torch.ones_like(ids)
-    mask[1, :6] = 0
-    ids[1, :6] = 0
-    assert_same_greedy(ours, eager, ids, mask, cache_implementation="static")
-    assert_same_greedy(ours, eager, tokens(2, 7), None, cache_implementation="static")
+    assert_generation_matches(name, pad=6, cache_implementation="static")
 
 
 def test_compiled_static_cache_decoding_matches_eager(seed, torch_path):
