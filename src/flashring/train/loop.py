@@ -418,11 +418,10 @@ class LossModule(torch.nn.Module):
 
     def __init__(self, run: Run):
         super().__init__()
-        self.model, self.autocast = run.model, run.autocast
+        self.model, self.loss_sum = run.model, run.loss_sum
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        with self.autocast:
-            return self.model(x, y, pos)
+        return self.loss_sum(self.model, x, y, pos)
 
 
 def capture_loss(run: Run):
@@ -431,8 +430,8 @@ def capture_loss(run: Run):
     accumulated) and replayed every step. Random draws inside (qk-sparse masks, LSH rotations) are fresh on
     every replay (PyTorch's graph-safe generator). The sparse cores measure their kept-pair fraction on every
     replay into tensors the graph owns, returned for the logging steps to read."""
-    attns = [m for m in run.raw_model.modules() if isinstance(m, CausalAttention)]
-    sparse = [m for m in attns if m.mode in ("qk-sparse", "hash-sparse")]
+    sparse = [m for m in run.raw_model.modules()
+              if isinstance(m, CausalAttention) and m.mode in ("qk-sparse", "hash-sparse")]
     for m in sparse:
         m.measure = True
     # the capture's warm-up draws random numbers: a resumed run must continue the checkpoint's stream
