@@ -317,7 +317,13 @@ def finite(c: dict) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="append one JSON line per result to DIR/gluon-fwd.jsonl as it is measured")
+    p.add_argument("--configs", default=",".join(str(i) for i in range(len(CONFIGS))),
+                   help="comma list of indices into CONFIGS (one per process lets a hang cost only its own)")
     args = p.parse_args(argv)
+    try:
+        configs = [CONFIGS[int(i)] for i in args.configs.split(",")]
+    except (ValueError, IndexError):
+        p.error(f"--configs: expected indices in 0..{len(CONFIGS) - 1}, got {args.configs!r}")
     if not torch.cuda.is_available():
         return compile_only(args)
     import torch.nn.functional as F
@@ -361,7 +367,7 @@ def main(argv=None) -> int:
                 t_cudnn = graph_ms(lambda: F.scaled_dot_product_attention(q, kr, vr, is_causal=causal))
             # the float64 reference and the bf16 one on the first batch element (scores materialised)
             refs = reference_pair(qf[:1], kf[:1], vf[:1], None, upper=0 if causal else None)
-            for cfg in CONFIGS:
+            for cfg in configs:
                 row = dict(type="result", B=b, H=h, H_KV=hkv, N=n, D=d, causal=causal, **cfg)
                 try:
                     grid, kargs, num_warps, out, lse = prepare(q, k, v, d ** -0.5, causal, **cfg)

@@ -36,7 +36,9 @@ has beforeafter && step beforeafter 240 python3 benchmarks/before_after.py --old
 # shellcheck disable=SC2086
 has profile && step profile 240 python3 benchmarks/train_step_profile.py --data .corpus/english \
     --arms "${PROFILE_ARMS:-dense,qk50,hash16}" --out "$out" ${PROFILE_EXTRA:+--extra="$PROFILE_EXTRA"}
-has gluon && step gluon 300 python3 benchmarks/gluon_fwd.py --out "$out"
+if has gluon; then     # one process per configuration: a barrier-protocol hang costs only its own time box
+  for c in 0 1 2; do step "gluon-$c" "${GLUON_SECS:-110}" python3 benchmarks/gluon_fwd.py --out "$out" --configs $c; done
+fi
 has share && step share 150 python3 benchmarks/attention_share.py --preset "${SHARE_PRESET:-paper-16k}" --out "$out"
 paper_arms=${PAPER_ARMS:-dense-strict hash16}
 paper_minutes=${PAPER_MINUTES:-3.2}
