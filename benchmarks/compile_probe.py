@@ -99,31 +99,45 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100 / H200)")
     p.add_argument("--headdims", default="64,128")
     p.add_argument("--seqlen", type=int, default=8192)
+    p.add_argument("--seqlen-k", type=int, help="key length (default: --seqlen)")
+    p.add_argument("--window", help="L,R: a window_size band instead of the full / causal pair")
+    p.add_argument("--kernels", default="fwd,dkdv,dq", help="which of fwd,dkdv,dq to compile")
     p.add_argument("--loops", action="store_true", help="spills and MMAs between the branches of the SASS")
     args = p.parse_args(argv)
+    seqlen_k = args.seqlen_k or args.seqlen
+    kernels = {"fwd": "LAUNCH_FWD", "dkdv": "LAUNCH_BWD_DKDV", "dq": "LAUNCH_BWD_DQ"}
+    try:
+        wanted = [kernels[k] for k in args.kernels.split(",")]
+        window = tuple(int(x) for x in args.window.split(",")) if args.window else None
+    except (KeyError, ValueError):
+        p.error("--kernels takes fwd,dkdv,dq; --window takes two integers L,R")
     driver.set_active(TargetOnly(args.arch))
+    from flashring.masks import flash_bounds
     from flashring.ops import flash
     cuda = torch.device("cuda")                    # only its type is read: the GPU configuration tables
-    print(f"triton {triton.__version__}, sm_{args.arch}, seqlen {args.seqlen}, bf16")
+    print(f"triton {triton.__version__}, sm_{args.arch}, seqlen {args.seqlen} x {seqlen_k}, bf16")
     for d in (int(x) for x in args.headdims.split(",")):
         q = torch.randn(1, args.seqlen, 2, d, dtype=torch.bfloat16)
+        k = torch.randn(1, seqlen_k, 2, d, dtype=torch.bfloat16)
         lse = torch.zeros(1, 2, args.seqlen)
-        for causal in (False, True):
-            upper = 0 if causal else None
+        for causal in ((False, True) if window is None else (False,)):
+            lower, upper = flash_bounds(args.seqlen, seqlen_k, causal, window or (-1, -1))
             calls, restore = record(flash, ("LAUNCH_FWD", "LAUNCH_BWD_PRE", "LAUNCH_BWD_DKDV", "LAUNCH_BWD_DQ"))
             try:
                 cfg = flash.default_config(d, q.dtype, cuda, backward=False, seqlen_q=args.seqlen, causal=causal)
-                flash.fwd(q, q, q, d ** -0.5, upper=upper, config=cfg)
-                flash.bwd(q, q, q, q, q, lse, d ** -0.5, upper=upper,
+                flash.fwd(q, k, k, d ** -0.5, lower=lower, upper=upper, config=cfg)
+                flash.bwd(q, q, k, k, q, lse, d ** -0.5, lower=lower, upper=upper,
                           config=flash.default_config(d, q.dtype, cuda, backward=True))
             finally:
                 restore()
             for name, fn in (("LAUNCH_FWD", flash._attn_fwd), ("LAUNCH_BWD_DKDV", flash._bwd_dkdv),
                              ("LAUNCH_BWD_DQ", flash._bwd_dq)):
+                if name not in wanted:
+                    continue
                 a, kw, grid = calls[name]
                 tiles = {k: v for k, v in kw.items() if k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages",
                                                               "maxnreg")}
-                print(f"D={d:<3} causal={causal!s:<5} {name[7:]:<9} {tiles}\n    "
+                print(f"D={d:<3} causal={causal!s:<5} window={window} {name[7:]:<9} {tiles}\n    "
                       f"{usage(fn.warmup(*a, grid=grid, **kw), args.loops)}", flush=True)
     return 0
 

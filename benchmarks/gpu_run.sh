@@ -22,14 +22,14 @@ step() {  # name seconds command...
   echo "$name: exit $?" >> "$out/summary.txt"
 }
 : > "$out/summary.txt"
-has tests && step tests 240 python3 -m pytest -m gpu -q -x -n 8 -p no:cacheprovider
+has tests && step tests ${TESTS_SECS:-360} python3 -m pytest -m gpu -q --maxfail=20 -n 8 -p no:cacheprovider
 has dense && step dense 240 python3 -m flashring bench dense --providers flashring,sdpa-flash,sdpa-cudnn \
     --modes fwd,fwd+bwd --out "$out" --no-plot
 has sparse && step sparse 150 python3 -m flashring bench sparse --quick --out "$out" --no-plot
 has decode && step decode 150 python3 -m flashring bench decode --out "$out"
 has varlen && step varlen 90 python3 -m flashring bench varlen --out "$out"
-has tune && step tune 150 python3 -m flashring bench tune --seqlens ${TUNE_SEQLENS:-1k,8k} \
-    --headdims ${TUNE_HEADDIMS:-128} --causal ${TUNE_CAUSAL:-yes} --out "$out"
+has tune && step tune "${TUNE_SECS:-150}" python3 -m flashring bench tune --seqlens ${TUNE_SEQLENS:-1k,8k} \
+    --headdims ${TUNE_HEADDIMS:-128} --causal ${TUNE_CAUSAL:-yes} --passes ${TUNE_PASSES:-fwd,bwd} --out "$out"
 has generate && step generate 150 python3 benchmarks/hf_generate.py --out "$out" --cache "${GENERATE_CACHE:-dynamic}"
 has beforeafter && step beforeafter 240 python3 benchmarks/before_after.py --old .before/src \
     --old-sha "$(cat .before/SHA 2>/dev/null || echo unknown)" --quick --out "$out"
@@ -37,7 +37,7 @@ has beforeafter && step beforeafter 240 python3 benchmarks/before_after.py --old
 has profile && step profile 240 python3 benchmarks/train_step_profile.py --data .corpus/english \
     --arms "${PROFILE_ARMS:-dense,qk50,hash16}" --out "$out" ${PROFILE_EXTRA:+--extra="$PROFILE_EXTRA"}
 if has gluon; then     # one process per configuration: a barrier-protocol hang costs only its own time box
-  for c in 0 1 2; do step "gluon-$c" "${GLUON_SECS:-110}" python3 benchmarks/gluon_fwd.py --out "$out" --configs $c; done
+  for c in ${GLUON_CONFIGS:-0 1 2 3}; do step "gluon-$c" "${GLUON_SECS:-110}" python3 benchmarks/gluon_fwd.py --out "$out" --configs $c; done
 fi
 has share && step share 150 python3 benchmarks/attention_share.py --preset "${SHARE_PRESET:-paper-16k}" --out "$out"
 paper_arms=${PAPER_ARMS:-dense-strict hash16}

@@ -19,18 +19,27 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_default_kernels_compile_for_sm90_without_spills():
+def probe(*args: str) -> str:
+    """benchmarks/compile_probe.py's report for ``args`` (skips where Triton ships no NVIDIA tools)."""
     triton = pytest.importorskip("triton")
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     if not (bin_dir / "cuobjdump").exists() or not (bin_dir / "ptxas").exists():
         pytest.skip("this Triton build ships no NVIDIA ptxas / cuobjdump")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}     # compile, not interpret
     env["PYTHONPATH"] = str(ROOT / "src")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_probe.py"), "--headdims", "64,128"],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_probe.py"), *args],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    found = re.findall(r"D=(\d+)\s+causal=(\w+)\s+(\w+).*\n\s+regs\s+(\d+) stack\s+(\d+) B", proc.stdout)
-    assert len(found) == 12, proc.stdout                        # 2 head dims x 2 masks x 3 kernels
+    return proc.stdout
+
+
+KERNEL_LINE = r"D=(\d+)\s+causal=(\w+)\s+window=(?:None|\(.*?\))\s+(\w+).*\n\s+regs\s+(\d+) stack\s+(\d+) B"
+
+
+def test_default_kernels_compile_for_sm90_without_spills():
+    out = probe("--headdims", "64,128")
+    found = re.findall(KERNEL_LINE, out)
+    assert len(found) == 12, out                        # 2 head dims x 2 masks x 3 kernels
     for d, causal, kernel, regs, stack in found:
         if kernel in ("FWD", "BWD_DQ"):
             assert int(stack) == 0, (d, causal, kernel, regs, stack)
@@ -39,3 +48,11 @@ def test_default_kernels_compile_for_sm90_without_spills():
     from flashring.ops import flash
     cfg = flash.default_config(64, torch.bfloat16, torch.device("cuda"), backward=False, seqlen_q=8192, causal=True)
     assert cfg.get("maxnreg") == 128 and cfg["num_warps"] == 8, cfg
+
+
+def test_forward_compiles_for_a_one_key_sequence():
+    """Triton specialises an integer argument equal to 1 into a constant: a one-key sequence under a window made
+    ptxas 12.8 (bundled with triton 3.6, the GPU image's) segfault on the forward's non-finite loop, which every
+    GPU test with seqlen 1 and a band hit; the loop's first pass is now peeled (ops/flash.py)."""
+    out = probe("--headdims", "16", "--seqlen", "1", "--window", "16,4", "--kernels", "fwd")
+    assert len(re.findall(KERNEL_LINE, out)) == 1, out

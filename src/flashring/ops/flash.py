@@ -244,13 +244,52 @@ def _visible(qi, kj, qp, kp, qb, kb, seqlen_k, lower, upper, HAS_LOWER: tl.const
     return keep
 
 
+@triton.jit
+def _rows_seeing_key(key, SP, k_side, offs_m, qp, qb, seqlen_k, lower, upper, HAS_LOWER: tl.constexpr,
+                     HAS_UPPER: tl.constexpr, SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr):
+    """Which rows ``offs_m`` may see the single key ``key`` (its original position / bucket read when sparse)."""
+    kp = key
+    kb = key
+    if SPARSE:
+        if SP_CAUSAL:
+            kp = tl.load(SP[1] + k_side + key)
+        if HASH:
+            kb = tl.load(SP[3] + k_side + key)
+    return _visible(qi=offs_m, kj=key, qp=qp, kp=kp, qb=qb, kb=kb, seqlen_k=seqlen_k, lower=lower, upper=upper,
+                    HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, SPARSE=SPARSE, SP_CAUSAL=SP_CAUSAL, HASH=HASH)
+
+
+@triton.jit
+def _flag_rows_seeing(bad_i, row_bad, kj, SP, k_side, offs_m, qp, qb, seqlen_k, lower, upper,
+                      HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr,
+                      HASH: tl.constexpr, ONE_KEY: tl.constexpr):
+    """``bad_i`` with the rows that may see a flagged key of ``kj`` set: one scalar pass per flagged key (none, in
+    practice), nothing 2-D. ONE_KEY (a one-key sequence, which Triton specialises into the constant seqlen_k = 1):
+    a single pass, no loop, because ptxas 12.8 (triton 3.6, sm_90) segfaults on the loop there under a window."""
+    key = tl.min(tl.where(row_bad, kj, NO_KEY_C))
+    if ONE_KEY:
+        if key < NO_KEY_C:
+            seen = _rows_seeing_key(key=key, SP=SP, k_side=k_side, offs_m=offs_m, qp=qp, qb=qb, seqlen_k=seqlen_k,
+                                    lower=lower, upper=upper, HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER,
+                                    SPARSE=SPARSE, SP_CAUSAL=SP_CAUSAL, HASH=HASH)
+            bad_i = bad_i | seen.to(tl.int32)
+    else:
+        while key < NO_KEY_C:
+            seen = _rows_seeing_key(key=key, SP=SP, k_side=k_side, offs_m=offs_m, qp=qp, qb=qb, seqlen_k=seqlen_k,
+                                    lower=lower, upper=upper, HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER,
+                                    SPARSE=SPARSE, SP_CAUSAL=SP_CAUSAL, HASH=HASH)
+            bad_i = bad_i | seen.to(tl.int32)
+            key = next_flagged_key(row_bad, kj, key)
+    return bad_i
+
+
 # ----------------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, bad_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_vn, SP, k_side, offs_m, offs_n,
                d_ok,
                lo, hi, seqlen_k, lower, upper, SCORE, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPARSE: tl.constexpr,
-               SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr):
+               SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr, ONE_KEY: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kj = start_n + offs_n
@@ -285,20 +324,10 @@ def _fwd_inner(acc, l_i, m_i, bad_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, strid
             v = tl.load(V_ptrs + voff, mask=(kj[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
             row_bad = nonfinite_rows(v)
             v = tl.where(row_bad[:, None], 0.0, v)
-            first = tl.min(tl.where(row_bad, kj, NO_KEY_C))             # the first flagged key
-            while first < NO_KEY_C:
-                kp_f = first
-                kb_f = first
-                if SPARSE:
-                    if SP_CAUSAL:
-                        kp_f = tl.load(SP[1] + k_side + first)
-                    if HASH:
-                        kb_f = tl.load(SP[3] + k_side + first)
-                sees = _visible(qi=offs_m, kj=first, qp=qp, kp=kp_f, qb=qb, kb=kb_f, seqlen_k=seqlen_k, lower=lower,
-                                upper=upper, HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, SPARSE=SPARSE,
-                                SP_CAUSAL=SP_CAUSAL, HASH=HASH)
-                bad_i = bad_i | sees.to(tl.int32)
-                first = next_flagged_key(row_bad, kj, first)
+            bad_i = _flag_rows_seeing(bad_i=bad_i, row_bad=row_bad, kj=kj, SP=SP, k_side=k_side, offs_m=offs_m, qp=qp,
+                                      qb=qb, seqlen_k=seqlen_k, lower=lower, upper=upper, HAS_LOWER=HAS_LOWER,
+                                      HAS_UPPER=HAS_UPPER, SPARSE=SPARSE, SP_CAUSAL=SP_CAUSAL, HASH=HASH,
+                                      ONE_KEY=ONE_KEY)
         else:
             v = tl.load(V_ptrs + voff, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
@@ -312,7 +341,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEQ, BAND, SCORE, SP,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, VARLEN: tl.constexpr,
-              PRECISION: tl.constexpr, REVERSE_M: tl.constexpr):
+              PRECISION: tl.constexpr, REVERSE_M: tl.constexpr, ONE_KEY: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE_M:           # causal: the blocks with the most key tiles start first, so the last wave is short
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -351,7 +380,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEQ, BAND, SCORE, SP,
             k_side=k_side, offs_m=offs_m, offs_n=offs_n, d_ok=d_ok, lo=start, hi=stop, seqlen_k=seqlen_k,
             lower=lower, upper=upper, SCORE=SCORE, BLOCK_N=BLOCK_N, MASK=masked, HAS_LOWER=HAS_LOWER,
             HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE, SP_CAUSAL=SP_CAUSAL, HASH=HASH,
-            PRECISION=PRECISION)
+            PRECISION=PRECISION, ONE_KEY=ONE_KEY)
 
     # Sparse padding rows (seqlen_q <= row < SEQLEN_Q) get out = 0 / empty LSE, never stale memory (their q is 0,
     # so l_i would not be 0 when the block has valid rows too): the front ends return them for dropped queries.
@@ -720,7 +749,7 @@ def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optio
         tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(out), _rows_arg(lse), seq, band,
         score_args(softmax_scale, softcap), side, GROUP=h // hk, HEAD_DIM=d,
         BLOCK_D=max(16, next_power_of_2(d)), HAS_SOFTCAP=softcap > 0, VARLEN=varlen is not None,
-        PRECISION=precision(q.dtype), **band_flags, **sp_flags, **cfg)
+        PRECISION=precision(q.dtype), ONE_KEY=sk == 1 and varlen is None, **band_flags, **sp_flags, **cfg)
     return out, lse
 
 
