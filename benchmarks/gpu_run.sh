@@ -30,7 +30,8 @@ has decode && step decode 150 python3 -m flashring bench decode --out "$out"
 has varlen && step varlen 90 python3 -m flashring bench varlen --out "$out"
 has tune && step tune "${TUNE_SECS:-150}" python3 -m flashring bench tune --seqlens ${TUNE_SEQLENS:-1k,8k} \
     --headdims ${TUNE_HEADDIMS:-128} --causal ${TUNE_CAUSAL:-yes} --passes ${TUNE_PASSES:-fwd,bwd} --out "$out"
-has generate && step generate 150 python3 benchmarks/hf_generate.py --out "$out" --cache "${GENERATE_CACHE:-dynamic}"
+has generate && step generate "${GENERATE_SECS:-150}" python3 benchmarks/hf_generate.py --out "$out" \
+    --cache "${GENERATE_CACHE:-dynamic}" ${GENERATE_SHAPES:+--shapes "$GENERATE_SHAPES"}
 has beforeafter && step beforeafter 240 python3 benchmarks/before_after.py --old .before/src \
     --old-sha "$(cat .before/SHA 2>/dev/null || echo unknown)" --quick --out "$out"
 # shellcheck disable=SC2086

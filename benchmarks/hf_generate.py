@@ -31,12 +31,19 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--shapes", default=",".join(f"{b}x{p}" for b, p in SHAPES),
+                    help="comma list of BATCHxPROMPT (default: %(default)s)")
     ap.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
                     help="transformers' KV cache; static: fixed-size buffers, and generate() compiles the decode "
                          "step (CUDA graphs) where transformers does so by default")
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
     import transformers
+    try:
+        shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")]
+        assert all(len(sh) == 2 and min(sh) > 0 for sh in shapes)
+    except (ValueError, AssertionError):
+        ap.error(f"--shapes: expected e.g. 1x4096,8x2048, got {args.shapes!r}")
     dev = torch.device("cuda")
     cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.layers,
                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=32768)
@@ -48,7 +55,7 @@ def main() -> int:
     meta = run_metadata(dev, sys.argv, transformers=transformers.__version__, n_params=n_params,
                         attn_implementation=ATTN_IMPLEMENTATION)
     g = torch.Generator(device=dev).manual_seed(1)
-    for batch, prompt in SHAPES:
+    for batch, prompt in shapes:
         ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=dev, generator=g)
         outs = {}
         for impl in ("sdpa", ATTN_IMPLEMENTATION):
@@ -62,9 +69,11 @@ def main() -> int:
             try:
                 with torch.no_grad():
                     # warm-up on the timed shapes: every kernel variant the timed call needs (prefill tiles,
-                    # the decode split count of this cache length) is compiled before the clock starts
-                    base.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0,
-                                  **static)
+                    # the decode split count of this cache length) is compiled before the clock starts; a static
+                    # cache is sized prompt + max_new_tokens and its compiled step specialised on that size, so
+                    # its warm-up is the timed call itself
+                    warm = kw if static else dict(kw, max_new_tokens=2, min_new_tokens=2)
+                    base.generate(ids, **warm)
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     out = base.generate(ids, **kw)
@@ -92,7 +101,7 @@ def main() -> int:
           f"bf16, {args.new_tokens} new tokens, greedy")
     print(f"{'batch':>5} {'prompt':>6} {'sdpa tok/s':>11} {ATTN_IMPLEMENTATION + ' tok/s':>12} {'ratio':>6} "
           f"{'same ids':>8}")
-    for batch, prompt in SHAPES:
+    for batch, prompt in shapes:
         r = {x["impl"]: x for x in rows if x["batch"] == batch and x["prompt"] == prompt}
         a, b = r["sdpa"]["new_tokens_per_s"], r[ATTN_IMPLEMENTATION]["new_tokens_per_s"]
         print(f"{batch:>5} {prompt:>6} {a or 0:>11.1f} {b or 0:>12.1f} {(b / a if a and b else 0):>6.2f} "

@@ -212,3 +212,21 @@ def test_split_kv_decode_in_cuda_graphs(seed):
     for out in outs:
         assert_close(out, refs["ref"]["out"], refs["low"]["out"], 2, "split-KV decode replayed from a graph", seed)
     assert_close(want, refs["ref"]["out"], refs["low"]["out"], 2, "split-KV decode, eager", seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_split_kv_decode_under_cudagraph_trees(seed):
+    """torch.compile(mode="reduce-overhead"), what transformers' compiled static-cache generation runs: the split
+    counters' cached buffer, first needed during the cudagraph trees' warm-up, must not be left alive in their
+    pool (the H100 run of hf_generate.py --cache static failed on that), and warm-up, recording and replays all
+    match the reference. 64 x 64 tiles need a larger buffer than any other test, so it is allocated here."""
+    b, h, s, d = 64, 64, 512, 64
+    k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    step = torch.compile(lambda q: flashring.flash_attn_with_kvcache(q, k, v, num_splits=4), mode="reduce-overhead",
+                         fullgraph=True)
+    for i in range(4):                      # warm-up, record, then replays
+        q = torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16)
+        got = step(q).clone()
+        refs = reference_pair(q, k, v, None)
+        assert_close(got, refs["ref"]["out"], refs["low"]["out"], 2, f"reduce-overhead decode, call {i}", seed)

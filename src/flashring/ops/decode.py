@@ -251,7 +251,20 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
     key = (device.index, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else (None, 0)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        if device.type == "cuda":
+            # Not from a CUDA-graph pool: torch.compile's cudagraph trees ("reduce-overhead", transformers' compiled
+            # static-cache generation) warm up with the current stream's allocations routed to their pool, and a
+            # tensor left alive there fails their check ("tensor(s) in the cudagraph pool not tracked as outputs").
+            # A side stream's allocation is not routed; the current stream waits for its memset and is recorded as
+            # a user, so the block is never handed out again while a kernel here may still read it.
+            current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+            current.wait_stream(side)
+            buf.record_stream(current)
+        else:
+            buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
         _COUNTERS[key] = buf
     return buf
 
