@@ -64,6 +64,8 @@ def main() -> int:
             else:
                 base.config._attn_implementation = impl
             static = dict(cache_implementation="static") if args.cache == "static" else {}
+            if static:      # each implementation compiles its own decode step (and a failure leaves no state)
+                torch.compiler.reset()
             kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                       pad_token_id=0, **static)
             try:
@@ -85,7 +87,7 @@ def main() -> int:
             except Exception as exc:                     # e.g. OOM of the materialised SDPA mask at 16k
                 rows.append(dict(batch=batch, prompt=prompt, impl=impl, cache=args.cache, seconds=None,
                                  new_tokens_per_s=None,
-                                 error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
+                                 error=f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"))
                 torch.cuda.empty_cache()
             print(json.dumps(rows[-1]), flush=True)
         if len(outs) == 2:

@@ -7,7 +7,6 @@ import torch
 
 import flashring
 from flashring.masks import flash_bounds
-from flashring.ops.decode import split_counters
 from flashring.testing import assert_close, max_err, reference_pair, rounding_floor
 
 from conftest import gpu_only
@@ -111,8 +110,6 @@ def check_kvcache(case, mask, interleaved, device, seed):
                                                      softcap=softcap, rotary_interleaved=interleaved,
                                                      num_splits=splits, return_softmax_lse=True, **kw)
         tag = f"{case} causal={causal} window={window} softcap={softcap} splits={splits}"
-        # split-KV counters are left at 0 for the next call (the last split of each tile re-zeroes its counter)
-        assert not split_counters(q.device, 1).any(), tag
         assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
         for i, r in enumerate(refs):
             assert_close(out[i:i + 1], r["ref"]["out"], r["low"]["out"], 2, f"out row {i} {tag}", seed)
@@ -217,13 +214,13 @@ def test_split_kv_decode_in_cuda_graphs(seed):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_split_kv_decode_under_cudagraph_trees(seed):
-    """torch.compile(mode="reduce-overhead"), what transformers' compiled static-cache generation runs: the split
-    counters' cached buffer, first needed during the cudagraph trees' warm-up, must not be left alive in their
-    pool (the H100 run of hf_generate.py --cache static failed on that), and warm-up, recording and replays all
-    match the reference. 64 x 64 tiles need a larger buffer than any other test, so it is allocated here."""
-    b, h, s, d = 64, 64, 512, 64
+    """torch.compile(mode="reduce-overhead"), what transformers' compiled static-cache generation runs: nothing
+    the split-KV launch allocates may stay alive in the cudagraph trees' pool (a cached counter buffer did, and
+    the H100 run of hf_generate.py --cache static failed on it), and warm-up, recording and replays all match the
+    reference."""
+    b, h, s, d = 2, 8, 4096, 64
     k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    step = torch.compile(lambda q: flashring.flash_attn_with_kvcache(q, k, v, num_splits=4), mode="reduce-overhead",
+    step = torch.compile(lambda q: flashring.flash_attn_with_kvcache(q, k, v, num_splits=8), mode="reduce-overhead",
                          fullgraph=True)
     for i in range(4):                      # warm-up, record, then replays
         q = torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16)

@@ -237,36 +237,13 @@ def choose_splits(batch: int, heads_k: int, m_blocks: int, max_keys: int, block_
     return max(1, min(32, (2 * sms) // programs, cdiv(tiles, 2)))
 
 
-_COUNTERS: dict = {}
-
-
 def split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least ``n`` int32 zeros for the split counters, one buffer per (device, stream): the kernel leaves them
-    at 0 when it ends, so the buffer is reused without a memset launch; launches on one stream are ordered, and
-    each stream has its own buffer. Grown (never shrunk) on demand. Under CUDA-graph capture every call gets a
-    fresh zeroed buffer (its memset is part of the graph): a cached buffer baked into a graph could be replaced
-    and freed by a later eager call, or shared by several captures on torch's one capture stream."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else (None, 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda":
-            # Not from a CUDA-graph pool: torch.compile's cudagraph trees ("reduce-overhead", transformers' compiled
-            # static-cache generation) warm up with the current stream's allocations routed to their pool, and a
-            # tensor left alive there fails their check ("tensor(s) in the cudagraph pool not tracked as outputs").
-            # A side stream's allocation is not routed; the current stream waits for its memset and is recorded as
-            # a user, so the block is never handed out again while a kernel here may still read it.
-            current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-            current.wait_stream(side)
-            buf.record_stream(current)
-        else:
-            buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
+    """``n`` int32 zeros for the split counters, fresh on every call (one memset launch). A buffer cached across
+    calls saves that launch but cannot be made safe: torch.compile's cudagraph trees route every allocation of
+    their warm-up thread into their pool and refuse a tensor left alive there (transformers' compiled static-cache
+    generate() failed so on the H100, and a side stream does not escape the routing), and a cached buffer baked
+    into one captured graph could be replaced and freed by a later eager call."""
+    return torch.zeros(n, dtype=torch.int32, device=device)
 
 
 def attention(q, k_cache, v_cache, start: Optional[torch.Tensor], end, softmax_scale: float,
