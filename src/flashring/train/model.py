@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..interface import flash_attn_func
+from ..interface import attention, flash_attn_func
 from ..ring import ring_flash_attn_func
 from ..sparse import hash_sparse_attn_func, lsh_buckets, qk_sparse_attn_func
 from .config import ARCH_DEFAULTS, ATTN_MODES, MODEL_FIELDS, POSITIONS
@@ -101,7 +101,13 @@ class CausalAttention(nn.Module):
             (", strict" if self.strict and self.mode in ("sdpa", "flash") else "")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.strict and self.mode in ("sdpa", "flash"):
+        if self.strict and self.mode == "flash":
+            # Strictly causal dense (j < i) is the kernels' band upper = -1: one call on the whole tensors, query 0
+            # (no key) outputs 0. The sliced form below (S - 1 rows, strided views, a padded copy) ran the paper-8k
+            # model at 156.4 ms/step on the H100 against 142.8 for plain causal.
+            out, _ = attention(q, k, v, q.shape[-1] ** -0.5, None, -1, 0.0)
+            return out
+        if self.strict and self.mode == "sdpa":
             # Strictly causal dense (j < i): query i over keys 0..i-1 is a causal call of queries 1.. over keys
             # ..S-2 (bottom-right aligned, equal lengths); query 0 sees nothing and outputs 0. With shared-QK the
             # diagonal would otherwise always hold a row's highest score (q . q/|q| = |q| >= q . k_j).
