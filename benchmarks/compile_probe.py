@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", help="L,R: a window_size band instead of the full / causal pair")
     p.add_argument("--kernels", default="fwd,dkdv,dq", help="which of fwd,dkdv,dq to compile")
     p.add_argument("--loops", action="store_true", help="spills and MMAs between the branches of the SASS")
+    p.add_argument("--hopper", action="store_true", help="the Gluon sm_90 forward (ops/hopper.py) instead")
     args = p.parse_args(argv)
     seqlen_k = args.seqlen_k or args.seqlen
     kernels = {"fwd": "LAUNCH_FWD", "dkdv": "LAUNCH_BWD_DKDV", "dq": "LAUNCH_BWD_DQ"}
@@ -115,6 +116,8 @@ def main(argv=None) -> int:
     from flashring.masks import flash_bounds
     from flashring.ops import flash
     cuda = torch.device("cuda")                    # only its type is read: the GPU configuration tables
+    if args.hopper:
+        return hopper_usage(args)
     print(f"triton {triton.__version__}, sm_{args.arch}, seqlen {args.seqlen} x {seqlen_k}, bf16")
     for d in (int(x) for x in args.headdims.split(",")):
         q = torch.randn(1, args.seqlen, 2, d, dtype=torch.bfloat16)
@@ -139,6 +142,25 @@ def main(argv=None) -> int:
                                                               "maxnreg")}
                 print(f"D={d:<3} causal={causal!s:<5} window={window} {name[7:]:<9} {tiles}\n    "
                       f"{usage(fn.warmup(*a, grid=grid, **kw), args.loops)}", flush=True)
+    return 0
+
+
+def hopper_usage(args) -> int:
+    """Compile ops/hopper.py's kernel (both masks, each head dim) and print its resources."""
+    from flashring.ops import hopper
+    if not hopper.AVAILABLE:
+        print("hopper: Gluon is not available in this triton")
+        return 0
+    print(f"triton {triton.__version__}, sm_{args.arch}, Gluon forward, seqlen {args.seqlen}, bf16")
+    for d in (int(x) for x in args.headdims.split(",")):
+        q = torch.empty(1, args.seqlen, 4, d, dtype=torch.bfloat16)
+        k = torch.empty(1, args.seqlen, 2, d, dtype=torch.bfloat16)
+        for causal in (False, True):
+            grid, kargs = hopper.launch_args(q, k, k, d ** -0.5, causal, torch.empty_like(q),
+                                             torch.empty(1, 4, args.seqlen))
+            kern = hopper._attn_fwd_hopper.warmup(*kargs, grid=grid, num_warps=4)
+            print(f"D={d:<3} causal={causal!s:<5} window=None HOPPER_FWD {{}}\n    {usage(kern, args.loops)}",
+                  flush=True)
     return 0
 
 

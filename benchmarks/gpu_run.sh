@@ -2,8 +2,8 @@
 # Everything one GPU session checks and measures, in one command (each step time-boxed, logs kept):
 #   bash benchmarks/gpu_run.sh OUT [STEPS]
 # STEPS: a comma list from tests,dense,sparse,decode,varlen,tune,generate (default: all), and on request
-# beforeafter (this checkout vs the one unpacked in .before/src, its sha in .before/SHA), gluon (the Gluon
-# Hopper forward prototype: check + time), profile (a training step's kernels per arm; PROFILE_ARMS,
+# beforeafter (this checkout vs the one unpacked in .before/src, its sha in .before/SHA), gluon (the opt-in Gluon
+# Hopper forward, ops/hopper.py: check + time), profile (a training step's kernels per arm; PROFILE_ARMS,
 # PROFILE_EXTRA e.g. --cuda-graph), share (attention_share.py; SHARE_PRESET, default paper-16k) and paper
 # (paper_experiments.py; PAPER_PRESET, PAPER_ARMS, PAPER_MINUTES per arm, default 3.2: a hash arm at 186 ms/step
 # needs 2.9 for 920 steps). profile and paper train on the corpus directory carried in .corpus/english.
@@ -37,9 +37,7 @@ has beforeafter && step beforeafter 240 python3 benchmarks/before_after.py --old
 # shellcheck disable=SC2086
 has profile && step profile 240 python3 benchmarks/train_step_profile.py --data .corpus/english \
     --arms "${PROFILE_ARMS:-dense,qk50,hash16}" --out "$out" ${PROFILE_EXTRA:+--extra="$PROFILE_EXTRA"}
-if has gluon; then     # one process per configuration: a barrier-protocol hang costs only its own time box
-  for c in ${GLUON_CONFIGS:-0 1 2 3}; do step "gluon-$c" "${GLUON_SECS:-110}" python3 benchmarks/gluon_fwd.py --out "$out" --configs $c; done
-fi
+has gluon && step gluon "${GLUON_SECS:-240}" python3 benchmarks/gluon_fwd.py --out "$out"
 has share && step share 150 python3 benchmarks/attention_share.py --preset "${SHARE_PRESET:-paper-16k}" --out "$out"
 paper_arms=${PAPER_ARMS:-dense-strict hash16}
 paper_minutes=${PAPER_MINUTES:-3.2}

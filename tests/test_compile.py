@@ -56,3 +56,14 @@ def test_forward_compiles_for_a_one_key_sequence():
     GPU test with seqlen 1 and a band hit; the loop's first pass is now peeled (ops/flash.py)."""
     out = probe("--headdims", "16", "--seqlen", "1", "--window", "16,4", "--kernels", "fwd")
     assert len(re.findall(KERNEL_LINE, out)) == 1, out
+
+
+def test_hopper_forward_compiles_for_sm90_without_spills():
+    """The opt-in Gluon forward (ops/hopper.py) compiles for sm_90 (causal, with its non-finite scan, and not)
+    with no local memory at either head dim."""
+    out = probe("--hopper", "--headdims", "64,128", "--seqlen", "1024")
+    if "not available" in out:
+        pytest.skip("this Triton has no Gluon")
+    found = re.findall(KERNEL_LINE, out)
+    assert len(found) == 4, out
+    assert all(int(stack) == 0 for *_, stack in found), out

@@ -1,0 +1,278 @@
+"""Hopper (sm_90) dense forward in Gluon: TMA loads by a producer warp, wgmma by two consumer warpgroups.
+
+Opt-in (``FLASHRING_HOPPER_FWD=1``) until a GPU session has validated this module; the portable Triton kernel
+(``ops.flash``) stays the default and serves every case this one does not take (:func:`applies`).
+
+One program = one 128-row query tile of one (batch, head). A 1-warp producer fills a 2-stage K/V ring in shared
+memory by TMA (K-ready and V-ready mbarriers apart, so S = Q K^T starts before V lands; one "empty" barrier per
+stage with one arrival per consumer). Two 4-warp consumer warpgroups of 64 rows each run S = Q K^T by wgmma, the
+online softmax in registers (base 2, scale folded in), and O += P V by wgmma with P in registers. Causal masks
+only the tiles that cross the diagonal and runs the longest rows first.
+
+Measured as a prototype (benchmarks/gluon_fwd.py, H100, BENCHMARKS.md session 7): 0.94-0.98x cuDNN causal and
+0.86-0.95x non-causal at D=128, 1.08-1.30x the portable forward. FA3's intra-warpgroup statement order and a
+ping-pong turnstile gained nothing measurable there (ptxas hoists the P V wait), so only the serial loop is kept.
+
+The tensors are flash-attn's ``(B, S, H, D)``, contiguous, seen by TMA as 2-D ``(B*S, H*D)`` with a ``(64 or
+128, D)`` box at column ``h*D``; ``S % 128 == 0`` keeps every box inside one batch. Non-finite values follow the
+library's rule (a row is NaN exactly when it may see a non-finite key or value): in the one diagonal tile per
+warpgroup, value rows with an inf/NaN are zeroed in shared memory before P V (a masked pair's 0 * NaN would
+reach rows that cannot see that key) and the rows at or after the first such key are set to NaN at the end.
+Both warpgroups scan before either writes (an mbarrier), then both write the same zeros, each fencing its own
+writes before its own wgmma.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    AVAILABLE = True
+except ImportError:                                                     # pragma: no cover - depends on triton
+    AVAILABLE = False
+
+BLOCK_M = 128           # two warpgroups x 64 rows
+BLOCK_N = 128
+NUM_STAGES = 2          # 164 KB of shared memory at D=128; 3 stages fit (229,696 B) but measured within noise
+ENV = "FLASHRING_HOPPER_FWD"
+
+
+def enabled(device: torch.device) -> bool:
+    """The opt-in is set, Gluon imports, and ``device`` is an sm_90 GPU."""
+    return (os.environ.get(ENV) == "1" and AVAILABLE and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) == (9, 0))
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower: Optional[int], upper: Optional[int],
+            softcap: float) -> bool:
+    """Whether this kernel computes the call: bf16/fp16, head dim 64 or 128, contiguous ``(B, S, H, D)``, equal
+    query and key lengths that are multiples of 128, full or causal attention without softcap (no window, no
+    sparse or varlen front end: those callers do not come here)."""
+    if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
+        return False
+    if q.dim() != 4 or q.shape[-1] not in (64, 128) or k.shape != v.shape or k.shape[-1] != q.shape[-1]:
+        return False
+    b, s, h, d = q.shape
+    if k.shape[0] != b or k.shape[1] != s or s % BLOCK_M or h % k.shape[2]:
+        return False
+    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+        return False
+    return softcap == 0 and lower is None and upper in (None, 0)
+
+
+if AVAILABLE:
+    @gluon.jit
+    def _softmax_tile(s, start_n, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL: gl.constexpr):
+        """Online softmax of one score tile in base 2: ``(p, alpha, m, l)``; ``row_lo`` = the rows' first."""
+        BN: gl.constexpr = s.shape[1]
+        s = s * qk_scale
+        if CAUSAL:
+            if start_n + BN - 1 > row_lo:            # only tiles that reach past the first row are masked
+                s = gl.where(rows[:, None] >= (start_n + cols0)[None, :], s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        return p, alpha, m_new, l_i
+
+    @gluon.jit
+    def _nonfinite_rows(v_tile, start_n, ZERO: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """The first key of ``v_tile`` (shared memory) whose value row holds an inf or NaN (else a large number);
+        ZERO: also overwrite those rows with zeros. Read in 32-row slices (at most 32 values per thread live)."""
+        BN: gl.constexpr = v_tile.shape[0]
+        CHUNK: gl.constexpr = 32
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
+        first = start_n * 0 + 2147483647
+        for c in gl.static_range(BN // CHUNK):
+            part = v_tile.slice(c * CHUNK, CHUNK, dim=0)
+            x = part.load(layout)
+            bad = gl.sum(x.to(gl.float32) * 0.0, axis=1) != 0.0         # 0 * x is NaN exactly at inf / NaN
+            keys = start_n + c * CHUNK + gl.arange(0, CHUNK, gl.SliceLayout(1, layout))
+            first = gl.minimum(first, gl.min(gl.where(bad, keys, 2147483647), axis=0))
+            if ZERO:
+                if gl.max(bad.to(gl.int32), axis=0) > 0:
+                    part.store(gl.where(bad[:, None], gl.zeros_like(x), x))
+        return first
+
+    @gluon.jit
+    def _diagonal_values(v_tile, start_n, scan_bar, NUM_WARPS: gl.constexpr):
+        """The diagonal tile's value rows made safe for P V: both warpgroups find the first non-finite key
+        before either writes (an mbarrier both arrive at), then zero the bad rows (the other warpgroup may
+        already have: the same zeros), and fence the writes before this warpgroup's wgmma reads them."""
+        first = _nonfinite_rows(v_tile, start_n, False, NUM_WARPS)
+        mbarrier.arrive(scan_bar, count=1)
+        mbarrier.wait(scan_bar, 0)
+        if first < 2147483647:
+            _nonfinite_rows(v_tile, start_n, True, NUM_WARPS)
+        fence_async_shared()              # the zeros before this warpgroup's wgmma (the async proxy) reads V
+        return first
+
+    @gluon.jit
+    def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, scan_bar, desc_o,
+                  lse_ptr,
+                  qk_scale, N_CTX, start_m, lse_row, q_row0, q_col, n_hi, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+        """One consumer warpgroup: 64 query rows."""
+        WG_M: gl.constexpr = BLOCK_M // 2
+        NW: gl.constexpr = gl.num_warps()
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        s_row: gl.constexpr = gl.SliceLayout(1, s_layout)
+        o_row: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+        q = q_smem.index(WG)
+        mbarrier.wait(q_bar, 0)
+        m_i = gl.full([WG_M], float("-inf"), gl.float32, s_row)
+        l_i = gl.full([WG_M], 0.0, gl.float32, s_row)
+        acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
+        s_zero = gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout)
+        row_lo = start_m * BLOCK_M + WG * WG_M
+        rows = row_lo + gl.arange(0, WG_M, s_row)
+        cols0 = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+        bad_from = N_CTX                # rows at or after this key index may see a non-finite value
+        for it in range(n_hi // BLOCK_N):
+            stage = it % NUM_STAGES
+            phase = (it // NUM_STAGES) & 1
+            start_n = it * BLOCK_N
+            mbarrier.wait(k_ready.index(stage), phase)
+            s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+            p, alpha, m_i, l_i = _softmax_tile(s, start_n, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL)
+            acc = acc * gl.convert_layout(alpha, o_row)[:, None]
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(v_ready.index(stage), phase)
+            if CAUSAL:
+                # the diagonal tile (the last, for both warpgroups, as BLOCK_M == BLOCK_N): masked pairs meet these
+                if start_n + BLOCK_N - 1 > row_lo:
+                    bad_from = gl.minimum(bad_from, _diagonal_values(v_smem.index(stage), start_n, scan_bar, NW))
+            o_tok = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
+            mbarrier.arrive(kv_empty.index(stage), count=1)
+
+        # epilogue: normalise, stage through this warpgroup's (now idle) Q buffer, TMA store
+        l_o = gl.convert_layout(l_i, o_row)
+        out = acc / l_o[:, None]
+        if CAUSAL:
+            rows_o = row_lo + gl.arange(0, WG_M, o_row)
+            out = gl.where((rows_o >= bad_from)[:, None], float("nan"), out)
+        q.store(out.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc_o, [q_row0 + WG * WG_M, q_col], q)
+        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453      # natural log (scores carried log2(e) * scale)
+        gl.store(lse_ptr + lse_row + rows, lse)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _producer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v, q_row0, q_col,
+                  kv_row0, kv_col, n_hi, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+        WG_M: gl.constexpr = BLOCK_M // 2
+        mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
+        for w in gl.static_range(2):
+            tma.async_copy_global_to_shared(desc_q, [q_row0 + w * WG_M, q_col], q_bar, q_smem.index(w))
+        for it in range(n_hi // BLOCK_N):
+            stage = it % NUM_STAGES
+            phase = (it // NUM_STAGES) & 1
+            # fresh mbarriers count as "phase 1 complete": waiting on phase ^ 1 lets the first NUM_STAGES through
+            mbarrier.wait(kv_empty.index(stage), phase ^ 1)
+            row = kv_row0 + it * BLOCK_N
+            mbarrier.expect(k_ready.index(stage), desc_k.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_k, [row, kv_col], k_ready.index(stage), k_smem.index(stage))
+            mbarrier.expect(v_ready.index(stage), desc_v.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_v, [row, kv_col], v_ready.index(stage), v_smem.index(stage))
+
+    @gluon.jit
+    def _attn_fwd_hopper(desc_q, desc_k, desc_v, desc_o, lse_ptr, sm_scale, N_CTX, H, GROUP,
+                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+        gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
+        WG_M: gl.constexpr = BLOCK_M // 2
+        dtype: gl.constexpr = desc_q.dtype
+        start_m = gl.program_id(0)
+        if CAUSAL:      # longest rows first, so the last wave holds the short ones
+            start_m = gl.num_programs(0) - 1 - start_m
+        h = gl.program_id(1)
+        b = gl.program_id(2)
+        q_row0 = b * N_CTX + start_m * BLOCK_M          # rows of the (B*S, H*D) view; S % BLOCK_M == 0
+        kv_row0 = b * N_CTX
+        q_col = h * HEAD_DIM
+        kv_col = (h // GROUP) * HEAD_DIM
+        lse_row = (b.to(gl.int64) * H + h) * N_CTX
+        qk_scale = sm_scale * 1.4426950408889634
+        if CAUSAL:
+            n_hi = (start_m + 1) * BLOCK_M
+        else:
+            n_hi = N_CTX
+
+        q_smem = gl.allocate_shared_memory(dtype, [2, WG_M, HEAD_DIM], desc_q.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], desc_v.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        scan_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        mbarrier.init(scan_bar, count=2)                   # both warpgroups have scanned the diagonal values
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)      # one arrival per consumer warpgroup
+        fence_async_shared()          # the TMA unit (async proxy) signals these barriers: initialised first
+
+        # Argument tuples are built inline: a tuple assigned to a local turns its constexprs into tensors.
+        gl.warp_specialize([
+            (_consumer, (0, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, scan_bar, desc_o, lse_ptr,
+                         qk_scale, N_CTX, start_m, lse_row, q_row0, q_col, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM,
+                         NUM_STAGES, CAUSAL)),
+            (_consumer, (1, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, scan_bar, desc_o, lse_ptr,
+                         qk_scale, N_CTX, start_m, lse_row, q_row0, q_col, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM,
+                         NUM_STAGES, CAUSAL)),
+            (_producer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v, q_row0,
+                         q_col, kv_row0, kv_col, n_hi, BLOCK_M, BLOCK_N, NUM_STAGES)),
+        ], [4, 1], [240, 24])        # consumers need ~240 registers (128 spills); the producer only addresses
+
+        mbarrier.invalidate(q_bar)
+        mbarrier.invalidate(scan_bar)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(k_ready.index(i))
+            mbarrier.invalidate(v_ready.index(i))
+            mbarrier.invalidate(kv_empty.index(i))
+
+
+def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+                out: torch.Tensor, lse: torch.Tensor) -> Tuple[tuple, tuple]:
+    """``(grid, args)`` of one launch (``_attn_fwd_hopper[grid](*args, num_warps=4)``): TMA descriptors over the
+    2-D ``(B*S, H*D)`` views. Split out so that a machine without a GPU can compile the kernel (tests)."""
+    b, s, h, d = q.shape
+    hk = k.shape[2]
+    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[q.dtype]
+    q_box, kv_box = [BLOCK_M // 2, d], [BLOCK_N, d]
+    q_lay = gl.NVMMASharedLayout.get_default_for(q_box, gdt)
+    kv_lay = gl.NVMMASharedLayout.get_default_for(kv_box, gdt)
+    desc = lambda t, heads, box, lay: TensorDescriptor(t, [b * s, heads * d], [heads * d, 1], box, lay)  # noqa
+    args = (desc(q, h, q_box, q_lay), desc(k, hk, kv_box, kv_lay), desc(v, hk, kv_box, kv_lay),
+            desc(out, h, q_box, q_lay), lse, softmax_scale, s, h, h // hk, BLOCK_M, BLOCK_N, d, NUM_STAGES, causal)
+    return (s // BLOCK_M, h, b), args
+
+
+def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+        causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` as ``ops.flash.fwd`` returns them (lse ``(B, H, S)`` fp32, natural log), for a call that
+    :func:`applies`."""
+    b, s, h, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
+    grid, args = launch_args(q, k, v, softmax_scale, causal, out, lse)
+    _attn_fwd_hopper[grid](*args, num_warps=4)
+    return out, lse

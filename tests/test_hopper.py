@@ -1,0 +1,67 @@
+"""The opt-in Hopper forward (ops/hopper.py, ``FLASHRING_HOPPER_FWD=1``): which calls it takes, and on an sm_90 GPU
+its results through the public API against the float64 reference, including the non-finite rule in the causal
+diagonal tile. Its compiled resources for sm_90 are checked without a GPU in test_compile.py."""
+import pytest
+import torch
+
+import flashring
+from flashring.ops import hopper
+from flashring.testing import GRAD_FACTOR, OUT_FACTOR, assert_close, reference_pair
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and hopper.AVAILABLE
+
+
+def test_applies_only_where_the_kernel_is_exact():
+    q = torch.empty(2, 256, 4, 128, dtype=torch.bfloat16)
+    k = torch.empty(2, 256, 2, 128, dtype=torch.bfloat16)
+    assert hopper.applies(q, k, k, None, None, 0.0) and hopper.applies(q, k, k, None, 0, 0.0)
+    assert not hopper.applies(q, k, k, None, -1, 0.0)                        # strict causal: a band
+    assert not hopper.applies(q, k, k, -16, 0, 0.0)                          # window
+    assert not hopper.applies(q, k, k, None, 0, 30.0)                        # softcap
+    assert not hopper.applies(q.float(), k.float(), k.float(), None, 0, 0.0)
+    short = q[:, :200].contiguous(), k[:, :200].contiguous()
+    assert not hopper.applies(short[0], short[1], short[1], None, 0, 0.0)           # S % 128 != 0
+    assert not hopper.applies(q, k[:, :128].contiguous(), k[:, :128].contiguous(), None, None, 0.0)   # Sq != Sk
+    assert not hopper.applies(q[..., :96], k[..., :96], k[..., :96], None, None, 0.0)
+    assert not hopper.applies(q.transpose(1, 2).contiguous().transpose(1, 2), k, k, None, None, 0.0)
+    assert not hopper.enabled(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hopper_forward_matches_reference(d, causal, dtype, seed, monkeypatch):
+    monkeypatch.setenv(hopper.ENV, "1")
+    calls = []
+    real = hopper.fwd
+    monkeypatch.setattr(hopper, "fwd", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    b, s, h, hk = 2, 384, 4, 2
+    q = torch.randn(b, s, h, d, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    dout = torch.randn(b, s, h, d, device="cuda", dtype=dtype)
+    out, lse, _ = flashring.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    assert calls == [dict(causal=causal)]
+    grads = torch.autograd.grad(out, (q, k, v), dout)           # the portable backward on the Hopper LSE
+    refs = reference_pair(q, k, v, dout, upper=0 if causal else None)
+    assert_close(out, refs["ref"]["out"], refs["low"]["out"], OUT_FACTOR, "hopper out", seed)
+    assert_close(lse, refs["ref"]["lse"], refs["low"]["lse"], OUT_FACTOR, "hopper lse", seed, dtype=torch.float32)
+    for name, g in zip(("dq", "dk", "dv"), grads):
+        assert_close(g, refs["ref"][name], refs["low"][name], GRAD_FACTOR, f"hopper {name}", seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_nonfinite_value_reaches_exactly_the_rows_that_see_it(causal, monkeypatch):
+    """A NaN value row at key 200 (inside a causal diagonal tile, 128-255): causal rows >= 200 are NaN and rows
+    before it finite; without a mask every row sees it."""
+    monkeypatch.setenv(hopper.ENV, "1")
+    q, k, v = (torch.randn(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    v[0, 200, 1, 5] = float("nan")
+    out = flashring.flash_attn_func(q, k, v, causal=causal)
+    bad = out[0, :, 1].isnan().any(-1)
+    want = torch.arange(256, device="cuda") >= 200 if causal else torch.ones(256, dtype=torch.bool, device="cuda")
+    assert torch.equal(bad, want)
+    assert not out[0, :, 0].isnan().any()                        # head 1's value row is head 1's only
