@@ -113,21 +113,12 @@ def packing_from_position_ids(position_ids: torch.Tensor, batch: int, seqlen: in
     return Packing(None, cu, int((cu[1:] - cu[:-1]).max()), False)
 
 
-def key_bounds(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Each row's real keys as ``[lead, end)``, int32 ``(batch,)`` each, found on the device: the first True and one
-    past the last (left padding before, a static cache's unused slots after); an empty row gives [0, 0)."""
-    keys = torch.arange(mask.shape[1], device=mask.device)
-    lead = torch.where(mask, keys, mask.shape[1]).amin(1)
-    end = torch.where(mask, keys, -1).amax(1) + 1
-    return torch.where(end > 0, lead, 0).to(torch.int32), end.to(torch.int32)
-
-
-def contiguous_keys(mask: torch.Tensor) -> Tuple[bool, Optional[torch.Tensor], torch.Tensor]:
-    """``(contiguous, lead, end)``: whether every row's True entries form one run, then :func:`key_bounds` (lead
-    None when no row has padding before its run). One host read."""
-    lead, end = key_bounds(mask)
-    contiguous = bool((mask.sum(1, dtype=torch.int32) == end - lead).all())
-    return contiguous, (lead if contiguous and bool(lead.any()) else None), end
+def left_padding(mask: torch.Tensor) -> Tuple[bool, Optional[torch.Tensor]]:
+    """``(pure, lead)``: whether ``mask`` is pure left padding (every row: False... then True...), and then the int32
+    ``(batch,)`` count of leading padding tokens, None when no row has any."""
+    lead = mask.shape[1] - mask.sum(1, dtype=torch.int32)
+    pure = bool((mask == (torch.arange(mask.shape[1], device=mask.device) >= lead[:, None])).all())
+    return pure, (lead if pure and bool(lead.any()) else None)
 
 
 def _gather(x: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
@@ -173,8 +164,7 @@ def padded_attention(q, k, v, mask: torch.Tensor, **opts):
 
 def decode_step(q, k, v, mask: Optional[torch.Tensor], *, softmax_scale, causal, window_size, softcap):
     """A few new queries ``(B, Sq, H, D)`` against the whole K/V cache ``(B, Sk, Hk, D)``, Sk > Sq; the queries are
-    the cache's last positions (bottom-right causal). ``mask``: None or the ``(B, L)`` padding mask, L <= Sk, False
-    before a row's real keys (padding) and after them (a static cache's unused slots).
+    the cache's last positions (bottom-right causal). ``mask``: None or the ``(B, L)`` padding mask, L <= Sk.
 
     Without gradients: flashring's decode kernel, ``flash_attn_with_kvcache`` (split-KV, GQA packing), each row's
     valid keys ``[leftpad, L)``. With gradients, or padding between real tokens: the general paths (looked up at
@@ -183,20 +173,18 @@ def decode_step(q, k, v, mask: Optional[torch.Tensor], *, softmax_scale, causal,
     kvcache = getattr(flashring, "flash_attn_with_kvcache", None)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if kvcache is not None and not needs_grad and mask is not None and torch.compiler.is_compiling():
-        # traced (torch.compile): no host read of the mask; rows are taken as one run of real keys
-        lead, end = key_bounds(mask)
+        # traced (torch.compile): no host read of the mask. Each row's keys are [first True, last True] (left
+        # padding before, a static cache's unused slots after), both ends found on the device.
+        keys = torch.arange(mask.shape[1], device=mask.device)
+        lead = torch.where(mask, keys, mask.shape[1]).amin(1).to(torch.int32)
+        end = (torch.where(mask, keys, -1).amax(1) + 1).to(torch.int32)
         return kvcache(q, k, v, cache_seqlens=end, cache_leftpad=lead, **opts)
     if kvcache is not None and not needs_grad:
-        if mask is None:
-            return kvcache(q, k, v, cache_seqlens=k.shape[1], **opts)      # an int: no per-step tensor
-        contiguous, lead, end = _MEMO.get(mask, ("bounds",), lambda: contiguous_keys(mask))
-        if contiguous:
-            extra = {} if lead is None else dict(cache_leftpad=lead)
-            return kvcache(q, k, v, cache_seqlens=end, **extra, **opts)
-    if mask is not None:
-        # the general paths take the queries as the mask's last positions: drop the unused static-cache slots after
-        # them (transformers' rows share them, their padding is on the left)
-        mask = mask[:, :max(int(key_bounds(mask)[1].max()), q.shape[1])]
+        length = k.shape[1] if mask is None else mask.shape[1]
+        pure, leftpad = (True, None) if mask is None else _MEMO.get(mask, ("leftpad",), lambda: left_padding(mask))
+        if pure:
+            extra = {} if leftpad is None else dict(cache_leftpad=leftpad)
+            return kvcache(q, k, v, cache_seqlens=length, **extra, **opts)       # an int: no per-step tensor
     if mask is None:
         return flashring.flash_attn_func(q, k, v, **opts)
     return padded_attention(q, k, v, mask, **opts)
@@ -308,12 +296,6 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     are kernel arguments, so this returns only the 2-D ``(batch, <= kv_length)`` bool padding mask (True = real
     token), or None when nothing is padded. Without this registration transformers would hand the attention
     function no mask at all and padding would be silently attended to."""
-    # A decode-shaped call (what decode_step serves) gets a mask as long as the keys, unused static-cache slots
-    # False: its shape then stays the same from step to step, which compiled generation (CUDA graphs per input
-    # shape) needs; longer calls keep a mask of the real positions only (padded_attention aligns the queries with
-    # its end).
-    decode = q_length < kv_length and q_length <= DECODE_MAX_Q
-    static = isinstance(q_offset, torch.Tensor)      # a static cache: its decode steps keep a mask even when full
     if attention_mask is None:
         # No padding, but a static cache's keys past q_offset + q_length are unused slots (zeros), not tokens. A
         # cache holds q_offset (an int, or a 0-dim tensor for static caches) tokens before these queries.
@@ -323,11 +305,8 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
                 return (keys < q_offset + q_length).expand(batch_size, kv_length)
             q_offset = int(q_offset)               # eager: one host read per forward (the mask is built once)
         end = int(q_offset) + q_length
-        if end >= kv_length and not (decode and static):
+        if end >= kv_length:
             return None
-        if decode:
-            keys = torch.arange(kv_length, device=kwargs.get("device"))
-            return (keys < end).expand(batch_size, kv_length)
         return torch.ones(batch_size, end, dtype=torch.bool, device=kwargs.get("device"))
     mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
     if mask.dim() != 2:
@@ -335,10 +314,8 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     if mask.shape[1] > kv_length:
         mask = mask[:, -kv_length:]
     # Kept when shorter than the keys even if all True: a static cache's unused slots lie beyond it.
-    if mask.shape[1] == kv_length and not (decode and static) and bool(mask.all()):
+    if mask.shape[1] == kv_length and bool(mask.all()):
         return None
-    if decode and mask.shape[1] < kv_length:
-        mask = F.pad(mask, (0, kv_length - mask.shape[1]), value=False)
     return mask
 
 
