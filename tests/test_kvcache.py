@@ -182,8 +182,8 @@ def test_kvcache_bad_input(change, exc, match):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_split_kv_decode_in_cuda_graphs(seed):
-    """Split-KV decode captured in two CUDA graphs: each capture gets its own zeroed counters, and an eager call
-    that needs a larger counter buffer afterwards does not disturb the graphs' replays."""
+    """Split-KV decode captured in two CUDA graphs: each capture zeroes its own counters on every replay, and an
+    eager call with many more tiles afterwards does not disturb the graphs' replays."""
     q = torch.randn(2, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(2, 4096, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     want = flashring.flash_attn_with_kvcache(q, k, v, num_splits=8)
@@ -198,7 +198,7 @@ def test_split_kv_decode_in_cuda_graphs(seed):
         with torch.cuda.graph(g):
             outs.append(flashring.flash_attn_with_kvcache(q, k, v, num_splits=splits))
         graphs.append(g)
-    big_q = torch.randn(64, 1, 32, 64, device="cuda", dtype=torch.bfloat16)      # many tiles: the buffer grows
+    big_q = torch.randn(64, 1, 32, 64, device="cuda", dtype=torch.bfloat16)      # many tiles
     big_k = torch.randn(64, 256, 32, 64, device="cuda", dtype=torch.bfloat16)
     flashring.flash_attn_with_kvcache(big_q, big_k, big_k, num_splits=4)
     for _ in range(3):

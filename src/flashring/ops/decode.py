@@ -42,7 +42,7 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
     ``[Start[b] or 0, End[b] or END)``;
     ``LSE`` = (ptr, sb, sh) of (B, H, Sq); ``OP``/``LSEP`` = fp32 partials (NUM_SPLITS, B, Sq, H, D) /
     (NUM_SPLITS, B, H, Sq) and ``Count`` = int32 zeros, one per (batch, m_block, KV head) tile, used when
-    NUM_SPLITS > 1 (the counters are back at 0 when the launch ends). ``BAND = (LOWER, UPPER)``: a query at
+    NUM_SPLITS > 1 (:func:`split_counters`, fresh for every launch). ``BAND = (LOWER, UPPER)``: a query at
     position p sees keys ``p + LOWER <= j <= p + UPPER`` (causal: UPPER = 0; window (left, right): -left, right).
     ``MIXED``: rows of one tile may see different keys (several query positions and a band), so a non-finite
     value row must not reach a row that may not see it through its zero weight (as ``flash._fwd_inner``'s masked
@@ -112,11 +112,8 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
             s = softcap_tanh(s * SCORE[0]) * SCORE[1]
         else:
             s = s * SCORE[0]
-        keep = n_ok[None, :] & r_ok[:, None]
-        if HAS_UPPER:
-            keep = keep & (kj[None, :] <= pos[:, None] + BAND[1])
-        if HAS_LOWER:
-            keep = keep & (kj[None, :] >= pos[:, None] + BAND[0])
+        keep = _in_band(n_ok[None, :] & r_ok[:, None], kj=kj[None, :], pos=pos[:, None], BAND=BAND,
+                        HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -130,11 +127,8 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
             v = tl.where(row_bad[:, None], 0.0, v)
             first = tl.min(tl.where(row_bad, kj, NO_KEY_C))             # the first flagged key
             while first < NO_KEY_C:                                    # once per non-finite value row
-                sees = r_ok & (first >= start) & (first < end)
-                if HAS_UPPER:
-                    sees = sees & (first <= pos + BAND[1])
-                if HAS_LOWER:
-                    sees = sees & (first >= pos + BAND[0])
+                sees = _in_band(r_ok & (first >= start) & (first < end), kj=first, pos=pos, BAND=BAND,
+                                HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER)
                 bad_i = bad_i | sees.to(tl.int32)
                 first = next_flagged_key(row_bad, kj, first)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
@@ -155,14 +149,23 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
         o_rows = OP + ((part * sq + qi) * SQ[1] + h) * HEAD_DIM
         tl.store(o_rows[:, None] + offs_d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
         # Serial split-K: every thread's partial stores happen before the counter's release (barrier + acq_rel
-        # atomic); the split that sees NUM_SPLITS - 1 acquires them all, merges, and re-zeroes the counter.
+        # atomic); the split that sees NUM_SPLITS - 1 acquires them all and merges (counters are fresh per launch).
         tl.debug_barrier()
         tile = Count + (b * tl.num_programs(1) + tl.program_id(1))
         if tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
             _merge_splits(O=O, LSE=LSE, OP=OP, LSEP=LSEP, b=b, h=h, qi=qi, sq=sq, nh=SQ[1], nb=nb, r_ok=r_ok,
                           offs_d=offs_d, d_ok=d_ok, HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
                           NUM_SPLITS=NUM_SPLITS, BLOCK_S=BLOCK_S)
-            tl.store(tile, 0)
+
+
+@triton.jit
+def _in_band(keep, kj, pos, BAND, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr):
+    """``keep`` and "a query at cache position ``pos`` may see key ``kj``" under the band (shapes broadcast)."""
+    if HAS_UPPER:
+        keep = keep & (kj <= pos + BAND[1])
+    if HAS_LOWER:
+        keep = keep & (kj >= pos + BAND[0])
+    return keep
 
 
 @triton.jit

@@ -28,6 +28,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .flash import NO_KEY_C
+
 try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -89,13 +91,13 @@ if AVAILABLE:
         BN: gl.constexpr = v_tile.shape[0]
         CHUNK: gl.constexpr = 32
         layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
-        first = start_n * 0 + 2147483647
+        first = start_n * 0 + NO_KEY_C
         for c in gl.static_range(BN // CHUNK):
             part = v_tile.slice(c * CHUNK, CHUNK, dim=0)
             x = part.load(layout)
             bad = gl.sum(x.to(gl.float32) * 0.0, axis=1) != 0.0         # 0 * x is NaN exactly at inf / NaN
             keys = start_n + c * CHUNK + gl.arange(0, CHUNK, gl.SliceLayout(1, layout))
-            first = gl.minimum(first, gl.min(gl.where(bad, keys, 2147483647), axis=0))
+            first = gl.minimum(first, gl.min(gl.where(bad, keys, NO_KEY_C), axis=0))
             if ZERO:
                 if gl.max(bad.to(gl.int32), axis=0) > 0:
                     part.store(gl.where(bad[:, None], gl.zeros_like(x), x))
@@ -109,7 +111,7 @@ if AVAILABLE:
         first = _nonfinite_rows(v_tile, start_n, False, NUM_WARPS)
         mbarrier.arrive(scan_bar, count=1)
         mbarrier.wait(scan_bar, 0)
-        if first < 2147483647:
+        if first < NO_KEY_C:
             _nonfinite_rows(v_tile, start_n, True, NUM_WARPS)
         fence_async_shared()              # the zeros before this warpgroup's wgmma (the async proxy) reads V
         return first
