@@ -148,22 +148,78 @@ def test_generate_with_a_static_cache_matches_eager(name, seed, torch_path):
 
 def test_compiled_static_cache_decoding_matches_eager(seed, torch_path):
     """torch.compile(fullgraph=True) over a static-cache forward (what compiled generation runs): the traced mask
-    function and decode step read no host values, and the prefill + decode logits match eager attention."""
+    function and decode step read no host values, and the prefill + decode logits match eager attention; then the
+    cache is reset and reused with a 20-token prefill (more than a decode step's 16 queries: it used to be placed
+    at the end of the cache, not after the tokens seen)."""
     torch._dynamo.reset()
     logits = {}
     for impl in ("eager", fr_hf.ATTN_IMPLEMENTATION):
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(make_config("llama"), attn_implementation=impl).eval()
         fwd = torch.compile(model.forward, fullgraph=True, backend="aot_eager") if impl != "eager" else model.forward
-        cache = transformers.StaticCache(config=model.config, max_cache_len=24)
-        ids, steps = tokens(2, 9), []
+        cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+        steps = []
         with torch.no_grad():
-            for _ in range(4):                  # the prefill, then three one-token steps
-                out = fwd(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
-                steps.append(out)
-                ids = out.argmax(-1, keepdim=True)
+            for prompt, new in ((9, 3), (20, 2)):
+                cache.reset()
+                ids = tokens(2, prompt)
+                for _ in range(1 + new):                  # the prefill, then one-token steps
+                    out = fwd(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+                    steps.append(out)
+                    ids = out.argmax(-1, keepdim=True)
         logits[impl] = torch.stack(steps)
     torch.testing.assert_close(logits[fr_hf.ATTN_IMPLEMENTATION], logits["eager"], atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_generate_with_a_static_cache_compiles_once(seed, torch_path):
+    """transformers' own compiled generation (a CompileConfig; on CPU through its all-devices switch): the decode
+    steps see one mask shape (the slot mask is as long as the cache), so one graph serves every step, and the
+    greedy ids and logits equal eager's, with left padding and without a mask. Before the slot mask the 2-D mask
+    grew by one key per step: a recompile (a CUDA graph on a GPU) per step."""
+    torch._dynamo.reset()
+    ours, eager, _ = make_models("llama")
+    ours.eval(), eager.eval()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    config = transformers.CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode=None)
+    config._compile_all_devices = True
+    ids = tokens(2, 10)
+    mask = torch.ones_like(ids)
+    mask[1, :6], ids[1, :6] = 0, 0
+    for m in (mask, None):
+        kw = dict(attention_mask=m, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True, output_logits=True, cache_implementation="static")
+        with torch.no_grad():
+            want = eager.generate(ids, **kw)
+            got = ours.generate(ids, compile_config=config, **kw)
+        assert torch.equal(got.sequences, want.sequences)
+        torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4, rtol=1e-4)
+    assert len(graphs) <= 2, f"{len(graphs)} graphs for 2 x 5 decode steps"     # one per mask kind at most
+
+
+def test_compiled_static_cache_right_padding(seed, torch_path):
+    """Traced calls find the queries' end in the slot mask, not from each row's last real token: a right-padded
+    prompt into a static cache matches eager on its real tokens. Padding *between* real tokens (that prompt
+    followed by a generated token) is refused by a device-side assert instead of being attended."""
+    torch._dynamo.reset()
+    ours, eager, _ = make_models("llama")
+    ours.eval(), eager.eval()
+    fwd = torch.compile(ours.forward, fullgraph=True, backend="aot_eager")
+    ids, mask = tokens(2, 5), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    caches = [transformers.StaticCache(config=m.config, max_cache_len=24) for m in (ours, eager)]
+    with torch.no_grad():
+        got = fwd(input_ids=ids, attention_mask=mask, past_key_values=caches[0], use_cache=True).logits
+        want = eager(input_ids=ids, attention_mask=mask, past_key_values=caches[1], use_cache=True).logits
+        real = mask.bool()
+        torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
+        step = dict(input_ids=tokens(2, 1), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+                    past_key_values=caches[0], use_cache=True)
+        with pytest.raises(RuntimeError, match="padding between a row's real tokens"):
+            fwd(**step)
 
 
 CALLS = []   # what reference_kvcache was called with
@@ -317,11 +373,23 @@ def test_registration_and_mask_function():
     padded[0, 0] = False
     assert torch.equal(fr_hf.padding_mask(2, 6, 6, attention_mask=padded), padded)
     # A sliding layer's cache holds the last 4 keys: the padding is out of reach.
-    assert fr_hf.padding_mask(2, 1, 4, attention_mask=padded) is None
-    assert torch.equal(fr_hf.padding_mask(2, 1, 8, attention_mask=full), full)   # static cache: kept
-    # no mask, a static cache of 8 slots holding 3 tokens before this one: keys [0, 4) are real
+    assert fr_hf.padding_mask(2, 1, 4, q_offset=5, attention_mask=padded) is None
+    # a static cache of 8 slots, 6 tokens: the 2 slots past them are unused whatever the mask says
+    assert torch.equal(fr_hf.padding_mask(2, 1, 8, q_offset=5, attention_mask=full),
+                       torch.tensor([[1] * 6 + [2] * 2] * 2, dtype=torch.int8))
+    # no mask, a static cache of 8 slots holding 3 tokens before this one: keys [0, 4) are real, the rest unused
+    slots = torch.tensor([[1, 1, 1, 1, 2, 2, 2, 2]] * 2, dtype=torch.int8)
     for offset in (3, torch.tensor(3)):
-        assert torch.equal(fr_hf.padding_mask(2, 1, 8, q_offset=offset), torch.ones(2, 4, dtype=torch.bool))
+        assert torch.equal(fr_hf.padding_mask(2, 1, 8, q_offset=offset), slots)
+    # with padding; a slot mask handed back (transformers turns the first call's result into bool) gives the same
+    padded = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    want = torch.tensor([[0, 1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 2, 2, 2, 2]], dtype=torch.int8)
+    first = fr_hf.padding_mask(2, 1, 8, q_offset=torch.tensor(3), attention_mask=padded)
+    assert torch.equal(first, want)
+    assert torch.equal(fr_hf.padding_mask(2, 1, 8, q_offset=torch.tensor(3), attention_mask=first.bool()), want)
+    # what the attention makes of it in eager mode: the used slots' padding mask; None when nothing is padded
+    assert torch.equal(fr_hf.used_slots(want, 8), padded)
+    assert fr_hf.used_slots(torch.ones(2, 8, dtype=torch.int8), 8) is None
     assert fr_hf.padding_mask(2, 1, 8, q_offset=7) is None                       # every slot holds a token
     with pytest.raises(ValueError, match="flash"):
         fr_hf.register("my_flash_impl")

@@ -20,10 +20,16 @@ What each call becomes (no ``seqlen x seqlen`` mask is ever built):
 Attention dropout is not implemented (``NotImplementedError``: set the model's attention dropout to 0 or call
 ``model.eval()``). Tensors are passed through in their dtype (fp16 / bf16 / fp32; flashring applies autocast).
 
+A static cache (and a sliding one not yet full) hands the attention every slot. The mask function then returns an
+int8 *slot mask* as long as the cache (:func:`slot_mask`: real token / padding / unused slot past the queries), the
+same shape at every step, so compiled generation (``torch.compile(fullgraph=True)``, CUDA graphs) records one graph;
+traced calls find the queries' end and each row's first key in it on the device. Padding *between* a row's real
+tokens (a right-padded prompt followed by generated tokens) is exact in eager mode and stopped by a device-side
+assert in traced decode steps (the decode kernel takes one key range per row).
+
 Not covered: custom 4-D attention masks (``NotImplementedError``); patterns that transformers expresses only inside
 its mask functions (bidirectional image-token blocks, chunked attention): this implementation sees causal, the
-sliding window and padding only; a static cache used without an ``attention_mask`` (its unused slots would be
-attended; with a mask, as ``generate()`` passes for padded prompts, they are excluded).
+sliding window and padding only.
 """
 from __future__ import annotations
 
@@ -42,6 +48,13 @@ ATTN_IMPLEMENTATION = "fring"
 
 # A call with at most this many queries against a longer K/V (a cache) is a decode step, served by decode_step.
 DECODE_MAX_Q = 16
+
+# A cache with unused slots (transformers' StaticCache: all its slots reach the attention, the ones past the tokens
+# seen so far empty) gets a mask as long as the cache, the same shape at every step, so that compiled generation
+# records one CUDA graph (a mask that grows per step records one per step: 0.13x sdpa at 1 x 4k, session 7). Its
+# int8 values: 1 a real token, 0 padding, UNUSED_SLOT a slot past the queries' end. The end (q_offset + q_length,
+# the same in every row) travels in the mask because the padding cannot tell it: a row's last query may be padding.
+UNUSED_SLOT = 2
 
 
 # ------------------------------------------------------------------------------------------------- index tables
@@ -80,6 +93,33 @@ class _Memo:
 
 
 _MEMO = _Memo()
+
+
+def slot_mask(batch: int, q_length: int, kv_length: int, q_offset, attention_mask: Optional[torch.Tensor],
+              device=None) -> torch.Tensor:
+    """The int8 ``(batch, kv_length)`` slot mask (see :data:`UNUSED_SLOT`) of queries at ``[q_offset, q_offset +
+    q_length)`` (q_offset an int or a 0-dim tensor: no host read) over a padding mask covering slots ``[0, L)``."""
+    if isinstance(q_offset, torch.Tensor):
+        device = q_offset.device
+    elif attention_mask is not None:
+        device = attention_mask.device
+    used = torch.arange(kv_length, device=device) < q_offset + q_length
+    if attention_mask is None:
+        real = used.expand(batch, kv_length)
+    else:
+        known = attention_mask[:, :kv_length].to(device=device, dtype=torch.bool)
+        real = F.pad(known, (0, kv_length - known.shape[1]), value=False) & used
+    return torch.where(used, real.to(torch.int8), UNUSED_SLOT)
+
+
+def used_slots(mask: torch.Tensor, seqlen_k: int) -> Optional[torch.Tensor]:
+    """Eager calls: a :func:`slot_mask` as the ``(batch, end)`` bool padding mask of its used slots, None when every
+    slot holds a real token (one host read per mask; transformers hands every layer the same one)."""
+    def build():
+        end = int((mask[0] != UNUSED_SLOT).sum())
+        real = mask[:, :end] == 1
+        return None if end == seqlen_k and bool(real.all()) else real
+    return _MEMO.get(mask, ("slots", seqlen_k), build)
 
 
 def _cu_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
@@ -151,15 +191,42 @@ def varlen_attention(q, k, v, pq: Packing, pk: Packing, *, softmax_scale, causal
 def padded_attention(q, k, v, mask: torch.Tensor, **opts):
     """Attention over a padded batch: ``mask`` ``(B, L)`` bool, True = real token, covering the keys' first L
     positions (L < Sk: a static cache whose later slots are unused) and, when causal, the queries as its last Sq
-    positions. Non-causal queries (cross-attention) all count: the mask is about keys there."""
+    positions; or a :func:`slot_mask` (traced calls), the queries ending where its used slots end. Non-causal
+    queries (cross-attention) all count: the mask is about keys there."""
     b, sq = q.shape[:2]
     sk, length = k.shape[1], mask.shape[1]
-    pk = _MEMO.get(mask, ("k", sk), lambda: packing_from_mask(F.pad(mask, (0, sk - length), value=False)))
-    if opts["causal"]:
-        pq = pk if sq == sk == length else _MEMO.get(mask, ("q", sq), lambda: packing_from_mask(mask[:, -sq:]))
+    if mask.dtype == torch.int8:
+        real = mask == 1
+        end = (mask != UNUSED_SLOT).sum(1, keepdim=True)
+        pk = packing_from_mask(real)
+        pq = packing_from_mask(real.gather(1, (end - sq + torch.arange(sq, device=mask.device)).clamp(min=0)))
     else:
+        pk = _MEMO.get(mask, ("k", sk), lambda: packing_from_mask(F.pad(mask, (0, sk - length), value=False)))
+        pq = pk if sq == sk == length else _MEMO.get(mask, ("q", sq), lambda: packing_from_mask(mask[:, -sq:]))
+    if not opts["causal"]:
         pq = Packing(None, _cu_from_lengths(torch.full((b,), sq, dtype=torch.int32, device=q.device)), sq, False)
     return varlen_attention(q, k, v, pq, pk, **opts)
+
+
+def traced_key_range(mask: torch.Tensor) -> dict:
+    """``cache_seqlens`` / ``cache_leftpad`` of a decode step from a padding mask without a host read (traced
+    calls): a :func:`slot_mask` (int8) ends where its used slots end, a bool mask at its length; a row's keys start
+    at its first real token. Padding between a row's real tokens cannot be skipped by the decode kernel: a
+    device-side assert stops it (trailing padding inside the queries is harmless: only padding queries see it)."""
+    keys = torch.arange(mask.shape[1], device=mask.device)
+    if mask.dtype == torch.int8:
+        end = (mask != UNUSED_SLOT).sum(1, dtype=torch.int32)
+        real = mask == 1
+    else:
+        end = torch.full((mask.shape[0],), mask.shape[1], dtype=torch.int32, device=mask.device)
+        real = mask
+    lead = torch.minimum(torch.where(real, keys, mask.shape[1]).amin(1).to(torch.int32), end)
+    last = torch.where(real, keys, -1).amax(1)
+    span = (keys >= lead[:, None]) & (keys <= last[:, None])
+    torch._assert_async(~(span & ~real).any(),
+                        "flashring: a compiled decode step met padding between a row's real tokens (e.g. a right-"
+                        "padded prompt followed by generated tokens); pad on the left, or run it eagerly")
+    return dict(cache_seqlens=end, cache_leftpad=lead)
 
 
 def decode_step(q, k, v, mask: Optional[torch.Tensor], *, softmax_scale, causal, window_size, softcap):
@@ -173,12 +240,9 @@ def decode_step(q, k, v, mask: Optional[torch.Tensor], *, softmax_scale, causal,
     kvcache = getattr(flashring, "flash_attn_with_kvcache", None)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if kvcache is not None and not needs_grad and mask is not None and torch.compiler.is_compiling():
-        # traced (torch.compile): no host read of the mask. Each row's keys are [first True, last True] (left
-        # padding before, a static cache's unused slots after), both ends found on the device.
-        keys = torch.arange(mask.shape[1], device=mask.device)
-        lead = torch.where(mask, keys, mask.shape[1]).amin(1).to(torch.int32)
-        end = (torch.where(mask, keys, -1).amax(1) + 1).to(torch.int32)
-        return kvcache(q, k, v, cache_seqlens=end, cache_leftpad=lead, **opts)
+        # traced (torch.compile): no host read of the mask. The queries end at `end` in every row (the slot mask's
+        # used length, else the mask's length); each row's keys are [first real token, end).
+        return kvcache(q, k, v, **traced_key_range(mask), **opts)
     if kvcache is not None and not needs_grad:
         length = k.shape[1] if mask is None else mask.shape[1]
         pure, leftpad = (True, None) if mask is None else _MEMO.get(mask, ("leftpad",), lambda: left_padding(mask))
@@ -200,6 +264,11 @@ def _prepare_mask(attention_mask, batch: int, seqlen_q: int, seqlen_k: int) -> O
             f"attention_mask must be None or a 2-D (batch, seqlen_k) padding mask for attn_implementation="
             f"{ATTN_IMPLEMENTATION!r}, got {shape}; custom 4-D masks are not supported (flashring builds no "
             f"seqlen x seqlen mask)")
+    if attention_mask.dtype == torch.int8:
+        if attention_mask.shape != (batch, seqlen_k):
+            raise ValueError(f"a slot mask (int8 attention_mask) has shape {tuple(attention_mask.shape)}, expected "
+                             f"({batch}, {seqlen_k}), one entry per cache slot")
+        return attention_mask if torch.compiler.is_compiling() else used_slots(attention_mask, seqlen_k)
     if attention_mask.dtype != torch.bool:
         attention_mask = attention_mask != 0
     if attention_mask.shape[1] > seqlen_k:
@@ -272,7 +341,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                              "not both")
         pq, pk = _explicit_packing(kwargs, b * sq, b * sk, q.device)
         out = varlen_attention(q, k, v, pq, pk, **opts)
-    elif sq < sk and sq <= DECODE_MAX_Q:
+    elif sq < sk and (sq <= DECODE_MAX_Q or mask is not None and mask.dtype == torch.int8):
+        # (a slot mask reaches here only traced: a cache's unused slots, any query count, one graph)
         out = decode_step(q, k, v, mask, **opts)
     elif mask is not None:
         out = padded_attention(q, k, v, mask, **opts)
@@ -294,26 +364,20 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
                  attention_mask: Optional[torch.Tensor] = None, **kwargs) -> Optional[torch.Tensor]:
     """transformers' mask-function contract. flashring needs no ``seqlen x seqlen`` mask: causality and windows
     are kernel arguments, so this returns only the 2-D ``(batch, <= kv_length)`` bool padding mask (True = real
-    token), or None when nothing is padded. Without this registration transformers would hand the attention
-    function no mask at all and padding would be silently attended to."""
+    token), None when nothing is padded, or, when the cache has slots past the queries (a static cache; q_offset a
+    0-dim tensor there, never read on the host), the int8 :func:`slot_mask`. Without this registration transformers
+    would hand the attention function no mask at all and padding would be silently attended to."""
+    if attention_mask is not None and attention_mask.dim() != 2:
+        return attention_mask     # attention_forward rejects it with a clear message
+    end = q_offset + q_length
+    if isinstance(q_offset, torch.Tensor) or end < kv_length:     # slots past `end` hold no token, masked or not
+        return slot_mask(batch_size, q_length, kv_length, q_offset, attention_mask, kwargs.get("device"))
     if attention_mask is None:
-        # No padding, but a static cache's keys past q_offset + q_length are unused slots (zeros), not tokens. A
-        # cache holds q_offset (an int, or a 0-dim tensor for static caches) tokens before these queries.
-        if isinstance(q_offset, torch.Tensor):
-            if torch.compiler.is_compiling():      # no host read while traced: the valid keys as a device mask
-                keys = torch.arange(kv_length, device=q_offset.device)
-                return (keys < q_offset + q_length).expand(batch_size, kv_length)
-            q_offset = int(q_offset)               # eager: one host read per forward (the mask is built once)
-        end = int(q_offset) + q_length
-        if end >= kv_length:
-            return None
-        return torch.ones(batch_size, end, dtype=torch.bool, device=kwargs.get("device"))
+        return None
     mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
-    if mask.dim() != 2:
-        return mask     # attention_forward rejects it with a clear message
     if mask.shape[1] > kv_length:
         mask = mask[:, -kv_length:]
-    # Kept when shorter than the keys even if all True: a static cache's unused slots lie beyond it.
+    # Kept when shorter than the keys even if all True: the keys past it are not tokens.
     if mask.shape[1] == kv_length and bool(mask.all()):
         return None
     return mask
