@@ -27,7 +27,7 @@ def _rotate_ref(x, cos, sin, positions, interleaved):
 
 
 def _case(device, b=3, sq=1, h=8, hk=2, d=64, cap=80, s_new=0, dtype=torch.float32, page=None, rotary=None,
-          leftpad=False, batch_idx=False, garbage=True):
+          leftpad=False, batch_idx=False, garbage=True, holes=False):
     g = torch.Generator(device="cpu").manual_seed(int(torch.randint(0, 2**31, ())))
     rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
     rows = b + 2 if batch_idx else b
@@ -44,6 +44,13 @@ def _case(device, b=3, sq=1, h=8, hk=2, d=64, cap=80, s_new=0, dtype=torch.float
         kw["cache_batch_idx"] = (torch.arange(b) + 2).to(device, torch.int32)
     if leftpad:
         kw["cache_leftpad"] = torch.minimum(torch.randint(0, 10, (b,), generator=g), seqlens).to(device, torch.int32)
+    if holes:       # key_padding_mask: a quarter of the keys are padding, NaN in the cache, never to be read
+        keep = torch.rand(b, cap, generator=g) > 0.25
+        for i in range(b):
+            r = (i + 2) if batch_idx else i
+            k_cache[r, ~keep[i]] = float("nan")
+            v_cache[r, ~keep[i]] = float("nan")
+        kw["key_padding_mask"] = keep.to(device)
     q = rnd(b, sq, h, d)
     k = v = None
     if s_new:
@@ -75,20 +82,28 @@ def _reference(q, k_cache, v_cache, k, v, kw, causal, window, softcap, interleav
         qpos = seqlens[:, None] + (torch.arange(sq) if per_token else torch.zeros(sq, dtype=torch.long))
         q = _rotate_ref(q, cos.cpu(), sin.cpu(), qpos, interleaved).to(q.device)
     start = kw.get("cache_leftpad", torch.zeros(b, dtype=torch.int32)).long().cpu()
+    keep = kw.get("key_padding_mask")
     results = []
     for i in range(b):
         kk = k_cache[rows[i], start[i]:seqlens[i] + s_new].unsqueeze(0)
         vv = v_cache[rows[i], start[i]:seqlens[i] + s_new].unsqueeze(0)
+        extra = {}
+        if keep is not None:        # masked keys: invisible (and zeroed here: the reference would spread NaN)
+            row = keep[i, start[i]:seqlens[i] + s_new].view(1, 1, 1, 1, -1)
+            kk, vv = (t.masked_fill(~row.view(1, -1, 1, 1), 0.0) for t in (kk, vv))
+            extra["mask"] = row
         lower, upper = flash_bounds(sq, kk.shape[1], causal, window)
         results.append(reference_pair(q[i:i + 1], kk, vv, None, softmax_scale=1 / math.sqrt(q.shape[-1]),
-                                      lower=lower, upper=upper, softcap=softcap))
+                                      lower=lower, upper=upper, softcap=softcap, **extra))
     return k_cache, v_cache, results
 
 
 CASES = [dict(sq=1), dict(sq=1, s_new=1, rotary=32), dict(sq=4, s_new=4, rotary=64, dtype=torch.bfloat16),
          dict(sq=3, leftpad=True, batch_idx=True, dtype=torch.float16), dict(sq=17, s_new=17, h=4, hk=4, d=40),
-         dict(sq=2, h=6, hk=1, d=128, cap=200)] + \
-    gpu_only([dict(b=4, sq=1, h=32, hk=8, d=128, cap=8192, s_new=1, dtype=torch.bfloat16, rotary=128),
+         dict(sq=2, h=6, hk=1, d=128, cap=200), dict(sq=1, holes=True),
+         dict(sq=5, s_new=5, leftpad=True, holes=True, dtype=torch.bfloat16)] + \
+    gpu_only([dict(b=4, sq=1, h=32, hk=8, d=128, cap=8192, holes=True, dtype=torch.bfloat16),
+              dict(b=4, sq=1, h=32, hk=8, d=128, cap=8192, s_new=1, dtype=torch.bfloat16, rotary=128),
               dict(b=2, sq=64, h=16, hk=4, d=64, cap=4096, s_new=64, dtype=torch.bfloat16)])
 MASKS = [(True, (-1, -1), 0.0), (False, (-1, -1), 0.0), (True, (20, -1), 4.0)]
 

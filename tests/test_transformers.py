@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 import flashring  # noqa: E402
 from flashring.integrations import transformers as fr_hf  # noqa: E402
-from flashring.testing import GRAD_FACTOR, OUT_FACTOR, check_close  # noqa: E402
+from flashring.masks import flash_bounds  # noqa: E402
+from flashring.testing import GRAD_FACTOR, OUT_FACTOR, attention_ref, check_close  # noqa: E402
 
 VOCAB = 100
 WINDOW = 4
@@ -203,8 +204,9 @@ def test_compiled_generate_with_a_static_cache_compiles_once(seed, torch_path):
 
 def test_compiled_static_cache_right_padding(seed, torch_path):
     """Traced calls find the queries' end in the slot mask, not from each row's last real token: a right-padded
-    prompt into a static cache matches eager on its real tokens. Padding *between* real tokens (that prompt
-    followed by a generated token) is refused by a device-side assert instead of being attended."""
+    prompt into a static cache matches eager on its real tokens; the decode steps after it have padding *between*
+    real tokens, which reaches the decode kernel as its key mask (generate() builds such masks itself from pad
+    tokens inside a prompt)."""
     torch._dynamo.reset()
     ours, eager, _ = make_models("llama")
     ours.eval(), eager.eval()
@@ -216,30 +218,34 @@ def test_compiled_static_cache_right_padding(seed, torch_path):
         want = eager(input_ids=ids, attention_mask=mask, past_key_values=caches[1], use_cache=True).logits
         real = mask.bool()
         torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
-        step = dict(input_ids=tokens(2, 1), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
-                    past_key_values=caches[0], use_cache=True)
-        with pytest.raises(RuntimeError, match="padding between a row's real tokens"):
-            fwd(**step)
+        for _ in range(2):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+            step = dict(input_ids=tokens(2, 1), attention_mask=mask, use_cache=True)
+            got = fwd(past_key_values=caches[0], **step).logits
+            want = eager(past_key_values=caches[1], **step).logits
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 CALLS = []   # what reference_kvcache was called with
 
 
 def reference_kvcache(q, k_cache, v_cache, cache_seqlens=None, cache_leftpad=None, softmax_scale=None, causal=False,
-                      window_size=(-1, -1), softcap=0.0):
+                      window_size=(-1, -1), softcap=0.0, key_padding_mask=None):
     """flash-attn's flash_attn_with_kvcache (no new k/v): row b attends cache keys [leftpad[b], seqlens[b]);
-    cache_seqlens an int or an int32 (batch,) tensor."""
+    cache_seqlens an int or an int32 (batch,) tensor; flashring's key_padding_mask (positions kept)."""
     if not isinstance(cache_seqlens, torch.Tensor):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32)
     CALLS.append(dict(seqlens=cache_seqlens.tolist(),
-                      leftpad=None if cache_leftpad is None else cache_leftpad.tolist(), sq=q.shape[1]))
+                      leftpad=None if cache_leftpad is None else cache_leftpad.tolist(), sq=q.shape[1],
+                      holes=key_padding_mask is not None))
     out = []
     for b in range(q.shape[0]):
         lo = 0 if cache_leftpad is None else int(cache_leftpad[b])
         hi = int(cache_seqlens[b])
-        out.append(flashring.flash_attn_func(q[b:b + 1], k_cache[b:b + 1, lo:hi], v_cache[b:b + 1, lo:hi],
-                                             softmax_scale=softmax_scale, causal=causal, window_size=window_size,
-                                             softcap=softcap))
+        keep = None if key_padding_mask is None else key_padding_mask[b, lo:hi].view(1, 1, 1, 1, -1)
+        lower, upper = flash_bounds(q.shape[1], hi - lo, causal, window_size)
+        out.append(attention_ref(q[b:b + 1], k_cache[b:b + 1, lo:hi], v_cache[b:b + 1, lo:hi], softmax_scale,
+                                 lower, upper, softcap, mask=keep, dtype=None)[0])
     return torch.cat(out)
 
 
@@ -266,6 +272,25 @@ def test_decode_step_uses_kvcache_function(name, seed, torch_path, monkeypatch):
     CALLS.clear()
     assert_same_greedy(ours, eager, tokens(2, 9), None, max_new_tokens=3)
     assert len(CALLS) == 2 * layers and all(c["leftpad"] is None for c in CALLS)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_padding_between_tokens_goes_to_the_decode_kernel_as_a_key_mask(name, seed, torch_path, monkeypatch):
+    """Pad tokens inside a prompt (generate() masks them out itself): the decode steps keep the kvcache path, the
+    holes as its key_padding_mask (positions, so windows, unchanged), and match eager; then through flashring's own
+    kernel path."""
+    ours, eager, _ = make_models(name)
+    ours.eval(), eager.eval()
+    ids = tokens(2, 9)
+    mask = torch.ones_like(ids)
+    mask[0, 4:6] = 0
+    ids[0, 4:6] = 0
+    monkeypatch.setattr(flashring, "flash_attn_with_kvcache", reference_kvcache, raising=False)
+    CALLS.clear()
+    assert_same_greedy(ours, eager, ids, mask, max_new_tokens=4)
+    assert CALLS and all(c["holes"] for c in CALLS[:1])
+    monkeypatch.undo()
+    assert_same_greedy(ours, eager, ids, mask, max_new_tokens=4)
 
 
 # ------------------------------------------------------------------------------------------------- float64 rule
@@ -411,8 +436,14 @@ def test_errors(seed):
     with pytest.raises(ValueError, match="cu_seq_lens_k"):
         fr_hf.attention_forward(torch.nn.Module(), q, k, k, None, cu_seq_lens_q=torch.tensor([0, 5]))
     holes = torch.tensor([[True, False, True, True, True]])
-    with pytest.raises(NotImplementedError, match="sliding window"):
-        fr_hf.attention_forward(torch.nn.Module(), q, k, k, holes, sliding_window=2)
+    with pytest.raises(NotImplementedError, match="sliding window"):      # training: no positions-keeping path
+        fr_hf.attention_forward(torch.nn.Module(), q.clone().requires_grad_(), k, k, holes, sliding_window=2)
+    # inference: the decode kernel with the holes as its key mask, positions (so the window) unchanged
+    out, _ = fr_hf.attention_forward(torch.nn.Module(), q, k, k, holes, sliding_window=2)
+    lower, upper = flash_bounds(5, 5, True, (1, 0))
+    want = attention_ref(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2), None, lower, upper,
+                         mask=holes.view(1, 1, 1, 1, 5), dtype=None)[0]
+    torch.testing.assert_close(out[:, holes[0]], want[:, holes[0]])
     # Without a window, padding between real tokens is simply skipped: equals attention over the real tokens.
     out, weights = fr_hf.attention_forward(torch.nn.Module(), q, k, k, holes)
     keep = holes[0]

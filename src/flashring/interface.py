@@ -283,7 +283,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 def _kvcache_forward(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens: OptT, seqlen: int, cache_batch_idx: OptT,
                      cache_leftpad: OptT, block_table: OptT, softmax_scale: float, lower: Optional[int],
                      upper: Optional[int], softcap: float, rotary_interleaved: bool, rotate_q_per_token: bool,
-                     num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                     num_splits: int, key_mask: OptT = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Append (and rotate), then attend. ``cache_seqlens`` (int32 (B,)) or, when None, ``seqlen`` for every row:
     the plain decode call then launches nothing but the attention kernel(s)."""
     b, sq = q.shape[:2]
@@ -307,7 +307,7 @@ def _kvcache_forward(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens: OptT, s
         end = (cache_seqlens + s_new if s_new else cache_seqlens).contiguous()
     contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731 - the kernel indexes them densely
     return dispatch.decode(q, k_cache, v_cache, contiguous(cache_leftpad), end, softmax_scale, lower, upper, softcap,
-                           contiguous(block_table), contiguous(cache_batch_idx), num_splits)
+                           contiguous(block_table), contiguous(cache_batch_idx), num_splits, key_mask=key_mask)
 
 
 @torch.library.custom_op("flashring::fwd_kvcache", mutates_args=("k_cache", "v_cache"))
@@ -315,10 +315,10 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k
                 sin: OptT, cache_seqlens: OptT, seqlen: int, cache_batch_idx: OptT, cache_leftpad: OptT,
                 block_table: OptT, softmax_scale: float, lower: Optional[int], upper: Optional[int], softcap: float,
                 rotary_interleaved: bool, rotate_q_per_token: bool,
-                num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                num_splits: int, key_mask: OptT = None) -> Tuple[torch.Tensor, torch.Tensor]:
     return _kvcache_forward(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens, seqlen, cache_batch_idx,
                             cache_leftpad, block_table, softmax_scale, lower, upper, softcap, rotary_interleaved,
-                            rotate_q_per_token, num_splits)
+                            rotate_q_per_token, num_splits, key_mask)
 
 
 @_kvcache_op.register_fake
@@ -351,7 +351,8 @@ def _check_range(t: torch.Tensor, lo: int, hi: int, what: str) -> None:
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
+                            key_padding_mask=None):
     """Attention of new queries over a KV cache, flash-attn's ``flash_attn_with_kvcache`` (inference: no backward).
 
     Args:
@@ -370,6 +371,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_leftpad: int32 ``(batch,)``: first valid key of each row.
         block_table: int32 ``(batch, max_pages_per_seq)``: page ids of each row's cache (paged KV).
         num_splits: split-KV programs per (row, KV head); 0 chooses from the shape and the SM count.
+        key_padding_mask: flashring's addition, bool ``(batch, cache capacity)`` over cache positions (logical
+            positions when paged): only keys marked True are attended, within the range above; positions (and so
+            causal / window) are unchanged. For padding *between* a row's tokens (e.g. a right-padded prompt
+            followed by generated tokens), which ``cache_leftpad`` cannot express. One byte read per key.
     Returns ``out`` ``(batch, seqlen_q, nheads, headdim)``, and ``softmax_lse`` ``(batch, nheads, seqlen_q)`` fp32
     with ``return_softmax_lse=True``. Out-of-range ``cache_seqlens`` / ``block_table`` entries raise ValueError on
     CPU and trip a device-side assert on a GPU (no host sync per decode step).
@@ -445,13 +450,23 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if rotary_cos.shape[0] < capacity:
             raise ValueError(f"rotary_cos/rotary_sin cover {rotary_cos.shape[0]} positions; the cache holds "
                              f"{capacity}")
+    if key_padding_mask is not None:
+        V.check_tensor(key_padding_mask, "key_padding_mask", 2, "(batch, cache capacity)")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must have dtype torch.bool, got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (b, capacity):
+            raise ValueError(f"key_padding_mask must have shape (batch, cache capacity) = ({b}, {capacity}), got "
+                             f"{tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+        key_padding_mask = key_padding_mask.contiguous()
     lower, upper = window_offsets(causal, window)
     # Eager calls skip the dispatcher (a decode step is short enough for its ~50 us of host time to show); the
     # custom op is what torch.compile traces.
     fn = _kvcache_op if torch.compiler.is_compiling() else _kvcache_forward
     out, lse = fn(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, seqlen, cache_batch_idx,
                   cache_leftpad, block_table, scale, lower, upper, cap, rotary_interleaved, causal or window != (-1, -1),
-                  num_splits)
+                  num_splits, key_padding_mask)
     return (out, lse) if return_softmax_lse else out
 
 

@@ -24,8 +24,8 @@ A static cache (and a sliding one not yet full) hands the attention every slot. 
 int8 *slot mask* as long as the cache (:func:`slot_mask`: real token / padding / unused slot past the queries), the
 same shape at every step, so compiled generation (``torch.compile(fullgraph=True)``, CUDA graphs) records one graph;
 traced calls find the queries' end and each row's first key in it on the device. Padding *between* a row's real
-tokens (a right-padded prompt followed by generated tokens) is exact in eager mode and stopped by a device-side
-assert in traced decode steps (the decode kernel takes one key range per row).
+tokens (a right-padded prompt followed by generated tokens, or pad tokens inside a prompt) reaches the decode kernel
+as a key mask (``flash_attn_with_kvcache``'s ``key_padding_mask``), traced or not.
 
 Not covered: custom 4-D attention masks (``NotImplementedError``); patterns that transformers expresses only inside
 its mask functions (bidirectional image-token blocks, chunked attention): this implementation sees causal, the
@@ -202,17 +202,22 @@ def padded_attention(q, k, v, mask: torch.Tensor, **opts):
         pq = packing_from_mask(real.gather(1, (end - sq + torch.arange(sq, device=mask.device)).clamp(min=0)))
     else:
         pk = _MEMO.get(mask, ("k", sk), lambda: packing_from_mask(F.pad(mask, (0, sk - length), value=False)))
+        kvcache = getattr(flashring, "flash_attn_with_kvcache", None)
+        if (pk.holes and opts["causal"] and opts["window_size"] != (-1, -1) and kvcache is not None
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))):
+            # packing would shorten the window's distances; the decode kernel keeps positions (inference only)
+            return kvcache(q, k, v, cache_seqlens=length, **opts, key_padding_mask=F.pad(
+                mask, (0, sk - length), value=False))
         pq = pk if sq == sk == length else _MEMO.get(mask, ("q", sq), lambda: packing_from_mask(mask[:, -sq:]))
     if not opts["causal"]:
         pq = Packing(None, _cu_from_lengths(torch.full((b,), sq, dtype=torch.int32, device=q.device)), sq, False)
     return varlen_attention(q, k, v, pq, pk, **opts)
 
 
-def traced_key_range(mask: torch.Tensor) -> dict:
-    """``cache_seqlens`` / ``cache_leftpad`` of a decode step from a padding mask without a host read (traced
-    calls): a :func:`slot_mask` (int8) ends where its used slots end, a bool mask at its length; a row's keys start
-    at its first real token. Padding between a row's real tokens cannot be skipped by the decode kernel: a
-    device-side assert stops it (trailing padding inside the queries is harmless: only padding queries see it)."""
+def traced_key_range(mask: torch.Tensor, seqlen_k: int) -> dict:
+    """``flash_attn_with_kvcache``'s key arguments for a decode step, from a padding mask without a host read
+    (traced calls): the queries end where a :func:`slot_mask`'s used slots end (a bool mask: at its length), each
+    row's keys start at its first real token, and the padding in between is the key mask."""
     keys = torch.arange(mask.shape[1], device=mask.device)
     if mask.dtype == torch.int8:
         end = (mask != UNUSED_SLOT).sum(1, dtype=torch.int32)
@@ -221,34 +226,34 @@ def traced_key_range(mask: torch.Tensor) -> dict:
         end = torch.full((mask.shape[0],), mask.shape[1], dtype=torch.int32, device=mask.device)
         real = mask
     lead = torch.minimum(torch.where(real, keys, mask.shape[1]).amin(1).to(torch.int32), end)
-    last = torch.where(real, keys, -1).amax(1)
-    span = (keys >= lead[:, None]) & (keys <= last[:, None])
-    torch._assert_async(~(span & ~real).any(),
-                        "flashring: a compiled decode step met padding between a row's real tokens (e.g. a right-"
-                        "padded prompt followed by generated tokens); pad on the left, or run it eagerly")
-    return dict(cache_seqlens=end, cache_leftpad=lead)
+    return dict(cache_seqlens=end, cache_leftpad=lead,
+                key_padding_mask=F.pad(real, (0, seqlen_k - mask.shape[1]), value=False))
 
 
 def decode_step(q, k, v, mask: Optional[torch.Tensor], *, softmax_scale, causal, window_size, softcap):
     """A few new queries ``(B, Sq, H, D)`` against the whole K/V cache ``(B, Sk, Hk, D)``, Sk > Sq; the queries are
-    the cache's last positions (bottom-right causal). ``mask``: None or the ``(B, L)`` padding mask, L <= Sk.
+    the cache's last positions (bottom-right causal). ``mask``: None, the ``(B, L)`` bool padding mask (L <= Sk), or
+    (traced calls) a :func:`slot_mask`.
 
     Without gradients: flashring's decode kernel, ``flash_attn_with_kvcache`` (split-KV, GQA packing), each row's
-    valid keys ``[leftpad, L)``. With gradients, or padding between real tokens: the general paths (looked up at
-    call time, so the tests can run both)."""
+    keys ``[leftpad, end)``, and padding between a row's real tokens (a right-padded prompt followed by generated
+    tokens, pad tokens inside a prompt) as its ``key_padding_mask``. With gradients: the general paths (looked up
+    at call time, so the tests can run both)."""
     opts = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap)
     kvcache = getattr(flashring, "flash_attn_with_kvcache", None)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if kvcache is not None and not needs_grad and mask is not None and torch.compiler.is_compiling():
-        # traced (torch.compile): no host read of the mask. The queries end at `end` in every row (the slot mask's
-        # used length, else the mask's length); each row's keys are [first real token, end).
-        return kvcache(q, k, v, **traced_key_range(mask), **opts)
     if kvcache is not None and not needs_grad:
-        length = k.shape[1] if mask is None else mask.shape[1]
-        pure, leftpad = (True, None) if mask is None else _MEMO.get(mask, ("leftpad",), lambda: left_padding(mask))
+        if mask is None:
+            return kvcache(q, k, v, cache_seqlens=k.shape[1], **opts)           # an int: no per-step tensor
+        if torch.compiler.is_compiling():
+            return kvcache(q, k, v, **traced_key_range(mask, k.shape[1]), **opts)
+        pure, leftpad = _MEMO.get(mask, ("leftpad",), lambda: left_padding(mask))
         if pure:
             extra = {} if leftpad is None else dict(cache_leftpad=leftpad)
-            return kvcache(q, k, v, cache_seqlens=length, **extra, **opts)       # an int: no per-step tensor
+        else:
+            extra = dict(key_padding_mask=_MEMO.get(mask, ("keys", k.shape[1]), lambda: F.pad(
+                mask, (0, k.shape[1] - mask.shape[1]), value=False)))
+        return kvcache(q, k, v, cache_seqlens=mask.shape[1], **extra, **opts)
     if mask is None:
         return flashring.flash_attn_func(q, k, v, **opts)
     return padded_attention(q, k, v, mask, **opts)

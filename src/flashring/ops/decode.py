@@ -31,15 +31,16 @@ from .launch import Launcher, cdiv, next_power_of_2
 
 
 @triton.jit
-def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ, SCORE, BAND,
+def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, KeyMask, SQ, SCORE, BAND,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
                 HAS_SOFTCAP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_CACHE_IDX: tl.constexpr,
-                HAS_START: tl.constexpr, END_PER_ROW: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_S: tl.constexpr, MIXED: tl.constexpr):
+                HAS_START: tl.constexpr, END_PER_ROW: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, MIXED: tl.constexpr):
     """Program (split, m_block * Hk + hk, b). ``Q``/``O`` = (ptr, sb, ss, sh) of (B, Sq, H, D); ``K``/``V`` =
     (ptr, s_batch_or_page, s_seq, s_head) of the cache; ``META`` = (Start, End, END): the valid key range
-    ``[Start[b] or 0, End[b] or END)``;
+    ``[Start[b] or 0, End[b] or END)``, and within it (``HAS_KEY_MASK``) the keys j with ``KeyMask[0][b *
+    KeyMask[1] + j] != 0`` (uint8 per cache position: padding between a row's tokens, one byte per key read);
     ``LSE`` = (ptr, sb, sh) of (B, H, Sq); ``OP``/``LSEP`` = fp32 partials (NUM_SPLITS, B, Sq, H, D) /
     (NUM_SPLITS, B, H, Sq) and ``Count`` = int32 zeros, one per (batch, m_block, KV head) tile, used when
     NUM_SPLITS > 1 (:func:`split_counters`, fresh for every launch). ``BAND = (LOWER, UPPER)``: a query at
@@ -105,6 +106,8 @@ def _decode_fwd(Q, K, V, O, LSE, OP, LSEP, Count, META, BlockTable, CacheIdx, SQ
         # [lo, hi): the keys some row of this block may see. A key outside it is never loaded (a window's first
         # tile starts before lo: loading those with weight 0 would meet a non-finite value there as 0 * NaN).
         n_ok = (kj >= lo) & (kj < hi)
+        if HAS_KEY_MASK:    # masked keys are never loaded either: their values cannot reach a row as 0 * NaN
+            n_ok = n_ok & (tl.load(KeyMask[0] + b.to(tl.int64) * KeyMask[1] + kj, mask=n_ok, other=0) != 0)
         k = tl.load(k_base + offs_n[None, :] * K[2] + offs_d[:, None], mask=d_ok[:, None] & n_ok[None, :],
                     other=0.0)
         s = mma(q, k, None, PRECISION)
@@ -251,10 +254,11 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 def attention(q, k_cache, v_cache, start: Optional[torch.Tensor], end, softmax_scale: float,
               lower: Optional[int], upper: Optional[int], softcap: float, block_table: Optional[torch.Tensor] = None,
-              cache_batch_idx: Optional[torch.Tensor] = None, num_splits: int = 0, config: Optional[dict] = None):
+              cache_batch_idx: Optional[torch.Tensor] = None, num_splits: int = 0, config: Optional[dict] = None,
+              key_mask: Optional[torch.Tensor] = None):
     """Triton launch: ``(out, lse)`` of q ``(B, Sq, H, D)`` over each batch's cache keys ``[start[b], end[b])``
-    (int32 (B,)); lse ``(B, H, Sq)`` fp32. ``lower``/``upper``: the band around each query's position (None =
-    unbounded). ``config``: BLOCK_N / num_warps / num_stages instead of :func:`decode_config` (tuning)."""
+    (int32 (B,)) that ``key_mask`` (bool ``(B, capacity)``, optional) keeps; lse ``(B, H, Sq)`` fp32.
+    ``lower``/``upper``: the band around each query's position (None = unbounded). ``config``: BLOCK_N / num_warps / num_stages instead of :func:`decode_config` (tuning)."""
     q = unit_last(q)
     b, sq, h, d = q.shape
     hk = k_cache.shape[2]
@@ -279,12 +283,14 @@ def attention(q, k_cache, v_cache, start: Optional[torch.Tensor], end, softmax_s
     LAUNCH_DECODE[(splits, m_blocks * hk, b)](
         (q, q.stride(0), q.stride(1), q.stride(2)), kv(k_cache), kv(v_cache),
         (out, out.stride(0), out.stride(1), out.stride(2)), (lse, lse.stride(0), lse.stride(1)), op, lsep, count,
-        (start, end if per_row else None, 0 if per_row else int(end)), bt, cache_batch_idx, (sq, h),
+        (start, end if per_row else None, 0 if per_row else int(end)), bt, cache_batch_idx,
+        (None, 0) if key_mask is None else (key_mask.view(torch.uint8), key_mask.stride(0)), (sq, h),
         score_args(softmax_scale, softcap),
         (0 if lower is None else int(lower), 0 if upper is None else int(upper)), GROUP=group, HEAD_DIM=d,
         BLOCK_D=max(16, next_power_of_2(d)), BLOCK_M=block_m, NUM_SPLITS=splits, HAS_LOWER=lower is not None,
         HAS_UPPER=upper is not None, HAS_SOFTCAP=softcap > 0,
         PAGED=paged, PAGE=page or 1, HAS_CACHE_IDX=cache_batch_idx is not None, HAS_START=start is not None,
-        END_PER_ROW=per_row, PRECISION=precision(q.dtype), BLOCK_S=next_power_of_2(splits),
+        END_PER_ROW=per_row, HAS_KEY_MASK=key_mask is not None, PRECISION=precision(q.dtype),
+        BLOCK_S=next_power_of_2(splits),
         MIXED=sq > 1 and (lower is not None or upper is not None), **cfg)
     return out, lse

@@ -67,15 +67,16 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
 
 def decode(q, k_cache, v_cache, start: Optional[torch.Tensor], end, softmax_scale: float,
            lower: Optional[int], upper: Optional[int], softcap: float, block_table: Optional[torch.Tensor] = None,
-           cache_batch_idx: Optional[torch.Tensor] = None, num_splits: int = 0):
+           cache_batch_idx: Optional[torch.Tensor] = None, num_splits: int = 0,
+           key_mask: Optional[torch.Tensor] = None):
     """``(out, lse)`` of q ``(B, Sq, H, D)`` over each batch row's cache keys ``[start[b], end[b])`` (start None:
-    0; end an int32 (B,) tensor or one int for all rows), the queries at the last Sq positions; ``lower``/
-    ``upper`` the band around a query's position. lse ``(B, H, Sq)``."""
+    0; end an int32 (B,) tensor or one int for all rows) that ``key_mask`` (bool ``(B, capacity)``) keeps, the
+    queries at the last Sq positions; ``lower``/``upper`` the band around a query's position. lse ``(B, H, Sq)``."""
     if on_triton(q):
         return decode_kernel.attention(q, k_cache, v_cache, start, end, softmax_scale, lower, upper, softcap,
-                                       block_table, cache_batch_idx, num_splits)
+                                       block_table, cache_batch_idx, num_splits, key_mask=key_mask)
     return kvcache.cpu_attention(q, k_cache, v_cache, start, end, softmax_scale, lower, upper, softcap, block_table,
-                                 cache_batch_idx)
+                                 cache_batch_idx, key_mask)
 
 
 def _cpu_varlen(fn, varlen: Varlen, tensors, softmax_scale, lower, upper, softcap, out_dtype):

@@ -44,8 +44,10 @@ def append_(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: to
 
 def cpu_attention(q, k_cache, v_cache, start: Optional[torch.Tensor], end, softmax_scale: float,
                   lower: Optional[int], upper: Optional[int], softcap: float,
-                  block_table: Optional[torch.Tensor] = None, cache_batch_idx: Optional[torch.Tensor] = None):
-    """The decode kernel's contract on the chunked PyTorch path: one call per batch row over its valid keys."""
+                  block_table: Optional[torch.Tensor] = None, cache_batch_idx: Optional[torch.Tensor] = None,
+                  key_mask: Optional[torch.Tensor] = None):
+    """The decode kernel's contract on the chunked PyTorch path: one call per batch row over its valid keys (those
+    of ``[start, end)`` that ``key_mask`` keeps, positions unchanged)."""
     b, sq, h, _ = q.shape
     out = torch.zeros_like(q)
     lse = torch.empty(b, h, sq, dtype=torch.float32)
@@ -66,6 +68,8 @@ def cpu_attention(q, k_cache, v_cache, start: Optional[torch.Tensor], end, softm
         if sk <= 0:
             lse[i] = EMPTY_ROW_LSE                          # nothing to attend: out 0, the empty-row LSE
             continue
-        o, l = cpu.fwd(q[i:i + 1], k.unsqueeze(0), v.unsqueeze(0), softmax_scale, lo, up, softcap)
+        keep = None if key_mask is None else key_mask[i, s0:s1]
+        o, l = cpu.fwd(q[i:i + 1], k.unsqueeze(0), v.unsqueeze(0), softmax_scale, lo, up, softcap,
+                       tile_mask=None if keep is None else (lambda m0, m1, n0, n1, keep=keep: keep[n0:n1]))
         out[i], lse[i] = o[0], l[0]
     return out, lse
