@@ -24,7 +24,16 @@ def test_applies_only_where_the_kernel_is_exact():
     assert not hopper.applies(q, k[:, :128].contiguous(), k[:, :128].contiguous(), None, None, 0.0)   # Sq != Sk
     assert not hopper.applies(q[..., :96], k[..., :96], k[..., :96], None, None, 0.0)
     assert not hopper.applies(q.transpose(1, 2).contiguous().transpose(1, 2), k, k, None, None, 0.0)
-    assert not hopper.enabled(torch.device("cpu"))
+    assert not hopper.enabled(torch.device("cpu"), 128)
+
+
+def test_default_head_dims_and_the_switch(monkeypatch):
+    monkeypatch.delenv(hopper.ENV, raising=False)
+    assert hopper.wanted(128) and not hopper.wanted(64)            # default: where it beat the portable kernel
+    monkeypatch.setenv(hopper.ENV, "1")
+    assert hopper.wanted(64) and hopper.wanted(128)
+    monkeypatch.setenv(hopper.ENV, "0")
+    assert not hopper.wanted(64) and not hopper.wanted(128)
 
 
 @pytest.mark.gpu

@@ -1,7 +1,7 @@
 """Hopper (sm_90) dense forward in Gluon: TMA loads by a producer warp, wgmma by two consumer warpgroups.
 
-Opt-in (``FLASHRING_HOPPER_FWD=1``) until a GPU session has validated this module; the portable Triton kernel
-(``ops.flash``) stays the default and serves every case this one does not take (:func:`applies`).
+On by default on sm_90 at head dim 128 (:func:`wanted`; ``FLASHRING_HOPPER_FWD=1`` also takes D=64, ``=0`` turns it
+off); the portable Triton kernel (``ops.flash``) serves every case this one does not take (:func:`applies`).
 
 One program = one 128-row query tile of one (batch, head). A 1-warp producer fills a 2-stage K/V ring in shared
 memory by TMA (K-ready and V-ready mbarriers apart, so S = Q K^T starts before V lands; one "empty" barrier per
@@ -46,9 +46,22 @@ NUM_STAGES = 2          # 164 KB of shared memory at D=128; 3 stages fit (229,69
 ENV = "FLASHRING_HOPPER_FWD"
 
 
-def enabled(device: torch.device) -> bool:
-    """The opt-in is set, Gluon imports, and ``device`` is an sm_90 GPU."""
-    return (os.environ.get(ENV) == "1" and AVAILABLE and device.type == "cuda"
+# Where it runs without the opt-in: head dims at which it beat the portable forward in one H100 run (session 8,
+# results/h100-gluon-fwd-2026-11-23-e469f37.jsonl): D=128 1.08-1.27x at N >= 4k, 1.11x / 0.98x at 1k (non-causal /
+# causal); D=64 only 0.92-1.06x, so D=64 stays on the portable kernel unless asked for.
+DEFAULT_HEAD_DIMS = (128,)
+
+
+def wanted(head_dim: int) -> bool:
+    """``FLASHRING_HOPPER_FWD``: ``1`` = every call :func:`applies` accepts, ``0`` = none, unset = the head dims in
+    :data:`DEFAULT_HEAD_DIMS`."""
+    mode = os.environ.get(ENV, "")
+    return mode == "1" or (mode != "0" and head_dim in DEFAULT_HEAD_DIMS)
+
+
+def enabled(device: torch.device, head_dim: int) -> bool:
+    """:func:`wanted`, Gluon imports, and ``device`` is an sm_90 GPU."""
+    return (wanted(head_dim) and AVAILABLE and device.type == "cuda"
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
