@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 import torch
 
 from .flash import NO_KEY_C
+from .launch import Launcher
 
 try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
     from triton.experimental import gluon
@@ -289,5 +290,10 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
     out = torch.empty_like(q)
     lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
     grid, args = launch_args(q, k, v, softmax_scale, causal, out, lse)
-    _attn_fwd_hopper[grid](*args, num_warps=4)
+    LAUNCH[grid](*args, num_warps=4)
     return out, lse
+
+
+# Triton's generic launch path costs ~50 us of host time per call on the GPU machines (ops/launch.py); the forward
+# of a 1k-token batch is shorter than that. None where Gluon is missing.
+LAUNCH = Launcher(_attn_fwd_hopper) if AVAILABLE else None
