@@ -496,8 +496,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     # custom op is what torch.compile traces.
     fn = _kvcache_op if torch.compiler.is_compiling() else _kvcache_forward
     out, lse = fn(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, seqlen, cache_batch_idx,
-                  cache_leftpad, block_table, scale, lower, upper, cap, rotary_interleaved, causal or window != (-1, -1),
-                  num_splits, key_padding_mask)
+                  cache_leftpad, block_table, scale, lower, upper, cap, rotary_interleaved,
+                  causal or window != (-1, -1), num_splits, key_padding_mask)
     return (out, lse) if return_softmax_lse else out
 
 
