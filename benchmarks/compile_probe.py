@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", default="fwd,dkdv,dq", help="which of fwd,dkdv,dq to compile")
     p.add_argument("--loops", action="store_true", help="spills and MMAs between the branches of the SASS")
     p.add_argument("--hopper", action="store_true", help="the Gluon sm_90 forward (ops/hopper.py) instead")
+    p.add_argument("--hopper-bwd", action="store_true", help="the Gluon sm_90 backward (ops/hopper_bwd.py) instead")
     args = p.parse_args(argv)
     seqlen_k = args.seqlen_k or args.seqlen
     kernels = {"fwd": "LAUNCH_FWD", "dkdv": "LAUNCH_BWD_DKDV", "dq": "LAUNCH_BWD_DQ"}
@@ -118,6 +119,8 @@ def main(argv=None) -> int:
     cuda = torch.device("cuda")                    # only its type is read: the GPU configuration tables
     if args.hopper:
         return hopper_usage(args)
+    if args.hopper_bwd:
+        return hopper_bwd_usage(args)
     print(f"triton {triton.__version__}, sm_{args.arch}, seqlen {args.seqlen} x {seqlen_k}, bf16")
     for d in (int(x) for x in args.headdims.split(",")):
         q = torch.randn(1, args.seqlen, 2, d, dtype=torch.bfloat16)
@@ -161,6 +164,36 @@ def hopper_usage(args) -> int:
             kern = hopper._attn_fwd_hopper.warmup(*kargs, grid=grid, num_warps=4)
             print(f"D={d:<3} causal={causal!s:<5} window=None HOPPER_FWD {{}}\n    {usage(kern, args.loops)}",
                   flush=True)
+    return 0
+
+
+def hopper_bwd_usage(args) -> int:
+    """Compile ops/hopper_bwd.py's kernels (both masks, each head dim, both dQ variants) and print their resources;
+    ``wgmma`` counts the SASS's HGMMA instructions (0 would mean the MMAs fell back to something slower)."""
+    from flashring.ops import hopper_bwd
+    if not hopper_bwd.AVAILABLE:
+        print("hopper_bwd: Gluon is not available in this triton")
+        return 0
+    print(f"triton {triton.__version__}, sm_{args.arch}, Gluon backward, seqlen {args.seqlen}, bf16")
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    for d in (int(x) for x in args.headdims.split(",")):
+        q = torch.empty(1, args.seqlen, 4, d, dtype=torch.bfloat16)
+        k = torch.empty(1, args.seqlen, 2, d, dtype=torch.bfloat16)
+        lse = torch.empty(1, 4, args.seqlen)
+        for causal in (False, True):
+            for mode in hopper_bwd.DQ_MODES:
+                atomic = mode == "atomic"
+                dq = torch.empty(q.shape, dtype=torch.float32) if atomic else torch.empty_like(q)
+                for kernel, grid, kargs in hopper_bwd.launch_args(q, q, k, k, lse, lse, d ** -0.5, causal, dq,
+                                                                  torch.empty_like(k), torch.empty_like(k), atomic):
+                    kern = kernel.warmup(*kargs, grid=grid, num_warps=4)
+                    name = {"_bwd_dkdv_hopper": "HOPPER_DKDV", "_bwd_dq_hopper": "HOPPER_DQ"}[kernel.__name__]
+                    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+                        f.write(kern.asm["cubin"])
+                    sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+                    os.unlink(f.name)
+                    print(f"D={d:<3} causal={causal!s:<5} window=None {name} {{'dq': '{mode}'}}\n    "
+                          f"{usage(kern, args.loops)}  wgmma {len(re.findall(r'HGMMA', sass))}", flush=True)
     return 0
 
 
