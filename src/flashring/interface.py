@@ -86,30 +86,31 @@ class _Eager(torch.autograd.Function):
     timed host-bound at 0.3-0.6 ms (session 8). torch.compile traces the custom ops instead (same kernels)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, lower, upper, softcap, sparse, varlen):
+    def forward(ctx, q, k, v, softmax_scale, lower, upper, softcap, sparse, varlen, deterministic):
         out, lse = dispatch.fwd(q, k, v, softmax_scale, lower, upper, softcap, sparse=sparse, varlen=varlen)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (softmax_scale, lower, upper, softcap, sparse, varlen)
+        ctx.args = (softmax_scale, lower, upper, softcap, sparse, varlen, deterministic)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        scale, lower, upper, softcap, sparse, varlen = ctx.args
+        scale, lower, upper, softcap, sparse, varlen, deterministic = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv = dispatch.bwd(dout, q, k, v, out, lse, scale, lower, upper, softcap, dlse=dlse, sparse=sparse,
-                                  varlen=varlen)
-        return dq, dk, dv, None, None, None, None, None, None
+                                  varlen=varlen, deterministic=deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def attention(q, k, v, softmax_scale: float, lower: Optional[int], upper: Optional[int], softcap: float,
-              sparse: Optional[SparseMeta] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+              sparse: Optional[SparseMeta] = None, deterministic: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` through the custom op (traced) or :class:`_Eager`, on validated inputs (what the public
-    functions and the sparse front ends call)."""
+    functions and the sparse front ends call). ``deterministic=False`` reaches only the eager backward (the only
+    one that may differ: ``dispatch.bwd``); traced calls stay deterministic."""
     if not torch.compiler.is_compiling():
-        return _Eager.apply(q, k, v, softmax_scale, lower, upper, softcap, sparse, None)
+        return _Eager.apply(q, k, v, softmax_scale, lower, upper, softcap, sparse, None, deterministic)
     if sparse is None:
         return _fwd_op(q, k, v, softmax_scale, lower, upper, softcap, None, None, None, None, None, None, False)
     return _fwd_op(q, k, v, softmax_scale, None, None, softcap, *sparse)
@@ -193,8 +194,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             ``[i + sk - sq - left, i + sk - sq + right]``.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)`` (after scaling), forward and backward.
         alibi_slopes: must be None (``NotImplementedError`` otherwise).
-        deterministic: accepted for compatibility; the backward has no atomics, so gradients are always bitwise
-            reproducible.
+        deterministic: True keeps the opt-in Hopper backward (``FLASHRING_HOPPER_BWD=atomic``, ops/hopper_bwd.py)
+            off its atomic dQ; every other backward has no atomics and is bitwise reproducible either way.
         return_attn_probs: if True return ``(out, softmax_lse, None)``; ``softmax_lse`` is ``(batch, nheads,
             seqlen_q)`` fp32 (natural log). A query row that sees no key gets out = 0 and lse = -1e30.
     """
@@ -202,7 +203,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     scale, window, cap = _options(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes)
     q, k, v = _autocast(q, k, v)
     lower, upper = flash_bounds(q.shape[1], k.shape[1], causal, window)
-    out, lse = attention(q, k, v, scale, lower, upper, cap)
+    out, lse = attention(q, k, v, scale, lower, upper, cap, deterministic=bool(deterministic))
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -282,7 +283,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                   upper, cap)
     else:
         out, lse = _Eager.apply(q, k, v, scale, lower, upper, cap, None,
-                                Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+                                Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), True)
     return (out, lse, None) if return_attn_probs else out
 
 

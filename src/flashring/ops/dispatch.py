@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..masks import EMPTY_ROW_LSE
-from . import cpu, decode as decode_kernel, flash, hopper, kvcache, rows
+from . import cpu, decode as decode_kernel, flash, hopper, hopper_bwd, kvcache, rows
 from .flash import Varlen
 from .sparse_ranges import SparseMeta
 
@@ -50,11 +50,16 @@ def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optio
 
 def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None, upper: Optional[int] = None,
         softcap: float = 0.0, dlse: Optional[torch.Tensor] = None, grad_dtype: Optional[torch.dtype] = None,
-        sparse: Optional[SparseMeta] = None, varlen: Optional[Varlen] = None):
+        sparse: Optional[SparseMeta] = None, varlen: Optional[Varlen] = None, deterministic: bool = True):
     """``(dq, dk, dv)`` in the inputs' dtypes (``grad_dtype`` overrides: ring attention accumulates in fp32).
     ``lse`` may be a *global* LSE (ring attention): P is recomputed as exp(s - lse) and delta from the given
     ``out``, so a block's gradients come out as its share of the full-sequence gradients. ``dlse``: a gradient on
-    the LSE."""
+    the LSE. ``deterministic=False`` (flash_attn_func's default) lets the opt-in Hopper backward add dQ with
+    atomics when ``FLASHRING_HOPPER_BWD=atomic``; every other path is deterministic either way."""
+    if (q.is_cuda and sparse is None and varlen is None and grad_dtype in (None, q.dtype)
+            and hopper_bwd.enabled(q.device) and hopper_bwd.applies(q, k, v, lower, upper, softcap)):
+        return hopper_bwd.bwd(do, q, k, v, out, lse, softmax_scale, causal=upper == 0, dlse=dlse,
+                              dq_mode=hopper_bwd.dq_mode(deterministic))       # sm_90 path (ops/hopper_bwd.py)
     if on_triton(q):
         return flash.bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse, grad_dtype, sparse,
                          varlen)

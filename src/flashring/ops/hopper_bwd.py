@@ -1,0 +1,506 @@
+"""Hopper (sm_90) dense backward in Gluon: dK/dV by key block with wgmma, dQ by atomics or by a second kernel.
+
+Opt-in (``FLASHRING_HOPPER_BWD``, :func:`dq_mode`); the portable Triton backward (``ops.flash.bwd``) serves every
+call this one does not take (:func:`applies`) and every call without the switch.
+
+dK/dV kernel: one program = 128 keys (two 4-warp consumer warpgroups of 64 keys) of one (batch, kv head); a 1-warp
+producer loads the program's K and V once and then, for every query head of the group and every 64-row query
+block, the Q and dO tiles and their 64 LSE / delta values by TMA into a 2-stage ring (Q-ready and dO-ready
+mbarriers apart, so S^T = K Q^T starts before dO lands; one "empty" barrier per stage with one arrival per
+warpgroup). Per step a warpgroup computes, with every matrix transposed so that its 64 keys are wgmma's M:
+S^T = K Q^T and dP^T = V dO^T (both operands in shared memory, both issued before either is waited on),
+P^T = exp2(S^T * scale * log2(e) - lse * log2(e)) in registers, dV += P^T dO and dK += dS^T Q with
+dS^T = P^T (dP^T - delta) taken from registers as the A operand (no shared-memory round trip, as the forward's
+P). dK picks up the softmax scale once, in the epilogue. Causal skips a warpgroup's query blocks wholly above its
+keys (it still waits for the stage and arrives, so the ring's count stays right) and masks only the diagonal
+tile. delta = rowsum(dO * O) (minus a gradient on the LSE) comes from the portable backward's preprocess kernel.
+
+dQ, chosen by :func:`dq_mode` (the GPU session times both: ``benchmarks/gluon_bwd.py``):
+- ``"separate"`` (deterministic; what ``FLASHRING_HOPPER_BWD=1`` runs): a second kernel shaped like the forward
+  (128 query rows, K/V ring) recomputes S, P, dP and accumulates dQ = dS K with dS from registers: 3 more
+  matmuls, 7 in all; every gradient is written by one program in a fixed order, so runs are bitwise equal.
+- ``"atomic"`` (``FLASHRING_HOPPER_BWD=atomic``, never under ``deterministic=True`` nor torch's deterministic
+  mode): the dK/dV program also stores dS^T to shared memory and computes its 64 keys' share of dQ = dS K by
+  wgmma (A = the transposed view of that buffer), adding it into a zeroed fp32 (B, S, H, D) buffer with fp32
+  atomics; a cast makes dq. 5 matmuls, but 64 x D atomic adds per warpgroup and step, in an order that varies
+  from run to run.
+
+Compiled for sm_90 on the CPU box with triton 3.6.0 / ptxas 12.8, the GPU image's (``benchmarks/compile_probe.py
+--hopper-bwd --loops``; per kernel 168 registers, then ``setmaxnreg`` gives the consumers 240):
+
+    kernel, dQ variant     D=64: stack / smem / HGMMA      D=128: stack / smem / HGMMA
+    dK/dV, separate        0 B /  66,896 B / 32            0 B / 132,432 B / 48
+    dQ kernel              0 B /  98,608 B / 32            0 B / 196,912 B / 48
+    dK/dV, atomic          0 B /  83,312 B / 40            8 B / 148,848 B / 64   (both masks alike)
+
+What the numbers decided, at D=128 (the tight case):
+- atomic dQ as one 64 x D accumulator beside dK and dV: 64-72 B of stack with spill loads inside the step loop,
+  and ptxas serialised the wgmmas (C7512, "insufficient register resources"). In 64-column slices (32 registers
+  each, the second slice after the first one's atomics): 40 B. Issuing dV after dS instead of before (the bf16
+  P^T operand no longer held by an in-flight wgmma while dP^T, P^T and delta are live): 8 B, the one spill pair
+  outside the step loop (a value kept across the warp-specialised region's end); triton 3.8's ptxas: 0 B. The
+  separate variant keeps dV in flight during dS (no spills either way, more overlap).
+- the atomics compile to ``REDG.E.ADD.F32x2`` (two fp32 per instruction): 32 per thread and step at D=128.
+- the dQ kernel at 128 keys per step (S, dP and dQ accumulators live together) compiles spill-free, as does 64;
+  128 is kept, as the forward's tile.
+All of these are compile-time facts; which variant is faster is for ``benchmarks/gluon_bwd.py`` on the GPU.
+
+Contract (:func:`applies`, as the forward's): bf16/fp16, D in {64, 128}, contiguous ``(B, S, H, D)`` tensors at
+16-byte aligned addresses, Sq == Sk with S % 128 == 0, full or causal, no softcap, GQA (B * H * S < 2**31: the
+LSE rows' int32 TMA coordinate). Non-finite inputs are not handled beyond what the arithmetic gives, and no
+registers are spent on them: a query row that sees a non-finite key or value has NaN out (the forwards' rule),
+hence NaN delta and dS, so it makes dq of that row and dk / dv of every key it sees NaN, as it should; it also
+reaches the keys after it in its causal diagonal tile (a masked pair's 0 * NaN), which the portable backward
+avoids by forcing masked pairs' dS to 0.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from . import flash
+from .launch import Launcher, cdiv
+
+try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    AVAILABLE = True
+except ImportError:                                                     # pragma: no cover - depends on triton
+    AVAILABLE = False
+
+ENV = "FLASHRING_HOPPER_BWD"
+DQ_MODES = ("separate", "atomic")
+BLOCK_KEYS = 128        # dK/dV program: two warpgroups x 64 keys
+BLOCK_Q = 64            # dK/dV step: query rows per Q / dO tile
+DQ_BLOCK_M = 128        # dQ program: two warpgroups x 64 query rows
+DQ_BLOCK_N = 128        # dQ step: keys per K / V tile (64 also compiles spill-free: 131,376 B of smem)
+NUM_STAGES = 2          # 132 KB of shared memory for dK/dV at D=128: 3 stages would fit (~164 KB), not timed
+LOG2E = 1.4426950408889634
+
+
+def dq_mode(deterministic: bool = True) -> Optional[str]:
+    """Which dQ variant ``FLASHRING_HOPPER_BWD`` asks for, or None (off): ``1`` / ``separate`` = the separate
+    kernel, ``atomic`` = the atomic one unless ``deterministic`` (or torch's deterministic mode) is on."""
+    mode = os.environ.get(ENV, "")
+    if mode in ("1", "separate"):
+        return "separate"
+    if mode == "atomic":
+        return "separate" if deterministic or torch.are_deterministic_algorithms_enabled() else "atomic"
+    return None
+
+
+def enabled(device: torch.device) -> bool:
+    """The switch is on, Gluon imports, and ``device`` is an sm_90 GPU."""
+    return (dq_mode() is not None and AVAILABLE and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) == (9, 0))
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower: Optional[int], upper: Optional[int],
+            softcap: float) -> bool:
+    """Whether these kernels compute the call's gradients: the forward's contract (``hopper.applies``) plus
+    16-byte aligned addresses (TMA). ``out`` and ``dout`` are made contiguous by :func:`bwd`."""
+    if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
+        return False
+    if q.dim() != 4 or q.shape[-1] not in (64, 128) or k.shape != v.shape or k.shape[-1] != q.shape[-1]:
+        return False
+    b, s, h, d = q.shape
+    if k.shape[0] != b or k.shape[1] != s or s % BLOCK_KEYS or h % k.shape[2] or b * h * s >= 2**31:
+        return False
+    if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)):
+        return False
+    return softcap == 0 and lower is None and upper in (None, 0)
+
+
+if AVAILABLE:
+    LOG2E_C = gl.constexpr(LOG2E)                    # what a kernel may read of a module global
+
+    @gluon.jit
+    def _dkdv_consumer(WG: gl.constexpr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar,
+                       q_ready, do_ready, qdo_empty, desc_dk, desc_dv, dq_ptr, qk_scale, dq_row, N_CTX,
+                       GROUP, j_lo, n_q, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr,
+                       HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                       ATOMIC_DQ: gl.constexpr):
+        """One consumer warpgroup: 64 keys' dK and dV (and, ATOMIC_DQ, their share of dQ: ``dq_ptr`` at this
+        program's (batch, first query head), ``dq_row`` elements per query row). Few live scalars (ids are read
+        again, not passed): at D=128 the atomic variant sits at the 240-register edge."""
+        WG_N: gl.constexpr = BLOCK_KEYS // 2
+        NW: gl.constexpr = gl.num_warps()
+        dtype: gl.constexpr = k_smem.dtype
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                            instr_shape=[16, BLOCK_Q, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                             instr_shape=[16, HEAD_DIM, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        q_col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)        # one value per query (column of S^T)
+        DQ_N: gl.constexpr = 64 if HEAD_DIM > 64 else HEAD_DIM
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                            instr_shape=[16, DQ_N, 16])
+        dq_zero = gl.zeros([BLOCK_Q, DQ_N], gl.float32, dq_layout)
+        dq_rows = gl.arange(0, BLOCK_Q, gl.SliceLayout(1, dq_layout)) * dq_row
+        dq_cols = gl.arange(0, DQ_N, gl.SliceLayout(0, dq_layout))
+
+        k_wg = k_smem.index(WG)
+        v_wg = v_smem.index(WG)
+        key_lo = gl.program_id(0) * BLOCK_KEYS + WG * WG_N
+        keys = key_lo + gl.arange(0, WG_N, gl.SliceLayout(1, st_layout))
+        cols0 = gl.arange(0, BLOCK_Q, q_col_layout)
+        st_zero = gl.zeros([WG_N, BLOCK_Q], gl.float32, st_layout)
+        dk = gl.zeros([WG_N, HEAD_DIM], gl.float32, acc_layout)
+        dv = gl.zeros([WG_N, HEAD_DIM], gl.float32, acc_layout)
+        mbarrier.wait(kv_bar, 0)
+        for it in range(GROUP * n_q):
+            stage = it % NUM_STAGES
+            phase = (it // NUM_STAGES) & 1
+            g = it // n_q
+            m0 = (j_lo + it % n_q) * BLOCK_Q
+            q_tile = q_smem.index(stage)
+            do_tile = do_smem.index(stage)
+            # waited for even when skipped: an arrival must not run ahead of the fill it releases, or two of one
+            # warpgroup could complete a phase the other has not finished with
+            mbarrier.wait(q_ready.index(stage), phase)
+            if (not CAUSAL) or m0 + BLOCK_Q > key_lo:        # causal: some query of the tile sees one of our keys
+                st_tok = warpgroup_mma(k_wg, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+                mbarrier.wait(do_ready.index(stage), phase)
+                dpt_tok = warpgroup_mma(v_wg, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+                st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
+                lse2 = lse_smem.index(stage).load(q_col_layout) * LOG2E_C
+                pt = gl.exp2(st * qk_scale - lse2[None, :])
+                if CAUSAL:
+                    if m0 < key_lo + WG_N:                # the diagonal tile (BLOCK_Q == WG_N): query >= key
+                        pt = gl.where((m0 + cols0)[None, :] >= keys[:, None], pt, 0.0)
+                if ATOMIC_DQ:
+                    # dV after dS: no in-flight wgmma holds P^T's bf16 registers while dP^T, P^T and delta are
+                    # live (D=128: 40 -> 8 B of stack, none left in the loop)
+                    dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
+                    delta = delta_smem.index(stage).load(q_col_layout)
+                    dst = (pt * (dpt - delta[None, :])).to(dtype)
+                    dv_tok = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout), do_tile, dv, is_async=True)
+                else:
+                    dv_tok = warpgroup_mma(gl.convert_layout(pt.to(dtype), a_layout), do_tile, dv, is_async=True)
+                    dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt_tok, ))     # in order: S^T, dP^T, dV
+                    delta = delta_smem.index(stage).load(q_col_layout)
+                    dst = (pt * (dpt - delta[None, :])).to(dtype)
+                dk_tok = warpgroup_mma(gl.convert_layout(dst, a_layout), q_tile, dk, is_async=True)
+                if ATOMIC_DQ:
+                    # dQ = dS K in DQ_N-column slices: the full 64 x D accumulator beside dK and dV spilled at
+                    # D=128 (64-72 B of stack; ptxas also serialised the wgmmas); a slice is 32 registers
+                    ds_wg = ds_smem.index(WG)
+                    ds_wg.store(dst)
+                    fence_async_shared()              # the generic-proxy stores before wgmma (async proxy) reads
+                    dq_tok = warpgroup_mma(ds_wg.permute((1, 0)), k_wg.slice(0, DQ_N, dim=1), dq_zero,
+                                           use_acc=False, is_async=True)
+                    dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok))
+                    mbarrier.arrive(qdo_empty.index(stage), count=1)
+                    # the tile's first row (int64) plus int32 offsets inside it (< 64 * H * D); the column term
+                    # carries the head so that the 2-D offsets are not hoisted out of the loop (32 registers)
+                    dq_tile = dq_ptr + m0.to(gl.int64) * dq_row
+                    for c in gl.static_range(HEAD_DIM // DQ_N):
+                        if c > 0:
+                            dq = warpgroup_mma(ds_wg.permute((1, 0)), k_wg.slice(c * DQ_N, DQ_N, dim=1), dq_zero,
+                                               use_acc=False)
+                        offs = dq_rows[:, None] + (g * HEAD_DIM + c * DQ_N + dq_cols)[None, :]
+                        gl.atomic_add(dq_tile + offs, dq, sem="relaxed")      # scaled in the cast
+                else:
+                    dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
+                    mbarrier.arrive(qdo_empty.index(stage), count=1)
+            else:
+                mbarrier.arrive(qdo_empty.index(stage), count=1)
+
+        # epilogue: stage through this warpgroup's own K / V buffers (no reader left), TMA store
+        k_wg.store((dk * (qk_scale / LOG2E_C)).to(dtype))      # the softmax scale, from a live scalar
+        v_wg.store(dv.to(dtype))
+        fence_async_shared()
+        kv_row = gl.program_id(2) * N_CTX + key_lo
+        tma.async_copy_shared_to_global(desc_dk, [kv_row, gl.program_id(1) * HEAD_DIM], k_wg)
+        tma.async_copy_shared_to_global(desc_dv, [kv_row, gl.program_id(1) * HEAD_DIM], v_wg)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _dkdv_producer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready,
+                       qdo_empty, desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, N_CTX, H, b, hk, GROUP, n0,
+                       j_lo, n_q, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
+                       NUM_STAGES: gl.constexpr):
+        WG_N: gl.constexpr = BLOCK_KEYS // 2
+        mbarrier.expect(kv_bar, 2 * desc_k.block_type.nbytes + 2 * desc_v.block_type.nbytes)
+        for w in gl.static_range(2):
+            tma.async_copy_global_to_shared(desc_k, [b * N_CTX + n0 + w * WG_N, hk * HEAD_DIM], kv_bar,
+                                            k_smem.index(w))
+            tma.async_copy_global_to_shared(desc_v, [b * N_CTX + n0 + w * WG_N, hk * HEAD_DIM], kv_bar,
+                                            v_smem.index(w))
+        for it in range(GROUP * n_q):
+            stage = it % NUM_STAGES
+            phase = (it // NUM_STAGES) & 1
+            h = hk * GROUP + it // n_q
+            m0 = (j_lo + it % n_q) * BLOCK_Q
+            # fresh mbarriers count as "phase 1 complete": waiting on phase ^ 1 lets the first NUM_STAGES through
+            mbarrier.wait(qdo_empty.index(stage), phase ^ 1)
+            row = b * N_CTX + m0
+            lse_at = (b * H + h) * N_CTX + m0               # (B, H, S) seen as one row; int32: B*H*S < 2**31
+            mbarrier.expect(q_ready.index(stage), desc_q.block_type.nbytes + desc_lse.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_q, [row, h * HEAD_DIM], q_ready.index(stage), q_smem.index(stage))
+            tma.async_copy_global_to_shared(desc_lse, [lse_at], q_ready.index(stage), lse_smem.index(stage))
+            mbarrier.expect(do_ready.index(stage), desc_do.block_type.nbytes + desc_delta.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_do, [row, h * HEAD_DIM], do_ready.index(stage),
+                                            do_smem.index(stage))
+            tma.async_copy_global_to_shared(desc_delta, [lse_at], do_ready.index(stage), delta_smem.index(stage))
+
+    @gluon.jit
+    def _bwd_dkdv_hopper(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_dk, desc_dv, dq_ptr, sm_scale,
+                         N_CTX, H, GROUP, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
+                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr):
+        gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
+        gl.static_assert(BLOCK_Q == BLOCK_KEYS // 2, "causal: one diagonal tile per warpgroup")
+        WG_N: gl.constexpr = BLOCK_KEYS // 2
+        dtype: gl.constexpr = desc_q.dtype
+        n0 = gl.program_id(0) * BLOCK_KEYS      # program 0 holds the most causal work: it runs first as it is
+        hk = gl.program_id(1)
+        b = gl.program_id(2)
+        qk_scale = sm_scale * LOG2E_C
+        if ATOMIC_DQ:           # at (batch b, row 0, head hk * GROUP): the consumers add row and group offsets
+            dq_ptr += (b.to(gl.int64) * N_CTX * H + hk * GROUP) * HEAD_DIM
+        if CAUSAL:
+            j_lo = n0 // BLOCK_Q                # query blocks wholly above the program's keys are never loaded
+        else:
+            j_lo = n0 * 0
+        n_q = N_CTX // BLOCK_Q - j_lo
+
+        k_smem = gl.allocate_shared_memory(dtype, [2, WG_N, HEAD_DIM], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, WG_N, HEAD_DIM], desc_v.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_Q, HEAD_DIM], desc_q.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_Q, HEAD_DIM], desc_do.layout)
+        lse_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_Q], desc_lse.layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_Q], desc_delta.layout)
+        if ATOMIC_DQ:
+            ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_N, BLOCK_Q], dtype)
+            ds_smem = gl.allocate_shared_memory(dtype, [2, WG_N, BLOCK_Q], ds_layout)
+        else:
+            ds_smem = q_smem                    # unused
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        qdo_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(do_ready.index(i), count=1)
+            mbarrier.init(qdo_empty.index(i), count=2)     # one arrival per consumer warpgroup
+        fence_async_shared()          # the TMA unit (async proxy) signals these barriers: initialised first
+
+        # Argument tuples are built inline: a tuple assigned to a local turns its constexprs into tensors.
+        gl.warp_specialize([
+            (_dkdv_consumer, (0, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
+                              do_ready, qdo_empty, desc_dk, desc_dv, dq_ptr, qk_scale, H * HEAD_DIM,
+                              N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES,
+                              CAUSAL, ATOMIC_DQ)),
+            (_dkdv_consumer, (1, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
+                              do_ready, qdo_empty, desc_dk, desc_dv, dq_ptr, qk_scale, H * HEAD_DIM,
+                              N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES,
+                              CAUSAL, ATOMIC_DQ)),
+            (_dkdv_producer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready,
+                              qdo_empty, desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, N_CTX, H, b, hk,
+                              GROUP, n0, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES)),
+        ], [4, 1], [240, 24])
+
+        mbarrier.invalidate(kv_bar)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(q_ready.index(i))
+            mbarrier.invalidate(do_ready.index(i))
+            mbarrier.invalidate(qdo_empty.index(i))
+
+    @gluon.jit
+    def _dq_consumer(WG: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty,
+                     desc_dq, lse_ptr, delta_ptr, qk_scale, sm_scale, lse_row, q_row0, q_col, row_lo0, n_hi,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                     NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+        """One consumer warpgroup of the separate dQ kernel: 64 query rows."""
+        WG_M: gl.constexpr = BLOCK_M // 2
+        NW: gl.constexpr = gl.num_warps()
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                             instr_shape=[16, HEAD_DIM, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        s_row: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+        q = q_smem.index(WG)
+        do = do_smem.index(WG)
+        row_lo = row_lo0 + WG * WG_M
+        rows = row_lo + gl.arange(0, WG_M, s_row)
+        cols0 = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+        lse2 = gl.load(lse_ptr + lse_row + rows) * LOG2E_C              # 2 rows per thread: loaded once
+        delta = gl.load(delta_ptr + lse_row + rows)
+        s_zero = gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout)
+        dq = gl.zeros([WG_M, HEAD_DIM], gl.float32, acc_layout)
+        mbarrier.wait(qdo_bar, 0)
+        for it in range(n_hi // BLOCK_N):
+            stage = it % NUM_STAGES
+            phase = (it // NUM_STAGES) & 1
+            start_n = it * BLOCK_N
+            k_tile = k_smem.index(stage)
+            mbarrier.wait(k_ready.index(stage), phase)
+            s_tok = warpgroup_mma(q, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(stage), phase)
+            dp_tok = warpgroup_mma(do, v_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+            p = gl.exp2(s * qk_scale - lse2[:, None])
+            if CAUSAL:
+                if start_n + BLOCK_N - 1 > row_lo:        # only tiles that reach past the first row are masked
+                    p = gl.where(rows[:, None] >= (start_n + cols0)[None, :], p, 0.0)
+            dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
+            ds = (p * (dp - delta[:, None])).to(dtype)
+            dq_tok = warpgroup_mma(gl.convert_layout(ds, a_layout), k_tile, dq, is_async=True)
+            dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
+            mbarrier.arrive(kv_empty.index(stage), count=1)
+
+        # epilogue: stage through this warpgroup's (now idle) Q buffer, TMA store
+        q.store((dq * sm_scale).to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(desc_dq, [q_row0 + WG * WG_M, q_col], q)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _dq_producer(q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_q, desc_do, desc_k,
+                     desc_v, q_row0, q_col, kv_row0, kv_col, n_hi, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     NUM_STAGES: gl.constexpr):
+        WG_M: gl.constexpr = BLOCK_M // 2
+        mbarrier.expect(qdo_bar, 2 * desc_q.block_type.nbytes + 2 * desc_do.block_type.nbytes)
+        for w in gl.static_range(2):
+            tma.async_copy_global_to_shared(desc_q, [q_row0 + w * WG_M, q_col], qdo_bar, q_smem.index(w))
+            tma.async_copy_global_to_shared(desc_do, [q_row0 + w * WG_M, q_col], qdo_bar, do_smem.index(w))
+        for it in range(n_hi // BLOCK_N):
+            stage = it % NUM_STAGES
+            phase = (it // NUM_STAGES) & 1
+            mbarrier.wait(kv_empty.index(stage), phase ^ 1)
+            row = kv_row0 + it * BLOCK_N
+            mbarrier.expect(k_ready.index(stage), desc_k.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_k, [row, kv_col], k_ready.index(stage), k_smem.index(stage))
+            mbarrier.expect(v_ready.index(stage), desc_v.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc_v, [row, kv_col], v_ready.index(stage), v_smem.index(stage))
+
+    @gluon.jit
+    def _bwd_dq_hopper(desc_q, desc_k, desc_v, desc_do, desc_dq, lse_ptr, delta_ptr, sm_scale, N_CTX, H, GROUP,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                       NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+        gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
+        WG_M: gl.constexpr = BLOCK_M // 2
+        dtype: gl.constexpr = desc_q.dtype
+        start_m = gl.program_id(0)
+        if CAUSAL:      # longest rows first, so the last wave holds the short ones
+            start_m = gl.num_programs(0) - 1 - start_m
+        h = gl.program_id(1)
+        b = gl.program_id(2)
+        q_row0 = b * N_CTX + start_m * BLOCK_M
+        lse_row = (b.to(gl.int64) * H + h) * N_CTX
+        if CAUSAL:
+            n_hi = (start_m + 1) * BLOCK_M
+        else:
+            n_hi = N_CTX
+
+        q_smem = gl.allocate_shared_memory(dtype, [2, WG_M, HEAD_DIM], desc_q.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [2, WG_M, HEAD_DIM], desc_do.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], desc_k.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], desc_v.layout)
+        qdo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(qdo_bar, count=1)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)
+        fence_async_shared()
+
+        gl.warp_specialize([
+            (_dq_consumer, (0, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_dq,
+                            lse_ptr, delta_ptr, sm_scale * LOG2E_C, sm_scale, lse_row, q_row0, h * HEAD_DIM,
+                            start_m * BLOCK_M, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL)),
+            (_dq_consumer, (1, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_dq,
+                            lse_ptr, delta_ptr, sm_scale * LOG2E_C, sm_scale, lse_row, q_row0, h * HEAD_DIM,
+                            start_m * BLOCK_M, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL)),
+            (_dq_producer, (q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_q, desc_do,
+                            desc_k, desc_v, q_row0, h * HEAD_DIM, b * N_CTX, (h // GROUP) * HEAD_DIM, n_hi,
+                            BLOCK_M, BLOCK_N, NUM_STAGES)),
+        ], [4, 1], [240, 24])
+
+        mbarrier.invalidate(qdo_bar)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(k_ready.index(i))
+            mbarrier.invalidate(v_ready.index(i))
+            mbarrier.invalidate(kv_empty.index(i))
+
+
+def _desc(t: torch.Tensor, rows: int, cols: int, box):
+    """A TMA descriptor over ``t`` seen as a row-major ``(rows, cols)`` matrix (``cols`` = 0: one flat row)."""
+    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[t.dtype]
+    lay = gl.NVMMASharedLayout.get_default_for(box, gdt)
+    if not cols:
+        return TensorDescriptor(t, [rows], [1], box, lay)
+    return TensorDescriptor(t, [rows, cols], [cols, 1], box, lay)
+
+
+def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+                delta: torch.Tensor, softmax_scale: float, causal: bool, dq: torch.Tensor, dk: torch.Tensor,
+                dv: torch.Tensor, atomic: bool):
+    """``[(kernel, grid, args), ...]`` of one backward (each launched as ``kernel[grid](*args, num_warps=4)``):
+    the dK/dV kernel, then (not ``atomic``) the dQ kernel. ``dq``: the fp32 accumulator when ``atomic``. Split
+    out so that a machine without a GPU can compile the kernels (tests, ``compile_probe.py --hopper-bwd``)."""
+    b, s, h, d = q.shape
+    hk = k.shape[2]
+    half = [BLOCK_KEYS // 2, d]
+    dkdv = (_desc(q, b * s, h * d, [BLOCK_Q, d]), _desc(k, b * s, hk * d, half), _desc(v, b * s, hk * d, half),
+            _desc(do, b * s, h * d, [BLOCK_Q, d]), _desc(lse, b * h * s, 0, [BLOCK_Q]),
+            _desc(delta, b * h * s, 0, [BLOCK_Q]), _desc(dk, b * s, hk * d, half), _desc(dv, b * s, hk * d, half),
+            dq, softmax_scale, s, h, h // hk, BLOCK_KEYS, BLOCK_Q, d, NUM_STAGES, causal, atomic)
+    launches = [(_bwd_dkdv_hopper, (s // BLOCK_KEYS, hk, b), dkdv)]
+    if not atomic:
+        wg = [DQ_BLOCK_M // 2, d]
+        kv = [DQ_BLOCK_N, d]
+        dq_args = (_desc(q, b * s, h * d, wg), _desc(k, b * s, hk * d, kv), _desc(v, b * s, hk * d, kv),
+                   _desc(do, b * s, h * d, wg), _desc(dq, b * s, h * d, wg), lse, delta, softmax_scale, s, h,
+                   h // hk, DQ_BLOCK_M, DQ_BLOCK_N, d, NUM_STAGES, causal)
+        launches.append((_bwd_dq_hopper, (s // DQ_BLOCK_M, h, b), dq_args))
+    return launches
+
+
+def _delta(out: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor]) -> torch.Tensor:
+    """rowsum(dO * O) - dlse, ``(B, H, S)`` fp32: the portable backward's preprocess kernel."""
+    b, s, h, d = out.shape
+    delta = torch.empty_like(lse)
+    if dlse is not None:
+        dlse = dlse.float().contiguous()
+    flash.LAUNCH_BWD_PRE[(cdiv(s, 64), h, b)](
+        flash.tensor_arg(out), flash.tensor_arg(do), flash._rows_arg(dlse if dlse is not None else delta),
+        flash._rows_arg(delta), (h, s, s, None, None), HEAD_DIM=d, BLOCK_D=d, BLOCK_M=64,
+        HAS_DLSE=dlse is not None, VARLEN=False)
+    return delta
+
+
+def bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+        softmax_scale: float, causal: bool, dlse: Optional[torch.Tensor] = None,
+        dq_mode: str = "separate") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` in the inputs' dtype for a call that :func:`applies`; lse ``(B, H, S)`` fp32 natural log
+    (as the forwards return it), ``dlse`` an optional gradient on it."""
+    if dq_mode not in DQ_MODES:
+        raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
+    do, out, lse = do.contiguous(), out.contiguous(), lse.contiguous()
+    delta = _delta(out, do, lse, dlse)
+    atomic = dq_mode == "atomic"
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else torch.empty_like(q)
+    for kernel, grid, args in launch_args(do, q, k, v, lse, delta, softmax_scale, causal, dq, dk, dv, atomic):
+        LAUNCH[kernel][grid](*args, num_warps=4)
+    if atomic:          # the softmax scale and the cast in one pass (the kernel adds unscaled dS K)
+        dq = torch.mul(dq, softmax_scale, out=torch.empty_like(q))
+    return dq, dk, dv
+
+
+# Triton's generic launch path costs ~50 us of host time per call on the GPU machines (ops/launch.py), as much as a
+# 1k-token backward; empty where Gluon is missing.
+LAUNCH = {kernel: Launcher(kernel) for kernel in (_bwd_dkdv_hopper, _bwd_dq_hopper)} if AVAILABLE else {}

@@ -1,0 +1,162 @@
+"""The opt-in Hopper backward (ops/hopper_bwd.py, ``FLASHRING_HOPPER_BWD``): which calls it takes and which dQ
+variant it picks, its kernels compiled for sm_90 without a GPU, and on an sm_90 GPU its gradients through the
+public API against the float64 reference (both dQ variants, GQA, causal and not, fp16 / bf16, a gradient on the
+LSE), with ``deterministic=True`` never taking the atomic variant and giving bitwise-equal gradients."""
+import re
+
+import pytest
+import torch
+
+import flashring
+from flashring.ops import hopper_bwd
+from flashring.testing import GRAD_FACTOR, assert_close, attention_ref, reference_pair
+from test_compile import probe
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and hopper_bwd.AVAILABLE
+SMEM_MAX = 232_448          # sm_90's largest dynamic shared memory per block (227 KB)
+
+
+def test_applies_only_where_the_kernels_are_exact():
+    q = torch.empty(2, 256, 4, 128, dtype=torch.bfloat16)
+    k = torch.empty(2, 256, 2, 128, dtype=torch.bfloat16)
+    assert hopper_bwd.applies(q, k, k, None, None, 0.0) and hopper_bwd.applies(q, k, k, None, 0, 0.0)
+    assert hopper_bwd.applies(q[..., :64].contiguous(), k[..., :64].contiguous(), k[..., :64].contiguous(), None,
+                              0, 0.0)
+    assert hopper_bwd.applies(q.half(), k.half(), k.half(), None, 0, 0.0)
+    assert not hopper_bwd.applies(q, k, k, None, -1, 0.0)                   # strict causal: a band
+    assert not hopper_bwd.applies(q, k, k, -16, 0, 0.0)                     # window
+    assert not hopper_bwd.applies(q, k, k, None, 0, 30.0)                   # softcap
+    assert not hopper_bwd.applies(q.float(), k.float(), k.float(), None, 0, 0.0)
+    assert not hopper_bwd.applies(q, k.half(), k.half(), None, 0, 0.0)      # mixed dtypes
+    short = q[:, :200].contiguous(), k[:, :200].contiguous()
+    assert not hopper_bwd.applies(short[0], short[1], short[1], None, 0, 0.0)           # S % 128 != 0
+    assert not hopper_bwd.applies(q, k[:, :128].contiguous(), k[:, :128].contiguous(), None, None, 0.0)
+    assert not hopper_bwd.applies(q[..., :96], k[..., :96], k[..., :96], None, None, 0.0)
+    assert not hopper_bwd.applies(q.transpose(1, 2).contiguous().transpose(1, 2), k, k, None, None, 0.0)
+    assert not hopper_bwd.applies(q, torch.empty(2, 256, 3, 128, dtype=torch.bfloat16),
+                                  torch.empty(2, 256, 3, 128, dtype=torch.bfloat16), None, 0, 0.0)   # 4 % 3
+    flat = torch.empty(2 * 256 * 4 * 128 + 4, dtype=torch.bfloat16)
+    assert not hopper_bwd.applies(flat[4:].view(2, 256, 4, 128), k, k, None, 0, 0.0)   # 8-byte aligned only
+    assert not hopper_bwd.enabled(torch.device("cpu"))
+
+
+def test_switch_and_deterministic(monkeypatch):
+    monkeypatch.delenv(hopper_bwd.ENV, raising=False)
+    assert hopper_bwd.dq_mode(False) is None                          # off unless asked for
+    monkeypatch.setenv(hopper_bwd.ENV, "0")
+    assert hopper_bwd.dq_mode(False) is None
+    for value in ("1", "separate"):
+        monkeypatch.setenv(hopper_bwd.ENV, value)
+        assert hopper_bwd.dq_mode(False) == hopper_bwd.dq_mode(True) == "separate"
+    monkeypatch.setenv(hopper_bwd.ENV, "atomic")
+    assert hopper_bwd.dq_mode(False) == "atomic"
+    assert hopper_bwd.dq_mode(True) == "separate" and hopper_bwd.dq_mode() == "separate"
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert hopper_bwd.dq_mode(False) == "separate"                    # torch's global switch wins too
+
+
+def test_delta_from_the_portable_preprocess():
+    """delta = rowsum(dO * O) - dlse, (B, H, S) fp32, from ops.flash's preprocess kernel (the interpreter on CPU)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    out, do = (torch.randn(2, 128, 3, 64, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    lse, dlse = (torch.randn(2, 3, 128, device=dev) for _ in range(2))
+    want = (out.float() * do.float()).sum(-1).transpose(1, 2)
+    torch.testing.assert_close(hopper_bwd._delta(out, do, lse, None), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hopper_bwd._delta(out, do, lse, dlse), want - dlse, atol=1e-4, rtol=1e-4)
+
+
+PROBE_LINE = (r"D=(\d+)\s+causal=(\w+)\s+window=None\s+(HOPPER_\w+) \{'dq': '(\w+)'\}\n\s+regs\s+(\d+) stack\s+(\d+) B"
+              r"\s+smem\s+(\d+) B\s+spills/MMAs between branches: ([\d\sms/]*?)\s+wgmma (\d+)")
+
+
+def test_hopper_backward_compiles_for_sm90_without_spills():
+    """Every variant (head dim 64 / 128, causal or not, dQ separate or atomic) compiles for sm_90 within the shared
+    memory limit, with wgmma, and without local memory in any span of the SASS that holds MMAs. Triton 3.6's ptxas
+    (the GPU image's) leaves the D=128 atomic dK/dV kernel one spill pair (8 B of stack) outside its step loop
+    (ops/hopper_bwd.py); everything else has no stack at all."""
+    out = probe("--hopper-bwd", "--headdims", "64,128", "--seqlen", "1024", "--loops")
+    if "not available" in out:
+        pytest.skip("this Triton has no Gluon")
+    found = re.findall(PROBE_LINE, out)
+    assert len(found) == 12, out            # 2 head dims x 2 masks x (dK/dV + dQ separate, dK/dV atomic)
+    for d, causal, kernel, mode, regs, stack, smem, spans, wgmma in found:
+        what = (d, causal, kernel, mode, stack, smem, spans, wgmma)
+        assert int(smem) <= SMEM_MAX and int(wgmma) > 0, what
+        assert all(int(s) == 0 or int(m) == 0 for s, m in re.findall(r"(\d+)s/(\d+)m", spans)), what
+        assert int(stack) <= (8 if (d, mode) == ("128", "atomic") else 0), what
+
+
+def _inputs(d, dtype, b=2, s=384, h=4, hk=2):
+    q = torch.randn(b, s, h, d, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    return q, k, v, torch.randn(b, s, h, d, device="cuda", dtype=dtype)
+
+
+def _spy(monkeypatch):
+    """Record each Hopper backward call's (causal, dq_mode)."""
+    calls = []
+    real = hopper_bwd.bwd
+    monkeypatch.setattr(hopper_bwd, "bwd", lambda *a, **kw: calls.append((kw["causal"], kw["dq_mode"])) or
+                        real(*a, **kw))
+    return calls
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+@pytest.mark.parametrize("mode", hopper_bwd.DQ_MODES)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hopper_backward_matches_reference(mode, d, causal, dtype, seed, monkeypatch):
+    monkeypatch.setenv(hopper_bwd.ENV, "atomic" if mode == "atomic" else "1")
+    calls = _spy(monkeypatch)
+    q, k, v, dout = _inputs(d, dtype)                                   # GQA: 4 query heads on 2 KV heads
+    out = flashring.flash_attn_func(q, k, v, causal=causal, deterministic=False)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert calls == [(causal, mode)]
+    refs = reference_pair(q, k, v, dout, upper=0 if causal else None)
+    for name, g in zip(("dq", "dk", "dv"), grads):
+        assert_close(g, refs["ref"][name], refs["low"][name], GRAD_FACTOR, f"hopper bwd {mode} {name}", seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+@pytest.mark.parametrize("mode", hopper_bwd.DQ_MODES)
+def test_hopper_backward_with_lse_gradient(mode, seed, monkeypatch):
+    """A gradient on the returned LSE folds into delta (the portable preprocess kernel's ``dlse``)."""
+    monkeypatch.setenv(hopper_bwd.ENV, "atomic" if mode == "atomic" else "1")
+    calls = _spy(monkeypatch)
+    q, k, v, dout = _inputs(128, torch.bfloat16)
+    out, lse, _ = flashring.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    dlse = torch.randn_like(lse)
+    grads = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
+    assert calls == [(True, mode)]
+    refs = {}
+    for name, dtype in (("ref", torch.float64), ("low", None)):
+        leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+        o, lo = attention_ref(*leaves, upper=0, dtype=dtype)
+        refs[name] = torch.autograd.grad((o, lo), leaves, (dout.to(o.dtype), dlse))
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_close(grads[i], refs["ref"][i], refs["low"][i], GRAD_FACTOR, f"hopper bwd dlse {mode} {name}", seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+@pytest.mark.parametrize("causal", [False, True])
+def test_deterministic_never_takes_the_atomic_variant(causal, monkeypatch):
+    """``deterministic=True`` under ``FLASHRING_HOPPER_BWD=atomic`` runs the separate dQ kernel, and a repeat
+    (through ops.launch's fast path, descriptors rebuilt per call) gives bitwise-equal gradients."""
+    monkeypatch.setenv(hopper_bwd.ENV, "atomic")
+    calls = _spy(monkeypatch)
+    q, k, v, dout = _inputs(128, torch.bfloat16, s=512)
+    launcher = hopper_bwd.LAUNCH[hopper_bwd._bwd_dq_hopper]
+    runs, fast = [], []
+    for _ in range(2):
+        fast.append(launcher.fast_calls)
+        out = flashring.flash_attn_func(q, k, v, causal=causal, deterministic=True)
+        runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    assert calls == [(causal, "separate")] * 2
+    if launcher.fast:
+        assert launcher.fast_calls == fast[1] + 1
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
