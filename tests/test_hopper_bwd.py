@@ -42,7 +42,7 @@ def test_applies_only_where_the_kernels_are_exact():
 
 def test_switch_and_deterministic(monkeypatch):
     monkeypatch.delenv(hopper_bwd.ENV, raising=False)
-    assert hopper_bwd.dq_mode(False) is None                          # off unless asked for
+    assert hopper_bwd.dq_mode(False) == "separate"                    # the default (session 8's measurement)
     monkeypatch.setenv(hopper_bwd.ENV, "0")
     assert hopper_bwd.dq_mode(False) is None
     for value in ("1", "separate"):
