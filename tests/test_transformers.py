@@ -151,7 +151,8 @@ def test_compiled_static_cache_decoding_matches_eager(seed, torch_path):
     """torch.compile(fullgraph=True) over a static-cache forward (what compiled generation runs): the traced mask
     function and decode step read no host values, and the prefill + decode logits match eager attention; then the
     cache is reset and reused with a 20-token prefill (more than a decode step's 16 queries: it used to be placed
-    at the end of the cache, not after the tokens seen)."""
+    at the end of the cache, not after the tokens seen) and with a 32-token one that fills it (queries as many as
+    slots: it used to reach the padded path's host read, a graph break)."""
     torch._dynamo.reset()
     logits = {}
     for impl in ("eager", fr_hf.ATTN_IMPLEMENTATION):
@@ -161,7 +162,7 @@ def test_compiled_static_cache_decoding_matches_eager(seed, torch_path):
         cache = transformers.StaticCache(config=model.config, max_cache_len=32)
         steps = []
         with torch.no_grad():
-            for prompt, new in ((9, 3), (20, 2)):
+            for prompt, new in ((9, 3), (20, 2), (32, 0)):
                 cache.reset()
                 ids = tokens(2, prompt)
                 for _ in range(1 + new):                  # the prefill, then one-token steps
@@ -478,3 +479,42 @@ def test_right_padding_inside_decode_shaped_calls(seed, torch_path):
             outs.append(m(input_ids=ids[:, 6:], attention_mask=mask, past_key_values=cache, use_cache=True).logits)
     real = mask[:, 6:].bool()
     torch.testing.assert_close(outs[0][real], outs[1][real], atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------- encoder-decoder
+def make_bart():
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0,
+                                     attention_dropout=0.0, activation_dropout=0.0, init_std=INIT, pad_token_id=0,
+                                     bos_token_id=1, eos_token_id=None, decoder_start_token_id=1,
+                                     forced_eos_token_id=None)
+    ours = transformers.AutoModelForSeq2SeqLM.from_config(config, attn_implementation=fr_hf.ATTN_IMPLEMENTATION)
+    eager = copy.deepcopy(ours)
+    eager.set_attn_implementation("eager")
+    return ours.eval(), eager.eval()
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_encoder_decoder_cross_attention_sees_every_encoder_token(cache, seed, torch_path):
+    """Bart: bidirectional encoder, causal decoder, cross-attention from a few decoder tokens over a longer padded
+    encoder output. The mask function must not treat cross-attention as a cache whose slots end at the decoder's
+    length (found in review: the decoder attended only the first q_length encoder tokens)."""
+    ours, eager = make_bart()
+    ids = tokens(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0                   # right padding on the encoder side
+    ids[1, 9:] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+              return_dict_in_generate=True, output_logits=True, cache_implementation=cache)
+    with torch.no_grad():
+        want, got = eager.generate(ids, **kw), ours.generate(ids, **kw)
+    assert got.sequences.shape == want.sequences.shape == (2, 6)      # decoder start token + 5
+    for step, (g, w) in enumerate(zip(got.logits, want.logits)):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+    assert torch.equal(got.sequences, want.sequences)
+    with torch.no_grad():            # teacher-forced: all decoder positions at once, gradients off
+        dec = tokens(2, 4)
+        want = eager(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        got = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

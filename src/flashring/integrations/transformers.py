@@ -346,8 +346,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                              "not both")
         pq, pk = _explicit_packing(kwargs, b * sq, b * sk, q.device)
         out = varlen_attention(q, k, v, pq, pk, **opts)
-    elif sq < sk and (sq <= DECODE_MAX_Q or mask is not None and mask.dtype == torch.int8):
-        # (a slot mask reaches here only traced: a cache's unused slots, any query count, one graph)
+    elif sq < sk and sq <= DECODE_MAX_Q or mask is not None and mask.dtype == torch.int8 and sq <= sk:
+        # (a slot mask reaches here only traced: a cache's unused slots, any query count -- a prefill filling the
+        # whole cache too -- one graph, no host read)
         out = decode_step(q, k, v, mask, **opts)
     elif mask is not None:
         out = padded_attention(q, k, v, mask, **opts)
@@ -374,8 +375,11 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     would hand the attention function no mask at all and padding would be silently attended to."""
     if attention_mask is not None and attention_mask.dim() != 2:
         return attention_mask     # attention_forward rejects it with a clear message
+    # Bidirectional calls (an encoder, a decoder's cross-attention over the encoder's states) see every key: their
+    # queries end nowhere in the keys, so only padding matters (a slot mask would hide the keys past q_length).
+    bidirectional = "allow_is_bidirectional_skip" in kwargs
     end = q_offset + q_length
-    if isinstance(q_offset, torch.Tensor) or end < kv_length:     # slots past `end` hold no token, masked or not
+    if not bidirectional and (isinstance(q_offset, torch.Tensor) or end < kv_length):   # slots past `end`: no token
         return slot_mask(batch_size, q_length, kv_length, q_offset, attention_mask, kwargs.get("device"))
     if attention_mask is None:
         return None
@@ -383,7 +387,8 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     if mask.shape[1] > kv_length:
         mask = mask[:, -kv_length:]
     # Kept when shorter than the keys even if all True: the keys past it are not tokens.
-    if mask.shape[1] == kv_length and bool(mask.all()):
+    # (not when traced: a host read; the kernels treat an all-True mask as none)
+    if mask.shape[1] == kv_length and not torch.compiler.is_compiling() and bool(mask.all()):
         return None
     return mask
 
