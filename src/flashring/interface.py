@@ -83,25 +83,64 @@ class _Eager(torch.autograd.Function):
     """Eager calls: the custom ops' forward and backward without the dispatcher. Through the op's registered
     autograd a training forward cost 77 us of host time on the CPU dev box, 40 of them in torch's argument
     defaulting (``torch._library.utils.fill_defaults``); on the GPU machines' slower host, forwards of <= 1k tokens
-    timed host-bound at 0.3-0.6 ms (session 8). torch.compile traces the custom ops instead (same kernels)."""
+    timed host-bound at 0.3-0.6 ms (session 8). torch.compile, torch.func transforms and tracing modes (make_fx)
+    get the custom ops instead (same kernels; see :func:`plain_eager`). The backward is not differentiable again
+    (as flash-attn's): a double backward raises instead of returning zeros."""
 
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, lower, upper, softcap, sparse, varlen, deterministic):
-        out, lse = dispatch.fwd(q, k, v, softmax_scale, lower, upper, softcap, sparse=sparse, varlen=varlen)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(q, k, v, softmax_scale, lower, upper, softcap, sparse, varlen, deterministic):
+        return dispatch.fwd(q, k, v, softmax_scale, lower, upper, softcap, sparse=sparse, varlen=varlen)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, softmax_scale, lower, upper, softcap, sparse, varlen, deterministic = inputs
+        # The side tensors (sparse positions, cu_seqlens) are saved too, so an in-place change to one between
+        # forward and backward raises like a change to q would.
+        side = [] if sparse is None else [t for t in sparse[:6] if t is not None]
+        side += [] if varlen is None else [varlen.cu_q, varlen.cu_k]
+        ctx.save_for_backward(q, k, v, *output, *side)
         ctx.args = (softmax_scale, lower, upper, softcap, sparse, varlen, deterministic)
         ctx.set_materialize_grads(False)
-        return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors[:5]
         scale, lower, upper, softcap, sparse, varlen, deterministic = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = dispatch.bwd(dout, q, k, v, out, lse, scale, lower, upper, softcap, dlse=dlse, sparse=sparse,
-                                  varlen=varlen, deterministic=deterministic)
+        if torch._C._are_functorch_transforms_active():
+            # torch.func.grad hands the backward its wrapped tensors; the dispatcher ops unwrap them for the kernels
+            if varlen is not None:
+                dq, dk, dv = _varlen_bwd_op(dout, q, k, v, out, lse, dlse, varlen.cu_q, varlen.cu_k, varlen.max_q,
+                                            varlen.max_k, scale, lower, upper, softcap)
+            else:
+                side = (None,) * 6 if sparse is None else sparse[:6]
+                dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, dlse, scale, lower, upper, softcap, *side,
+                                     sparse is not None and sparse.causal)
+        else:
+            dq, dk, dv = dispatch.bwd(dout, q, k, v, out, lse, scale, lower, upper, softcap, dlse=dlse,
+                                      sparse=sparse, varlen=varlen, deterministic=deterministic)
         return dq, dk, dv, None, None, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, *args):
+        """torch.func.vmap: the mapped dimension joins the batch (dense calls), else one call per entry."""
+        dims, size = in_dims[:3], info.batch_size
+        q, k, v = (t.movedim(d, 0) if d is not None else t.expand(size, *t.shape) for t, d in zip((q, k, v), dims))
+        if args[4] is None and args[5] is None and all(d is None for d in in_dims[3:]):
+            b = q.shape[1]
+            out, lse = _Eager.apply(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *args)
+            return (out.unflatten(0, (size, b)), lse.unflatten(0, (size, b))), (0, 0)
+        outs = [_Eager.apply(q[i], k[i], v[i], *args) for i in range(size)]
+        return (torch.stack([o for o, _ in outs]), torch.stack([lse for _, lse in outs])), (0, 0)
+
+
+def plain_eager() -> bool:
+    """True outside torch.compile and torch-dispatch modes (make_fx, FakeTensorMode): there an autograd.Function
+    would hide the kernels from the tracer, so those get the custom ops (same kernels). torch.func's grad / vjp /
+    vmap take :class:`_Eager` (its setup_context / vmap rules); forward-mode AD (jvp) is not implemented."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0)
 
 
 def attention(q, k, v, softmax_scale: float, lower: Optional[int], upper: Optional[int], softcap: float,
@@ -109,7 +148,7 @@ def attention(q, k, v, softmax_scale: float, lower: Optional[int], upper: Option
     """``(out, lse)`` through the custom op (traced) or :class:`_Eager`, on validated inputs (what the public
     functions and the sparse front ends call). ``deterministic=False`` reaches only the eager backward (the only
     one that may differ: ``dispatch.bwd``); traced calls stay deterministic."""
-    if not torch.compiler.is_compiling():
+    if plain_eager():
         return _Eager.apply(q, k, v, softmax_scale, lower, upper, softcap, sparse, None, deterministic)
     if sparse is None:
         return _fwd_op(q, k, v, softmax_scale, lower, upper, softcap, None, None, None, None, None, None, False)
@@ -278,7 +317,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                              "never be computed")
     q, k, v = _autocast(q, k, v)
     lower, upper = window_offsets(causal, window)
-    if torch.compiler.is_compiling():
+    if not plain_eager():
         out, lse = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, lower,
                                   upper, cap)
     else:
@@ -406,7 +445,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         key_padding_mask: flashring's addition, bool ``(batch, cache capacity)`` over cache positions (logical
             positions when paged): only keys marked True are attended, within the range above; positions (and so
             causal / window) are unchanged. For padding *between* a row's tokens (e.g. a right-padded prompt
-            followed by generated tokens), which ``cache_leftpad`` cannot express. One byte read per key.
+            followed by generated tokens), which ``cache_leftpad`` cannot express. One byte read per key. It
+            covers the new ``k`` / ``v`` too: mark their slots (``cache_seqlens`` onwards) True, or they are
+            appended but not attended.
     Returns ``out`` ``(batch, seqlen_q, nheads, headdim)``, and ``softmax_lse`` ``(batch, nheads, seqlen_q)`` fp32
     with ``return_softmax_lse=True``. Out-of-range ``cache_seqlens`` / ``block_table`` entries raise ValueError on
     CPU and trip a device-side assert on a GPU (no host sync per decode step).
@@ -495,7 +536,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     lower, upper = window_offsets(causal, window)
     # Eager calls skip the dispatcher (a decode step is short enough for its ~50 us of host time to show); the
     # custom op is what torch.compile traces.
-    fn = _kvcache_op if torch.compiler.is_compiling() else _kvcache_forward
+    fn = _kvcache_forward if plain_eager() else _kvcache_op
     out, lse = fn(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, seqlen, cache_batch_idx,
                   cache_leftpad, block_table, scale, lower, upper, cap, rotary_interleaved,
                   causal or window != (-1, -1), num_splits, key_padding_mask)
