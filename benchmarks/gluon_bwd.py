@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="append one JSON line per result to DIR/gluon-bwd.jsonl as it is measured")
     p.add_argument("--quick", action="store_true", help="time N = 8k only")
+    p.add_argument("--seqlens", help="comma-separated N to time instead of 1k,4k,8k,16k (e.g. 512,1024,2048)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no GPU: compile the kernels with benchmarks/compile_probe.py --hopper-bwd", file=sys.stderr)
@@ -130,7 +131,10 @@ def main(argv=None) -> int:
         return None if both is None or fwd is None else both - fwd
 
     table = []
-    grid = [(d, n) for d in (128, 64) for n in ((8192,) if args.quick else (1024, 4096, 8192, 16384))]
+    lengths = (8192,) if args.quick else (1024, 4096, 8192, 16384)
+    if args.seqlens:
+        lengths = tuple(int(x) for x in args.seqlens.split(","))
+    grid = [(d, n) for d in (128, 64) for n in lengths]
     for d, n in grid:
         h, b = HIDDEN // d, TOKENS // n
         if table and "error" in table[-1] and fatal(table[-1]["error"]):

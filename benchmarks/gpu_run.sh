@@ -2,9 +2,10 @@
 # Everything one GPU session checks and measures, in one command (each step time-boxed, logs kept):
 #   bash benchmarks/gpu_run.sh OUT [STEPS]
 # STEPS: a comma list from tests,dense,sparse,decode,varlen,tune,generate (default: all), and on request
-# beforeafter (this checkout vs the one unpacked in .before/src, its sha in .before/SHA), gluon (the opt-in Gluon
-# Hopper forward, ops/hopper.py: check + time), profile (a training step's kernels per arm; PROFILE_ARMS,
-# PROFILE_EXTRA e.g. --cuda-graph), share (attention_share.py; SHARE_PRESET, default paper-16k) and paper
+# beforeafter (this checkout vs the one unpacked in .before/src, its sha in .before/SHA), gluon (the Gluon Hopper
+# forward, ops/hopper.py: check + time), gluonbwd (the Gluon backward, ops/hopper_bwd.py; GLUON_BWD_SEQLENS),
+# profile (a training step's kernels per arm; PROFILE_ARMS, PROFILE_EXTRA e.g. --cuda-graph), share
+# (attention_share.py; SHARE_PRESET, default paper-16k) and paper
 # (paper_experiments.py; PAPER_PRESET, PAPER_ARMS, PAPER_MINUTES per arm, default 3.2: a hash arm at 186 ms/step
 # needs 2.9 for 920 steps). profile and paper train on the corpus directory carried in .corpus/english.
 # Results files land in OUT (flashring bench's <device>-<suite>-<date>-<sha>.jsonl), logs in OUT/*.log; a
@@ -22,7 +23,9 @@ step() {  # name seconds command...
   echo "$name: exit $?" >> "$out/summary.txt"
 }
 : > "$out/summary.txt"
-has tests && step tests ${TESTS_SECS:-360} python3 -m pytest -m gpu -q --maxfail=20 -n 8 -p no:cacheprovider
+# -rfE --durations: a log that shows which tests ran and how long (a timed-out run still lists the finished ones)
+has tests && step tests ${TESTS_SECS:-420} python3 -m pytest -m gpu -q -rfE --durations=25 --maxfail=20 -n 8 \
+    -p no:cacheprovider ${TESTS_ARGS:-}
 has dense && step dense 240 python3 -m flashring bench dense --providers flashring,sdpa-flash,sdpa-cudnn \
     --modes fwd,fwd+bwd --out "$out" --no-plot
 has sparse && step sparse 150 python3 -m flashring bench sparse --quick --out "$out" --no-plot
@@ -38,6 +41,8 @@ has beforeafter && step beforeafter 240 python3 benchmarks/before_after.py --old
 has profile && step profile 240 python3 benchmarks/train_step_profile.py --data .corpus/english \
     --arms "${PROFILE_ARMS:-dense,qk50,hash16}" --out "$out" ${PROFILE_EXTRA:+--extra="$PROFILE_EXTRA"}
 has gluon && step gluon "${GLUON_SECS:-240}" python3 benchmarks/gluon_fwd.py --out "$out"
+has gluonbwd && step gluonbwd "${GLUON_BWD_SECS:-240}" python3 benchmarks/gluon_bwd.py --out "$out" \
+    ${GLUON_BWD_SEQLENS:+--seqlens "$GLUON_BWD_SEQLENS"}
 has share && step share 150 python3 benchmarks/attention_share.py --preset "${SHARE_PRESET:-paper-16k}" --out "$out"
 paper_arms=${PAPER_ARMS:-dense-strict hash16}
 paper_minutes=${PAPER_MINUTES:-3.2}

@@ -25,6 +25,32 @@ def test_applies_only_where_the_kernel_is_exact():
     assert not hopper.applies(q[..., :96], k[..., :96], k[..., :96], None, None, 0.0)
     assert not hopper.applies(q.transpose(1, 2).contiguous().transpose(1, 2), k, k, None, None, 0.0)
     assert not hopper.enabled(torch.device("cpu"), 128)
+    # contiguous but 2 bytes past an aligned address (a view at element offset 1): TMA would fault
+    flat = torch.randn(q.numel() + 8).bfloat16()
+    odd = flat[1:1 + q.numel()].view(q.shape)
+    assert odd.is_contiguous() and odd.data_ptr() % 16 and not hopper.applies(odd, k, k, None, 0, 0.0)
+    assert hopper.aligned(odd).data_ptr() % 16 == 0 and torch.equal(hopper.aligned(odd), odd)
+    assert hopper.aligned(q) is q
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+def test_misaligned_inputs_and_gradient_take_the_portable_kernels_or_a_copy(seed):
+    """Odd-offset views (contiguous, 16-byte misaligned) of q and of dout: exact results, no TMA fault."""
+    b, s, h, d = 1, 256, 2, 128
+
+    def odd(shape):
+        n = torch.Size(shape).numel()
+        return torch.randn(n + 8, device="cuda", dtype=torch.bfloat16)[1:1 + n].view(shape)
+    q = odd((b, s, h, d)).requires_grad_()
+    k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    dout = odd((b, s, h, d))
+    out = flashring.flash_attn_func(q, k, v, causal=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    refs = reference_pair(q, k, v, dout, upper=0)
+    assert_close(out, refs["ref"]["out"], refs["low"]["out"], OUT_FACTOR, "out", seed)
+    for name, g in zip(("dq", "dk", "dv"), grads):
+        assert_close(g, refs["ref"][name], refs["low"][name], GRAD_FACTOR, name, seed)
 
 
 def test_default_head_dims_and_the_switch(monkeypatch):

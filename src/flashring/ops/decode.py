@@ -258,7 +258,8 @@ def attention(q, k_cache, v_cache, start: Optional[torch.Tensor], end, softmax_s
               key_mask: Optional[torch.Tensor] = None):
     """Triton launch: ``(out, lse)`` of q ``(B, Sq, H, D)`` over each batch's cache keys ``[start[b], end[b])``
     (int32 (B,)) that ``key_mask`` (bool ``(B, capacity)``, optional) keeps; lse ``(B, H, Sq)`` fp32.
-    ``lower``/``upper``: the band around each query's position (None = unbounded). ``config``: BLOCK_N / num_warps / num_stages instead of :func:`decode_config` (tuning)."""
+    ``lower``/``upper``: the band around each query's position (None = unbounded). ``config``: BLOCK_N /
+    num_warps / num_stages instead of :func:`decode_config` (tuning)."""
     q = unit_last(q)
     b, sq, h, d = q.shape
     hk = k_cache.shape[2]

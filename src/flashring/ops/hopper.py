@@ -66,11 +66,18 @@ def enabled(device: torch.device, head_dim: int) -> bool:
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous at a 16-byte aligned address (what TMA descriptors need), copied only when it is not."""
+    return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower: Optional[int], upper: Optional[int],
             softcap: float) -> bool:
-    """Whether this kernel computes the call: bf16/fp16, head dim 64 or 128, contiguous ``(B, S, H, D)``, equal
-    query and key lengths that are multiples of 128, full or causal attention without softcap (no window, no
-    sparse or varlen front end: those callers do not come here)."""
+    """Whether this kernel computes the call: bf16/fp16, head dim 64 or 128, contiguous ``(B, S, H, D)`` at
+    16-byte aligned addresses (TMA descriptors need them; a view at an odd element offset is contiguous but not
+    aligned), equal query and key lengths that are multiples of 128, full or causal attention without softcap (no
+    window, no sparse or varlen front end: those callers do not come here). The backward adds its own limits
+    (``hopper_bwd.applies``)."""
     if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
         return False
     if q.dim() != 4 or q.shape[-1] not in (64, 128) or k.shape != v.shape or k.shape[-1] != q.shape[-1]:
@@ -78,7 +85,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower: Optional[i
     b, s, h, d = q.shape
     if k.shape[0] != b or k.shape[1] != s or s % BLOCK_M or h % k.shape[2]:
         return False
-    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
+    if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)):
         return False
     return softcap == 0 and lower is None and upper in (None, 0)
 

@@ -63,7 +63,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import flash
+from . import flash, hopper
 from .launch import Launcher, cdiv
 
 try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
@@ -106,18 +106,11 @@ def enabled(device: torch.device) -> bool:
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower: Optional[int], upper: Optional[int],
             softcap: float) -> bool:
-    """Whether these kernels compute the call's gradients: the forward's contract (``hopper.applies``) plus
-    16-byte aligned addresses (TMA). ``out`` and ``dout`` are made contiguous by :func:`bwd`."""
-    if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
-        return False
-    if q.dim() != 4 or q.shape[-1] not in (64, 128) or k.shape != v.shape or k.shape[-1] != q.shape[-1]:
-        return False
-    b, s, h, d = q.shape
-    if k.shape[0] != b or k.shape[1] != s or s % BLOCK_KEYS or h % k.shape[2] or b * h * s >= 2**31:
-        return False
-    if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)):
-        return False
-    return softcap == 0 and lower is None and upper in (None, 0)
+    """Whether these kernels compute the call's gradients: the forward's contract (``hopper.applies``: dtypes,
+    shapes, 16-byte aligned contiguous tensors) with B * H * S < 2**31 (int32 LSE offsets). ``out`` and ``dout``
+    are made contiguous and aligned by :func:`bwd`."""
+    b, s, h, _ = q.shape if q.dim() == 4 else (0, 1, 0, 0)
+    return hopper.applies(q, k, v, lower, upper, softcap) and s % BLOCK_KEYS == 0 and b * h * s < 2**31
 
 
 if AVAILABLE:
@@ -493,7 +486,7 @@ def bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
     (as the forwards return it), ``dlse`` an optional gradient on it."""
     if dq_mode not in DQ_MODES:
         raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
-    do, out, lse = do.contiguous(), out.contiguous(), lse.contiguous()
+    do, out, lse = hopper.aligned(do), hopper.aligned(out), lse.contiguous()
     delta = _delta(out, do, lse, dlse)
     atomic = dq_mode == "atomic"
     dk, dv = torch.empty_like(k), torch.empty_like(v)
