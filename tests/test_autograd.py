@@ -40,21 +40,53 @@ def test_vmap_matches_a_loop(device, mapped, seed):
 
 def test_double_backward_and_jvp_raise(device, seed):
     q, k, v = qkv(device, grad=True)
-    (dq,) = torch.autograd.grad(flashring.flash_attn_func(q, k, v).sum(), q, create_graph=True)
-    assert not dq.requires_grad        # once differentiable: no silent zeros from a second backward
-    with pytest.raises(RuntimeError):
+    loss = lambda q: flashring.flash_attn_func(q, k, v).pow(2).sum()       # noqa: E731 - dout depends on q
+    not_twice = pytest.raises(NotImplementedError, match="not differentiable")
+    with not_twice:
+        (dq,) = torch.autograd.grad(loss(q), q, create_graph=True)
         torch.autograd.grad(dq.sum(), q)
+    small = qkv(device, b=1, s=3, h=1, hk=1, d=4)          # a Hessian of 12 x 12
+    with not_twice:
+        torch.autograd.functional.hessian(lambda q: flashring.flash_attn_func(q, *small[1:]).pow(2).sum(),
+                                          small[0].requires_grad_())
+    with not_twice:
+        torch.func.grad(lambda q: torch.func.grad(loss)(q).sum())(q.detach())
     with pytest.raises(NotImplementedError, match="jvp"):
         torch.func.jvp(lambda q: flashring.flash_attn_func(q, k.detach(), v.detach()), (q.detach(),),
                        (torch.randn_like(q),))
 
 
-def test_make_fx_records_the_custom_op(device, seed):
+def test_create_graph_elsewhere_still_works(device, seed):
+    """A second-order term that does not pass through attention (a gradient penalty on other weights)."""
+    q, k, v = qkv(device, grad=True)
+    w = torch.randn(3, device=device, requires_grad=True)
+    total = flashring.flash_attn_func(q, k, v).sum() + w.pow(3).sum()
+    gq, gw = torch.autograd.grad(total, (q, w), create_graph=True)
+    (hw,) = torch.autograd.grad(gw.sum(), w)
+    torch.testing.assert_close(hw, 6 * w.detach())
+    torch.testing.assert_close(gq, torch.autograd.grad(flashring.flash_attn_func(q, k, v).sum(), q)[0])
+
+
+@pytest.mark.parametrize("mode", ["real", "fake", "symbolic"])
+def test_make_fx_records_the_custom_ops(device, mode, seed):
+    """Every entry point traces to its custom op, with fake tensors too (no host read of cu_seqlens or of the
+    cache lengths while traced)."""
     q, k, v = qkv(device)
-    gm = make_fx(lambda q, k, v: flashring.flash_attn_func(q, k, v, causal=True))(q, k, v)
-    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
-    assert "flashring.fwd.default" in targets, targets
-    torch.testing.assert_close(gm(q, k, v), flashring.flash_attn_func(q, k, v, causal=True), atol=0, rtol=0)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=device)
+    lens = torch.tensor([5, 30], dtype=torch.int32, device=device)
+    calls = {
+        "flashring.fwd.default": (lambda q, k, v: flashring.flash_attn_func(q, k, v, causal=True), (q, k, v)),
+        "flashring.varlen_fwd.default": (lambda q, cu: flashring.flash_attn_varlen_func(
+            q, q, q, cu, cu, 13, 13, causal=True), (q[0, :20], cu)),
+        "flashring.fwd_kvcache.default": (lambda q, k, v, s: flashring.flash_attn_with_kvcache(
+            q, k, v, cache_seqlens=s, causal=True), (q[:, :1], k, v, lens)),
+    }
+    for op, (fn, args) in calls.items():
+        gm = make_fx(fn, tracing_mode=mode)(*args)
+        targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+        assert op in targets, (op, targets)
+        if mode == "real":
+            torch.testing.assert_close(gm(*args), fn(*args), atol=0, rtol=0)
 
 
 def test_inplace_change_to_cu_seqlens_before_backward_raises(device, seed):

@@ -518,3 +518,22 @@ def test_encoder_decoder_cross_attention_sees_every_encoder_token(cache, seed, t
         want = eager(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
         got = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_compiled_forward_with_a_padding_mask(name, seed, torch_path):
+    """torch.compile(fullgraph=True) over an inference forward with a 2-D padding mask (all ones, and left-padded):
+    the traced mask reaches the decode path (key mask, no host read) and the real tokens' logits match eager."""
+    torch._dynamo.reset()
+    ours, eager, _ = make_models(name)
+    ours.eval(), eager.eval()
+    fwd = torch.compile(ours.forward, fullgraph=True, backend="aot_eager")
+    ids = tokens(2, 11)
+    for pad in (0, 5):
+        mask = torch.ones_like(ids)
+        mask[1, :pad] = 0
+        with torch.no_grad():
+            got = fwd(input_ids=ids, attention_mask=mask).logits
+            want = eager(input_ids=ids, attention_mask=mask).logits
+        real = mask.bool()
+        torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)

@@ -85,7 +85,7 @@ class _Eager(torch.autograd.Function):
     defaulting (``torch._library.utils.fill_defaults``); on the GPU machines' slower host, forwards of <= 1k tokens
     timed host-bound at 0.3-0.6 ms (session 8). torch.compile, torch.func transforms and tracing modes (make_fx)
     get the custom ops instead (same kernels; see :func:`plain_eager`). The backward is not differentiable again
-    (as flash-attn's): a double backward raises instead of returning zeros."""
+    (as flash-attn's): differentiating its gradients raises (:class:`_NotTwice`) instead of returning zeros."""
 
     @staticmethod
     def forward(q, k, v, softmax_scale, lower, upper, softcap, sparse, varlen, deterministic):
@@ -103,9 +103,13 @@ class _Eager(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors[:5]
+        if torch.is_grad_enabled():       # create_graph=True, a Hessian, torch.func.grad of a grad
+            with torch.no_grad():
+                grads = _Eager.backward(ctx, dout, dlse)
+            sources = [t for t in (q, k, v, dout, dlse) if t is not None and t.requires_grad]
+            return (*_NotTwice.apply(*grads[:3], *sources), *grads[3:]) if sources else grads
         scale, lower, upper, softcap, sparse, varlen, deterministic = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
@@ -134,6 +138,26 @@ class _Eager(torch.autograd.Function):
             return (out.unflatten(0, (size, b)), lse.unflatten(0, (size, b))), (0, 0)
         outs = [_Eager.apply(q[i], k[i], v[i], *args) for i in range(size)]
         return (torch.stack([o for o, _ in outs]), torch.stack([lse for _, lse in outs])), (0, 0)
+
+
+class _NotTwice(torch.autograd.Function):
+    """Identity on the gradients :class:`_Eager`'s backward returns while they are themselves differentiated
+    (``create_graph=True``): linked to the tensors they depend on, with a backward that raises, so a double
+    backward, a Hessian or ``torch.func.grad`` of a grad never reads silent zeros. Inert otherwise (a gradient
+    penalty on other parameters still works)."""
+
+    @staticmethod
+    def forward(dq, dk, dv, *sources):
+        return dq.view_as(dq), dk.view_as(dk), dv.view_as(dv)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("flashring's attention backward is not differentiable: double backward, "
+                                  "Hessians and grad of grad are not supported (as in flash-attn)")
 
 
 def plain_eager() -> bool:
@@ -278,7 +302,7 @@ def check_cu_seqlens(cu, name: str, total: int, device: torch.device, batch: Opt
     if cu.shape[0] < 2 or (batch is not None and cu.shape[0] != batch + 1):
         want = "at least 2 entries" if batch is None else f"{batch + 1} entries (batch + 1)"
         raise ValueError(f"{name} must have {want}, got {cu.shape[0]}")
-    if not torch.compiler.is_compiling():
+    if plain_eager():          # (not while traced: a host read; fake tensors have no values)
         values = cu.tolist()
         if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])):
             raise ValueError(f"{name} must start at 0 and be non-decreasing, got {values[:8]}...")
@@ -411,7 +435,7 @@ def _check_index_tensor(t, name: str, shape, device) -> None:
 def _check_range(t: torch.Tensor, lo: int, hi: int, what: str) -> None:
     """``lo <= t < hi`` elementwise: a host check on CPU; on a GPU a device-side assert, because a host check would
     stall the queue on every decode step (as torch's own CUDA index ops check their indices on the device)."""
-    if t.numel() == 0 or torch.compiler.is_compiling():
+    if t.numel() == 0 or not plain_eager():
         return
     if t.is_cuda:
         torch._assert_async(((t >= lo) & (t < hi)).all(), what)

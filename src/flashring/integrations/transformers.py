@@ -346,9 +346,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                              "not both")
         pq, pk = _explicit_packing(kwargs, b * sq, b * sk, q.device)
         out = varlen_attention(q, k, v, pq, pk, **opts)
-    elif sq < sk and sq <= DECODE_MAX_Q or mask is not None and mask.dtype == torch.int8 and sq <= sk:
-        # (a slot mask reaches here only traced: a cache's unused slots, any query count -- a prefill filling the
-        # whole cache too -- one graph, no host read)
+    elif sq < sk and sq <= DECODE_MAX_Q or (mask is not None and sq <= sk and (
+            mask.dtype == torch.int8 or torch.compiler.is_compiling())):
+        # (traced calls with a mask: a slot mask -- a cache's unused slots, any query count, a prefill filling the
+        # whole cache too -- or a padding mask; one graph, no host read; with grad decode_step takes the padded
+        # path)
         out = decode_step(q, k, v, mask, **opts)
     elif mask is not None:
         out = padded_attention(q, k, v, mask, **opts)
@@ -387,7 +389,8 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     if mask.shape[1] > kv_length:
         mask = mask[:, -kv_length:]
     # Kept when shorter than the keys even if all True: the keys past it are not tokens.
-    # (not when traced: a host read; the kernels treat an all-True mask as none)
+    # (not when traced: a host read. A traced all-True mask then takes the masked paths: exact, and read-free
+    # where the decode path serves it -- no grad, sq <= sk; a traced padded prefill with grad still reads it)
     if mask.shape[1] == kv_length and not torch.compiler.is_compiling() and bool(mask.all()):
         return None
     return mask
