@@ -500,9 +500,10 @@ def config_label(c: dict) -> str:
 
 
 def results_name(device: torch.device, suite: str) -> str:
-    """``<device>-<suite>-<date>-<sha>.jsonl``; the sha cut to 10 characters, ``+`` marking a dirty checkout."""
+    """``<device>-<suite>-<date>-<sha>.jsonl``; the sha cut to 10 characters, ``-dirty`` marking a dirty checkout
+    (letters, digits and dashes only: the GPU machines' file return drops names with other characters)."""
     raw = git_sha() or "nogit"
-    sha = "".join(c for c in raw.split("-")[0] if c.isalnum())[:10] + ("+" if raw.endswith("-dirty") else "")
+    sha = "".join(c for c in raw.split("-")[0] if c.isalnum())[:10] + ("-dirty" if raw.endswith("-dirty") else "")
     return f"{device_slug(device)}-{suite}-{time.strftime('%Y%m%d-%H%M%S')}-{sha or 'nogit'}.jsonl"
 
 
