@@ -55,20 +55,6 @@ def test_switch_and_deterministic(monkeypatch):
     assert hopper_bwd.dq_mode(False) == "separate"                    # torch's global switch wins too
 
 
-def test_default_takes_long_sequences_only(monkeypatch):
-    """Unset, the switch sends sequences from DEFAULT_MIN_SEQLEN on; ``1`` sends every length; ``0`` none."""
-    monkeypatch.setattr(hopper_bwd, "AVAILABLE", True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(hopper_bwd, "DEFAULT_MIN_SEQLEN", 1024)
-    gpu = torch.device("cuda")
-    monkeypatch.delenv(hopper_bwd.ENV, raising=False)
-    assert hopper_bwd.enabled(gpu, 1024) and not hopper_bwd.enabled(gpu, 512)
-    monkeypatch.setenv(hopper_bwd.ENV, "1")
-    assert hopper_bwd.enabled(gpu, 512)
-    monkeypatch.setenv(hopper_bwd.ENV, "0")
-    assert not hopper_bwd.enabled(gpu, 4096)
-
-
 def test_delta_from_the_portable_preprocess():
     """delta = rowsum(dO * O) - dlse, (B, H, S) fp32, from ops.flash's preprocess kernel (the interpreter on CPU)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"

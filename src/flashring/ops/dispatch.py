@@ -57,7 +57,7 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
     the LSE. ``deterministic=False`` (flash_attn_func's default) lets the opt-in Hopper backward add dQ with
     atomics when ``FLASHRING_HOPPER_BWD=atomic``; every other path is deterministic either way."""
     if (q.is_cuda and sparse is None and varlen is None and grad_dtype in (None, q.dtype)
-            and hopper_bwd.enabled(q.device, q.shape[1]) and hopper_bwd.applies(q, k, v, lower, upper, softcap)):
+            and hopper_bwd.enabled(q.device) and hopper_bwd.applies(q, k, v, lower, upper, softcap)):
         return hopper_bwd.bwd(do, q, k, v, out, lse, softmax_scale, causal=upper == 0, dlse=dlse,
                               dq_mode=hopper_bwd.dq_mode(deterministic))       # sm_90 path (ops/hopper_bwd.py)
     if on_triton(q):

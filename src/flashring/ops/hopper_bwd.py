@@ -98,15 +98,8 @@ def dq_mode(deterministic: bool = True) -> Optional[str]:
     return None
 
 
-# Shortest sequence the default (switch unset) sends here; FLASHRING_HOPPER_BWD=1 takes every length.
-DEFAULT_MIN_SEQLEN = 0
-
-
-def enabled(device: torch.device, seqlen: int = 0) -> bool:
-    """The switch is on (unset: for ``seqlen >= DEFAULT_MIN_SEQLEN``), Gluon imports, and ``device`` is an sm_90
-    GPU."""
-    if os.environ.get(ENV, "") == "" and seqlen < DEFAULT_MIN_SEQLEN:
-        return False
+def enabled(device: torch.device) -> bool:
+    """The switch is on, Gluon imports, and ``device`` is an sm_90 GPU."""
     return (dq_mode() is not None and AVAILABLE and device.type == "cuda"
             and torch.cuda.get_device_capability(device) == (9, 0))
 
