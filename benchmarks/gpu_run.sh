@@ -23,7 +23,7 @@ step() {  # name seconds command...
   echo "$name: exit $?" >> "$out/summary.txt"
 }
 : > "$out/summary.txt"
-# -rfE --durations: a log that shows which tests ran and how long (a timed-out run still lists the finished ones)
+# -rfE --durations: the failures and the slowest tests in the log
 has tests && step tests ${TESTS_SECS:-420} python3 -m pytest -m gpu -q -rfE --durations=25 --maxfail=20 \
     -n "${TESTS_WORKERS:-8}" -p no:cacheprovider ${TESTS_ARGS:-}
 has dense && step dense 240 python3 -m flashring bench dense --providers flashring,sdpa-flash,sdpa-cudnn \
