@@ -55,6 +55,7 @@ def test_cpu_run_writes_metadata_and_passing_rows(tmp_path, capsys):
     for key in ("device", "torch", "triton", "cuda", "cudnn", "git_sha", "date", "argv"):
         assert key in meta
     assert meta["torch"] == torch.__version__ and meta["argv"][:3] == ["flashring", "bench", "dense"]
+    assert meta["timing"] == "per-call events"
     # CPU defaults: flashring, sdpa-math, naive; 2 seqlens x (full, causal) x 3 modes.
     assert meta["providers"] == ["flashring", "sdpa-math", "naive"]
     assert len(rows) == 2 * 2 * 3 * 3
@@ -137,7 +138,7 @@ def test_suites_dispatch_and_legacy_flags(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--headdims", "300"], ["--providers", "bogus"], ["--modes", "fwd,back"],
-                                  ["--seqlens", "0"]])
+                                  ["--seqlens", "0"], ["--cuda-graphs", "--device", "cpu"]])
 def test_bad_arguments_exit_2(argv, tmp_path, capsys):
     assert bench.main(argv + ["--out", str(tmp_path)]) == 2
     assert "error" in capsys.readouterr().err

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="small sweep (GPU: seqlen 1k,4k, headdim 128, flashring/sdpa-flash/sdpa-cudnn; "
                         "CPU: seqlen 128)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="time CUDA-graph replays of each call: the device work alone, without the host time "
+                        "that per-call timing includes at small sizes")
     H.add_common_args(p)
     return p
 
@@ -154,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args):
     """Device-dependent defaults: (shapes, providers, modes)."""
     gpu = args.device.type == "cuda"
+    if args.cuda_graphs and not gpu:
+        raise ValueError("--cuda-graphs needs a CUDA device")
     if gpu:
         seqlens = [1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
         headdims = [128] if args.quick else [64, 128]

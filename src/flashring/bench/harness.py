@@ -339,7 +339,9 @@ class Run:
         self.t0 = time.perf_counter()
         args.out.mkdir(parents=True, exist_ok=True)
         self.path = args.out / results_name(device, suite)
-        self.meta = run_metadata(device, ["flashring", "bench", suite, *argv], suite=suite, seed=seed, **meta)
+        timing = "cuda-graph replays" if getattr(args, "cuda_graphs", False) else "per-call events"
+        self.meta = run_metadata(device, ["flashring", "bench", suite, *argv], suite=suite, seed=seed,
+                                 timing=timing, **meta)
         self.sink = open(self.path, "w")
         self.sink.write(json.dumps(self.meta) + "\n")
         self.sink.flush()
@@ -382,6 +384,10 @@ class Run:
             return None, error
 
     def time(self, fn: Callable[[], object]) -> float:
+        """:func:`time_ms` of ``fn``, or of its CUDA-graph replay when the suite was asked for ``--cuda-graphs``
+        (recorded in the results' metadata as ``timing``)."""
+        if getattr(self.args, "cuda_graphs", False):
+            fn = cuda_graph(fn, self.device)
         return time_ms(fn, self.device, self.args.rep_ms, self.args.warmup_ms, self.args.repeats)
 
     def run_provider(self, shape: Shape, provider: Provider, base, ref: Optional[Reference], modes,
