@@ -96,3 +96,26 @@ def test_inplace_change_to_cu_seqlens_before_backward_raises(device, seed):
     cu.add_(0)          # bumps its version: the saved cu_seqlens no longer describe this forward
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_first_order_transforms_and_checkpoint(device, seed):
+    """jacrev and vmap(grad) (torch.func backpropagates with grad on, so _NotTwice sits in their path), and a
+    non-reentrant checkpoint under create_graph=True (the backward reads its saved tensors once)."""
+    from torch.utils.checkpoint import checkpoint
+    q, k, v = qkv(device, b=2, s=3, h=1, hk=1, d=4)
+    jac = torch.func.jacrev(lambda q: flashring.flash_attn_func(q, k, v, causal=True))(q)
+    leaf = q.detach().requires_grad_()
+    rows = [torch.autograd.grad(flashring.flash_attn_func(leaf, k, v, causal=True).flatten()[i], leaf)[0]
+            for i in range(q.numel())]
+    torch.testing.assert_close(jac.reshape(q.numel(), -1), torch.stack(rows).reshape(q.numel(), -1),
+                               atol=1e-5, rtol=1e-5)
+    loss = lambda q, k, v: flashring.flash_attn_func(q[None], k[None], v[None]).pow(2).sum()   # noqa: E731
+    got = torch.func.vmap(torch.func.grad(loss))(q.detach(), k, v)
+    want = torch.stack([torch.func.grad(loss)(q.detach()[i], k[i], v[i]) for i in range(q.shape[0])])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    w = torch.randn(4, device=device, requires_grad=True)
+    a = q.detach().requires_grad_()
+    out = checkpoint(lambda a: flashring.flash_attn_func(a, k, v), a, use_reentrant=False)
+    _, gw = torch.autograd.grad((out * w).sum() + w.pow(3).sum(), (a, w), create_graph=True)
+    (hw,) = torch.autograd.grad(gw.sum(), w)
+    torch.testing.assert_close(hw, 6 * w.detach())

@@ -72,6 +72,16 @@ def test_hash_strictly_causal(shape, device, seed):
                                         causal=False, strict_causal=True)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.int32, torch.int32), (torch.int32, torch.int64), (torch.int16, torch.int32)])
+def test_hash_bucket_id_dtypes(dtypes, device, seed):
+    """Bucket ids of any integer dtype, mixed between q and k, GQA and not (int32 ids used to stay transposed in
+    memory and the kernels read them with the wrong strides: found in review)."""
+    for hk in (2, 1):
+        qb = torch.randint(0, 3, (2, 70, 2), device=device, dtype=dtypes[0])
+        kb = torch.randint(0, 3, (2, 70, hk), device=device, dtype=dtypes[1])
+        run_sparse("hash", 2, 70, 70, 2, hk, 32, torch.float32, device, True, seed, qa=qb, ka=kb)
+
+
 def test_hash_positions_never_borrow_from_the_bucket(device, seed):
     """Regression (review of strict_causal): the tile-range builder packs (bucket, position) into one sort key, so
     a negative query position (token 0 under strict causality, or seqlen_q > seqlen_k) read as the previous

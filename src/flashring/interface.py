@@ -104,28 +104,14 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors[:5]
-        if torch.is_grad_enabled():       # create_graph=True, a Hessian, torch.func.grad of a grad
-            with torch.no_grad():
-                grads = _Eager.backward(ctx, dout, dlse)
-            sources = [t for t in (q, k, v, dout, dlse) if t is not None and t.requires_grad]
-            return (*_NotTwice.apply(*grads[:3], *sources), *grads[3:]) if sources else grads
-        scale, lower, upper, softcap, sparse, varlen, deterministic = ctx.args
-        if dout is None:
-            dout = torch.zeros_like(out)
-        if torch._C._are_functorch_transforms_active():
-            # torch.func.grad hands the backward its wrapped tensors; the dispatcher ops unwrap them for the kernels
-            if varlen is not None:
-                dq, dk, dv = _varlen_bwd_op(dout, q, k, v, out, lse, dlse, varlen.cu_q, varlen.cu_k, varlen.max_q,
-                                            varlen.max_k, scale, lower, upper, softcap)
-            else:
-                side = (None,) * 6 if sparse is None else sparse[:6]
-                dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, dlse, scale, lower, upper, softcap, *side,
-                                     sparse is not None and sparse.causal)
-        else:
-            dq, dk, dv = dispatch.bwd(dout, q, k, v, out, lse, scale, lower, upper, softcap, dlse=dlse,
-                                      sparse=sparse, varlen=varlen, deterministic=deterministic)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors[:5]        # read once: checkpoint's unpack hooks allow one read
+        if not torch.is_grad_enabled():
+            return _eager_grads(ctx.args, q, k, v, out, lse, dout, dlse)
+        # create_graph=True, torch.func (which always backpropagates with grad on), a Hessian
+        with torch.no_grad():
+            grads = _eager_grads(ctx.args, q, k, v, out, lse, dout, dlse)
+        sources = [t for t in (q, k, v, dout, dlse) if t is not None and t.requires_grad]
+        return (*_NotTwice.apply(*grads[:3], *sources), *grads[3:]) if sources else grads
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, *args):
@@ -140,11 +126,32 @@ class _Eager(torch.autograd.Function):
         return (torch.stack([o for o, _ in outs]), torch.stack([lse for _, lse in outs])), (0, 0)
 
 
+def _eager_grads(args, q, k, v, out, lse, dout, dlse):
+    """:class:`_Eager`'s backward body: ``(dq, dk, dv, None x 7)``."""
+    scale, lower, upper, softcap, sparse, varlen, deterministic = args
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if torch._C._are_functorch_transforms_active():
+        # torch.func.grad hands the backward its wrapped tensors; the dispatcher ops unwrap them for the kernels
+        if varlen is not None:
+            dq, dk, dv = _varlen_bwd_op(dout, q, k, v, out, lse, dlse, varlen.cu_q, varlen.cu_k, varlen.max_q,
+                                        varlen.max_k, scale, lower, upper, softcap)
+        else:
+            side = (None,) * 6 if sparse is None else sparse[:6]
+            dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, dlse, scale, lower, upper, softcap, *side,
+                                 sparse is not None and sparse.causal)
+    else:
+        dq, dk, dv = dispatch.bwd(dout, q, k, v, out, lse, scale, lower, upper, softcap, dlse=dlse, sparse=sparse,
+                                  varlen=varlen, deterministic=deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
 class _NotTwice(torch.autograd.Function):
     """Identity on the gradients :class:`_Eager`'s backward returns while they are themselves differentiated
     (``create_graph=True``): linked to the tensors they depend on, with a backward that raises, so a double
     backward, a Hessian or ``torch.func.grad`` of a grad never reads silent zeros. Inert otherwise (a gradient
     penalty on other parameters still works)."""
+    generate_vmap_rule = True         # torch.func's vmap over a first-order grad (jacrev, vmap(grad)) passes here
 
     @staticmethod
     def forward(dq, dk, dv, *sources):

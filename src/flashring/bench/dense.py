@@ -174,6 +174,11 @@ def resolve(args):
     dtypes = list(dict.fromkeys(args.dtype or dtypes))
     providers = list(dict.fromkeys(ALIASES.get(p, p) for p in (args.providers or providers)))
     modes = [m for m in H.MODES if m in (args.modes or H.MODES)]
+    if args.cuda_graphs:
+        # "bwd" replays the backward of forwards built outside the capture, on another stream: not capturable
+        if args.modes and "bwd" in args.modes:
+            raise ValueError("--cuda-graphs times fwd and fwd+bwd only; drop bwd from --modes")
+        modes = [m for m in modes if m != "bwd"]
     if args.repeats is None:
         args.repeats = 2 if args.quick else 3
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]

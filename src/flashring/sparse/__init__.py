@@ -119,8 +119,9 @@ def _positions(perm, valid, shift):
 
 def _int32(x):
     # Cast and make contiguous in one copy: tensors derived from the (B, S, H) inputs' transposed views keep
-    # their (B, S, H) strides.
-    return x.to(torch.int32, memory_format=torch.contiguous_format)
+    # their (B, S, H) strides. (``to`` returns an int32 input as it is, whatever memory_format says: int32 bucket
+    # ids stayed transposed and the kernels read them with the wrong strides -- found in review.)
+    return x.contiguous() if x.dtype == torch.int32 else x.to(torch.int32, memory_format=torch.contiguous_format)
 
 
 def _causal_shifts(q, k, causal, strict: int = 0):
