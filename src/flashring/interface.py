@@ -83,8 +83,9 @@ class _Eager(torch.autograd.Function):
     """Eager calls: the custom ops' forward and backward without the dispatcher. Through the op's registered
     autograd a training forward cost 77 us of host time on the CPU dev box, 40 of them in torch's argument
     defaulting (``torch._library.utils.fill_defaults``); on the GPU machines' slower host, forwards of <= 1k tokens
-    timed host-bound at 0.3-0.6 ms (session 8). torch.compile, torch.func transforms and tracing modes (make_fx)
-    get the custom ops instead (same kernels; see :func:`plain_eager`). The backward is not differentiable again
+    timed host-bound at 0.3-0.6 ms (session 8). torch.compile and tracing modes (make_fx, FakeTensorMode) get the
+    custom ops instead (same kernels; see :func:`plain_eager`); torch.func transforms take this Function (its
+    setup_context and vmap rules; its backward calls the custom bwd ops). The backward is not differentiable again
     (as flash-attn's): differentiating its gradients raises (:class:`_NotTwice`) instead of returning zeros."""
 
     @staticmethod
@@ -118,7 +119,8 @@ class _Eager(torch.autograd.Function):
         """torch.func.vmap: the mapped dimension joins the batch (dense calls), else one call per entry."""
         dims, size = in_dims[:3], info.batch_size
         q, k, v = (t.movedim(d, 0) if d is not None else t.expand(size, *t.shape) for t, d in zip((q, k, v), dims))
-        if args[4] is None and args[5] is None and all(d is None for d in in_dims[3:]):
+        sparse, varlen = args[4], args[5]
+        if sparse is None and varlen is None and all(d is None for d in in_dims[3:]):
             b = q.shape[1]
             out, lse = _Eager.apply(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *args)
             return (out.unflatten(0, (size, b)), lse.unflatten(0, (size, b))), (0, 0)

@@ -109,8 +109,10 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower: Optional[i
     """Whether these kernels compute the call's gradients: the forward's contract (``hopper.applies``: dtypes,
     shapes, 16-byte aligned contiguous tensors) with B * H * S < 2**31 (int32 LSE offsets). ``out`` and ``dout``
     are made contiguous and aligned by :func:`bwd`."""
-    b, s, h, _ = q.shape if q.dim() == 4 else (0, 1, 0, 0)
-    return hopper.applies(q, k, v, lower, upper, softcap) and s % BLOCK_KEYS == 0 and b * h * s < 2**31
+    if not hopper.applies(q, k, v, lower, upper, softcap):
+        return False
+    b, s, h, _ = q.shape
+    return s % BLOCK_KEYS == 0 and b * h * s < 2**31
 
 
 if AVAILABLE:

@@ -151,17 +151,24 @@ def _compact(keep, shift):
     return perm, inv, _int32(lens.squeeze(-1)), _positions(perm, ar < lens, shift)
 
 
+def _sort_by_bucket(ids, name):
+    """Stable sort of bucket ids ``(..., B, H, S)`` along S: perm, inv (int64, same shape), lens ``(B, H)`` int32
+    (all S) and the sorted ids as contiguous int32."""
+    ids, perm = torch.sort(ids, dim=-1, stable=True)
+    _bucket_guard(ids, name)
+    s = perm.shape[-1]
+    inv = torch.empty_like(perm).scatter_(-1, perm, torch.arange(s, device=perm.device).expand_as(perm))
+    lens = torch.full(perm.shape[-3:-1], s, dtype=torch.int32, device=perm.device)
+    return perm, inv, lens, _int32(ids)
+
+
 def _bucket_sort(buckets, shift, name):
     """Hash-sparse: tokens sorted by (bucket, position) per (batch, head) (stable sort of the ids).
 
     buckets (B, S, H) -> perm, inv (B, H, S) int64; lens (B, H) int32 (all S); pos, bkt (B, H, S) int32.
     """
-    ids, perm = torch.sort(buckets.transpose(1, 2), dim=-1, stable=True)       # (B, H, S)
-    _bucket_guard(ids, name)
-    b, h, s = perm.shape
-    inv = torch.empty_like(perm).scatter_(-1, perm, torch.arange(s, device=perm.device).expand_as(perm))
-    lens = torch.full((b, h), s, dtype=torch.int32, device=perm.device)
-    return perm, inv, lens, _positions(perm, None, shift), _int32(ids)
+    perm, inv, lens, ids = _sort_by_bucket(buckets.transpose(1, 2), name)
+    return perm, inv, lens, _positions(perm, None, shift), ids
 
 
 def _bucket_sorts(q_buckets, k_buckets, q_shift, k_shift):
@@ -172,12 +179,7 @@ def _bucket_sorts(q_buckets, k_buckets, q_shift, k_shift):
         return _bucket_sort(q_buckets, q_shift, "q_buckets"), _bucket_sort(k_buckets, k_shift, "k_buckets")
     wide = torch.promote_types(q_buckets.dtype, k_buckets.dtype)      # never narrowed: the guard sees true ids
     both = torch.stack([q_buckets.to(wide), k_buckets.to(wide)]).transpose(2, 3)     # (2, B, H, S) view
-    ids, perm = torch.sort(both, dim=-1, stable=True)
-    _bucket_guard(ids, "q_buckets / k_buckets")
-    s = perm.shape[-1]
-    inv = torch.empty_like(perm).scatter_(-1, perm, torch.arange(s, device=perm.device).expand_as(perm))
-    lens = torch.full(perm.shape[1:3], s, dtype=torch.int32, device=perm.device)
-    ids = _int32(ids)
+    perm, inv, lens, ids = _sort_by_bucket(both, "q_buckets / k_buckets")
     return tuple((perm[i], inv[i], lens, _positions(perm[i], None, shift), ids[i])
                  for i, shift in enumerate((q_shift, k_shift)))
 
