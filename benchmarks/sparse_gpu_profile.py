@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import inspect
 import io
 import pstats
 import time
@@ -35,11 +36,14 @@ def main():
         "dense": lambda: flashring.flash_attn_func(q, k, v, causal=True),
         "qk drop 0.5": lambda: flashring.qk_sparse_attn_func(q, k, v, qa, ka, causal=True),
         "qk drop 0.8": lambda: flashring.qk_sparse_attn_func(q, k, v, qa8, ka8, causal=True),
-        "hash 16": lambda: flashring.hash_sparse_attn_func(q, k, v, qb, qb, causal=True),
+        "hash 16": lambda: flashring.hash_sparse_attn_func(q, k, v, qb, qb, causal=True, **hash_kw),
     }
     qa, ka = (torch.rand(b, s, h, device=dev) > 0.5 for _ in range(2))
     qa8, ka8 = (torch.rand(b, s, h, device=dev) > 0.8 for _ in range(2))
     qb = torch.randint(0, 16, (b, s, h), device=dev)
+    # the bucket bound lets hash-sparse use its counting sort (flashring >= session 10; an older tree sorts)
+    hash_kw = {"num_buckets": 16} if "num_buckets" in inspect.signature(flashring.hash_sparse_attn_func).parameters \
+        else {}
     for name, fwd in calls.items():
         def step():
             for t in (q, k, v):

@@ -38,6 +38,29 @@ def test_vmap_matches_a_loop(device, mapped, seed):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["qk", "hash"])
+def test_func_over_the_sparse_front_ends(device, kind, seed):
+    """torch.func.grad and vmap through qk_sparse_attn_func / hash_sparse_attn_func (they raised while the front
+    ends gathered rows with autograd.Functions that had no setup_context)."""
+    q, k, v = qkv(device, h=2, hk=2)
+    b, s, h = q.shape[:3]
+    if kind == "qk":
+        fn, side = flashring.qk_sparse_attn_func, (torch.rand(b, s, h, device=device) > 0.4,
+                                                   torch.rand(b, s, h, device=device) > 0.4)
+    else:
+        fn, side = flashring.hash_sparse_attn_func, (torch.randint(0, 3, (b, s, h), device=device),
+                                                     torch.randint(0, 3, (b, s, h), device=device))
+    dout = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(fn(*leaves, *side), leaves, dout)
+    got = torch.func.grad(lambda q, k, v: (fn(q, k, v, *side) * dout).sum(), argnums=(0, 1, 2))(q, k, v)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=f"d{name}")
+    qs = torch.stack([q, torch.randn_like(q)])
+    mapped = torch.func.vmap(lambda q: fn(q, k, v, *side))(qs)
+    torch.testing.assert_close(mapped, torch.stack([fn(x, k, v, *side) for x in qs]), atol=1e-5, rtol=1e-5)
+
+
 def test_double_backward_and_jvp_raise(device, seed):
     q, k, v = qkv(device, grad=True)
     loss = lambda q: flashring.flash_attn_func(q, k, v).pow(2).sum()       # noqa: E731 - dout depends on q

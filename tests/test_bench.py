@@ -139,7 +139,8 @@ def test_suites_dispatch_and_legacy_flags(monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv", [["--headdims", "300"], ["--providers", "bogus"], ["--modes", "fwd,back"],
                                   ["--seqlens", "0"], ["--cuda-graphs", "--device", "cpu"],
-                                  ["--cuda-graphs", "--modes", "bwd"]])
+                                  ["--cuda-graphs", "--modes", "bwd"], ["sparse", "--cuda-graphs", "--device", "cpu"],
+                                  ["sparse", "--cuda-graphs", "--modes", "bwd"]])
 def test_bad_arguments_exit_2(argv, tmp_path, capsys):
     assert bench.main(argv + ["--out", str(tmp_path)]) == 2
     assert "error" in capsys.readouterr().err

@@ -308,19 +308,74 @@ def test_sparse_fwd_bwd_is_capturable_in_a_cuda_graph(kind, seed):
         assert torch.isfinite(a).all() and (kind == "hash" or torch.equal(a, w))
 
 
-@pytest.mark.parametrize("d", [33, 64])
-def test_permute_rows_kernel_matches_gather(d, device, seed):
-    """ops.rows (the sparse front ends' gather): y[b, s, h] = x[b, perm[b, h, s], h] for any row count and odd
-    head dims, and the inverse permutation undoes it."""
-    from flashring.ops import dispatch
-    x = torch.randn(2, 37, 3, d, device=device)
-    perm = torch.stack([torch.stack([torch.randperm(37, device=device) for _ in range(3)]) for _ in range(2)])
-    y = dispatch.permute_rows(x, perm)
-    want = torch.stack([torch.stack([x[b, perm[b, h], h] for h in range(3)], 1) for b in range(2)])
-    assert torch.equal(y, want)
-    assert torch.equal(dispatch.permute_rows(y, torch.argsort(perm, dim=-1)), x)
-    # a view of a fused projection (what a model's q / v are): read with its strides, no copy first
-    qkv = torch.randn(2, 37, 3, 3, d, device=device)
-    view = qkv[:, :, 1]
-    want = torch.stack([torch.stack([view[b, perm[b, h], h] for h in range(3)], 1) for b in range(2)])
-    assert torch.equal(dispatch.permute_rows(view, perm), want)
+@pytest.mark.parametrize("kind", ["qk", "hash"])
+def test_sparse_reads_strided_views_in_place(kind, device, seed):
+    """The kernels read q / k / v and dout and write out and the gradients through the front ends' row tables
+    (``SparseMeta.q_rows`` / ``k_rows``): views of a fused projection, as a model's q / v are, give bitwise the
+    results of contiguous copies, and the gradient lands in the fused tensor's layout."""
+    b, s, h, d = 2, 37, 3, 33
+    qkv = torch.randn(b, s, 3, h, d, device=device, requires_grad=True)
+    dout = torch.randn(b, s, h, d, device=device)
+    if kind == "qk":
+        side = (torch.rand(b, s, h, device=device) > 0.4, torch.rand(b, s, h, device=device) > 0.4)
+        fn = flashring.qk_sparse_attn_func
+    else:
+        side = (torch.randint(0, 3, (b, s, h), device=device), torch.randint(0, 3, (b, s, h), device=device))
+        fn = flashring.hash_sparse_attn_func
+    out, lse, _ = fn(*qkv.unbind(2), *side, return_attn_probs=True)
+    out.backward(dout)
+    copies = [t.detach().clone().requires_grad_() for t in qkv.unbind(2)]
+    out_c, lse_c, _ = fn(*copies, *side, return_attn_probs=True)
+    out_c.backward(dout)
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    assert torch.equal(qkv.grad, torch.stack([t.grad for t in copies], 2))
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 3, 5), (1, 1, 2, 8), (2, 300, 2, 64), (1, 1023, 1, 2), (1, 40, 2, 128)])
+def test_partition_is_a_stable_sort(shape, seed):
+    """ops.partition (the front ends' counting sort) against torch.sort: the slot order, positions, keys and
+    lengths, for bucket ids and keep masks, transposed ids, one token, and ids past the bound flagged."""
+    from flashring.ops.partition import partition
+    b, s, h, n = shape
+    dev = "cuda" if CUDA else "cpu"
+    ids = torch.randint(0, n, (b, h, s), device=dev).transpose(1, 2)              # (B, S, H), strided
+    perm, lens, pos, bkt, bad = partition(ids, n, 3, keep=False)
+    want_ids, want = torch.sort(ids.transpose(1, 2), dim=-1, stable=True)
+    assert torch.equal(perm, want) and torch.equal(bkt.long(), want_ids) and torch.equal(pos.long(), want + 3)
+    assert (lens == s).all() and int(bad.sum()) == 0
+    keep = torch.rand(b, s, h, device=dev) > 0.5
+    perm, lens, pos, bkt, _ = partition(keep, 2, 1, keep=True)
+    kept = keep.transpose(1, 2)
+    want = torch.sort((~kept).long(), dim=-1, stable=True)[1]
+    n_kept = kept.sum(-1, keepdim=True)
+    assert bkt is None and torch.equal(perm, want) and torch.equal(lens.long(), n_kept.squeeze(-1))
+    assert torch.equal(pos.long(), torch.where(torch.arange(s, device=dev) < n_kept, want + 1, PAD_POS))
+    ids = ids.clone()
+    ids[0, 0, 0] = n
+    ids[-1, -1, -1] = -1
+    assert int(partition(ids, n, 0, keep=False)[4].sum()) == (1 if b * s * h == 1 else 2)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_hash_num_buckets_gives_the_sorted_result(device, strict, seed):
+    """hash_sparse_attn_func with num_buckets (counting sort) equals the call without it (torch.sort), forward,
+    LSE and gradients, bitwise; ids past num_buckets and bad values of it raise naming the argument."""
+    q, k, v = (torch.randn(2, 67, 4, 16, device=device, requires_grad=True) for _ in range(3))
+    qb, kb = (torch.randint(0, 6, (2, 67, 4), device=device) for _ in range(2))
+    dout = torch.randn_like(q)
+    res = []
+    for nb in (None, 6):
+        out, lse, _ = flashring.hash_sparse_attn_func(q, k, v, qb, kb, strict_causal=strict, num_buckets=nb,
+                                                      return_attn_probs=True)
+        res.append((out, lse, *torch.autograd.grad(out, (q, k, v), dout)))
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+    if device == "cpu":
+        bound = int(qb.max()) + 1
+        kb[0, 0, 0] = bound
+        with pytest.raises(ValueError, match=rf"k_buckets must hold bucket ids in \[0, {bound}\)"):
+            flashring.hash_sparse_attn_func(q, k, v, qb, kb, num_buckets=bound)
+    with pytest.raises(TypeError, match="num_buckets"):
+        flashring.hash_sparse_attn_func(q, k, v, qb, kb, num_buckets=6.0)
+    with pytest.raises(ValueError, match="num_buckets"):
+        flashring.hash_sparse_attn_func(q, k, v, qb, kb, num_buckets=0)

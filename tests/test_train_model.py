@@ -175,8 +175,10 @@ def test_sparse_modes_call_contract(monkeypatch):
         calls.append((x.shape, unit_norm))
         return torch.randint(0, n_buckets, x.shape[:3])
 
-    def hash_sparse(q, k, v, q_buckets, k_buckets, causal=True, softmax_scale=None, strict_causal=False):
+    def hash_sparse(q, k, v, q_buckets, k_buckets, causal=True, softmax_scale=None, strict_causal=False,
+                    num_buckets=None):
         assert q_buckets.shape == q.shape[:3] == k_buckets.shape and not q_buckets.is_floating_point()
+        assert int(q_buckets.max()) < num_buckets and int(k_buckets.max()) < num_buckets   # the bound is given
         calls.append(("strict", strict_causal))
         allowed = q_buckets.permute(0, 2, 1)[..., :, None] == k_buckets.permute(0, 2, 1)[..., None, :]
         return _masked_attn(q, k, v, allowed)

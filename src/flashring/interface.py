@@ -28,16 +28,23 @@ TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 # ------------------------------------------------------------------------------------------------- fixed length
 # One forward and one backward op serve dense and dynamic-sparse attention: the sparse side tensors are optional
 # (``ops.sparse_ranges.SparseMeta``); None means the dense band given by lower/upper.
-def _meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal) -> Optional[SparseMeta]:
-    return None if q_pos is None else SparseMeta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal)
+def _meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal, q_rows, k_rows) -> Optional[SparseMeta]:
+    return None if q_pos is None else SparseMeta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal, q_rows,
+                                                 k_rows)
+
+
+def _side(sparse: Optional[SparseMeta]) -> tuple:
+    """The custom ops' sparse arguments: the :class:`SparseMeta` fields in order, or the dense call's."""
+    return (None,) * 6 + (False, None, None) if sparse is None else tuple(sparse)
 
 
 @torch.library.custom_op("flashring::fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, lower: Optional[int],
             upper: Optional[int], softcap: float, q_pos: OptT, k_pos: OptT, q_len: OptT, k_len: OptT,
-            q_bkt: OptT, k_bkt: OptT, sparse_causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+            q_bkt: OptT, k_bkt: OptT, sparse_causal: bool, q_rows: OptT,
+            k_rows: OptT) -> Tuple[torch.Tensor, torch.Tensor]:
     return dispatch.fwd(q, k, v, softmax_scale, lower, upper, softcap,
-                        sparse=_meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal))
+                        sparse=_meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal, q_rows, k_rows))
 
 
 @_fwd_op.register_fake
@@ -50,9 +57,9 @@ def _(q, k, v, *args):
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, dlse: OptT, softmax_scale: float, lower: Optional[int], upper: Optional[int],
             softcap: float, q_pos: OptT, k_pos: OptT, q_len: OptT, k_len: OptT, q_bkt: OptT, k_bkt: OptT,
-            sparse_causal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            sparse_causal: bool, q_rows: OptT, k_rows: OptT) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return dispatch.bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse,
-                        sparse=_meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal))
+                        sparse=_meta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, sparse_causal, q_rows, k_rows))
 
 
 @_bwd_op.register_fake
@@ -63,7 +70,7 @@ def _(do, q, k, v, *args):
 def _fwd_setup(ctx, inputs, output):
     q, k, v, softmax_scale, lower, upper, softcap, *sparse = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *sparse[:6])
+    ctx.save_for_backward(q, k, v, out, lse, *sparse[:6], *sparse[7:])
     ctx.args = (softmax_scale, lower, upper, softcap, sparse[6])
 
 
@@ -72,8 +79,9 @@ def _fwd_backward(ctx, dout, dlse):
     scale, lower, upper, softcap, sparse_causal = ctx.args
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, dlse, scale, lower, upper, softcap, *sparse, sparse_causal)
-    return (dq, dk, dv) + (None,) * 11
+    dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, dlse, scale, lower, upper, softcap, *sparse[:6], sparse_causal,
+                         *sparse[6:])
+    return (dq, dk, dv) + (None,) * 13
 
 
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -97,7 +105,7 @@ class _Eager(torch.autograd.Function):
         q, k, v, softmax_scale, lower, upper, softcap, sparse, varlen, deterministic = inputs
         # The side tensors (sparse positions, cu_seqlens) are saved too, so an in-place change to one between
         # forward and backward raises like a change to q would.
-        side = [] if sparse is None else [t for t in sparse[:6] if t is not None]
+        side = [] if sparse is None else sparse.tensors()
         side += [] if varlen is None else [varlen.cu_q, varlen.cu_k]
         ctx.save_for_backward(q, k, v, *output, *side)
         ctx.args = (softmax_scale, lower, upper, softcap, sparse, varlen, deterministic)
@@ -139,9 +147,7 @@ def _eager_grads(args, q, k, v, out, lse, dout, dlse):
             dq, dk, dv = _varlen_bwd_op(dout, q, k, v, out, lse, dlse, varlen.cu_q, varlen.cu_k, varlen.max_q,
                                         varlen.max_k, scale, lower, upper, softcap)
         else:
-            side = (None,) * 6 if sparse is None else sparse[:6]
-            dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, dlse, scale, lower, upper, softcap, *side,
-                                 sparse is not None and sparse.causal)
+            dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, dlse, scale, lower, upper, softcap, *_side(sparse))
     else:
         dq, dk, dv = dispatch.bwd(dout, q, k, v, out, lse, scale, lower, upper, softcap, dlse=dlse, sparse=sparse,
                                   varlen=varlen, deterministic=deterministic)
@@ -183,9 +189,7 @@ def attention(q, k, v, softmax_scale: float, lower: Optional[int], upper: Option
     one that may differ: ``dispatch.bwd``); traced calls stay deterministic."""
     if plain_eager():
         return _Eager.apply(q, k, v, softmax_scale, lower, upper, softcap, sparse, None, deterministic)
-    if sparse is None:
-        return _fwd_op(q, k, v, softmax_scale, lower, upper, softcap, None, None, None, None, None, None, False)
-    return _fwd_op(q, k, v, softmax_scale, None, None, softcap, *sparse)
+    return _fwd_op(q, k, v, softmax_scale, lower, upper, softcap, *_side(sparse))
 
 
 # ------------------------------------------------------------------------------------------------- variable length

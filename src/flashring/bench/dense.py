@@ -147,9 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="small sweep (GPU: seqlen 1k,4k, headdim 128, flashring/sdpa-flash/sdpa-cudnn; "
                         "CPU: seqlen 128)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="time CUDA-graph replays of each call: the device work alone, without the host time "
-                        "that per-call timing includes at small sizes")
+    H.add_cuda_graphs_arg(p)
     H.add_common_args(p)
     return p
 
@@ -157,8 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args):
     """Device-dependent defaults: (shapes, providers, modes)."""
     gpu = args.device.type == "cuda"
-    if args.cuda_graphs and not gpu:
-        raise ValueError("--cuda-graphs needs a CUDA device")
     if gpu:
         seqlens = [1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
         headdims = [128] if args.quick else [64, 128]
@@ -173,12 +169,7 @@ def resolve(args):
     seqlens, headdims = args.seqlens or seqlens, args.headdims or headdims
     dtypes = list(dict.fromkeys(args.dtype or dtypes))
     providers = list(dict.fromkeys(ALIASES.get(p, p) for p in (args.providers or providers)))
-    modes = [m for m in H.MODES if m in (args.modes or H.MODES)]
-    if args.cuda_graphs:
-        # "bwd" replays the backward of forwards built outside the capture, on another stream: not capturable
-        if args.modes and "bwd" in args.modes:
-            raise ValueError("--cuda-graphs times fwd and fwd+bwd only; drop bwd from --modes")
-        modes = [m for m in modes if m != "bwd"]
+    modes = H.cuda_graph_modes(args, [m for m in H.MODES if m in (args.modes or H.MODES)], gpu)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 3
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]

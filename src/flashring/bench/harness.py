@@ -178,6 +178,24 @@ def host_us(fn: Callable[[], object], device: torch.device, n: int = 300) -> flo
     return (t1 - t0) / n * 1e6
 
 
+def add_cuda_graphs_arg(p) -> None:
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="time CUDA-graph replays of each call: the device work alone, without the host time "
+                        "that per-call timing includes at small sizes")
+
+
+def cuda_graph_modes(args, modes: List[str], gpu: bool) -> List[str]:
+    """The modes a suite times under ``--cuda-graphs`` (ValueError where it cannot): "bwd" replays the backward
+    of forwards built outside the capture, on another stream, which is not capturable."""
+    if not args.cuda_graphs:
+        return modes
+    if not gpu:
+        raise ValueError("--cuda-graphs needs a CUDA device")
+    if args.modes and "bwd" in args.modes:
+        raise ValueError("--cuda-graphs times fwd and fwd+bwd only; drop bwd from --modes")
+    return [m for m in modes if m != "bwd"]
+
+
 def cuda_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
     """``fn`` captured in a CUDA graph: the returned callable replays it and returns the captured output. Timing
     the replay measures the device work alone, without the host time of launching it (what inference servers that

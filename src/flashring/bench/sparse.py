@@ -197,7 +197,7 @@ class SparseRun(H.Run):
                 continue
             ref = self.reference(base, shape, need_grads, mask=lambda nb, nh: sparse_pair_mask(
                 pattern.kind, q_side[:nb, :, :nh], k_side[:nb, :, :nh], causal=True))
-            self.run_provider(shape, self._sparse_provider(pattern.kind, q_side, k_side), base, ref, modes)
+            self.run_provider(shape, self._sparse_provider(pattern, q_side, k_side), base, ref, modes)
             H.free_memory(self.device)
             if self.use_flex:
                 self.extra["mask_ms"] = None
@@ -227,8 +227,11 @@ class SparseRun(H.Run):
                 self.record(shape, provider, mode, error=error)
 
     @staticmethod
-    def _sparse_provider(kind: str, q_side: torch.Tensor, k_side: torch.Tensor) -> H.Provider:
-        fn = qk_sparse_attn_func if kind == "qk" else hash_sparse_attn_func
+    def _sparse_provider(pattern: Pattern, q_side: torch.Tensor, k_side: torch.Tensor) -> H.Provider:
+        if pattern.kind == "qk":
+            fn = qk_sparse_attn_func
+        else:               # the pattern's bucket count bounds the ids (LSH or --random-buckets alike)
+            fn = functools.partial(hash_sparse_attn_func, num_buckets=int(pattern.param))
         return H.Provider("flashring", "bshd",
                           lambda shape, device: (lambda q, k, v: fn(q, k, v, q_side, k_side, causal=True)))
 
@@ -239,7 +242,9 @@ class SparseRun(H.Run):
                 self.flex = FlexMask(shape, device)
             for buf, table in zip((self.flex.bq, self.flex.bk), flex_tables(kind, q_side, k_side)):
                 buf.copy_(table)
-            self.extra["mask_ms"] = self.time(self.flex.block_mask)
+            # per call even under --cuda-graphs: the compiled mask builder is not captured
+            self.extra["mask_ms"] = H.time_ms(self.flex.block_mask, self.device, self.args.rep_ms,
+                                              self.args.warmup_ms, self.args.repeats)
             block_mask = self.flex.block_mask()
             return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
 
@@ -275,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sdpa", action="store_true", help="skip the dense SDPA flash baseline")
     p.add_argument("--quick", action="store_true",
                    help="sanity run (GPU: seqlen 4k,8k; CPU: 128), qk drop 0.5, hash 8 buckets")
+    H.add_cuda_graphs_arg(p)
     H.add_common_args(p)
     return p
 
@@ -298,7 +304,7 @@ def resolve(args):
     kinds = args.patterns or list(PATTERNS)
     patterns = ([Pattern("qk", d) for d in dict.fromkeys(drops)] if "qk" in kinds else []) + \
                ([Pattern("hash", n) for n in dict.fromkeys(buckets)] if "hash" in kinds else [])
-    modes = [m for m in MODES if m in (args.modes or ("fwd", "fwd+bwd"))]
+    modes = H.cuda_graph_modes(args, [m for m in MODES if m in (args.modes or ("fwd", "fwd+bwd"))], gpu)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 3
     shapes = []

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..masks import EMPTY_ROW_LSE
-from . import cpu, decode as decode_kernel, flash, hopper, hopper_bwd, kvcache, rows
+from . import cpu, decode as decode_kernel, flash, hopper, hopper_bwd, kvcache
 from .flash import Varlen
 from .sparse_ranges import SparseMeta
 
@@ -23,11 +23,23 @@ def on_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or CPU_BACKEND == "triton"
 
 
-def permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+def _gather_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """``y[b, s, h] = x[b, perm[b, h, s], h]``: x ``(B, S, H, D)``, perm ``(B, H, S)`` (each (b, h)'s order)."""
-    if on_triton(x):
-        return rows.permute_rows(x, perm)
     return x.gather(1, perm.transpose(1, 2).unsqueeze(-1).expand(x.shape))
+
+
+def _to_slots(sp: SparseMeta, q_side, k_side, lse_side=()):
+    """The chunked CPU path works in slot order: (B, S, H, D) tensors gathered through ``sp.q_rows`` / ``k_rows``,
+    (B, H, S) LSE rows likewise (the Triton kernels read through the row tables instead)."""
+    return ([_gather_rows(t, sp.q_rows) for t in q_side] + [_gather_rows(t, sp.k_rows) for t in k_side]
+            + [None if t is None else t.gather(-1, sp.q_rows) for t in lse_side])
+
+
+def _from_slots(x: torch.Tensor, rows_: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_to_slots` for a (B, S, H, D) or (B, H, S) result: slot s goes back to row rows_[b, h, s]."""
+    if x.dim() == 3:
+        return torch.empty_like(x).scatter_(-1, rows_, x)
+    return torch.empty_like(x).scatter_(1, rows_.transpose(1, 2).unsqueeze(-1).expand(x.shape), x)
 
 
 def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optional[int] = None,
@@ -44,6 +56,11 @@ def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optio
         return flash.fwd(q, k, v, softmax_scale, lower, upper, softcap, sparse, varlen, out_dtype=out_dtype)
     if varlen is not None:
         return _cpu_varlen(cpu.fwd, varlen, (q, k, v), softmax_scale, lower, upper, softcap, out_dtype=out_dtype)
+    if sparse is not None and sparse.q_rows is not None:
+        q, k, v = _to_slots(sparse, (q,), (k, v))
+        out, lse = fwd(q, k, v, softmax_scale, softcap=softcap, sparse=sparse._replace(q_rows=None, k_rows=None),
+                       out_dtype=out_dtype)
+        return _from_slots(out, sparse.q_rows), _from_slots(lse, sparse.q_rows)
     return cpu.fwd(q, k, v, softmax_scale, lower, upper, softcap, tile_mask=cpu.sparse_tile_mask(sparse),
                    out_dtype=out_dtype)
 
@@ -66,6 +83,11 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
     if varlen is not None:
         return _cpu_varlen(cpu.bwd, varlen, (do, q, k, v, out, lse, dlse), softmax_scale, lower, upper, softcap,
                            out_dtype=grad_dtype)
+    if sparse is not None and sparse.q_rows is not None:
+        do, q, out, k, v, lse, dlse = _to_slots(sparse, (do, q, out), (k, v), (lse, dlse))
+        dq, dk, dv = bwd(do, q, k, v, out, lse, softmax_scale, softcap=softcap, dlse=dlse, grad_dtype=grad_dtype,
+                         sparse=sparse._replace(q_rows=None, k_rows=None))
+        return _from_slots(dq, sparse.q_rows), _from_slots(dk, sparse.k_rows), _from_slots(dv, sparse.k_rows)
     return cpu.bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse, out_dtype=grad_dtype,
                    tile_mask=cpu.sparse_tile_mask(sparse))
 

@@ -283,18 +283,38 @@ def _flag_rows_seeing(bad_i, row_bad, kj, SP, k_side, offs_m, qp, qb, seqlen_k, 
     return bad_i
 
 
+@triton.jit
+def _slot_rows(Rows, side, slots, n, ROWS: tl.constexpr, MASK: tl.constexpr):
+    """The rows of the un-permuted (B, S, H, D) tensor (and of LSE / delta) that ``slots`` stand for: with ROWS
+    (sparse front ends, ``SparseMeta.q_rows`` / ``k_rows``) read from the (B, H, S) row table at (batch, head)
+    offset ``side`` (MASK: slots >= n read row 0; callers mask those loads and stores); else the slots."""
+    rows = slots
+    if ROWS:
+        if MASK:
+            rows = tl.load(Rows + side + slots, mask=slots < n, other=0)
+        else:
+            rows = tl.load(Rows + side + slots)
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, bad_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_vn, SP, k_side, offs_m, offs_n,
                d_ok,
                lo, hi, seqlen_k, lower, upper, SCORE, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPARSE: tl.constexpr,
-               SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr, ONE_KEY: tl.constexpr):
+               SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr, ONE_KEY: tl.constexpr,
+               ROWS: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kj = start_n + offs_n
-        koff = start_n.to(tl.int64) * stride_kn
-        voff = start_n.to(tl.int64) * stride_vn
+        if ROWS:        # K_ptrs / V_ptrs hold no row offset: each key slot's row comes from the row table
+            kr = _slot_rows(Rows=SP[8], side=k_side, slots=kj, n=seqlen_k, ROWS=ROWS, MASK=MASK).to(tl.int64)
+            koff = kr[None, :] * stride_kn
+            voff = kr[:, None] * stride_vn
+        else:
+            koff = start_n.to(tl.int64) * stride_kn
+            voff = start_n.to(tl.int64) * stride_vn
         kp = kj
         kb = kj
         if MASK:
@@ -341,7 +361,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEQ, BAND, SCORE, SP,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, VARLEN: tl.constexpr,
-              PRECISION: tl.constexpr, REVERSE_M: tl.constexpr, ONE_KEY: tl.constexpr):
+              PRECISION: tl.constexpr, REVERSE_M: tl.constexpr, ONE_KEY: tl.constexpr, ROWS: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE_M:           # causal: the blocks with the most key tiles start first, so the last wave is short
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -358,10 +378,17 @@ def _attn_fwd(Q, K, V, O, LSE, SEQ, BAND, SCORE, SP,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < seqlen_q
-    q = tl.load(_rows(Q, b, h, q_start) + offs_m[:, None].to(tl.int64) * Q[2] + offs_d[None, :],
+    # rows of Q / O / LSE that the block's slots are (ROWS: looked up; slots past the allocation read row 0)
+    q_at = _slot_rows(Rows=SP[7], side=(b.to(tl.int64) * SEQ[0] + h) * SEQ[1], slots=offs_m, n=SEQ[1], ROWS=ROWS,
+                      MASK=True)
+    q = tl.load(_rows(Q, b, h, q_start) + q_at[:, None].to(tl.int64) * Q[2] + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    K_ptrs = _rows(K, b, hk, k_start) + offs_n[None, :] * K[2] + offs_d[:, None]     # (BLOCK_D, BLOCK_N): K^T tile
-    V_ptrs = _rows(V, b, hk, k_start) + offs_n[:, None] * V[2] + offs_d[None, :]     # (BLOCK_N, BLOCK_D)
+    if ROWS:                                     # each key tile's rows are added in _fwd_inner
+        K_ptrs = _rows(K, b, hk, k_start) + offs_d[:, None]
+        V_ptrs = _rows(V, b, hk, k_start) + offs_d[None, :]
+    else:
+        K_ptrs = _rows(K, b, hk, k_start) + offs_n[None, :] * K[2] + offs_d[:, None]   # (BLOCK_D, BLOCK_N): K^T
+        V_ptrs = _rows(V, b, hk, k_start) + offs_n[:, None] * V[2] + offs_d[None, :]   # (BLOCK_N, BLOCK_D)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -380,7 +407,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEQ, BAND, SCORE, SP,
             k_side=k_side, offs_m=offs_m, offs_n=offs_n, d_ok=d_ok, lo=start, hi=stop, seqlen_k=seqlen_k,
             lower=lower, upper=upper, SCORE=SCORE, BLOCK_N=BLOCK_N, MASK=masked, HAS_LOWER=HAS_LOWER,
             HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE, SP_CAUSAL=SP_CAUSAL, HASH=HASH,
-            PRECISION=PRECISION, ONE_KEY=ONE_KEY)
+            PRECISION=PRECISION, ONE_KEY=ONE_KEY, ROWS=ROWS)
 
     # Sparse padding rows (seqlen_q <= row < SEQLEN_Q) get out = 0 / empty LSE, never stale memory (their q is 0,
     # so l_i would not be 0 when the block has valid rows too): the front ends return them for dropped queries.
@@ -391,11 +418,11 @@ def _attn_fwd(Q, K, V, O, LSE, SEQ, BAND, SCORE, SP,
     if VARLEN:
         n_store = seqlen_q                       # ... but never into the next sequence of a packed batch
     in_alloc = offs_m < n_store
-    tl.store(_rows(LSE, b, h, q_start) + offs_m, lse, mask=in_alloc)
+    tl.store(_rows(LSE, b, h, q_start) + q_at, lse, mask=in_alloc)
     out = tl.where(m_ok[:, None], acc / l_safe[:, None], 0.0)
     # rows past seqlen_q (a sparse head's padding: what dropped queries return) stay 0 whatever they "saw"
     out = tl.where((bad_i[:, None] != 0) & m_ok[:, None], float("nan"), out)
-    tl.store(_rows(O, b, h, q_start) + offs_m[:, None].to(tl.int64) * O[2] + offs_d[None, :],
+    tl.store(_rows(O, b, h, q_start) + q_at[:, None].to(tl.int64) * O[2] + offs_d[None, :],
              out.to(O[0].dtype.element_ty), mask=in_alloc[:, None] & d_ok[None, :])
 
 
@@ -430,7 +457,8 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, SEQ, HEAD_DIM: tl.constexpr, BLOCK_D: tl
 def _dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, stride_qm, stride_dom, SP, q_side,
                 offs_m, offs_n, d_ok, lo, hi, seqlen_q, seqlen_k, lower, upper, SCORE, BLOCK_M: tl.constexpr,
                 MASK: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr):
+                SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr,
+                ROWS: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         qi = start_m + offs_m
@@ -445,17 +473,25 @@ def _dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, strid
                     qb = tl.load(SP[2] + q_side + qi, mask=m_ok, other=-2)
         else:
             m_ok = qi >= 0
-        qT = tl.load(Q_ptrs + start_m.to(tl.int64) * stride_qm, mask=d_ok[:, None] & m_ok[None, :], other=0.0)
+        if ROWS:        # Q_ptrs / DO_ptrs hold no row offset: each query slot's row comes from the row table
+            q_at = _slot_rows(Rows=SP[7], side=q_side, slots=qi, n=seqlen_q, ROWS=ROWS, MASK=MASK)
+            qoff = q_at[None, :].to(tl.int64) * stride_qm
+            dooff = q_at[:, None].to(tl.int64) * stride_dom
+        else:
+            q_at = qi
+            qoff = start_m.to(tl.int64) * stride_qm
+            dooff = start_m.to(tl.int64) * stride_dom
+        qT = tl.load(Q_ptrs + qoff, mask=d_ok[:, None] & m_ok[None, :], other=0.0)
         # Rows past seqlen_q read LSE = +inf, so their P is exactly 0 and they add nothing to dK/dV.
-        lse2 = tl.load(Lse_ptr + qi, mask=m_ok, other=float("inf")) * LOG2E_C
+        lse2 = tl.load(Lse_ptr + q_at, mask=m_ok, other=float("inf")) * LOG2E_C
         sT, tT = _scores(k, qT, qi=qi[None, :], kj=offs_n[:, None], qp=qp[None, :], kp=kp[:, None], qb=qb[None, :],
                          kb=kb[:, None], seqlen_k=seqlen_k, lower=lower, upper=upper, SCORE=SCORE, MASK=MASK,
                          HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE,
                          SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION)            # (BLOCK_N, BLOCK_M)
         pT = tl.exp2(sT - lse2[None, :])
-        do = tl.load(DO_ptrs + start_m.to(tl.int64) * stride_dom, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(DO_ptrs + dooff, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         dv = mma(pT.to(do.dtype), do, dv, PRECISION)
-        delta = tl.load(Delta_ptr + qi, mask=m_ok, other=0.0)
+        delta = tl.load(Delta_ptr + q_at, mask=m_ok, other=0.0)
         dpT = mma(v, tl.trans(do), None, PRECISION)
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
@@ -471,7 +507,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, BAND, SCORE, SP,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, VARLEN: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, ROWS: tl.constexpr):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -493,9 +529,10 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, BAND, SCORE, SP,
     if SPARSE:
         kp, kb = _key_side(SP=SP, k_side=krow * SEQ[2], kj=offs_n, n_ok=n_ok, SP_CAUSAL=SP_CAUSAL, HASH=HASH)
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(_rows(K, b, hk, k_start) + offs_n[:, None].to(tl.int64) * K[2] + offs_d[None, :], mask=kv_mask,
+    k_at = _slot_rows(Rows=SP[8], side=krow * SEQ[2], slots=offs_n, n=SEQ[2], ROWS=ROWS, MASK=True)
+    k = tl.load(_rows(K, b, hk, k_start) + k_at[:, None].to(tl.int64) * K[2] + offs_d[None, :], mask=kv_mask,
                 other=0.0)
-    v = tl.load(_rows(V, b, hk, k_start) + offs_n[:, None].to(tl.int64) * V[2] + offs_d[None, :], mask=kv_mask,
+    v = tl.load(_rows(V, b, hk, k_start) + k_at[:, None].to(tl.int64) * V[2] + offs_d[None, :], mask=kv_mask,
                 other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -509,8 +546,12 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, BAND, SCORE, SP,
                                              seqlen_other=seqlen_q, lower=-upper, upper=-lower, BLOCK=BLOCK_N,
                                              OTHER_BLOCK=BLOCK_M, HAS_LOWER=HAS_UPPER, HAS_UPPER=HAS_LOWER,
                                              SPARSE=SPARSE)
-        Q_ptrs = _rows(Q, b, h, q_start) + offs_m[None, :] * Q[2] + offs_d[:, None]
-        DO_ptrs = _rows(DO, b, h, q_start) + offs_m[:, None] * DO[2] + offs_d[None, :]
+        if ROWS:                                 # each query tile's rows are added in _dkdv_inner
+            Q_ptrs = _rows(Q, b, h, q_start) + offs_d[:, None]
+            DO_ptrs = _rows(DO, b, h, q_start) + offs_d[None, :]
+        else:
+            Q_ptrs = _rows(Q, b, h, q_start) + offs_m[None, :] * Q[2] + offs_d[:, None]
+            DO_ptrs = _rows(DO, b, h, q_start) + offs_m[:, None] * DO[2] + offs_d[None, :]
         for phase in tl.static_range(3):
             if phase == 0:
                 start, stop, masked = lo, mid_lo, True
@@ -524,7 +565,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, BAND, SCORE, SP,
                                  offs_n=offs_n, d_ok=d_ok, lo=start, hi=stop, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
                                  lower=lower, upper=upper, SCORE=SCORE, BLOCK_M=BLOCK_M, MASK=masked,
                                  HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE,
-                                 SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION)
+                                 SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION, ROWS=ROWS)
     # Sparse padding keys (seqlen_k <= row < SEQLEN_K) get zero gradients: the front end's gather sends them
     # back to real (dropped) tokens.
     dk = tl.where(n_ok[:, None], dk * SCORE[2], 0.0)
@@ -533,9 +574,9 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, BAND, SCORE, SP,
     if VARLEN:
         n_store = seqlen_k
     st_mask = (offs_n[:, None] < n_store) & d_ok[None, :]
-    tl.store(_rows(DK, b, hk, k_start) + offs_n[:, None].to(tl.int64) * DK[2] + offs_d[None, :],
+    tl.store(_rows(DK, b, hk, k_start) + k_at[:, None].to(tl.int64) * DK[2] + offs_d[None, :],
              dk.to(DK[0].dtype.element_ty), mask=st_mask)
-    tl.store(_rows(DV, b, hk, k_start) + offs_n[:, None].to(tl.int64) * DV[2] + offs_d[None, :],
+    tl.store(_rows(DV, b, hk, k_start) + k_at[:, None].to(tl.int64) * DV[2] + offs_d[None, :],
              dv.to(DV[0].dtype.element_ty), mask=st_mask)
 
 
@@ -543,7 +584,7 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, BAND, SCORE, SP,
 def _dq_inner(dq, q, do, lse2, delta, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_vn, SP, k_side, offs_m, offs_n,
               d_ok, lo, hi, seqlen_k, lower, upper, SCORE, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
               HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPARSE: tl.constexpr,
-              SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr):
+              SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr, ROWS: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kj = start_n + offs_n
@@ -555,8 +596,15 @@ def _dq_inner(dq, q, do, lse2, delta, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_
                 kp, kb = _key_side(SP=SP, k_side=k_side, kj=kj, n_ok=n_ok, SP_CAUSAL=SP_CAUSAL, HASH=HASH)
         else:
             n_ok = kj >= 0
-        kT = tl.load(K_ptrs + start_n.to(tl.int64) * stride_kn, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        vT = tl.load(V_ptrs + start_n.to(tl.int64) * stride_vn, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        if ROWS:        # as in _fwd_inner
+            kr = _slot_rows(Rows=SP[8], side=k_side, slots=kj, n=seqlen_k, ROWS=ROWS, MASK=MASK).to(tl.int64)
+            koff = kr[None, :] * stride_kn
+            voff = kr[None, :] * stride_vn
+        else:
+            koff = start_n.to(tl.int64) * stride_kn
+            voff = start_n.to(tl.int64) * stride_vn
+        kT = tl.load(K_ptrs + koff, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        vT = tl.load(V_ptrs + voff, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
         s, t = _scores(q, kT, qi=offs_m[:, None], kj=kj[None, :], qp=qp[:, None], kp=kp[None, :], qb=qb[:, None],
                        kb=kb[None, :], seqlen_k=seqlen_k, lower=lower, upper=upper, SCORE=SCORE, MASK=MASK,
                        HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE,
@@ -577,7 +625,7 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SEQ, BAND, SCORE, SP,
             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
             SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, VARLEN: tl.constexpr,
-            PRECISION: tl.constexpr, REVERSE_M: tl.constexpr):
+            PRECISION: tl.constexpr, REVERSE_M: tl.constexpr, ROWS: tl.constexpr):
     pid_m = tl.program_id(0)
     if REVERSE_M:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -595,14 +643,20 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SEQ, BAND, SCORE, SP,
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < seqlen_q
     qd_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(_rows(Q, b, h, q_start) + offs_m[:, None].to(tl.int64) * Q[2] + offs_d[None, :], mask=qd_mask,
+    q_at = _slot_rows(Rows=SP[7], side=(b.to(tl.int64) * SEQ[0] + h) * SEQ[1], slots=offs_m, n=SEQ[1], ROWS=ROWS,
+                      MASK=True)
+    q = tl.load(_rows(Q, b, h, q_start) + q_at[:, None].to(tl.int64) * Q[2] + offs_d[None, :], mask=qd_mask,
                 other=0.0)
-    do = tl.load(_rows(DO, b, h, q_start) + offs_m[:, None].to(tl.int64) * DO[2] + offs_d[None, :], mask=qd_mask,
+    do = tl.load(_rows(DO, b, h, q_start) + q_at[:, None].to(tl.int64) * DO[2] + offs_d[None, :], mask=qd_mask,
                  other=0.0)
-    lse2 = tl.load(_rows(LSE, b, h, q_start) + offs_m, mask=m_ok, other=float("inf")) * LOG2E_C
-    delta = tl.load(_rows(DELTA, b, h, q_start) + offs_m, mask=m_ok, other=0.0)
-    K_ptrs = _rows(K, b, hk, k_start) + offs_n[None, :] * K[2] + offs_d[:, None]
-    V_ptrs = _rows(V, b, hk, k_start) + offs_n[None, :] * V[2] + offs_d[:, None]
+    lse2 = tl.load(_rows(LSE, b, h, q_start) + q_at, mask=m_ok, other=float("inf")) * LOG2E_C
+    delta = tl.load(_rows(DELTA, b, h, q_start) + q_at, mask=m_ok, other=0.0)
+    if ROWS:                                     # each key tile's rows are added in _dq_inner
+        K_ptrs = _rows(K, b, hk, k_start) + offs_d[:, None]
+        V_ptrs = _rows(V, b, hk, k_start) + offs_d[:, None]
+    else:
+        K_ptrs = _rows(K, b, hk, k_start) + offs_n[None, :] * K[2] + offs_d[:, None]
+        V_ptrs = _rows(V, b, hk, k_start) + offs_n[None, :] * V[2] + offs_d[:, None]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for phase in tl.static_range(3):
         if phase == 0:
@@ -615,12 +669,12 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SEQ, BAND, SCORE, SP,
                        SP=SP, k_side=k_side, offs_m=offs_m, offs_n=offs_n, d_ok=d_ok, lo=start, hi=stop,
                        seqlen_k=seqlen_k, lower=lower, upper=upper, SCORE=SCORE, BLOCK_N=BLOCK_N, MASK=masked,
                        HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE,
-                       SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION)
+                       SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION, ROWS=ROWS)
     dq = tl.where(m_ok[:, None], dq * SCORE[2], 0.0)       # sparse padding rows: zero, as for dK/dV
     n_store = SEQ[1]
     if VARLEN:
         n_store = seqlen_q
-    tl.store(_rows(DQ, b, h, q_start) + offs_m[:, None].to(tl.int64) * DQ[2] + offs_d[None, :],
+    tl.store(_rows(DQ, b, h, q_start) + q_at[:, None].to(tl.int64) * DQ[2] + offs_d[None, :],
              dq.to(DQ[0].dtype.element_ty), mask=(offs_m[:, None] < n_store) & d_ok[None, :])
 
 

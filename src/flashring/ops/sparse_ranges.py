@@ -26,6 +26,12 @@ class SparseMeta(NamedTuple):
     q_pos ``(B, H, Sq)`` / k_pos ``(B, Hk, Sk)`` int32: original positions; within each (batch, head) the first
     ``len`` entries are valid and sorted by (bucket, position); the rest hold ``PAD_POS``. q_len ``(B, H)`` /
     k_len ``(B, Hk)`` int32. q_bkt / k_bkt: int32 buckets in the same layout, or None (QK-sparse).
+
+    q_rows ``(B, H, Sq)`` / k_rows ``(B, Hk, Sk)`` (int64, contiguous; optional): the row of the un-permuted
+    ``(B, S, H, D)`` tensors that each slot stands for, a permutation per (batch, head). Given, the kernels read
+    q/k/v/dout and write out/dq/dk/dv at those rows, and lse / delta are in row (original) order: the tensors are
+    never gathered into slot order (a launch each way per tensor: 8 of a hash-sparse fwd+bwd's 15 launches, host
+    time that made the call host-bound on the H100 machines, session 9). Absent, the tensors are in slot order.
     """
     q_pos: torch.Tensor
     k_pos: torch.Tensor
@@ -34,6 +40,12 @@ class SparseMeta(NamedTuple):
     q_bkt: Optional[torch.Tensor]
     k_bkt: Optional[torch.Tensor]
     causal: bool
+    q_rows: Optional[torch.Tensor] = None
+    k_rows: Optional[torch.Tensor] = None
+
+    def tensors(self) -> list:
+        """The side tensors that are given (what autograd saves, so an in-place change raises)."""
+        return [t for t in self if isinstance(t, torch.Tensor)]
 
 
 @triton.jit
@@ -162,13 +174,13 @@ def tile_ranges(sp: SparseMeta, group: int, rows_block: int, cols_block: int, fr
 
 
 def kernel_side(sp: Optional[SparseMeta], group: int, block_q: int, block_k: int, from_keys: bool):
-    """The attention kernels' ``SP`` tuple ``(QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges)`` and flags for one
-    launch; dense launches get Nones and ``SPARSE=False``."""
+    """The attention kernels' ``SP`` tuple ``(QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges, QRows, KRows)`` and flags
+    for one launch; dense launches get Nones and ``SPARSE=False``."""
     if sp is None:
-        return (None,) * 7, dict(SPARSE=False, SP_CAUSAL=False, HASH=False)
+        return (None,) * 9, dict(SPARSE=False, SP_CAUSAL=False, HASH=False, ROWS=False)
     if from_keys:
         ranges = tile_ranges(sp, group, block_k, block_q, from_keys=True)
     else:
         ranges = tile_ranges(sp, group, block_q, block_k, from_keys=False)
-    side = (sp.q_pos, sp.k_pos, sp.q_bkt, sp.k_bkt, sp.q_len, sp.k_len, ranges)
-    return side, dict(SPARSE=True, SP_CAUSAL=sp.causal, HASH=sp.q_bkt is not None)
+    side = (sp.q_pos, sp.k_pos, sp.q_bkt, sp.k_bkt, sp.q_len, sp.k_len, ranges, sp.q_rows, sp.k_rows)
+    return side, dict(SPARSE=True, SP_CAUSAL=sp.causal, HASH=sp.q_bkt is not None, ROWS=sp.q_rows is not None)

@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 
 from .. import validation as V
-from ..interface import attention
-from ..ops import dispatch
+from ..interface import attention, plain_eager
+from ..ops import dispatch, partition
 from ..ops.sparse_ranges import PAD_POS, SparseMeta
 
 __all__ = ["qk_sparse_attn_func", "hash_sparse_attn_func", "sparse_attn_compact_func", "lsh_buckets",
@@ -30,9 +30,9 @@ __all__ = ["qk_sparse_attn_func", "hash_sparse_attn_func", "sparse_attn_compact_
 
 
 # ------------------------------------------------------------------------------------------------- validation
-def _check_side(x, name, like, kind, values=True):
-    """``x`` must be (batch, seqlen, nheads) matching tensor ``like`` (batch, seqlen, nheads, headdim).
-    ``values=False`` skips the bucket-id range check (the caller guards it on the device, see _bucket_guard)."""
+def _check_side(x, name, like, kind, values=True, hi=PAD_POS):
+    """``x`` must be (batch, seqlen, nheads) matching tensor ``like`` (batch, seqlen, nheads, headdim), bucket ids
+    in ``[0, hi)``. ``values=False`` skips the range check (the caller guards it on the device, _bucket_guard)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     want = tuple(like.shape[:3])
@@ -46,9 +46,9 @@ def _check_side(x, name, like, kind, values=True):
         if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor of bucket ids, got {x.dtype}")
         if values and x.numel():
-            lo, hi = (int(t) for t in torch.aminmax(x))           # one reduction; a host sync on a GPU
-            if lo < 0 or hi >= PAD_POS:
-                raise ValueError(f"{name} must hold bucket ids in [0, {PAD_POS}), got range [{lo}, {hi}]")
+            lo, top = (int(t) for t in torch.aminmax(x))          # one reduction; a host sync on a GPU
+            if lo < 0 or top >= hi:
+                raise ValueError(f"{name} must hold bucket ids in [0, {hi}), got range [{lo}, {top}]")
 
 
 def _bucket_guard(sorted_ids, name):
@@ -72,44 +72,14 @@ def _check_common(q, k, v, causal, softmax_scale):
     return V.check_scale(softmax_scale, q.shape[-1])
 
 
-# ------------------------------------------------------------------------------------------------- gather/scatter
-# The front ends work on full-length permutations of each (batch, head)'s tokens (kept or (bucket, position)
-# order first), never on a (B, max len, H) prefix: sizing that prefix needs max(len) on the host, a sync that
-# drains the GPU queue. Rows past a head's length cost little: the kernels see range rows [0, 0, 0, 0] there and
-# write out 0 / EMPTY_ROW_LSE and zero gradients. Being permutations, gather and scatter-back are each other's
-# gradient: one gather each way, no zero-fill + scatter_add.
-class _Permute(torch.autograd.Function):
-    """``x.gather(dim, fwd)`` whose gradient is ``grad.gather(dim, bwd)``: fwd / bwd are inverse permutations
-    along ``dim``, broadcast to x's shape. Used for the (B, H, S) LSE rows."""
-
-    @staticmethod
-    def forward(ctx, x, fwd, bwd, dim):
-        ctx.save_for_backward(bwd)
-        ctx.dim = dim
-        return x.gather(dim, fwd)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (bwd,) = ctx.saved_tensors
-        return grad.gather(ctx.dim, bwd), None, None, None
-
-
-class _PermuteRows(torch.autograd.Function):
-    """Rows of a (B, S, H, D) tensor in each (batch, head)'s order: ``y[b, s, h] = x[b, fwd[b, h, s], h]``, with
-    gradient ``grad[b, bwd[b, h, s], h]`` (fwd / bwd inverse permutations (B, H, S); ``ops.rows``: one index load
-    per row, not per element)."""
-
-    @staticmethod
-    def forward(ctx, x, fwd, bwd):
-        ctx.save_for_backward(bwd)
-        return dispatch.permute_rows(x, fwd)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (bwd,) = ctx.saved_tensors
-        return dispatch.permute_rows(grad, bwd), None, None
-
-
+# ------------------------------------------------------------------------------------------------- slot order
+# The front ends describe each (batch, head)'s tokens in slot order (kept, or (bucket, position), first) as a
+# full-length permutation, ``SparseMeta.q_rows`` / ``k_rows``; the kernels read q, k, v, dout and write out, lse,
+# dq, dk, dv through it, so nothing is gathered into slot order and back (those copies were 8 of a hash-sparse
+# forward+backward's 15 launches, and the call was host-bound: session 9's profile). Never a (B, max len, H)
+# prefix: sizing it needs max(len) on the host, a sync that drains the GPU queue. Slots past a head's length
+# (dropped tokens) cost little: the kernels see range rows [0, 0, 0, 0] there and write out 0 / EMPTY_ROW_LSE and
+# zero gradients at those tokens' rows.
 def _positions(perm, valid, shift):
     """Slot -> original position (+ causal shift) as contiguous int32 (B, H, S), the layout the kernels index;
     ``valid`` (bool, broadcastable) marks the slots inside each head's length, the rest get PAD_POS."""
@@ -136,65 +106,83 @@ def _causal_shifts(q, k, causal, strict: int = 0):
     return shift + base, base
 
 
+def _counting_sort(ids) -> bool:
+    """Whether the front ends order tokens by ``ops.partition``'s kernels: on the kernels' path, in plain eager
+    calls (torch.compile and make_fx trace the torch ops instead; torch.func's wrapped tensors have no storage a
+    kernel could read)."""
+    return dispatch.on_triton(ids) and plain_eager() and not torch._C._are_functorch_transforms_active()
+
+
 def _compact(keep, shift):
     """QK-sparse: a stable partition per (batch, head), kept tokens first in position order, then the dropped.
 
-    keep (B, S, H) bool -> perm (slot -> token), inv (token -> slot), both (B, H, S) int64; lens (B, H) int32;
-    pos (B, H, S) int32. By cumsum + scatter (one scan) rather than a segmented argsort.
+    keep (B, S, H) bool -> perm (slot -> token, (B, H, S) int64, contiguous), lens (B, H) int32, pos (B, H, S)
+    int32. Kernels: a counting sort with two keys (``ops.partition``, 2 launches); the chunked CPU path: cumsum +
+    scatter (one scan) rather than a segmented argsort.
     """
+    if _counting_sort(keep):
+        perm, lens, pos, _, _ = partition.partition(keep, 2, shift, keep=True)
+        return perm, lens, pos
     kt = keep.transpose(1, 2)                                                   # (B, H, S) view
     ar = torch.arange(kt.shape[-1], device=keep.device)
     rank = kt.cumsum(-1)                                                        # kept tokens up to here, int64
     lens = rank[..., -1:]                                                       # (B, H, 1)
     inv = torch.where(kt, rank - 1, lens + (ar - rank))       # kept: rank - 1; dropped: lens + dropped before
-    perm = torch.empty_like(inv).scatter_(-1, inv, ar.expand_as(inv))
-    return perm, inv, _int32(lens.squeeze(-1)), _positions(perm, ar < lens, shift)
+    perm = torch.empty(inv.shape, dtype=inv.dtype, device=inv.device).scatter_(-1, inv, ar.expand_as(inv))
+    return perm, _int32(lens.squeeze(-1)), _positions(perm, ar < lens, shift)
 
 
 def _sort_by_bucket(ids, name):
-    """Stable sort of bucket ids ``(..., B, H, S)`` along S: perm, inv (int64, same shape), lens ``(B, H)`` int32
-    (all S) and the sorted ids as contiguous int32."""
+    """Stable sort of bucket ids ``(..., B, H, S)`` along S: perm (int64, contiguous), lens ``(B, H)`` int32 (all
+    S) and the sorted ids as contiguous int32."""
     ids, perm = torch.sort(ids, dim=-1, stable=True)
     _bucket_guard(ids, name)
-    s = perm.shape[-1]
-    inv = torch.empty_like(perm).scatter_(-1, perm, torch.arange(s, device=perm.device).expand_as(perm))
-    lens = torch.full(perm.shape[-3:-1], s, dtype=torch.int32, device=perm.device)
-    return perm, inv, lens, _int32(ids)
+    lens = torch.full(perm.shape[-3:-1], perm.shape[-1], dtype=torch.int32, device=perm.device)
+    return perm.contiguous(), lens, _int32(ids)
 
 
 def _bucket_sort(buckets, shift, name):
     """Hash-sparse: tokens sorted by (bucket, position) per (batch, head) (stable sort of the ids).
 
-    buckets (B, S, H) -> perm, inv (B, H, S) int64; lens (B, H) int32 (all S); pos, bkt (B, H, S) int32.
+    buckets (B, S, H) -> perm (B, H, S) int64; lens (B, H) int32 (all S); pos, bkt (B, H, S) int32.
     """
-    perm, inv, lens, ids = _sort_by_bucket(buckets.transpose(1, 2), name)
-    return perm, inv, lens, _positions(perm, None, shift), ids
+    perm, lens, ids = _sort_by_bucket(buckets.transpose(1, 2), name)
+    return perm, lens, _positions(perm, None, shift), ids
 
 
-def _bucket_sorts(q_buckets, k_buckets, q_shift, k_shift):
-    """Both sides' :func:`_bucket_sort`, as one sort of the two stacked when their shapes match (self-attention
-    without GQA): torch.sort cost ~0.3 ms of host time per call on the H100 machines, where a hash-sparse
-    forward+backward was host-bound (2.9 ms host, 1.3 ms GPU; session 9's profile)."""
+def _bucket_partition(buckets, n_buckets, shift, name):
+    """:func:`_bucket_sort` by a counting sort (``ops.partition``: 2 launches) for ids known to lie in
+    ``[0, n_buckets)``; a GPU checks that on the device (CPU tensors were checked on the host)."""
+    perm, lens, pos, bkt, bad = partition.partition(buckets, n_buckets, shift, keep=False)
+    if bad.is_cuda and bad.numel():
+        torch._assert_async(bad.max() == 0, f"{name} must hold bucket ids in [0, num_buckets = {n_buckets})")
+    return perm, lens, pos, bkt
+
+
+def _bucket_sorts(q_buckets, k_buckets, q_shift, k_shift, num_buckets=None):
+    """Both sides' :func:`_bucket_sort`: by :func:`_bucket_partition` when ``num_buckets`` bounds the ids (and
+    ``ops.partition`` takes it) on the kernels' path, else as one sort of the two stacked when their shapes match
+    (self-attention without GQA): torch.sort cost ~0.3 ms of host time per call on the H100 machines, where a
+    hash-sparse forward+backward was host-bound (2.9 ms host, 1.3 ms GPU; session 9's profile)."""
+    if partition.applies(num_buckets) and _counting_sort(q_buckets):
+        return (_bucket_partition(q_buckets, num_buckets, q_shift, "q_buckets"),
+                _bucket_partition(k_buckets, num_buckets, k_shift, "k_buckets"))
     if q_buckets.shape != k_buckets.shape:
         return _bucket_sort(q_buckets, q_shift, "q_buckets"), _bucket_sort(k_buckets, k_shift, "k_buckets")
     wide = torch.promote_types(q_buckets.dtype, k_buckets.dtype)      # never narrowed: the guard sees true ids
     both = torch.stack([q_buckets.to(wide), k_buckets.to(wide)]).transpose(2, 3)     # (2, B, H, S) view
-    perm, inv, lens, ids = _sort_by_bucket(both, "q_buckets / k_buckets")
-    return tuple((perm[i], inv[i], lens, _positions(perm[i], None, shift), ids[i])
+    perm, lens, ids = _sort_by_bucket(both, "q_buckets / k_buckets")
+    return tuple((perm[i], lens, _positions(perm[i], None, shift), ids[i])
                  for i, shift in enumerate((q_shift, k_shift)))
 
 
 def _sparse_call(q, k, v, scale, causal, q_side, k_side, return_attn_probs):
-    """Shared tail of the front ends: q_side / k_side = (perm, inv, lens, pos, bkt or None)."""
-    (q_perm, q_inv, q_len, q_pos, q_bkt), (k_perm, k_inv, k_len, k_pos, k_bkt) = q_side, k_side
-    meta = SparseMeta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, causal)
-    out_c, lse_c = attention(_PermuteRows.apply(q, q_perm, q_inv), _PermuteRows.apply(k, k_perm, k_inv),
-                             _PermuteRows.apply(v, k_perm, k_inv), scale, None, None, 0.0, meta)
-    # Slots past a head's length hold out 0 / EMPTY_ROW_LSE (kernel), which is what dropped queries return.
-    out = _PermuteRows.apply(out_c, q_inv, q_perm)
-    if not return_attn_probs:
-        return out
-    return out, _Permute.apply(lse_c, q_inv, q_perm, -1), None
+    """Shared tail of the front ends: q_side / k_side = (perm, lens, pos, bkt or None). Dropped queries' rows get
+    out 0 / EMPTY_ROW_LSE from the kernels (the slots past their head's length)."""
+    (q_perm, q_len, q_pos, q_bkt), (k_perm, k_len, k_pos, k_bkt) = q_side, k_side
+    meta = SparseMeta(q_pos, k_pos, q_len, k_len, q_bkt, k_bkt, causal, q_perm, k_perm)
+    out, lse = attention(q, k, v, scale, None, None, 0.0, meta)
+    return (out, lse, None) if return_attn_probs else out
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -268,7 +256,7 @@ def qk_sparse_attn_func(q, k, v, q_keep, k_keep, causal=True, softmax_scale=None
 
 
 def hash_sparse_attn_func(q, k, v, q_buckets, k_buckets, causal=True, softmax_scale=None, return_attn_probs=False,
-                          strict_causal=False):
+                          strict_causal=False, num_buckets=None):
     """Attention restricted to (query, key) pairs in the same bucket (and j <= i when causal).
 
     Args:
@@ -280,17 +268,25 @@ def hash_sparse_attn_func(q, k, v, q_buckets, k_buckets, causal=True, softmax_sc
     ``strict_causal=True`` (with causal): j < i, no token attends to itself, as in Pagliardini et al.'s
     shared-QK language models (a query's own key would always share its bucket); a query with no earlier key in
     its bucket (the first one, at least) outputs 0 with LSE -1e30.
+    ``num_buckets`` (optional int): the ids lie in ``[0, num_buckets)`` (``lsh_buckets(x, n)``: n). Given (and
+    <= 128), the kernels' path orders tokens by a counting sort instead of torch.sort (fewer launches, less host
+    time); ids outside it are a ValueError (CPU) or a device-side assert (GPU), as any out-of-range id is.
     """
     scale = _check_common(q, k, v, causal, softmax_scale)
     V.check_bool(strict_causal, "strict_causal")
     if strict_causal and not causal:
         raise ValueError("strict_causal=True needs causal=True")
+    if num_buckets is not None and (isinstance(num_buckets, bool) or not isinstance(num_buckets, int)):
+        raise TypeError(f"num_buckets must be an int or None, got {type(num_buckets).__name__}")
+    if num_buckets is not None and not 1 <= num_buckets <= PAD_POS:
+        raise ValueError(f"num_buckets must lie in [1, {PAD_POS}], got {num_buckets}")
     on_cpu = q.device.type == "cpu"
-    _check_side(q_buckets, "q_buckets", q, "int", values=on_cpu)
-    _check_side(k_buckets, "k_buckets", k, "int", values=on_cpu)
+    hi = PAD_POS if num_buckets is None else num_buckets
+    _check_side(q_buckets, "q_buckets", q, "int", values=on_cpu, hi=hi)
+    _check_side(k_buckets, "k_buckets", k, "int", values=on_cpu, hi=hi)
     # a query at (shifted) position p sees keys at positions <= p; strict: <= p - 1
     q_shift, k_shift = _causal_shifts(q, k, causal, int(strict_causal))
-    q_side, k_side = _bucket_sorts(q_buckets, k_buckets, q_shift, k_shift)
+    q_side, k_side = _bucket_sorts(q_buckets, k_buckets, q_shift, k_shift, num_buckets)
     return _sparse_call(q, k, v, scale, causal, q_side, k_side, return_attn_probs)
 
 

@@ -135,7 +135,8 @@ class CausalAttention(nn.Module):
                 q_b, k_b = both[:, :q.shape[1]], both[:, q.shape[1]:]
             if self.measure:
                 self.kept = kept_pair_fraction(q_b, k_b, self.n_buckets, self.strict)
-            return hash_sparse_attn_func(q, k, v, q_b, k_b, causal=True, strict_causal=self.strict)
+            return hash_sparse_attn_func(q, k, v, q_b, k_b, causal=True, strict_causal=self.strict,
+                                         num_buckets=self.n_buckets)
         return ring_flash_attn_func(q, k, v, causal=True, group=self.group, layout="zigzag")
 
 
