@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     p.add_argument("--loops", action="store_true", help="spills and MMAs between the branches of the SASS")
     p.add_argument("--hopper", action="store_true", help="the Gluon sm_90 forward (ops/hopper.py) instead")
     p.add_argument("--hopper-bwd", action="store_true", help="the Gluon sm_90 backward (ops/hopper_bwd.py) instead")
+    p.add_argument("--sparse", choices=("qk", "hash"),
+                   help="the kernels' dynamic-sparse mode as the front ends launch it (row tables; causal), and "
+                        "ops.partition's counting-sort kernels")
     args = p.parse_args(argv)
     seqlen_k = args.seqlen_k or args.seqlen
     kernels = {"fwd": "LAUNCH_FWD", "dkdv": "LAUNCH_BWD_DKDV", "dq": "LAUNCH_BWD_DQ"}
@@ -121,6 +124,8 @@ def main(argv=None) -> int:
         return hopper_usage(args)
     if args.hopper_bwd:
         return hopper_bwd_usage(args)
+    if args.sparse:
+        return sparse_usage(args, wanted)
     print(f"triton {triton.__version__}, sm_{args.arch}, seqlen {args.seqlen} x {seqlen_k}, bf16")
     for d in (int(x) for x in args.headdims.split(",")):
         q = torch.randn(1, args.seqlen, 2, d, dtype=torch.bfloat16)
@@ -145,6 +150,50 @@ def main(argv=None) -> int:
                                                               "maxnreg")}
                 print(f"D={d:<3} causal={causal!s:<5} window={window} {name[7:]:<9} {tiles}\n    "
                       f"{usage(fn.warmup(*a, grid=grid, **kw), args.loops)}", flush=True)
+    return 0
+
+
+def sparse_usage(args, wanted) -> int:
+    """Compile the sparse launches of ``ops.flash`` (positions, buckets, tile ranges and row tables as the front
+    ends pass them) and ``ops.partition``'s two kernels, and print their resources."""
+    from flashring.ops import flash, partition, sparse_ranges
+    cuda = torch.device("cuda")
+    s, h = args.seqlen, 2
+    print(f"triton {triton.__version__}, sm_{args.arch}, {args.sparse}-sparse, seqlen {s}, bf16")
+    calls, restore = record(partition, ("LAUNCH_HISTOGRAM", "LAUNCH_SCATTER"))
+    try:
+        ids = torch.zeros(1, s, h, dtype=torch.bool if args.sparse == "qk" else torch.int64)
+        partition.partition(ids, 2 if args.sparse == "qk" else 16, 0, keep=args.sparse == "qk")
+    finally:
+        restore()
+    for name, fn in (("LAUNCH_HISTOGRAM", partition._histogram), ("LAUNCH_SCATTER", partition._scatter)):
+        a, kw, grid = calls[name]
+        print(f"{name[7:]:<9}\n    {usage(fn.warmup(*a, grid=grid, **kw), args.loops)}", flush=True)
+    rows = torch.arange(s).expand(1, h, s).contiguous()
+    pos = rows.to(torch.int32)
+    lens = torch.full((1, h), s, dtype=torch.int32)
+    bkt = pos if args.sparse == "hash" else None
+    meta = sparse_ranges.SparseMeta(pos, pos, lens, lens, bkt, bkt, True, rows, rows)
+    ranges_calls, restore_ranges = record(sparse_ranges, ("LAUNCH_TILE_RANGES",))
+    for d in (int(x) for x in args.headdims.split(",")):
+        q = torch.randn(1, s, h, d, dtype=torch.bfloat16)
+        lse = torch.zeros(1, h, s)
+        calls, restore = record(flash, ("LAUNCH_FWD", "LAUNCH_BWD_PRE", "LAUNCH_BWD_DKDV", "LAUNCH_BWD_DQ"))
+        try:
+            flash.fwd(q, q, q, d ** -0.5, sparse=meta,
+                      config=flash.default_config(d, q.dtype, cuda, backward=False, seqlen_q=s))
+            flash.bwd(q, q, q, q, q, lse, d ** -0.5, sparse=meta,
+                      config=flash.default_config(d, q.dtype, cuda, backward=True))
+        finally:
+            restore()
+        for name, fn in (("LAUNCH_FWD", flash._attn_fwd), ("LAUNCH_BWD_DKDV", flash._bwd_dkdv),
+                         ("LAUNCH_BWD_DQ", flash._bwd_dq)):
+            if name in wanted:
+                a, kw, grid = calls[name]
+                print(f"D={d:<3} {name[7:]:<9}\n    {usage(fn.warmup(*a, grid=grid, **kw), args.loops)}", flush=True)
+    restore_ranges()
+    a, kw, grid = ranges_calls["LAUNCH_TILE_RANGES"]
+    print(f"TILE_RANGES\n    {usage(sparse_ranges._tile_ranges_kernel.warmup(*a, grid=grid, **kw), False)}")
     return 0
 
 

@@ -67,3 +67,15 @@ def test_hopper_forward_compiles_for_sm90_without_spills():
     found = re.findall(KERNEL_LINE, out)
     assert len(found) == 4, out
     assert all(int(stack) == 0 for *_, stack in found), out
+
+
+@pytest.mark.parametrize("kind", ["qk", "hash"])
+def test_sparse_kernels_compile_for_sm90(kind):
+    """The sparse front ends' launches (row tables, positions, buckets; ops.partition's counting sort; the tile
+    ranges) compile for sm_90. The interpreter does not type-check Triton's static branches: a row-table helper
+    whose branches redefined a value with another integer width passed every CPU test and failed to compile on
+    the H100 (session 10)."""
+    out = probe("--sparse", kind, "--headdims", "64", "--seqlen", "1024")
+    assert re.findall(r"^(HISTOGRAM|SCATTER|TILE_RANGES)\s*\n\s+regs", out, re.M) == ["HISTOGRAM", "SCATTER",
+                                                                                     "TILE_RANGES"], out
+    assert len(re.findall(r"D=64\s+(FWD|BWD_DKDV|BWD_DQ)\s*\n\s+regs", out)) == 3, out

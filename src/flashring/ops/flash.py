@@ -397,15 +397,15 @@ def _attn_fwd(Q, K, V, O, LSE, SEQ, BAND, SCORE, SP,
     # Three passes over the key range: the masked head, the unmasked middle, the masked tail.
     for phase in tl.static_range(3):
         if phase == 0:
-            start, stop, masked = lo, mid_lo, True
+            start, stop = lo, mid_lo
         elif phase == 1:
-            start, stop, masked = mid_lo, mid_hi, False
+            start, stop = mid_lo, mid_hi
         else:
-            start, stop, masked = mid_hi, hi, True
+            start, stop = mid_hi, hi
         acc, l_i, m_i, bad_i = _fwd_inner(
             acc, l_i, m_i, bad_i, q, qp, qb, K_ptrs=K_ptrs, V_ptrs=V_ptrs, stride_kn=K[2], stride_vn=V[2], SP=SP,
             k_side=k_side, offs_m=offs_m, offs_n=offs_n, d_ok=d_ok, lo=start, hi=stop, seqlen_k=seqlen_k,
-            lower=lower, upper=upper, SCORE=SCORE, BLOCK_N=BLOCK_N, MASK=masked, HAS_LOWER=HAS_LOWER,
+            lower=lower, upper=upper, SCORE=SCORE, BLOCK_N=BLOCK_N, MASK=phase != 1, HAS_LOWER=HAS_LOWER,
             HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE, SP_CAUSAL=SP_CAUSAL, HASH=HASH,
             PRECISION=PRECISION, ONE_KEY=ONE_KEY, ROWS=ROWS)
 
@@ -554,16 +554,16 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, BAND, SCORE, SP,
             DO_ptrs = _rows(DO, b, h, q_start) + offs_m[:, None] * DO[2] + offs_d[None, :]
         for phase in tl.static_range(3):
             if phase == 0:
-                start, stop, masked = lo, mid_lo, True
+                start, stop = lo, mid_lo
             elif phase == 1:
-                start, stop, masked = mid_lo, mid_hi, False
+                start, stop = mid_lo, mid_hi
             else:
-                start, stop, masked = mid_hi, hi, True
+                start, stop = mid_hi, hi
             dk, dv = _dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs=Q_ptrs, DO_ptrs=DO_ptrs,
                                  Lse_ptr=_rows(LSE, b, h, q_start), Delta_ptr=_rows(DELTA, b, h, q_start),
                                  stride_qm=Q[2], stride_dom=DO[2], SP=SP, q_side=qrow * SEQ[1], offs_m=offs_m,
                                  offs_n=offs_n, d_ok=d_ok, lo=start, hi=stop, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-                                 lower=lower, upper=upper, SCORE=SCORE, BLOCK_M=BLOCK_M, MASK=masked,
+                                 lower=lower, upper=upper, SCORE=SCORE, BLOCK_M=BLOCK_M, MASK=phase != 1,
                                  HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE,
                                  SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION, ROWS=ROWS)
     # Sparse padding keys (seqlen_k <= row < SEQLEN_K) get zero gradients: the front end's gather sends them
@@ -660,14 +660,14 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SEQ, BAND, SCORE, SP,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for phase in tl.static_range(3):
         if phase == 0:
-            start, stop, masked = lo, mid_lo, True
+            start, stop = lo, mid_lo
         elif phase == 1:
-            start, stop, masked = mid_lo, mid_hi, False
+            start, stop = mid_lo, mid_hi
         else:
-            start, stop, masked = mid_hi, hi, True
+            start, stop = mid_hi, hi
         dq = _dq_inner(dq, q, do, lse2, delta, qp, qb, K_ptrs=K_ptrs, V_ptrs=V_ptrs, stride_kn=K[2], stride_vn=V[2],
                        SP=SP, k_side=k_side, offs_m=offs_m, offs_n=offs_n, d_ok=d_ok, lo=start, hi=stop,
-                       seqlen_k=seqlen_k, lower=lower, upper=upper, SCORE=SCORE, BLOCK_N=BLOCK_N, MASK=masked,
+                       seqlen_k=seqlen_k, lower=lower, upper=upper, SCORE=SCORE, BLOCK_N=BLOCK_N, MASK=phase != 1,
                        HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE,
                        SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION, ROWS=ROWS)
     dq = tl.where(m_ok[:, None], dq * SCORE[2], 0.0)       # sparse padding rows: zero, as for dK/dV
