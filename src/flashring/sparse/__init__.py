@@ -62,7 +62,8 @@ def _bucket_guard(sorted_ids, name):
     """
     if sorted_ids.device.type == "cpu":
         return
-    ends = sorted_ids[..., ::max(sorted_ids.shape[-1] - 1, 1)]                 # (B, H, 1 or 2): min and max
+    # (B, H, 1 or 2): min and max, widened: PAD_POS compared with an int16 tensor wraps to 0 (a false assert)
+    ends = sorted_ids[..., ::max(sorted_ids.shape[-1] - 1, 1)].long()
     torch._assert_async(((ends >= 0) & (ends < PAD_POS)).all(), f"{name} must hold bucket ids in [0, {PAD_POS})")
 
 
