@@ -299,7 +299,7 @@ def _slot_rows(Rows, side, slots, n, ROWS: tl.constexpr, MASK: tl.constexpr):
 
 # ----------------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, bad_key, q, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_vn, SP, k_side, offs_m, offs_n,
+def _fwd_inner(acc, l_i, m_i, bad_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_vn, SP, k_side, offs_m, offs_n,
                d_ok,
                lo, hi, seqlen_k, lower, upper, SCORE, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPARSE: tl.constexpr,
@@ -336,54 +336,24 @@ def _fwd_inner(acc, l_i, m_i, bad_key, q, qp, qb, K_ptrs, V_ptrs, stride_kn, str
         l_i = l_i * alpha + tl.sum(p, 1)
         # Keys past the sequence are never loaded (masked loads). Inside it, a masked pair's zero weight times a
         # non-finite value (0 * NaN = NaN) would carry that value to a row that may not see it: in masked tiles
-        # only, zero the non-finite value rows and keep the first such key (a scalar); _bad_rows then flags the
-        # rows that may see one, after the loops (never runs, in practice). Its per-key loop used to sit here,
-        # which made these loops non-innermost, and Triton software-pipelines only innermost loops: the masked
-        # tiles' K/V loads were not prefetched at all (session 10, TTGIR: no async copies in the masked loops).
-        # Nothing 2-D stays alive for it: reducing each value row into a per-key flag and testing it against the
-        # scores spilled (NOTES.md).
+        # only, zero the non-finite value rows and flag the rows that may see one (the loop runs once per bad key:
+        # never, in practice), to poison them at the end. Nothing 2-D stays alive for it: compiled for sm_90,
+        # registers stay at or under 128 (D <= 64, with the configs' maxnreg) and 255 without spills (D = 128),
+        # where reducing each value row into a per-key flag and testing it against the scores spilled (NOTES.md).
         if MASK:
             v = tl.load(V_ptrs + voff, mask=(kj[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
             row_bad = nonfinite_rows(v)
             v = tl.where(row_bad[:, None], 0.0, v)
-            bad_key = tl.minimum(bad_key, tl.min(tl.where(row_bad, kj, NO_KEY_C)))
+            bad_i = _flag_rows_seeing(bad_i=bad_i, row_bad=row_bad, kj=kj, SP=SP, k_side=k_side, offs_m=offs_m, qp=qp,
+                                      qb=qb, seqlen_k=seqlen_k, lower=lower, upper=upper, HAS_LOWER=HAS_LOWER,
+                                      HAS_UPPER=HAS_UPPER, SPARSE=SPARSE, SP_CAUSAL=SP_CAUSAL, HASH=HASH,
+                                      ONE_KEY=ONE_KEY)
         else:
             v = tl.load(V_ptrs + voff, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None]
         acc = mma(p.to(v.dtype), v, acc, PRECISION)
         m_i = m_new
-    return acc, l_i, m_i, bad_key
-
-
-@triton.jit
-def _bad_rows(bad_key, V_ptrs, stride_vn, SP, k_side, offs_m, offs_n, d_ok, qp, qb, lo, mid_lo, mid_hi, hi,
-              seqlen_k, lower, upper, BLOCK_N: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr,
-              SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, ONE_KEY: tl.constexpr,
-              ROWS: tl.constexpr):
-    """The rows that may see a non-finite value row of a masked tile, from the first such key (``bad_key``) on:
-    the masked ranges' value tiles read again, one scalar pass per flagged key (``_flag_rows_seeing``). Called
-    only when the forward's masked loops met one, so its loops stay out of the hot ones."""
-    bad_i = tl.zeros(offs_m.shape, dtype=tl.int32)
-    first = (bad_key // BLOCK_N) * BLOCK_N
-    for phase in tl.static_range(2):
-        if phase == 0:
-            start, stop = tl.maximum(lo, first), mid_lo
-        else:
-            start, stop = tl.maximum(mid_hi, first), hi
-        for start_n in range(start, stop, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            kj = start_n + offs_n
-            if ROWS:
-                kr = _slot_rows(Rows=SP[8], side=k_side, slots=kj, n=seqlen_k, ROWS=ROWS, MASK=True).to(tl.int64)
-                voff = kr[:, None] * stride_vn
-            else:
-                voff = start_n.to(tl.int64) * stride_vn
-            v = tl.load(V_ptrs + voff, mask=(kj[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
-            bad_i = _flag_rows_seeing(bad_i=bad_i, row_bad=nonfinite_rows(v), kj=kj, SP=SP, k_side=k_side,
-                                      offs_m=offs_m, qp=qp, qb=qb, seqlen_k=seqlen_k, lower=lower, upper=upper,
-                                      HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, SPARSE=SPARSE, SP_CAUSAL=SP_CAUSAL,
-                                      HASH=HASH, ONE_KEY=ONE_KEY)
-    return bad_i
+    return acc, l_i, m_i, bad_i
 
 
 @triton.jit
@@ -423,7 +393,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEQ, BAND, SCORE, SP,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    bad_key = tl.full([], NO_KEY_C, dtype=tl.int32)       # first key of a non-finite value row in a masked tile
+    bad_i = tl.zeros([BLOCK_M], dtype=tl.int32)
     # Three passes over the key range: the masked head, the unmasked middle, the masked tail.
     for phase in tl.static_range(3):
         if phase == 0:
@@ -432,18 +402,12 @@ def _attn_fwd(Q, K, V, O, LSE, SEQ, BAND, SCORE, SP,
             start, stop = mid_lo, mid_hi
         else:
             start, stop = mid_hi, hi
-        acc, l_i, m_i, bad_key = _fwd_inner(
-            acc, l_i, m_i, bad_key, q, qp, qb, K_ptrs=K_ptrs, V_ptrs=V_ptrs, stride_kn=K[2], stride_vn=V[2], SP=SP,
+        acc, l_i, m_i, bad_i = _fwd_inner(
+            acc, l_i, m_i, bad_i, q, qp, qb, K_ptrs=K_ptrs, V_ptrs=V_ptrs, stride_kn=K[2], stride_vn=V[2], SP=SP,
             k_side=k_side, offs_m=offs_m, offs_n=offs_n, d_ok=d_ok, lo=start, hi=stop, seqlen_k=seqlen_k,
             lower=lower, upper=upper, SCORE=SCORE, BLOCK_N=BLOCK_N, MASK=phase != 1, HAS_LOWER=HAS_LOWER,
             HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE, SP_CAUSAL=SP_CAUSAL, HASH=HASH,
             PRECISION=PRECISION, ONE_KEY=ONE_KEY, ROWS=ROWS)
-    bad_i = tl.zeros([BLOCK_M], dtype=tl.int32)
-    if bad_key < NO_KEY_C:
-        bad_i = _bad_rows(bad_key, V_ptrs=V_ptrs, stride_vn=V[2], SP=SP, k_side=k_side, offs_m=offs_m, offs_n=offs_n,
-                          d_ok=d_ok, qp=qp, qb=qb, lo=lo, mid_lo=mid_lo, mid_hi=mid_hi, hi=hi, seqlen_k=seqlen_k,
-                          lower=lower, upper=upper, BLOCK_N=BLOCK_N, HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER,
-                          SPARSE=SPARSE, SP_CAUSAL=SP_CAUSAL, HASH=HASH, ONE_KEY=ONE_KEY, ROWS=ROWS)
 
     # Sparse padding rows (seqlen_q <= row < SEQLEN_Q) get out = 0 / empty LSE, never stale memory (their q is 0,
     # so l_i would not be 0 when the block has valid rows too): the front ends return them for dropped queries.
