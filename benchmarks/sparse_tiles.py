@@ -1,0 +1,95 @@
+"""Tile shapes for the sparse kernels: forward and backward configurations timed as CUDA-graph replays (device
+work only) on the sparse front ends, against the defaults, in one process.
+
+    PYTHONPATH=src python3 benchmarks/sparse_tiles.py --out OUT [--seqlens 8192,16384]
+
+Why: at low kept fractions a sparse call's cost is the tiles its kept pairs touch, not the pairs (issue 14: hash 8
+forward at 8k ran at 3.9x the ideal, session 10), and smaller query tiles touch fewer empty pairs. The sparse calls
+use the dense configurations (``ops.flash.default_config``); this swaps them in turn. Writes
+``<device>-sparse-tiles-<date>-<sha>.jsonl`` (metadata line + rows) and prints a table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import flashring  # noqa: E402
+from flashring.bench import harness as H  # noqa: E402
+from flashring.metadata import run_metadata  # noqa: E402
+from flashring.ops import flash  # noqa: E402
+
+FWD = {"fwd 128x64/8w": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=128),
+       "fwd 64x64/4w": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)}
+BWD = {"bwd 64x64": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+       "bwd 32x64": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+       "bwd 64x32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)}
+VARIANTS = [("fwd 128x64/8w", "bwd 64x64"), ("fwd 64x64/4w", "bwd 64x64"), ("fwd 128x64/8w", "bwd 32x64"),
+            ("fwd 128x64/8w", "bwd 64x32")]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seqlens", default="8192,16384")
+    ap.add_argument("--out", type=Path, default=Path("."))
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = run_metadata(dev, sys.argv)
+    g = torch.Generator(device=dev).manual_seed(0)
+    default_config = flash.default_config
+    rows = []
+    for s in (int(x) for x in args.seqlens.split(",")):
+        b, h, d = 1, 32, 64
+        q, k, v, do = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(4))
+        for t in (q, k, v):
+            t.requires_grad_()
+        pats = {}
+        for drop in (0.5, 0.8):
+            qa, ka = (torch.rand(b, s, h, device=dev, generator=g) >= drop for _ in range(2))
+            pats[f"qk {drop}"] = lambda qa=qa, ka=ka: flashring.qk_sparse_attn_func(q, k, v, qa, ka, causal=True)
+        for nb in (8, 16):
+            qb = flashring.lsh_buckets(q.detach(), nb)
+            pats[f"hash {nb}"] = lambda qb=qb, nb=nb: flashring.hash_sparse_attn_func(q, k, v, qb, qb, causal=True,
+                                                                                       num_buckets=nb)
+        for pname, call in pats.items():
+            base = None
+            for fv, bv in VARIANTS:
+                flash.default_config = lambda *a, backward=False, fv=fv, bv=bv, **kw: dict(BWD[bv] if backward
+                                                                                         else FWD[fv])
+                try:
+                    out = call()
+                    diff = 0.0 if base is None else (out - base).abs().max().item()
+                    base = out.detach() if base is None else base
+
+                    def step():
+                        for t in (q, k, v):
+                            t.grad = None
+                        call().backward(do)
+                    fwd_ms = H.time_ms(H.cuda_graph(call, dev), dev)
+                    both_ms = H.time_ms(H.cuda_graph(step, dev), dev)
+                finally:
+                    flash.default_config = default_config
+                rows.append(dict(seqlen=s, pattern=pname, fwd_config=fv, bwd_config=bv, fwd_ms=fwd_ms,
+                                 fwd_bwd_ms=both_ms, max_abs_diff_vs_first=diff))
+                print(json.dumps(rows[-1]), flush=True)
+    stem = f"{meta['device_slug'] if 'device_slug' in meta else 'gpu'}-sparse-tiles-{time.strftime('%Y%m%d-%H%M%S')}"
+    with open(args.out / f"{stem}-{meta.get('git_sha', 'unknown')}.jsonl", "w") as f:
+        f.write(json.dumps(meta) + "\n")
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(f"\nsparse tiles on {meta['device']} (git {meta.get('git_sha')}), CUDA-graph replays, B=1 H=32 D=64 causal")
+    print(f"{'N':>6} {'pattern':<9} {'forward':<15} {'backward':<10} {'fwd ms':>8} {'fwd+bwd ms':>10} {'diff':>8}")
+    for r in rows:
+        print(f"{r['seqlen']:>6} {r['pattern']:<9} {r['fwd_config']:<15} {r['bwd_config']:<10} {r['fwd_ms']:>8.3f} "
+              f"{r['fwd_bwd_ms']:>10.3f} {r['max_abs_diff_vs_first']:>8.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
