@@ -370,6 +370,10 @@ def test_hash_num_buckets_gives_the_sorted_result(device, strict, seed):
         res.append((out, lse, *torch.autograd.grad(out, (q, k, v), dout)))
     for a, b in zip(*res):
         assert torch.equal(a, b)
+    # one tensor for both sides (shared-QK models): ordered once, the same result as two equal tensors
+    shared = flashring.hash_sparse_attn_func(q, k, v, qb, qb, strict_causal=strict, num_buckets=6)
+    assert torch.equal(shared, flashring.hash_sparse_attn_func(q, k, v, qb, qb.clone(), strict_causal=strict,
+                                                               num_buckets=6))
     if device == "cpu":
         bound = int(qb.max()) + 1
         kb[0, 0, 0] = bound

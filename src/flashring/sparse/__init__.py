@@ -166,8 +166,11 @@ def _bucket_sorts(q_buckets, k_buckets, q_shift, k_shift, num_buckets=None):
     (self-attention without GQA): torch.sort cost ~0.3 ms of host time per call on the H100 machines, where a
     hash-sparse forward+backward was host-bound (2.9 ms host, 1.3 ms GPU; session 9's profile)."""
     if partition.applies(num_buckets) and _counting_sort(q_buckets):
-        return (_bucket_partition(q_buckets, num_buckets, q_shift, "q_buckets"),
-                _bucket_partition(k_buckets, num_buckets, k_shift, "k_buckets"))
+        q_side = _bucket_partition(q_buckets, num_buckets, q_shift, "q_buckets")
+        if k_buckets is q_buckets:          # shared-QK models hash once: the same order, positions moved by the shift
+            perm, lens, pos, bkt = q_side
+            return q_side, (perm, lens, pos + (k_shift - q_shift) if k_shift != q_shift else pos, bkt)
+        return q_side, _bucket_partition(k_buckets, num_buckets, k_shift, "k_buckets")
     if q_buckets.shape != k_buckets.shape:
         return _bucket_sort(q_buckets, q_shift, "q_buckets"), _bucket_sort(k_buckets, k_shift, "k_buckets")
     wide = torch.promote_types(q_buckets.dtype, k_buckets.dtype)      # never narrowed: the guard sees true ids
