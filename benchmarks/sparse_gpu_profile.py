@@ -59,12 +59,15 @@ def main():
             torch.cuda.synchronize()
         groups = collections.Counter()
         names = collections.Counter()
+        per_kernel = collections.Counter()
         for ev in prof.key_averages():
             t = ev.device_time_total / 5 / 1e3          # ms per call
             if t <= 0:
                 continue
-            if any(x in ev.key for x in ("_attn_fwd", "_bwd_dkdv", "_bwd_dq", "_bwd_preprocess")):
+            kernel = next((x for x in ("_attn_fwd", "_bwd_dkdv", "_bwd_dq", "_bwd_preprocess") if x in ev.key), None)
+            if kernel:
                 groups["attention kernels"] += t
+                per_kernel[kernel.strip("_")] += t
             elif "tile_ranges" in ev.key:
                 groups["tile ranges"] += t
             else:
@@ -89,6 +92,8 @@ def main():
             print(text.getvalue()[-2500:])
         print(f"{name:<12} eager fwd {fwd_ms:.3f} ms, fwd+bwd {eager:.3f} ms, host {host:.3f} ms | GPU: "
               + ", ".join(f"{g} {t:.3f}" for g, t in groups.items()) + f" | top other: {top}", flush=True)
+        print(f"{name:<12} attention kernels: " + ", ".join(f"{k} {t:.3f}" for k, t in sorted(per_kernel.items())),
+              flush=True)
 
 
 if __name__ == "__main__":
