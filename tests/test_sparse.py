@@ -374,6 +374,9 @@ def test_hash_num_buckets_gives_the_sorted_result(device, strict, seed):
     shared = flashring.hash_sparse_attn_func(q, k, v, qb, qb, strict_causal=strict, num_buckets=6)
     assert torch.equal(shared, flashring.hash_sparse_attn_func(q, k, v, qb, qb.clone(), strict_causal=strict,
                                                                num_buckets=6))
+    # anything with __index__ is an int (numpy integers, 0-d integer tensors)
+    assert torch.equal(flashring.hash_sparse_attn_func(q, k, v, qb, kb, strict_causal=strict,
+                                                       num_buckets=torch.tensor(6)), res[1][0])
     if device == "cpu":
         bound = int(qb.max()) + 1
         kb[0, 0, 0] = bound
@@ -381,5 +384,33 @@ def test_hash_num_buckets_gives_the_sorted_result(device, strict, seed):
             flashring.hash_sparse_attn_func(q, k, v, qb, kb, num_buckets=bound)
     with pytest.raises(TypeError, match="num_buckets"):
         flashring.hash_sparse_attn_func(q, k, v, qb, kb, num_buckets=6.0)
+
     with pytest.raises(ValueError, match="num_buckets"):
         flashring.hash_sparse_attn_func(q, k, v, qb, kb, num_buckets=0)
+
+
+def test_partition_applies_only_where_its_count_table_stays_small():
+    """ops.partition's scatter reads its row's whole (chunks, keys) count table: past MAX_COUNT_CELLS cells (or
+    MAX_KEYS keys, or unknown keys) the front ends sort instead (a review found kilobytes of spills and reads
+    growing with chunks^2 at 128 buckets and S >= 128k)."""
+    from flashring.ops import partition
+    assert partition.applies(16, 131072) and partition.applies(128, 16384) and partition.applies(2, 1, keep=True)
+    assert not partition.applies(128, 32768) and not partition.applies(16, 2 ** 21)
+    assert not partition.applies(None, 1024) and not partition.applies(129, 1024) and not partition.applies(0, 64)
+    assert partition.applies(None, 8192, keep=True) and not partition.applies(None, 2 ** 27, keep=True)
+
+
+def test_row_tables_are_checked(device):
+    """The kernels index the row tables as contiguous (B, H, S): one given without the other, or a strided one, is a
+    ValueError naming it, not rows read from the wrong place."""
+    from flashring.ops import sparse_ranges
+    s = 8
+    pos = torch.arange(s, dtype=torch.int32).expand(1, 2, s).contiguous()
+    lens = torch.full((1, 2), s, dtype=torch.int32)
+    rows = torch.arange(s).expand(1, 2, s).contiguous()
+    meta = sparse_ranges.SparseMeta(pos, pos, lens, lens, None, None, True, rows, None)
+    with pytest.raises(ValueError, match="q_rows and k_rows"):
+        sparse_ranges.kernel_side(meta, 1, 16, 16, from_keys=False)
+    strided = torch.arange(s).expand(1, 2, s)
+    with pytest.raises(ValueError, match="k_rows must be a contiguous"):
+        sparse_ranges.kernel_side(meta._replace(k_rows=strided), 1, 16, 16, from_keys=False)

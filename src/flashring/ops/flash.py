@@ -11,8 +11,8 @@ Arguments travel as tuples, so every signature names what a program needs once:
 - ``SCORE = (QK_SCALE, CAP_LOG2, SM_SCALE)``: scores are computed in log2 units, ``QK_SCALE = softmax_scale *
   log2(e)`` folded into the scores (one exp2 per element); with softcap ``QK_SCALE = scale / softcap`` and
   ``CAP_LOG2 = softcap * log2(e)``;
-- ``SP = (QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges)``: dynamic-sparse side tensors (``ops.sparse_ranges``), Nones
-  for dense launches.
+- ``SP = (QPos, KPos, QBkt, KBkt, QLen, KLen, Ranges, QRows, KRows)``: dynamic-sparse side tensors
+  (``ops.sparse_ranges``; the row tables when the front ends leave q/k/v in place), Nones for dense launches.
 
 Work partitioning (FA2): the forward runs one program per (query block, head, batch) streaming K/V tiles through
 SRAM with an online softmax. Key tiles outside the band are never visited; tiles wholly inside it run without any
@@ -566,8 +566,8 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, BAND, SCORE, SP,
                                  lower=lower, upper=upper, SCORE=SCORE, BLOCK_M=BLOCK_M, MASK=phase != 1,
                                  HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE,
                                  SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION, ROWS=ROWS)
-    # Sparse padding keys (seqlen_k <= row < SEQLEN_K) get zero gradients: the front end's gather sends them
-    # back to real (dropped) tokens.
+    # Sparse padding keys (seqlen_k <= row < SEQLEN_K) get zero gradients: they are the dropped tokens (stored at
+    # their own rows through the row table, or handed back by a caller that compacted them itself).
     dk = tl.where(n_ok[:, None], dk * SCORE[2], 0.0)
     dv = tl.where(n_ok[:, None], dv, 0.0)
     n_store = SEQ[2]

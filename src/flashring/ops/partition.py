@@ -25,6 +25,10 @@ from .launch import Launcher, cdiv, next_power_of_2
 from .sparse_ranges import PAD_POS
 
 MAX_KEYS = 128           # keys per row the one-hot tiles hold (BLOCK x NB int32: 32 K elements at most)
+# The scatter program reads its row's whole (chunks, NB) count table: compiled for sm_90 it spilled 48 B at 128 x
+# 128 and kilobytes past that (review, session 10), and the reads grow with chunks^2. Past this many cells the
+# front ends sort instead (applies): with 16 buckets that is S <= 1M per row, with 128 buckets S <= 16384.
+MAX_COUNT_CELLS = 8192
 PAD_POS_C = tl.constexpr(PAD_POS)
 
 
@@ -88,9 +92,24 @@ def _scatter(Ids, Counts, Perm, Pos, Bkt, Lens, S, H, stride_b, stride_s, stride
 LAUNCH_HISTOGRAM, LAUNCH_SCATTER = Launcher(_histogram), Launcher(_scatter)
 
 
-def applies(n_keys: Optional[int]) -> bool:
-    """Whether :func:`partition` takes keys below ``n_keys`` (None: unknown, the caller sorts)."""
-    return n_keys is not None and 1 <= n_keys <= MAX_KEYS
+def _tiles(s: int, nb: int) -> Tuple[int, int]:
+    """(BLOCK, chunks) of a row of ``s`` tokens with ``nb`` one-hot columns."""
+    block = 256 if s <= 256 * 128 else next_power_of_2(cdiv(s, 128))
+    block = min(block, max(16, next_power_of_2(s)), 32768 // nb)
+    return block, cdiv(s, block)
+
+
+def _keys(n_keys: int, keep: bool) -> int:
+    return 2 if keep else max(2, next_power_of_2(n_keys))
+
+
+def applies(n_keys: Optional[int], seqlen: int, keep: bool = False) -> bool:
+    """Whether :func:`partition` takes rows of ``seqlen`` tokens with keys below ``n_keys`` (None: unknown; the
+    caller sorts): at most MAX_KEYS keys and MAX_COUNT_CELLS count cells per row."""
+    if not keep and (n_keys is None or not 1 <= n_keys <= MAX_KEYS):
+        return False
+    nb = _keys(n_keys, keep)
+    return nb * max(2, next_power_of_2(_tiles(seqlen, nb)[1])) <= MAX_COUNT_CELLS
 
 
 def partition(ids: torch.Tensor, n_keys: int, shift: int, keep: bool
@@ -101,10 +120,8 @@ def partition(ids: torch.Tensor, n_keys: int, shift: int, keep: bool
     contiguous, and ``bad`` (one int32 per chunk: keys outside ``[0, n_keys)``, for the caller's guard)."""
     b, s, h = ids.shape
     rows = b * h
-    nb = 2 if keep else max(2, next_power_of_2(n_keys))
-    block = 256 if s <= 256 * 128 else next_power_of_2(cdiv(s, 128))
-    block = min(block, max(16, next_power_of_2(s)), 32768 // nb)
-    nchunk = cdiv(s, block)
+    nb = _keys(n_keys, keep)
+    block, nchunk = _tiles(s, nb)
     dev = ids.device
     counts = torch.empty((rows, nchunk, nb), dtype=torch.int32, device=dev)
     bad = torch.empty((rows, nchunk), dtype=torch.int32, device=dev)

@@ -178,6 +178,12 @@ def kernel_side(sp: Optional[SparseMeta], group: int, block_q: int, block_k: int
     for one launch; dense launches get Nones and ``SPARSE=False``."""
     if sp is None:
         return (None,) * 9, dict(SPARSE=False, SP_CAUSAL=False, HASH=False, ROWS=False)
+    if (sp.q_rows is None) != (sp.k_rows is None):
+        raise ValueError("q_rows and k_rows must be given together (row tables) or both be None")
+    for name, t, like in (("q_rows", sp.q_rows, sp.q_pos), ("k_rows", sp.k_rows, sp.k_pos)):
+        if t is not None and (t.shape != like.shape or not t.is_contiguous()):      # the kernels index row * S + slot
+            raise ValueError(f"{name} must be a contiguous {tuple(like.shape)} table, got {tuple(t.shape)} "
+                             f"with strides {t.stride()}")
     if from_keys:
         ranges = tile_ranges(sp, group, block_k, block_q, from_keys=True)
     else:

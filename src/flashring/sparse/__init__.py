@@ -16,6 +16,7 @@ zeros with that finite LSE. When seqlen_q != seqlen_k, causal is bottom-right al
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -51,7 +52,7 @@ def _check_side(x, name, like, kind, values=True, hi=PAD_POS):
                 raise ValueError(f"{name} must hold bucket ids in [0, {hi}), got range [{lo}, {top}]")
 
 
-def _bucket_guard(sorted_ids, name):
+def _bucket_guard(sorted_ids, name, hi=PAD_POS):
     """Range check of bucket ids already sorted per (batch, head) (B, H, S): only the two ends are looked at.
 
     CPU tensors were checked on the host (_check_side: a clear ValueError, and no GPU queue to drain). On a GPU a
@@ -64,7 +65,7 @@ def _bucket_guard(sorted_ids, name):
         return
     # (B, H, 1 or 2): min and max, widened: PAD_POS compared with an int16 tensor wraps to 0 (a false assert)
     ends = sorted_ids[..., ::max(sorted_ids.shape[-1] - 1, 1)].long()
-    torch._assert_async(((ends >= 0) & (ends < PAD_POS)).all(), f"{name} must hold bucket ids in [0, {PAD_POS})")
+    torch._assert_async(((ends >= 0) & (ends < hi)).all(), f"{name} must hold bucket ids in [0, {hi})")
 
 
 def _check_common(q, k, v, causal, softmax_scale):
@@ -114,6 +115,10 @@ def _counting_sort(ids) -> bool:
     return dispatch.on_triton(ids) and plain_eager() and not torch._C._are_functorch_transforms_active()
 
 
+def _partition_takes(ids, n_keys, keep=False) -> bool:
+    return _counting_sort(ids) and partition.applies(n_keys, ids.shape[1], keep)
+
+
 def _compact(keep, shift):
     """QK-sparse: a stable partition per (batch, head), kept tokens first in position order, then the dropped.
 
@@ -121,7 +126,7 @@ def _compact(keep, shift):
     int32. Kernels: a counting sort with two keys (``ops.partition``, 2 launches); the chunked CPU path: cumsum +
     scatter (one scan) rather than a segmented argsort.
     """
-    if _counting_sort(keep):
+    if _partition_takes(keep, 2, keep=True):
         perm, lens, pos, _, _ = partition.partition(keep, 2, shift, keep=True)
         return perm, lens, pos
     kt = keep.transpose(1, 2)                                                   # (B, H, S) view
@@ -133,21 +138,21 @@ def _compact(keep, shift):
     return perm, _int32(lens.squeeze(-1)), _positions(perm, ar < lens, shift)
 
 
-def _sort_by_bucket(ids, name):
+def _sort_by_bucket(ids, name, hi=PAD_POS):
     """Stable sort of bucket ids ``(..., B, H, S)`` along S: perm (int64, contiguous), lens ``(B, H)`` int32 (all
-    S) and the sorted ids as contiguous int32."""
+    S) and the sorted ids as contiguous int32; ids outside ``[0, hi)`` fail the device guard."""
     ids, perm = torch.sort(ids, dim=-1, stable=True)
-    _bucket_guard(ids, name)
+    _bucket_guard(ids, name, hi)
     lens = torch.full(perm.shape[-3:-1], perm.shape[-1], dtype=torch.int32, device=perm.device)
     return perm.contiguous(), lens, _int32(ids)
 
 
-def _bucket_sort(buckets, shift, name):
+def _bucket_sort(buckets, shift, name, hi=PAD_POS):
     """Hash-sparse: tokens sorted by (bucket, position) per (batch, head) (stable sort of the ids).
 
     buckets (B, S, H) -> perm (B, H, S) int64; lens (B, H) int32 (all S); pos, bkt (B, H, S) int32.
     """
-    perm, lens, ids = _sort_by_bucket(buckets.transpose(1, 2), name)
+    perm, lens, ids = _sort_by_bucket(buckets.transpose(1, 2), name, hi)
     return perm, lens, _positions(perm, None, shift), ids
 
 
@@ -165,17 +170,18 @@ def _bucket_sorts(q_buckets, k_buckets, q_shift, k_shift, num_buckets=None):
     ``ops.partition`` takes it) on the kernels' path, else as one sort of the two stacked when their shapes match
     (self-attention without GQA): torch.sort cost ~0.3 ms of host time per call on the H100 machines, where a
     hash-sparse forward+backward was host-bound (2.9 ms host, 1.3 ms GPU; session 9's profile)."""
-    if partition.applies(num_buckets) and _counting_sort(q_buckets):
+    hi = PAD_POS if num_buckets is None else num_buckets
+    if _partition_takes(q_buckets, num_buckets) and _partition_takes(k_buckets, num_buckets):
         q_side = _bucket_partition(q_buckets, num_buckets, q_shift, "q_buckets")
         if k_buckets is q_buckets:          # shared-QK models hash once: the same order, positions moved by the shift
             perm, lens, pos, bkt = q_side
             return q_side, (perm, lens, pos + (k_shift - q_shift) if k_shift != q_shift else pos, bkt)
         return q_side, _bucket_partition(k_buckets, num_buckets, k_shift, "k_buckets")
     if q_buckets.shape != k_buckets.shape:
-        return _bucket_sort(q_buckets, q_shift, "q_buckets"), _bucket_sort(k_buckets, k_shift, "k_buckets")
+        return _bucket_sort(q_buckets, q_shift, "q_buckets", hi), _bucket_sort(k_buckets, k_shift, "k_buckets", hi)
     wide = torch.promote_types(q_buckets.dtype, k_buckets.dtype)      # never narrowed: the guard sees true ids
     both = torch.stack([q_buckets.to(wide), k_buckets.to(wide)]).transpose(2, 3)     # (2, B, H, S) view
-    perm, lens, ids = _sort_by_bucket(both, "q_buckets / k_buckets")
+    perm, lens, ids = _sort_by_bucket(both, "q_buckets / k_buckets", hi)
     return tuple((perm[i], lens, _positions(perm[i], None, shift), ids[i])
                  for i, shift in enumerate((q_shift, k_shift)))
 
@@ -273,15 +279,18 @@ def hash_sparse_attn_func(q, k, v, q_buckets, k_buckets, causal=True, softmax_sc
     shared-QK language models (a query's own key would always share its bucket); a query with no earlier key in
     its bucket (the first one, at least) outputs 0 with LSE -1e30.
     ``num_buckets`` (optional int): the ids lie in ``[0, num_buckets)`` (``lsh_buckets(x, n)``: n). Given (and
-    <= 128), the kernels' path orders tokens by a counting sort instead of torch.sort (fewer launches, less host
-    time); ids outside it are a ValueError (CPU) or a device-side assert (GPU), as any out-of-range id is.
+    <= 128, and per-row count tables that stay small: ``ops.partition.applies``), the kernels' path orders tokens
+    by a counting sort instead of torch.sort (fewer launches, less host time); ids outside it are a ValueError
+    (CPU) or a device-side assert (GPU), as any out-of-range id is.
     """
     scale = _check_common(q, k, v, causal, softmax_scale)
     V.check_bool(strict_causal, "strict_causal")
     if strict_causal and not causal:
         raise ValueError("strict_causal=True needs causal=True")
-    if num_buckets is not None and (isinstance(num_buckets, bool) or not isinstance(num_buckets, int)):
-        raise TypeError(f"num_buckets must be an int or None, got {type(num_buckets).__name__}")
+    if num_buckets is not None:
+        if isinstance(num_buckets, bool) or not hasattr(num_buckets, "__index__"):
+            raise TypeError(f"num_buckets must be an int or None, got {type(num_buckets).__name__}")
+        num_buckets = operator.index(num_buckets)
     if num_buckets is not None and not 1 <= num_buckets <= PAD_POS:
         raise ValueError(f"num_buckets must lie in [1, {PAD_POS}], got {num_buckets}")
     on_cpu = q.device.type == "cpu"
