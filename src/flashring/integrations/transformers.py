@@ -11,7 +11,9 @@ What each call becomes (no ``seqlen x seqlen`` mask is ever built):
 
 * no padding: :func:`flashring.flash_attn_func` (causal, sliding window, softcap, GQA without repeating K/V);
 * a padded batch (the model receives a 2-D ``(batch, seqlen_k)`` bool mask, True = real token): the real tokens are
-  gathered into a packed batch and :func:`flashring.flash_attn_varlen_func` runs on them, no work on padding;
+  gathered into a packed batch and :func:`flashring.flash_attn_varlen_func` runs on them, no work on padding.
+  Padding *query* rows output zeros, as in transformers' own flash-attention path (unpad / pad); eager gives them
+  attention over the real keys before them, so logits at padding positions differ from eager's (losses mask them);
 * packed sequences, i.e. ``position_ids`` that restart inside a row (any batch size), or explicit
   ``cu_seq_lens_q/k`` + ``max_length_q/k`` keyword arguments (``DataCollatorWithFlattening``): varlen as well;
 * a decode step (few queries against a longer K/V cache): :func:`decode_step`, its own function so that a dedicated
