@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import flashring  # noqa: E402
+from flashring.bench import harness as H  # noqa: E402
 from flashring.metadata import run_metadata  # noqa: E402
 from flashring.ops import flash  # noqa: E402
 
@@ -87,8 +87,7 @@ def main() -> int:
                 rows.append(dict(seqlen=s, pattern=pname, fwd_config=fv, bwd_config=bv, fwd_ms=fwd_ms,
                                  fwd_bwd_ms=both_ms, max_abs_diff_vs_first=diff))
                 print(json.dumps(rows[-1]), flush=True)
-    stem = f"{meta['device_slug'] if 'device_slug' in meta else 'gpu'}-sparse-tiles-{time.strftime('%Y%m%d-%H%M%S')}"
-    with open(args.out / f"{stem}-{meta.get('git_sha', 'unknown')}.jsonl", "w") as f:
+    with open(args.out / H.results_name(dev, "sparse-tiles"), "w") as f:
         f.write(json.dumps(meta) + "\n")
         for r in rows:
             f.write(json.dumps(r) + "\n")

@@ -33,6 +33,15 @@ def test_applies_only_where_the_kernel_is_exact():
     assert hopper.aligned(q) is q
 
 
+def test_default_head_dims_and_the_switch(monkeypatch):
+    monkeypatch.delenv(hopper.ENV, raising=False)
+    assert hopper.wanted(128) and not hopper.wanted(64)            # default: where it beat the portable kernel
+    monkeypatch.setenv(hopper.ENV, "1")
+    assert hopper.wanted(64) and hopper.wanted(128)
+    monkeypatch.setenv(hopper.ENV, "0")
+    assert not hopper.wanted(64) and not hopper.wanted(128)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
 @pytest.mark.parametrize("odd_one", ["q", "dout"])

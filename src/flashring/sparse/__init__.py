@@ -108,15 +108,12 @@ def _causal_shifts(q, k, causal, strict: int = 0):
     return shift + base, base
 
 
-def _counting_sort(ids) -> bool:
-    """Whether the front ends order tokens by ``ops.partition``'s kernels: on the kernels' path, in plain eager
-    calls (torch.compile and make_fx trace the torch ops instead; torch.func's wrapped tensors have no storage a
-    kernel could read)."""
-    return dispatch.on_triton(ids) and plain_eager() and not torch._C._are_functorch_transforms_active()
-
-
 def _partition_takes(ids, n_keys, keep=False) -> bool:
-    return _counting_sort(ids) and partition.applies(n_keys, ids.shape[1], keep)
+    """Whether the front ends order ``ids``' tokens by ``ops.partition``'s kernels: on the kernels' path, in plain
+    eager calls (torch.compile and make_fx trace the torch ops instead; torch.func's wrapped tensors have no storage
+    a kernel could read), where :func:`ops.partition.applies`."""
+    return (dispatch.on_triton(ids) and plain_eager() and not torch._C._are_functorch_transforms_active()
+            and partition.applies(n_keys, ids.shape[1], keep))
 
 
 def _compact(keep, shift):
