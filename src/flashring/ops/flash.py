@@ -203,8 +203,10 @@ def _key_side(SP, k_side, kj, n_ok, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr)
 @triton.jit
 def _scores(a, b, qi, kj, qp, kp, qb, kb, seqlen_k, lower, upper, SCORE,
             MASK: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-            SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr):
-    """Scores of one tile in log2 units: dot(a, b), scaled (and soft-capped), masked when MASK.
+            SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr,
+            RAW: tl.constexpr):
+    """Scores of one tile in log2 units: dot(a, b), scaled (and soft-capped), masked when MASK. RAW (no softcap):
+    the unscaled dot, for a caller that folds the scale into the exponent's FMA (:func:`score_factor`).
 
     ``qi``/``kj`` (indices), ``qp``/``kp`` (original positions) and ``qb``/``kb`` (buckets) come already broadcast
     to the tile's orientation, so the forward (rows = queries) and the dK/dV pass (rows = keys) share this helper.
@@ -216,13 +218,24 @@ def _scores(a, b, qi, kj, qp, kp, qb, kb, seqlen_k, lower, upper, SCORE,
         t = softcap_tanh(s * SCORE[0])
         s = t * SCORE[1]
     else:
-        s = s * SCORE[0]
+        if not RAW:
+            s = s * SCORE[0]
         t = s
     if MASK:
         keep = _visible(qi=qi, kj=kj, qp=qp, kp=kp, qb=qb, kb=kb, seqlen_k=seqlen_k, lower=lower, upper=upper,
                         HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, SPARSE=SPARSE, SP_CAUSAL=SP_CAUSAL, HASH=HASH)
         s = tl.where(keep, s, float("-inf"))
     return s, t
+
+
+@triton.jit
+def _score_factor(SCORE, RAW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """What turns ``_scores(..., RAW=RAW)`` into log2 units: the scale where RAW left it out, else 1."""
+    if RAW and not HAS_SOFTCAP:
+        c = SCORE[0]
+    else:
+        c = 1.0
+    return c
 
 
 @triton.jit
@@ -327,11 +340,14 @@ def _fwd_inner(acc, l_i, m_i, bad_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, strid
         s, _t = _scores(q, k, qi=offs_m[:, None], kj=kj[None, :], qp=qp[:, None], kp=kp[None, :], qb=qb[:, None],
                         kb=kb[None, :], seqlen_k=seqlen_k, lower=lower, upper=upper, SCORE=SCORE, MASK=MASK,
                         HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE,
-                        SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+                        SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION, RAW=True)
+        # the scale rides in the exponent's FMA (one FP32 instruction per score less than a multiply, then a
+        # subtract); m is kept in scaled units, and the scale is > 0, so the max commutes with it
+        c = _score_factor(SCORE=SCORE, RAW=True, HAS_SOFTCAP=HAS_SOFTCAP)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * c)
         # A row whose keys so far are all masked keeps m = -inf; shift by 0 there so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(tl.fma(s, c, -m_safe[:, None]))
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         # Keys past the sequence are never loaded (masked loads). Inside it, a masked pair's zero weight times a
@@ -487,7 +503,7 @@ def _dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, strid
         sT, tT = _scores(k, qT, qi=qi[None, :], kj=offs_n[:, None], qp=qp[None, :], kp=kp[:, None], qb=qb[None, :],
                          kb=kb[:, None], seqlen_k=seqlen_k, lower=lower, upper=upper, SCORE=SCORE, MASK=MASK,
                          HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE,
-                         SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION)            # (BLOCK_N, BLOCK_M)
+                         SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION, RAW=False)  # (BLOCK_N, BLOCK_M)
         pT = tl.exp2(sT - lse2[None, :])
         do = tl.load(DO_ptrs + dooff, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         dv = mma(pT.to(do.dtype), do, dv, PRECISION)
@@ -608,7 +624,7 @@ def _dq_inner(dq, q, do, lse2, delta, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_
         s, t = _scores(q, kT, qi=offs_m[:, None], kj=kj[None, :], qp=qp[:, None], kp=kp[None, :], qb=qb[:, None],
                        kb=kb[None, :], seqlen_k=seqlen_k, lower=lower, upper=upper, SCORE=SCORE, MASK=MASK,
                        HAS_LOWER=HAS_LOWER, HAS_UPPER=HAS_UPPER, HAS_SOFTCAP=HAS_SOFTCAP, SPARSE=SPARSE,
-                       SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION)
+                       SP_CAUSAL=SP_CAUSAL, HASH=HASH, PRECISION=PRECISION, RAW=False)
         p = tl.exp2(s - lse2[:, None])
         dp = mma(do, vT, None, PRECISION)
         ds = p * (dp - delta[:, None])
