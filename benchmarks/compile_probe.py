@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", default="fwd,dkdv,dq", help="which of fwd,dkdv,dq to compile")
     p.add_argument("--loops", action="store_true", help="spills and MMAs between the branches of the SASS")
     p.add_argument("--hopper", action="store_true", help="the Gluon sm_90 forward (ops/hopper.py) instead")
+    p.add_argument("--variant", default="", help="--hopper: launch_args keywords, e.g. 'stages=3, fma=True'")
     p.add_argument("--hopper-bwd", action="store_true", help="the Gluon sm_90 backward (ops/hopper_bwd.py) instead")
     p.add_argument("--sparse", choices=("qk", "hash"),
                    help="the kernels' dynamic-sparse mode as the front ends launch it (row tables; causal), and "
@@ -203,13 +204,14 @@ def hopper_usage(args) -> int:
     if not hopper.AVAILABLE:
         print("hopper: Gluon is not available in this triton")
         return 0
-    print(f"triton {triton.__version__}, sm_{args.arch}, Gluon forward, seqlen {args.seqlen}, bf16")
+    variant = eval(f"dict({args.variant})")                    # noqa: S307 - a developer's own command line
+    print(f"triton {triton.__version__}, sm_{args.arch}, Gluon forward, seqlen {args.seqlen}, bf16 {variant}")
     for d in (int(x) for x in args.headdims.split(",")):
         q = torch.empty(1, args.seqlen, 4, d, dtype=torch.bfloat16)
         k = torch.empty(1, args.seqlen, 2, d, dtype=torch.bfloat16)
         for causal in (False, True):
             grid, kargs = hopper.launch_args(q, k, k, d ** -0.5, causal, torch.empty_like(q),
-                                             torch.empty(1, 4, args.seqlen))
+                                             torch.empty(1, 4, args.seqlen), **variant)
             kern = hopper._attn_fwd_hopper.warmup(*kargs, grid=grid, num_warps=4)
             print(f"D={d:<3} causal={causal!s:<5} window=None HOPPER_FWD {{}}\n    {usage(kern, args.loops)}",
                   flush=True)

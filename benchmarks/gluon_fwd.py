@@ -31,7 +31,15 @@ def finite(c: dict) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="append one JSON line per result to DIR/gluon-fwd.jsonl as it is measured")
+    p.add_argument("--variants", default="",
+                   help="';'-separated NAME:KEYWORDS for hopper.fwd, e.g. 'fma:fma=True;s3:stages=3' (default: the "
+                        "kernel's defaults alone), each checked and timed beside the others")
+    p.add_argument("--headdims", default="64,128")
     args = p.parse_args(argv)
+    variants = {"default": {}}
+    for item in filter(None, args.variants.split(";")):
+        name, _, kw = item.partition(":")
+        variants[name] = eval(f"dict({kw})")                   # noqa: S307 - a developer's own command line
     if not torch.cuda.is_available():
         print("no GPU: compile the kernel with benchmarks/compile_probe.py --hopper", file=sys.stderr)
         return 2
@@ -64,37 +72,54 @@ def main(argv=None) -> int:
             return None
 
     emit(run_metadata(dev, ["benchmarks/gluon_fwd.py", *(argv or sys.argv[1:])]))
-    print(f"{'shape':<28} {'causal':<6} {'check':<6} {'gluon':>7} {'portable':>9} {'cudnn':>7}  TFLOP/s (ms: graphs)")
-    for b, h, hkv, n, d in SHAPES:
+    names = list(variants)
+    print(f"{'shape':<28} {'causal':<6} {'check':<6} " + " ".join(f"{n:>8}" for n in names)
+          + f" {'portable':>9} {'cudnn':>7}  TFLOP/s (CUDA-graph replays)")
+    heads = {int(x) for x in args.headdims.split(",")}
+    for b, h, hkv, n, d in (s for s in SHAPES if s[4] in heads):
         q = torch.randn(b, n, h, d, device=dev, dtype=torch.bfloat16)           # flash-attn's (B, S, H, D)
         k, v = (torch.randn(b, n, hkv, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
         qt, kr, vr = q.transpose(1, 2), *(t.transpose(1, 2).repeat_interleave(h // hkv, dim=1) for t in (k, v))
         for causal in (False, True):
             fl = attention_flops(b, n, n, h, d, causal, "fwd")
-            row = dict(type="result", B=b, H=h, H_KV=hkv, N=n, D=d, causal=causal)
-            try:
-                out, lse = hopper.fwd(q, k, v, d ** -0.5, causal)
-                g = h // hkv
-                refs = reference_pair(q[:1, :, :g], k[:1, :, :1], v[:1, :, :1], None, upper=0 if causal else None)
-                c_out = check_close(out[:1, :, :g], refs["ref"]["out"], refs["low"]["out"], OUT_FACTOR, q.dtype)
-                c_lse = check_close(lse[:1, :g], refs["ref"]["lse"], refs["low"]["lse"], OUT_FACTOR, torch.float32)
-                ok = c_out["ok"] and c_lse["ok"]
-                row.update(check="PASS" if ok else "FAIL", check_detail=dict(out=finite(c_out), lse=finite(c_lse)))
-                if ok:
-                    row["ms"] = graph_ms(lambda: hopper.fwd(q, k, v, d ** -0.5, causal))
-            except Exception as exc:             # a compile or launch failure is a result here, not a crash
-                row.update(check="ERROR", check_detail=f"{type(exc).__name__}: {str(exc)[:200]}")
-            row["portable_ms"] = graph_ms(lambda: flash.fwd(q, k, v, d ** -0.5, upper=0 if causal else None))
+            g = h // hkv
+            refs = reference_pair(q[:1, :, :g], k[:1, :, :1], v[:1, :, :1], None, upper=0 if causal else None)
+            rows, fns = {}, {}
+            for name, kw in variants.items():
+                row = dict(type="result", B=b, H=h, H_KV=hkv, N=n, D=d, causal=causal, variant=name, **kw)
+                try:
+                    out, lse = hopper.fwd(q, k, v, d ** -0.5, causal, **kw)
+                    c_out = check_close(out[:1, :, :g], refs["ref"]["out"], refs["low"]["out"], OUT_FACTOR, q.dtype)
+                    c_lse = check_close(lse[:1, :g], refs["ref"]["lse"], refs["low"]["lse"], OUT_FACTOR,
+                                        torch.float32)
+                    ok = c_out["ok"] and c_lse["ok"]
+                    row.update(check="PASS" if ok else "FAIL", check_detail=dict(out=finite(c_out), lse=finite(c_lse)))
+                    if ok:
+                        fns[name] = cuda_graph(lambda kw=kw: hopper.fwd(q, k, v, d ** -0.5, causal, **kw), dev)
+                except Exception as exc:             # a compile or launch failure is a result here, not a crash
+                    row.update(check="ERROR", check_detail=f"{type(exc).__name__}: {str(exc)[:200]}")
+                    if "cuda" in str(exc).lower():
+                        print(f"stopping: the CUDA context is unusable after {exc}", flush=True)
+                        return 1
+                rows[name] = row
+            # the variants alternate, three rounds, median: clock drift and neighbours hit them alike
+            samples = {name: [] for name in fns}
+            for _ in range(3):
+                for name, fn in fns.items():
+                    samples[name].append(time_ms(fn, dev))
+            for name, t in samples.items():
+                rows[name]["ms"] = sorted(t)[1]
+            portable = graph_ms(lambda: flash.fwd(q, k, v, d ** -0.5, upper=0 if causal else None))
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                row["cudnn_ms"] = graph_ms(lambda: F.scaled_dot_product_attention(qt, kr, vr, is_causal=causal))
-            emit(row)
-            times = (row.get("ms"), row["portable_ms"], row["cudnn_ms"])
-            tf = " / ".join("-" if t is None else f"{fl / t / 1e9:.0f}" for t in times)
-            ms = " ".join("-" if t is None else f"{t:.3f}" for t in times)
-            print(f"B={b} H={h}/{hkv} N={n} D={d:<4} {causal!s:<6} {row['check']:<6} {ms}  {tf}", flush=True)
-            if row["check"] == "ERROR" and "cuda" in str(row["check_detail"]).lower():
-                print("stopping: the CUDA context is unusable after that error", flush=True)
-                return 1
+                cudnn = graph_ms(lambda: F.scaled_dot_product_attention(qt, kr, vr, is_causal=causal))
+            for row in rows.values():
+                row.update(portable_ms=portable, cudnn_ms=cudnn)
+                emit(row)
+            tf = lambda t: "-" if t is None else f"{fl / t / 1e9:.0f}"  # noqa: E731
+            checks = "".join(r["check"][0] for r in rows.values())
+            print(f"B={b} H={h}/{hkv} N={n} D={d:<4} {causal!s:<6} {checks:<6} "
+                  + " ".join(f"{tf(rows[nm].get('ms')):>8}" for nm in names) + f" {tf(portable):>9} {tf(cudnn):>7}",
+                  flush=True)
     return 0
 
 

@@ -40,7 +40,7 @@ has beforeafter && step beforeafter 240 python3 benchmarks/before_after.py --old
 # shellcheck disable=SC2086
 has profile && step profile 240 python3 benchmarks/train_step_profile.py --data .corpus/english \
     --arms "${PROFILE_ARMS:-dense,qk50,hash16}" --out "$out" ${PROFILE_EXTRA:+--extra="$PROFILE_EXTRA"}
-has gluon && step gluon "${GLUON_SECS:-240}" python3 benchmarks/gluon_fwd.py --out "$out"
+has gluon && step gluon "${GLUON_SECS:-240}" python3 benchmarks/gluon_fwd.py --out "$out" ${GLUON_ARGS:-}
 has gluonbwd && step gluonbwd "${GLUON_BWD_SECS:-240}" python3 benchmarks/gluon_bwd.py --out "$out" \
     ${GLUON_BWD_SEQLENS:+--seqlens "$GLUON_BWD_SEQLENS"}
 has share && step share 150 python3 benchmarks/attention_share.py --preset "${SHARE_PRESET:-paper-16k}" --out "$out"

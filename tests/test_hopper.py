@@ -1,4 +1,4 @@
-"""The opt-in Hopper forward (ops/hopper.py, ``FLASHRING_HOPPER_FWD=1``): which calls it takes, and on an sm_90 GPU
+"""The Hopper forward (ops/hopper.py; ``FLASHRING_HOPPER_FWD`` switches it): which calls it takes, and on an sm_90 GPU
 its results through the public API against the float64 reference, including the non-finite rule in the causal
 diagonal tile. Its compiled resources for sm_90 are checked without a GPU in test_compile.py."""
 import pytest
@@ -35,7 +35,8 @@ def test_applies_only_where_the_kernel_is_exact():
 
 def test_default_head_dims_and_the_switch(monkeypatch):
     monkeypatch.delenv(hopper.ENV, raising=False)
-    assert hopper.wanted(128) and not hopper.wanted(64)            # default: where it beat the portable kernel
+    assert hopper.wanted(128) and hopper.wanted(64) and not hopper.wanted(96)   # default: where it beat the portable
+    assert hopper.DEFAULT_HEAD_DIMS == (64, 128)
     monkeypatch.setenv(hopper.ENV, "1")
     assert hopper.wanted(64) and hopper.wanted(128)
     monkeypatch.setenv(hopper.ENV, "0")

@@ -1,7 +1,7 @@
 """Hopper (sm_90) dense forward in Gluon: TMA loads by a producer warp, wgmma by two consumer warpgroups.
 
-On by default on sm_90 at head dim 128 (:func:`wanted`; ``FLASHRING_HOPPER_FWD=1`` also takes D=64, ``=0`` turns it
-off); the portable Triton kernel (``ops.flash``) serves every case this one does not take (:func:`applies`).
+On by default on sm_90 at head dims 64 and 128 (:func:`wanted`; ``FLASHRING_HOPPER_FWD=0`` turns it off); the
+portable Triton kernel (``ops.flash``) serves every case this one does not take (:func:`applies`).
 
 One program = one 128-row query tile of one (batch, head). A 1-warp producer fills a 2-stage K/V ring in shared
 memory by TMA (K-ready and V-ready mbarriers apart, so S = Q K^T starts before V lands; one "empty" barrier per
@@ -9,9 +9,14 @@ stage with one arrival per consumer). Two 4-warp consumer warpgroups of 64 rows 
 online softmax in registers (base 2, scale folded in), and O += P V by wgmma with P in registers. Causal masks
 only the tiles that cross the diagonal and runs the longest rows first.
 
-Measured as a prototype (benchmarks/gluon_fwd.py, H100, BENCHMARKS.md session 7): 0.94-0.98x cuDNN causal and
-0.86-0.95x non-causal at D=128, 1.08-1.30x the portable forward. FA3's intra-warpgroup statement order and a
-ping-pong turnstile gained nothing measurable there (ptxas hoists the P V wait), so only the serial loop is kept.
+Measured (benchmarks/gluon_fwd.py, H100, CUDA-graph replays; BENCHMARKS.md sessions 7 and 11): 1.12-1.28x the
+portable forward at D=128, N >= 4k, and 0.99-1.18x at D=64, N >= 8k; against cuDNN 0.78-1.12x at D=128 (cuDNN's own
+time for one shape moved by 20% between runs). Tried in session 11 and not kept (benchmarks/NOTES.md): FA3's
+intra-warpgroup order (S_j+1 and P_j V_j issued together; ptxas 12.8 and 12.9 both put the wait on P_j V_j right
+after softmax_j+1's first row-max shuffle, with P in registers or in shared memory, so little overlaps): 0-12%
+slower; a ping-pong turnstile between the warpgroups: -11% to +3%; P through shared memory: 21-35% slower; 3 K/V
+stages: -3% to +2%; half of the exponentials as a degree-3 polynomial on the FMA pipes (FA4's trick): 2-9% slower,
+as issue slots rather than the MUFU unit limit the softmax on Hopper.
 
 The tensors are flash-attn's ``(B, S, H, D)``, contiguous, seen by TMA as 2-D ``(B*S, H*D)`` with a ``(64 or
 128, D)`` box at column ``h*D``; ``S % 128 == 0`` keeps every box inside one batch. Non-finite values follow the
@@ -47,10 +52,10 @@ NUM_STAGES = 2          # 164 KB of shared memory at D=128; 3 stages fit (229,69
 ENV = "FLASHRING_HOPPER_FWD"
 
 
-# Where it runs without the opt-in: head dims at which it beat the portable forward in one H100 run (session 8,
-# results/h100-gluon-fwd-2026-11-23-e469f37.jsonl): D=128 1.08-1.27x at N >= 4k, 1.11x / 0.98x at 1k (non-causal /
-# causal); D=64 only 0.92-1.06x, so D=64 stays on the portable kernel unless asked for.
-DEFAULT_HEAD_DIMS = (128,)
+# Where it runs without the opt-in: head dims at which it beat the portable forward (H100). D=128: 1.08-1.27x at
+# N >= 4k, 1.11x / 0.98x at 1k (session 8). D=64: 0.92-1.06x in session 8, then 0.99-1.19x at 8k-16k once the scale
+# rode in the exponent's FMA (session 11, with the same change in the portable kernel).
+DEFAULT_HEAD_DIMS = (64, 128)
 
 
 def wanted(head_dim: int) -> bool:
@@ -93,15 +98,17 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower: Optional[i
 if AVAILABLE:
     @gluon.jit
     def _softmax_tile(s, start_n, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL: gl.constexpr):
-        """Online softmax of one score tile in base 2: ``(p, alpha, m, l)``; ``row_lo`` = the rows' first."""
+        """Online softmax of one score tile in base 2: ``(p, alpha, m, l)``; ``row_lo`` = the rows' first. The
+        scale rides in the exponent's FMA (m is kept in scaled units; the scale is > 0, so the max commutes with
+        it): one FP32 instruction per score less than a multiply and a subtract; 1-6% faster at D=128 (one point of
+        12 read 5% slower) and 4-11% at D=64 in three H100 runs (benchmarks/NOTES.md, session 11)."""
         BN: gl.constexpr = s.shape[1]
-        s = s * qk_scale
         if CAUSAL:
             if start_n + BN - 1 > row_lo:            # only tiles that reach past the first row are masked
                 s = gl.where(rows[:, None] >= (start_n + cols0)[None, :], s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - m_new[:, None])
+        p = gl.exp2(gl.fma(s, qk_scale, -m_new[:, None]))
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_i
 
@@ -274,7 +281,7 @@ if AVAILABLE:
 
 
 def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
-                out: torch.Tensor, lse: torch.Tensor) -> Tuple[tuple, tuple]:
+                out: torch.Tensor, lse: torch.Tensor, stages: int = NUM_STAGES) -> Tuple[tuple, tuple]:
     """``(grid, args)`` of one launch (``_attn_fwd_hopper[grid](*args, num_warps=4)``): TMA descriptors over the
     2-D ``(B*S, H*D)`` views. Split out so that a machine without a GPU can compile the kernel (tests)."""
     b, s, h, d = q.shape
@@ -285,18 +292,18 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
     kv_lay = gl.NVMMASharedLayout.get_default_for(kv_box, gdt)
     desc = lambda t, heads, box, lay: TensorDescriptor(t, [b * s, heads * d], [heads * d, 1], box, lay)  # noqa
     args = (desc(q, h, q_box, q_lay), desc(k, hk, kv_box, kv_lay), desc(v, hk, kv_box, kv_lay),
-            desc(out, h, q_box, q_lay), lse, softmax_scale, s, h, h // hk, BLOCK_M, BLOCK_N, d, NUM_STAGES, causal)
+            desc(out, h, q_box, q_lay), lse, softmax_scale, s, h, h // hk, BLOCK_M, BLOCK_N, d, stages, causal)
     return (s // BLOCK_M, h, b), args
 
 
 def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
-        causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        causal: bool, **config) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` as ``ops.flash.fwd`` returns them (lse ``(B, H, S)`` fp32, natural log), for a call that
-    :func:`applies`."""
+    :func:`applies`; ``config``: :func:`launch_args`' keywords (benchmarks)."""
     b, s, h, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
-    grid, args = launch_args(q, k, v, softmax_scale, causal, out, lse)
+    grid, args = launch_args(q, k, v, softmax_scale, causal, out, lse, **config)
     LAUNCH[grid](*args, num_warps=4)
     return out, lse
 
