@@ -35,6 +35,7 @@ def main(argv=None) -> int:
                    help="';'-separated NAME:KEYWORDS for hopper.fwd, e.g. 'fma:fma=True;s3:stages=3' (default: the "
                         "kernel's defaults alone), each checked and timed beside the others")
     p.add_argument("--headdims", default="64,128")
+    p.add_argument("--shapes", default="", help="';'-separated B,H,H_KV,N,D instead of the built-in grid")
     args = p.parse_args(argv)
     variants = {"default": {}}
     for item in filter(None, args.variants.split(";")):
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
     print(f"{'shape':<28} {'causal':<6} {'check':<6} " + " ".join(f"{n:>8}" for n in names)
           + f" {'portable':>9} {'cudnn':>7}  TFLOP/s (CUDA-graph replays)")
     heads = {int(x) for x in args.headdims.split(",")}
-    for b, h, hkv, n, d in (s for s in SHAPES if s[4] in heads):
+    shapes = [tuple(int(x) for x in item.split(",")) for item in args.shapes.split(";") if item] or SHAPES
+    for b, h, hkv, n, d in (s for s in shapes if s[4] in heads):
         q = torch.randn(b, n, h, d, device=dev, dtype=torch.bfloat16)           # flash-attn's (B, S, H, D)
         k, v = (torch.randn(b, n, hkv, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
         qt, kr, vr = q.transpose(1, 2), *(t.transpose(1, 2).repeat_interleave(h // hkv, dim=1) for t in (k, v))

@@ -37,10 +37,13 @@ def test_default_head_dims_and_the_switch(monkeypatch):
     monkeypatch.delenv(hopper.ENV, raising=False)
     assert hopper.wanted(128) and hopper.wanted(64) and not hopper.wanted(96)   # default: where it beat the portable
     assert hopper.DEFAULT_HEAD_DIMS == (64, 128)
+    for d, n in hopper.MIN_CAUSAL_SEQLEN.items():           # causal: only from the length where it wins
+        assert hopper.wanted(d, n, causal=True) and not hopper.wanted(d, n - 128, causal=True)
+        assert hopper.wanted(d, 128, causal=False)
     monkeypatch.setenv(hopper.ENV, "1")
-    assert hopper.wanted(64) and hopper.wanted(128)
+    assert hopper.wanted(64) and hopper.wanted(128) and hopper.wanted(64, 128, causal=True)
     monkeypatch.setenv(hopper.ENV, "0")
-    assert not hopper.wanted(64) and not hopper.wanted(128)
+    assert not hopper.wanted(64) and not hopper.wanted(128) and not hopper.wanted(128, 8192)
 
 
 @pytest.mark.gpu
@@ -124,3 +127,28 @@ def test_hopper_repeated_calls_take_the_fast_launch(seed, monkeypatch):
     assert_close(out, refs["ref"]["out"], refs["low"]["out"], OUT_FACTOR, "hopper, fast launch", seed)
     assert torch.equal(flashring.flash_attn_func(q, k, v, causal=True), out)
     assert first.shape == out.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_programs_walk_several_tiles(d, causal, seed):
+    """Fewer programs than tiles (the persistent launch; here 24 tiles for 3 programs, and for 1): each program's
+    two Q buffers, its K/V ring and its scan barrier change phase across tiles, and the NaN rule still holds in
+    every tile (a NaN value at key 300 of batch 1, head 0)."""
+    b, s, h, hk = 2, 512, 3, 1
+    q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    refs = reference_pair(q, k, v, None, upper=0 if causal else None)
+    for programs in (3, 1):
+        out, lse = hopper.fwd(q, k, v, d ** -0.5, causal, programs=programs)
+        assert_close(out, refs["ref"]["out"], refs["low"]["out"], OUT_FACTOR, f"{programs} programs", seed)
+        assert_close(lse, refs["ref"]["lse"], refs["low"]["lse"], OUT_FACTOR, f"{programs} programs lse", seed,
+                     dtype=torch.float32)
+    v[1, 300, 0, 7] = float("nan")
+    out, _ = hopper.fwd(q, k, v, d ** -0.5, causal, programs=1)
+    bad = out.isnan().any(-1)                                    # (b, s, h)
+    want = torch.zeros_like(bad)
+    want[1, 300 if causal else 0:, :] = True                     # every query head shares KV head 0
+    assert torch.equal(bad, want)

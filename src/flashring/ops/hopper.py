@@ -1,11 +1,16 @@
 """Hopper (sm_90) dense forward in Gluon: TMA loads by a producer warp, wgmma by two consumer warpgroups.
 
-On by default on sm_90 at head dims 64 and 128 (:func:`wanted`; ``FLASHRING_HOPPER_FWD=0`` turns it off); the
-portable Triton kernel (``ops.flash``) serves every case this one does not take (:func:`applies`).
+On by default on sm_90 at head dims 64 and 128, causal calls from 8k / 2k tokens on (:func:`wanted`;
+``FLASHRING_HOPPER_FWD=0`` turns it off, ``=1`` takes every call it applies to); the portable Triton kernel
+(``ops.flash``) serves every case this one does not take (:func:`applies`).
 
-One program = one 128-row query tile of one (batch, head). A 1-warp producer fills a 2-stage K/V ring in shared
-memory by TMA (K-ready and V-ready mbarriers apart, so S = Q K^T starts before V lands; one "empty" barrier per
-stage with one arrival per consumer). Two 4-warp consumer warpgroups of 64 rows each run S = Q K^T by wgmma, the
+A program walks 128-row query tiles of (batch, head) pairs (:func:`_tile`): one tile per program for causal
+calls, one program per SM otherwise (persistent: the next tile's Q and first K/V tiles load during this one's
+epilogue; 1.03-1.38x one program per tile at 512-4k tokens, 1.00-1.04x at 8k-16k). Each program has two Q
+buffers (tile i+1's Q loads while tile i runs; the buffer also stages tile i's output for its TMA store) and a
+2-stage K/V ring whose stages and phases run on across its tiles. A 1-warp producer fills the ring by TMA
+(K-ready and V-ready mbarriers apart, so S = Q K^T starts before V lands; one "empty" barrier per stage with
+one arrival per consumer). Two 4-warp consumer warpgroups of 64 rows each run S = Q K^T by wgmma, the
 online softmax in registers (base 2, scale folded in), and O += P V by wgmma with P in registers. Causal masks
 only the tiles that cross the diagonal and runs the longest rows first.
 
@@ -48,7 +53,8 @@ except ImportError:                                                     # pragma
 
 BLOCK_M = 128           # two warpgroups x 64 rows
 BLOCK_N = 128
-NUM_STAGES = 2          # 164 KB of shared memory at D=128; 3 stages fit (229,696 B) but measured within noise
+NUM_STAGES = 2          # 196 KB of shared memory at D=128 (two Q buffers); 3 stages measured within noise
+PERSISTENT = True       # non-causal launches: one program per SM (launch_args)
 ENV = "FLASHRING_HOPPER_FWD"
 
 
@@ -56,18 +62,26 @@ ENV = "FLASHRING_HOPPER_FWD"
 # N >= 4k, 1.11x / 0.98x at 1k (session 8). D=64: 0.92-1.06x in session 8, then 0.99-1.19x at 8k-16k once the scale
 # rode in the exponent's FMA (session 11, with the same change in the portable kernel).
 DEFAULT_HEAD_DIMS = (64, 128)
+# Causal launches keep one program per tile, whose fixed cost (barriers, Q load, the diagonal scan, epilogue) loses
+# to the portable kernel on short rows. Session 11, CUDA-graph replays on one H100, Gluon / portable: D=64 causal
+# 0.79x (512), 0.83x (1k), 0.88x (2k), 0.96x (4k), 1.00-1.05x (8k), 1.04-1.14x (16k); D=128 causal 0.91x (512),
+# 0.99x (1k), 1.16x (2k), 1.15-1.20x (4k). Non-causal (persistent) calls win at every length: 1.16-1.45x at
+# 512-2k.
+MIN_CAUSAL_SEQLEN = {64: 8192, 128: 2048}
 
 
-def wanted(head_dim: int) -> bool:
+def wanted(head_dim: int, seqlen: int = 0, causal: bool = False) -> bool:
     """``FLASHRING_HOPPER_FWD``: ``1`` = every call :func:`applies` accepts, ``0`` = none, unset = the head dims in
-    :data:`DEFAULT_HEAD_DIMS`."""
+    :data:`DEFAULT_HEAD_DIMS`, causal calls from :data:`MIN_CAUSAL_SEQLEN` on."""
     mode = os.environ.get(ENV, "")
-    return mode == "1" or (mode != "0" and head_dim in DEFAULT_HEAD_DIMS)
+    if mode in ("0", "1"):
+        return mode == "1"
+    return head_dim in DEFAULT_HEAD_DIMS and not (causal and seqlen < MIN_CAUSAL_SEQLEN.get(head_dim, 0))
 
 
-def enabled(device: torch.device, head_dim: int) -> bool:
+def enabled(device: torch.device, head_dim: int, seqlen: int = 0, causal: bool = False) -> bool:
     """:func:`wanted`, Gluon imports, and ``device`` is an sm_90 GPU."""
-    return (wanted(head_dim) and AVAILABLE and device.type == "cuda"
+    return (wanted(head_dim, seqlen, causal) and AVAILABLE and device.type == "cuda"
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
@@ -132,24 +146,43 @@ if AVAILABLE:
         return first
 
     @gluon.jit
-    def _diagonal_values(v_tile, start_n, scan_bar, NUM_WARPS: gl.constexpr):
+    def _diagonal_values(v_tile, start_n, scan_bar, phase, NUM_WARPS: gl.constexpr):
         """The diagonal tile's value rows made safe for P V: both warpgroups find the first non-finite key
-        before either writes (an mbarrier both arrive at), then zero the bad rows (the other warpgroup may
-        already have: the same zeros), and fence the writes before this warpgroup's wgmma reads them."""
+        before either writes (an mbarrier both arrive at, once per tile: ``phase``), then zero the bad rows (the
+        other warpgroup may already have: the same zeros), and fence the writes before this warpgroup's wgmma
+        reads them."""
         first = _nonfinite_rows(v_tile, start_n, False, NUM_WARPS)
         mbarrier.arrive(scan_bar, count=1)
-        mbarrier.wait(scan_bar, 0)
+        mbarrier.wait(scan_bar, phase)
         if first < NO_KEY_C:
             _nonfinite_rows(v_tile, start_n, True, NUM_WARPS)
         fence_async_shared()              # the zeros before this warpgroup's wgmma (the async proxy) reads V
         return first
 
     @gluon.jit
-    def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, scan_bar, desc_o,
-                  lse_ptr,
-                  qk_scale, N_CTX, start_m, lse_row, q_row0, q_col, n_hi, BLOCK_M: gl.constexpr,
+    def _tile(t, N_M, H, GROUP, N_CTX, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr, CAUSAL: gl.constexpr):
+        """Tile ``t`` of the flat (batch, head, query block) order, query blocks fastest (a head's K/V stays in L2
+        while its blocks run; causal: longest rows first inside each head): ``(start_m, q_row0, kv_row0, q_col,
+        kv_col, lse_row, n_hi)`` in the 2-D ``(B*S, H*D)`` views (S % BLOCK_M == 0)."""
+        hb = t // N_M
+        start_m = t % N_M
+        if CAUSAL:
+            start_m = N_M - 1 - start_m
+        h = hb % H
+        b = hb // H
+        q_row0 = b * N_CTX + start_m * BLOCK_M
+        if CAUSAL:
+            n_hi = (start_m + 1) * BLOCK_M
+        else:
+            n_hi = N_CTX
+        return (start_m, q_row0, b * N_CTX, h * HEAD_DIM, (h // GROUP) * HEAD_DIM, (b.to(gl.int64) * H + h) * N_CTX,
+                n_hi)
+
+    @gluon.jit
+    def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, scan_bar,
+                  desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-        """One consumer warpgroup: 64 query rows."""
+        """One consumer warpgroup: 64 query rows of each of this program's tiles."""
         WG_M: gl.constexpr = BLOCK_M // 2
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = q_smem.dtype
@@ -160,100 +193,115 @@ if AVAILABLE:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         s_row: gl.constexpr = gl.SliceLayout(1, s_layout)
         o_row: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-        q = q_smem.index(WG)
-        mbarrier.wait(q_bar, 0)
-        m_i = gl.full([WG_M], float("-inf"), gl.float32, s_row)
-        l_i = gl.full([WG_M], 0.0, gl.float32, s_row)
-        acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
         s_zero = gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout)
-        row_lo = start_m * BLOCK_M + WG * WG_M
-        rows = row_lo + gl.arange(0, WG_M, s_row)
         cols0 = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
-        bad_from = N_CTX                # rows at or after this key index may see a non-finite value
-        for it in range(n_hi // BLOCK_N):
-            stage = it % NUM_STAGES
-            phase = (it // NUM_STAGES) & 1
-            start_n = it * BLOCK_N
-            mbarrier.wait(k_ready.index(stage), phase)
-            s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-            p, alpha, m_i, l_i = _softmax_tile(s, start_n, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL)
-            acc = acc * gl.convert_layout(alpha, o_row)[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            mbarrier.wait(v_ready.index(stage), phase)
+        kv_it = 0                       # K/V tiles consumed so far: the ring's stage and phase run across tiles
+        n_done = 0                      # this program's tiles so far: Q buffer and barrier phases
+        for t in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
+            start_m, q_row0, kv_row0, q_col, kv_col, lse_row, n_hi = _tile(t, N_M, H, GROUP, N_CTX, BLOCK_M,
+                                                                           HEAD_DIM, CAUSAL)
+            buf = n_done % 2
+            q = q_smem.index(2 * buf + WG)
+            mbarrier.wait(q_bar.index(buf), (n_done // 2) & 1)
+            m_i = gl.full([WG_M], float("-inf"), gl.float32, s_row)
+            l_i = gl.full([WG_M], 0.0, gl.float32, s_row)
+            acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
+            row_lo = start_m * BLOCK_M + WG * WG_M
+            rows = row_lo + gl.arange(0, WG_M, s_row)
+            bad_from = N_CTX                # rows at or after this key index may see a non-finite value
+            for it in range(n_hi // BLOCK_N):
+                stage = kv_it % NUM_STAGES
+                phase = (kv_it // NUM_STAGES) & 1
+                start_n = it * BLOCK_N
+                mbarrier.wait(k_ready.index(stage), phase)
+                s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+                p, alpha, m_i, l_i = _softmax_tile(s, start_n, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL)
+                acc = acc * gl.convert_layout(alpha, o_row)[:, None]
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                mbarrier.wait(v_ready.index(stage), phase)
+                if CAUSAL:
+                    # the diagonal tile (the last, for both warpgroups, as BLOCK_M == BLOCK_N): masked pairs meet
+                    # these values; one scan-barrier phase per tile
+                    if start_n + BLOCK_N - 1 > row_lo:
+                        bad_from = gl.minimum(bad_from, _diagonal_values(v_smem.index(stage), start_n, scan_bar,
+                                                                         n_done & 1, NW))
+                o_tok = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
+                mbarrier.arrive(kv_empty.index(stage), count=1)
+                kv_it += 1
+
+            # epilogue: normalise, stage through this warpgroup's (now idle) Q buffer, TMA store, then hand the
+            # buffer back to the producer (the tile after next loads its Q there)
+            l_o = gl.convert_layout(l_i, o_row)
+            out = acc / l_o[:, None]
             if CAUSAL:
-                # the diagonal tile (the last, for both warpgroups, as BLOCK_M == BLOCK_N): masked pairs meet these
-                if start_n + BLOCK_N - 1 > row_lo:
-                    bad_from = gl.minimum(bad_from, _diagonal_values(v_smem.index(stage), start_n, scan_bar, NW))
-            o_tok = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
-            mbarrier.arrive(kv_empty.index(stage), count=1)
-
-        # epilogue: normalise, stage through this warpgroup's (now idle) Q buffer, TMA store
-        l_o = gl.convert_layout(l_i, o_row)
-        out = acc / l_o[:, None]
-        if CAUSAL:
-            rows_o = row_lo + gl.arange(0, WG_M, o_row)
-            out = gl.where((rows_o >= bad_from)[:, None], float("nan"), out)
-        q.store(out.to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(desc_o, [q_row0 + WG * WG_M, q_col], q)
-        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453      # natural log (scores carried log2(e) * scale)
-        gl.store(lse_ptr + lse_row + rows, lse)
-        tma.store_wait(pendings=0)
+                rows_o = row_lo + gl.arange(0, WG_M, o_row)
+                out = gl.where((rows_o >= bad_from)[:, None], float("nan"), out)
+            q.store(out.to(dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(desc_o, [q_row0 + WG * WG_M, q_col], q)
+            lse = (m_i + gl.log2(l_i)) * 0.6931471805599453      # natural log (scores carried log2(e) * scale)
+            gl.store(lse_ptr + lse_row + rows, lse)
+            tma.store_wait(pendings=0)
+            mbarrier.arrive(q_empty.index(buf), count=1)
+            n_done += 1
 
     @gluon.jit
-    def _producer(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v, q_row0, q_col,
-                  kv_row0, kv_col, n_hi, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+    def _producer(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v, N_CTX,
+                  N_M, H, GROUP, N_TILES, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
         WG_M: gl.constexpr = BLOCK_M // 2
-        mbarrier.expect(q_bar, 2 * desc_q.block_type.nbytes)
-        for w in gl.static_range(2):
-            tma.async_copy_global_to_shared(desc_q, [q_row0 + w * WG_M, q_col], q_bar, q_smem.index(w))
-        for it in range(n_hi // BLOCK_N):
-            stage = it % NUM_STAGES
-            phase = (it // NUM_STAGES) & 1
-            # fresh mbarriers count as "phase 1 complete": waiting on phase ^ 1 lets the first NUM_STAGES through
-            mbarrier.wait(kv_empty.index(stage), phase ^ 1)
-            row = kv_row0 + it * BLOCK_N
-            mbarrier.expect(k_ready.index(stage), desc_k.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_k, [row, kv_col], k_ready.index(stage), k_smem.index(stage))
-            mbarrier.expect(v_ready.index(stage), desc_v.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_v, [row, kv_col], v_ready.index(stage), v_smem.index(stage))
+        kv_it = 0
+        n_done = 0
+        for t in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
+            start_m, q_row0, kv_row0, q_col, kv_col, lse_row, n_hi = _tile(t, N_M, H, GROUP, N_CTX, BLOCK_M,
+                                                                           HEAD_DIM, CAUSAL)
+            buf = n_done % 2
+            # fresh mbarriers count as "phase 1 complete": waiting on phase ^ 1 lets the first use of each through
+            mbarrier.wait(q_empty.index(buf), ((n_done // 2) & 1) ^ 1)
+            mbarrier.expect(q_bar.index(buf), 2 * desc_q.block_type.nbytes)
+            for w in gl.static_range(2):
+                tma.async_copy_global_to_shared(desc_q, [q_row0 + w * WG_M, q_col], q_bar.index(buf),
+                                                q_smem.index(2 * buf + w))
+            for it in range(n_hi // BLOCK_N):
+                stage = kv_it % NUM_STAGES
+                phase = (kv_it // NUM_STAGES) & 1
+                mbarrier.wait(kv_empty.index(stage), phase ^ 1)
+                row = kv_row0 + it * BLOCK_N
+                mbarrier.expect(k_ready.index(stage), desc_k.block_type.nbytes)
+                tma.async_copy_global_to_shared(desc_k, [row, kv_col], k_ready.index(stage), k_smem.index(stage))
+                mbarrier.expect(v_ready.index(stage), desc_v.block_type.nbytes)
+                tma.async_copy_global_to_shared(desc_v, [row, kv_col], v_ready.index(stage), v_smem.index(stage))
+                kv_it += 1
+            n_done += 1
 
     @gluon.jit
-    def _attn_fwd_hopper(desc_q, desc_k, desc_v, desc_o, lse_ptr, sm_scale, N_CTX, H, GROUP,
+    def _attn_fwd_hopper(desc_q, desc_k, desc_v, desc_o, lse_ptr, sm_scale, N_CTX, H, GROUP, N_TILES,
                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                          NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+        """Program i computes tiles i, i + P, i + 2P... of :func:`_tile`'s order (P programs: one per tile, or one
+        per SM for a persistent launch, where the next tile's Q and first K/V tiles load during this one's
+        epilogue)."""
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
         WG_M: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = desc_q.dtype
-        start_m = gl.program_id(0)
-        if CAUSAL:      # longest rows first, so the last wave holds the short ones
-            start_m = gl.num_programs(0) - 1 - start_m
-        h = gl.program_id(1)
-        b = gl.program_id(2)
-        q_row0 = b * N_CTX + start_m * BLOCK_M          # rows of the (B*S, H*D) view; S % BLOCK_M == 0
-        kv_row0 = b * N_CTX
-        q_col = h * HEAD_DIM
-        kv_col = (h // GROUP) * HEAD_DIM
-        lse_row = (b.to(gl.int64) * H + h) * N_CTX
         qk_scale = sm_scale * 1.4426950408889634
-        if CAUSAL:
-            n_hi = (start_m + 1) * BLOCK_M
-        else:
-            n_hi = N_CTX
+        N_M = N_CTX // BLOCK_M
 
-        q_smem = gl.allocate_shared_memory(dtype, [2, WG_M, HEAD_DIM], desc_q.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [4, WG_M, HEAD_DIM], desc_q.layout)    # 2 tiles x 2 warpgroups
         k_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], desc_k.layout)
         v_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES, BLOCK_N, HEAD_DIM], desc_v.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         kv_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         scan_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
         mbarrier.init(scan_bar, count=2)                   # both warpgroups have scanned the diagonal values
+        for i in gl.static_range(2):
+            mbarrier.init(q_bar.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)       # both warpgroups' outputs have left the buffer
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
@@ -262,18 +310,20 @@ if AVAILABLE:
 
         # Argument tuples are built inline: a tuple assigned to a local turns its constexprs into tensors.
         gl.warp_specialize([
-            (_consumer, (0, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, scan_bar, desc_o, lse_ptr,
-                         qk_scale, N_CTX, start_m, lse_row, q_row0, q_col, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM,
-                         NUM_STAGES, CAUSAL)),
-            (_consumer, (1, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, scan_bar, desc_o, lse_ptr,
-                         qk_scale, N_CTX, start_m, lse_row, q_row0, q_col, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM,
-                         NUM_STAGES, CAUSAL)),
-            (_producer, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v, q_row0,
-                         q_col, kv_row0, kv_col, n_hi, BLOCK_M, BLOCK_N, NUM_STAGES)),
+            (_consumer, (0, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, scan_bar, desc_o,
+                         lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
+                         CAUSAL)),
+            (_consumer, (1, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, scan_bar, desc_o,
+                         lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
+                         CAUSAL)),
+            (_producer, (q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v,
+                         N_CTX, N_M, H, GROUP, N_TILES, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL)),
         ], [4, 1], [240, 24])        # consumers need ~240 registers (128 spills); the producer only addresses
 
-        mbarrier.invalidate(q_bar)
         mbarrier.invalidate(scan_bar)
+        for i in gl.static_range(2):
+            mbarrier.invalidate(q_bar.index(i))
+            mbarrier.invalidate(q_empty.index(i))
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(k_ready.index(i))
             mbarrier.invalidate(v_ready.index(i))
@@ -281,19 +331,27 @@ if AVAILABLE:
 
 
 def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
-                out: torch.Tensor, lse: torch.Tensor, stages: int = NUM_STAGES) -> Tuple[tuple, tuple]:
+                out: torch.Tensor, lse: torch.Tensor, stages: int = NUM_STAGES,
+                programs: Optional[int] = None) -> Tuple[tuple, tuple]:
     """``(grid, args)`` of one launch (``_attn_fwd_hopper[grid](*args, num_warps=4)``): TMA descriptors over the
-    2-D ``(B*S, H*D)`` views. Split out so that a machine without a GPU can compile the kernel (tests)."""
+    2-D ``(B*S, H*D)`` views. Split out so that a machine without a GPU can compile the kernel (tests).
+    ``programs``: how many programs walk the tiles (benchmarks, tests); default one per SM where :data:`PERSISTENT`
+    and not causal (causal tiles differ in length: a static walk would leave SMs idle at the end), else one per
+    tile."""
     b, s, h, d = q.shape
     hk = k.shape[2]
+    n_tiles = b * h * (s // BLOCK_M)
     gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[q.dtype]
     q_box, kv_box = [BLOCK_M // 2, d], [BLOCK_N, d]
     q_lay = gl.NVMMASharedLayout.get_default_for(q_box, gdt)
     kv_lay = gl.NVMMASharedLayout.get_default_for(kv_box, gdt)
     desc = lambda t, heads, box, lay: TensorDescriptor(t, [b * s, heads * d], [heads * d, 1], box, lay)  # noqa
     args = (desc(q, h, q_box, q_lay), desc(k, hk, kv_box, kv_lay), desc(v, hk, kv_box, kv_lay),
-            desc(out, h, q_box, q_lay), lse, softmax_scale, s, h, h // hk, BLOCK_M, BLOCK_N, d, stages, causal)
-    return (s // BLOCK_M, h, b), args
+            desc(out, h, q_box, q_lay), lse, softmax_scale, s, h, h // hk, n_tiles, BLOCK_M, BLOCK_N, d, stages,
+            causal)
+    if programs is None and PERSISTENT and not causal:
+        programs = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+    return (n_tiles if programs is None else max(1, min(n_tiles, programs)), ), args
 
 
 def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
