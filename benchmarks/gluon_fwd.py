@@ -1,16 +1,18 @@
 """The Hopper Gluon forward (src/flashring/ops/hopper.py) checked and timed against the portable kernel and cuDNN.
 
-    PYTHONPATH=src python3 benchmarks/gluon_fwd.py [--out DIR]
+    PYTHONPATH=src python3 benchmarks/gluon_fwd.py [--out DIR] [--variants 'NAME:KW;...'] [--shapes 'B,H,HKV,N,D;...']
 
-On a GPU: every shape of issue 13's grid (16k tokens per batch, hidden 2048; plus GQA at 1k), causal and not,
-is checked against the float64 reference with flashring.testing's rule (on the first KV head's query group), then
-timed from CUDA-graph replays next to flashring's portable forward and cuDNN, one JSON line per point written
-as measured (a hang, killed by `timeout`, keeps what came before). Without a GPU, compile the kernel for sm_90
-instead: `benchmarks/compile_probe.py --hopper`.
+On a GPU: every shape of issue 13's grid (16k tokens per batch, hidden 2048; plus GQA at 1k), or --shapes, causal
+and not, is checked against the float64 reference with flashring.testing's rule (on the first KV head's query
+group), then timed from CUDA-graph replays next to flashring's portable forward and cuDNN, one JSON line per point
+written as measured (a hang, killed by `timeout`, keeps what came before). --variants adds launches with other
+`hopper.launch_args` keywords (e.g. `tile:programs=1000000000` for one program per tile, `s3:stages=3`), each
+checked and timed beside the default, alternating. Without a GPU, compile the kernel for sm_90 instead:
+`benchmarks/compile_probe.py --hopper [--variant KW]`.
 
-The session-7 prototype this was drawn from also had FA3's intra-warpgroup statement order and a ping-pong
-turnstile; neither gained beyond noise on the H100 (BENCHMARKS.md, session 7), so the library keeps the serial
-loop; the variants are in git history (commit 540a4dc, this file).
+Kernel variants measured and dropped (FA3's intra-warpgroup order, a ping-pong turnstile, P through shared
+memory, a polynomial exp2): BENCHMARKS.md sessions 7 and 11; session 11's as a patch in
+`results/h100-gluon-fwd-variants-20261207.patch`.
 """
 import argparse
 import json
