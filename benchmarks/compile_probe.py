@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", default="fwd,dkdv,dq", help="which of fwd,dkdv,dq to compile")
     p.add_argument("--loops", action="store_true", help="spills and MMAs between the branches of the SASS")
     p.add_argument("--hopper", action="store_true", help="the Gluon sm_90 forward (ops/hopper.py) instead")
-    p.add_argument("--variant", default="", help="--hopper: launch_args keywords, e.g. 'stages=3, fma=True'")
+    p.add_argument("--variant", default="", help="--hopper: launch_args keywords, e.g. 'programs=3'")
     p.add_argument("--hopper-bwd", action="store_true", help="the Gluon sm_90 backward (ops/hopper_bwd.py) instead")
     p.add_argument("--sparse", choices=("qk", "hash"),
                    help="the kernels' dynamic-sparse mode as the front ends launch it (row tables; causal), and "

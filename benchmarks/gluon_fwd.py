@@ -6,7 +6,7 @@ On a GPU: every shape of issue 13's grid (16k tokens per batch, hidden 2048; plu
 and not, is checked against the float64 reference with flashring.testing's rule (on the first KV head's query
 group), then timed from CUDA-graph replays next to flashring's portable forward and cuDNN, one JSON line per point
 written as measured (a hang, killed by `timeout`, keeps what came before). --variants adds launches with other
-`hopper.launch_args` keywords (e.g. `tile:programs=1000000000` for one program per tile, `s3:stages=3`), each
+`hopper.launch_args` keywords (e.g. `tile:programs=1000000000` for one program per tile, `s3:stages=3` at D=64), each
 checked and timed beside the default, alternating. Without a GPU, compile the kernel for sm_90 instead:
 `benchmarks/compile_probe.py --hopper [--variant KW]`.
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="append one JSON line per result to DIR/gluon-fwd.jsonl as it is measured")
     p.add_argument("--variants", default="",
-                   help="';'-separated NAME:KEYWORDS for hopper.fwd, e.g. 'fma:fma=True;s3:stages=3' (default: the "
+                   help="';'-separated NAME:KEYWORDS for hopper.fwd, e.g. 'tile:programs=1000000000' (default: the "
                         "kernel's defaults alone), each checked and timed beside the others")
     p.add_argument("--headdims", default="64,128")
     p.add_argument("--shapes", default="", help="';'-separated B,H,H_KV,N,D instead of the built-in grid")

@@ -183,6 +183,19 @@ def test_sdpa_attn_mask_falls_back_with_one_warning(device):
         flashring.scaled_dot_product_attention(q, q, q, attn_mask=mask)   # second time: silent
 
 
+def test_sdpa_tiny_scale_falls_back_like_torch(device):
+    """A scale below float32's smallest normal number, which the kernels refuse (a masked score times a scale that
+    rounds to 0 would be NaN): the drop-in hands it to torch and gives torch's result, whatever that is."""
+    import torch.nn.functional as F
+    from flashring import interface
+    interface.FALLBACKS.clear()
+    q = torch.randn(1, 2, 8, 16, device=device)
+    with pytest.warns(UserWarning, match="smallest normal"):
+        out = flashring.scaled_dot_product_attention(q, q, q, is_causal=True, scale=1e-46)
+    ref = F.scaled_dot_product_attention(q, q, q, is_causal=True, scale=1e-46)
+    torch.testing.assert_close(out, ref, equal_nan=True)      # torch's own CPU kernels give NaN rows here too
+
+
 def test_torch_compile_fullgraph(device, seed):
     q, k, v, do = _inputs(1, 48, 48, 2, 2, 32, torch.float32, device)
 
@@ -228,6 +241,7 @@ def test_bad_tensors(mutate, exc, match):
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(softmax_scale=-1.0), ValueError, "softmax_scale"),
     (dict(softmax_scale=0.0), ValueError, "softmax_scale"),
+    (dict(softmax_scale=1e-46), ValueError, "softmax_scale"),                 # below float32's smallest normal
     (dict(softmax_scale="x"), TypeError, "softmax_scale"),
     (dict(window_size=(4,)), TypeError, "window_size"),
     (dict(window_size=(-3, 0)), ValueError, "window_size"),

@@ -33,6 +33,22 @@ def test_applies_only_where_the_kernel_is_exact():
     assert hopper.aligned(q) is q
 
 
+def test_launch_grid_walks_tiles_without_a_mask_only():
+    """One program per SM walks the tiles of a call without a mask; causal calls get one program per tile (their
+    tiles differ in length); ``programs`` overrides, clamped to [1, tiles]. Grid only: no GPU needed (132 SMs are
+    assumed off the GPU)."""
+    if not hopper.AVAILABLE:
+        pytest.skip("this Triton has no Gluon")
+    q = torch.empty(4, 4096, 4, 128, dtype=torch.bfloat16)
+    k = torch.empty(4, 4096, 2, 128, dtype=torch.bfloat16)
+    out, lse = torch.empty_like(q), torch.empty(4, 4, 4096)
+    tiles = 4 * 4 * 4096 // hopper.BLOCK_M
+    grid = lambda causal, **kw: hopper.launch_args(q, k, k, 0.1, causal, out, lse, **kw)[0]  # noqa: E731
+    assert grid(True) == (tiles, ) and grid(False) == (132, ) and hopper.PERSISTENT
+    assert grid(True, programs=3) == grid(False, programs=3) == (3, )
+    assert grid(False, programs=0) == (1, ) and grid(False, programs=10 ** 9) == (tiles, )
+
+
 def test_default_head_dims_and_the_switch(monkeypatch):
     monkeypatch.delenv(hopper.ENV, raising=False)
     assert hopper.wanted(128) and hopper.wanted(64) and not hopper.wanted(96)   # default: where it beat the portable
@@ -147,8 +163,8 @@ def test_hopper_programs_walk_several_tiles(d, causal, seed):
         assert_close(lse, refs["ref"]["lse"], refs["low"]["lse"], OUT_FACTOR, f"{programs} programs lse", seed,
                      dtype=torch.float32)
     v[1, 300, 0, 7] = float("nan")
-    out, _ = hopper.fwd(q, k, v, d ** -0.5, causal, programs=1)
-    bad = out.isnan().any(-1)                                    # (b, s, h)
-    want = torch.zeros_like(bad)
+    want = torch.zeros(b, s, h, dtype=torch.bool, device="cuda")
     want[1, 300 if causal else 0:, :] = True                     # every query head shares KV head 0
-    assert torch.equal(bad, want)
+    for programs in (3, 1):
+        out, _ = hopper.fwd(q, k, v, d ** -0.5, causal, programs=programs)
+        assert torch.equal(out.isnan().any(-1), want), programs

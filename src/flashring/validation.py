@@ -27,6 +27,17 @@ def finite_positive(x) -> bool:
     return x == x and 0 < x < math.inf
 
 
+# The smallest softmax scale the kernels take: float32's smallest normal number. They carry the scale (times
+# log2(e)) as a float32 multiplier of raw scores; far below this it rounds to 0, and 0 * -inf (a masked score)
+# would be NaN.
+MIN_SCALE = 2.0 ** -126
+
+
+def usable_scale(x) -> bool:
+    """A positive finite scale the kernels can carry (:data:`MIN_SCALE` or more)."""
+    return finite_positive(x) and x >= MIN_SCALE
+
+
 def check_tensor(t, name: str, ndim: Optional[int] = None, layout: str = "") -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -76,6 +87,9 @@ def check_scale(softmax_scale, head_dim: int, name: str = "softmax_scale"):
         raise TypeError(f"{name} must be a float or None, got {type(softmax_scale).__name__}")
     if not finite_positive(softmax_scale):
         raise ValueError(f"{name} must be a positive finite number, got {softmax_scale}")
+    if not usable_scale(softmax_scale):
+        raise ValueError(f"{name} must be at least {MIN_SCALE:.3g} (float32's smallest normal number), got "
+                         f"{softmax_scale}")
     return softmax_scale if isinstance(softmax_scale, torch.SymFloat) else float(softmax_scale)
 
 

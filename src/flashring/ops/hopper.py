@@ -53,7 +53,8 @@ except ImportError:                                                     # pragma
 
 BLOCK_M = 128           # two warpgroups x 64 rows
 BLOCK_N = 128
-NUM_STAGES = 2          # 196 KB of shared memory at D=128 (two Q buffers); 3 stages measured within noise
+NUM_STAGES = 2          # 196 KB of shared memory at D=128 (two Q buffers); 3 stages no longer fit there (262 KB;
+                        # with one Q buffer they measured within noise, sessions 7 and 11)
 PERSISTENT = True       # non-causal launches: one program per SM (launch_args)
 ENV = "FLASHRING_HOPPER_FWD"
 
