@@ -59,7 +59,7 @@ def test_forward_compiles_for_a_one_key_sequence():
 
 
 def test_hopper_forward_compiles_for_sm90_without_spills():
-    """The opt-in Gluon forward (ops/hopper.py) compiles for sm_90 (causal, with its non-finite scan, and not)
+    """The Gluon forward (ops/hopper.py) compiles for sm_90 (causal, with its non-finite scan, and not)
     with no local memory at either head dim."""
     out = probe("--hopper", "--headdims", "64,128", "--seqlen", "1024")
     if "not available" in out:

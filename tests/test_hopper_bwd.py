@@ -1,4 +1,4 @@
-"""The opt-in Hopper backward (ops/hopper_bwd.py, ``FLASHRING_HOPPER_BWD``): which calls it takes and which dQ
+"""The Hopper backward (ops/hopper_bwd.py, on by default; ``FLASHRING_HOPPER_BWD``): which calls it takes and which dQ
 variant it picks, its kernels compiled for sm_90 without a GPU, and on an sm_90 GPU its gradients through the
 public API against the float64 reference (both dQ variants, GQA, causal and not, fp16 / bf16, a gradient on the
 LSE), with ``deterministic=True`` never taking the atomic variant and giving bitwise-equal gradients."""

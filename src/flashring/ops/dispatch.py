@@ -72,7 +72,7 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
     """``(dq, dk, dv)`` in the inputs' dtypes (``grad_dtype`` overrides: ring attention accumulates in fp32).
     ``lse`` may be a *global* LSE (ring attention): P is recomputed as exp(s - lse) and delta from the given
     ``out``, so a block's gradients come out as its share of the full-sequence gradients. ``dlse``: a gradient on
-    the LSE. ``deterministic=False`` (flash_attn_func's default) lets the opt-in Hopper backward add dQ with
+    the LSE. ``deterministic=False`` (flash_attn_func's default) lets the Hopper backward add dQ with
     atomics when ``FLASHRING_HOPPER_BWD=atomic``; every other path is deterministic either way."""
     if (q.is_cuda and sparse is None and varlen is None and grad_dtype in (None, q.dtype)
             and hopper_bwd.enabled(q.device) and hopper_bwd.applies(q, k, v, lower, upper, softcap)):
