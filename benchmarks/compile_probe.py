@@ -66,6 +66,21 @@ def record(module, names):
     return calls, lambda: [setattr(module, n, f) for n, f in old.items()]
 
 
+def wait_gaps(sass: str) -> list:
+    """For each ``wgmma.wait_group 1`` in the SASS, how many MUFU.EX2 come before the next ``wait_group 0``: the
+    softmax work that overlaps an in-flight wgmma (FA3's intra-warpgroup order; 0-ish = ptxas hoisted the wait)."""
+    gaps, count = [], None
+    for line in sass.splitlines():
+        if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in line:
+            count = 0
+        elif count is not None and "MUFU.EX2" in line:
+            count += 1
+        elif count is not None and "WARPGROUP.DEPBAR.LE gsb0, 0x0" in line:
+            gaps.append(count)
+            count = None
+    return gaps
+
+
 def usage(kernel, loops: bool) -> str:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -90,6 +105,7 @@ def usage(kernel, loops: bool) -> str:
                     spans.append(f"{spills}s/{mmas}m")
                 spills = mmas = 0
         text += "  spills/MMAs between branches: " + " ".join(spans)
+        text += f"  exp2s between wgmma waits: {wait_gaps(sass)}"
     os.unlink(f.name)
     return text
 

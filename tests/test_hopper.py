@@ -149,16 +149,17 @@ def test_hopper_repeated_calls_take_the_fast_launch(seed, monkeypatch):
 @pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_hopper_programs_walk_several_tiles(d, causal, seed):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_hopper_programs_walk_several_tiles(d, causal, overlap, seed):
     """Fewer programs than tiles (the persistent launch; here 24 tiles for 3 programs, and for 1): each program's
     two Q buffers, its K/V ring and its scan barrier change phase across tiles, and the NaN rule still holds in
-    every tile (a NaN value at key 300 of batch 1, head 0)."""
+    every tile (a NaN value at key 300 of batch 1, head 0). ``overlap``: the FA3-order key loop."""
     b, s, h, hk = 2, 512, 3, 1
     q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     refs = reference_pair(q, k, v, None, upper=0 if causal else None)
-    for programs in (3, 1):
-        out, lse = hopper.fwd(q, k, v, d ** -0.5, causal, programs=programs)
+    for programs in (3, 1, None):
+        out, lse = hopper.fwd(q, k, v, d ** -0.5, causal, programs=programs, overlap=overlap)
         assert_close(out, refs["ref"]["out"], refs["low"]["out"], OUT_FACTOR, f"{programs} programs", seed)
         assert_close(lse, refs["ref"]["lse"], refs["low"]["lse"], OUT_FACTOR, f"{programs} programs lse", seed,
                      dtype=torch.float32)
@@ -166,5 +167,5 @@ def test_hopper_programs_walk_several_tiles(d, causal, seed):
     want = torch.zeros(b, s, h, dtype=torch.bool, device="cuda")
     want[1, 300 if causal else 0:, :] = True                     # every query head shares KV head 0
     for programs in (3, 1):
-        out, _ = hopper.fwd(q, k, v, d ** -0.5, causal, programs=programs)
+        out, _ = hopper.fwd(q, k, v, d ** -0.5, causal, programs=programs, overlap=overlap)
         assert torch.equal(out.isnan().any(-1), want), programs
