@@ -66,7 +66,8 @@ def test_delta_from_the_portable_preprocess():
 
 
 PROBE_LINE = (r"D=(\d+)\s+causal=(\w+)\s+window=None\s+(HOPPER_\w+) \{'dq': '(\w+)'\}\n\s+regs\s+(\d+) stack\s+(\d+) B"
-              r"\s+smem\s+(\d+) B\s+spills/MMAs between branches: ([\d\sms/]*?)\s+wgmma (\d+)")
+              r"\s+smem\s+(\d+) B\s+spills/MMAs between branches: ([\d\sms/]*?)\s+"
+              r"(?:exp2s between wgmma waits: \[[\d, ]*\]\s+)?wgmma (\d+)")
 
 
 def test_hopper_backward_compiles_for_sm90_without_spills():
