@@ -438,7 +438,7 @@ if AVAILABLE:
 def _desc(t: torch.Tensor, rows: int, cols: int, box):
     """A TMA descriptor over ``t`` seen as a row-major ``(rows, cols)`` matrix (``cols`` = 0: one flat row)."""
     gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[t.dtype]
-    lay = gl.NVMMASharedLayout.get_default_for(box, gdt)
+    lay = hopper.shared_layout(tuple(box), gdt)
     if not cols:
         return TensorDescriptor(t, [rows], [1], box, lay)
     return TensorDescriptor(t, [rows, cols], [cols, 1], box, lay)
