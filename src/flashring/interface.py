@@ -625,7 +625,7 @@ def _sdpa_fast_path_refusal(query, key, value, attn_mask, dropout_p, is_causal, 
         return "head counts torch's SDPA checks itself"
     if scale is not None and not (V.is_real(scale) and V.finite_positive(scale)):
         return "a scale that is not a positive finite float"
-    if scale is not None and not V.usable_scale(scale):
+    if scale is not None and scale < V.MIN_SCALE:
         return "a scale below float32's smallest normal number"
     return None
 

@@ -33,11 +33,6 @@ def finite_positive(x) -> bool:
 MIN_SCALE = 2.0 ** -126
 
 
-def usable_scale(x) -> bool:
-    """A positive finite scale the kernels can carry (:data:`MIN_SCALE` or more)."""
-    return finite_positive(x) and x >= MIN_SCALE
-
-
 def check_tensor(t, name: str, ndim: Optional[int] = None, layout: str = "") -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -87,7 +82,7 @@ def check_scale(softmax_scale, head_dim: int, name: str = "softmax_scale"):
         raise TypeError(f"{name} must be a float or None, got {type(softmax_scale).__name__}")
     if not finite_positive(softmax_scale):
         raise ValueError(f"{name} must be a positive finite number, got {softmax_scale}")
-    if not usable_scale(softmax_scale):
+    if softmax_scale < MIN_SCALE:
         raise ValueError(f"{name} must be at least {MIN_SCALE:.3g} (float32's smallest normal number), got "
                          f"{softmax_scale}")
     return softmax_scale if isinstance(softmax_scale, torch.SymFloat) else float(softmax_scale)

@@ -310,6 +310,19 @@ if AVAILABLE:
             n_done += 1
 
     @gluon.jit
+    def fill_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, desc_k, desc_v, row, col, i,
+                      NUM_STAGES: gl.constexpr):
+        """A producer's step (this forward's and ``hopper_bwd``'s dQ kernel): the K and V boxes at ``(row, col)``
+        into slot ``i % NUM_STAGES`` of the ring once both consumers have released it (fresh mbarriers count as
+        "phase 1 complete": waiting on phase ^ 1 lets the first NUM_STAGES fills through)."""
+        stage = i % NUM_STAGES
+        mbarrier.wait(kv_empty.index(stage), ((i // NUM_STAGES) & 1) ^ 1)
+        mbarrier.expect(k_ready.index(stage), desc_k.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_k, [row, col], k_ready.index(stage), k_smem.index(stage))
+        mbarrier.expect(v_ready.index(stage), desc_v.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc_v, [row, col], v_ready.index(stage), v_smem.index(stage))
+
+    @gluon.jit
     def _producer(q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, desc_q, desc_k, desc_v, N_CTX,
                   N_M, H, GROUP, N_TILES, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                   NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
@@ -327,14 +340,8 @@ if AVAILABLE:
                 tma.async_copy_global_to_shared(desc_q, [q_row0 + w * WG_M, q_col], q_bar.index(buf),
                                                 q_smem.index(2 * buf + w))
             for it in range(n_hi // BLOCK_N):
-                stage = kv_it % NUM_STAGES
-                phase = (kv_it // NUM_STAGES) & 1
-                mbarrier.wait(kv_empty.index(stage), phase ^ 1)
-                row = kv_row0 + it * BLOCK_N
-                mbarrier.expect(k_ready.index(stage), desc_k.block_type.nbytes)
-                tma.async_copy_global_to_shared(desc_k, [row, kv_col], k_ready.index(stage), k_smem.index(stage))
-                mbarrier.expect(v_ready.index(stage), desc_v.block_type.nbytes)
-                tma.async_copy_global_to_shared(desc_v, [row, kv_col], v_ready.index(stage), v_smem.index(stage))
+                fill_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, desc_k, desc_v, kv_row0 + it * BLOCK_N,
+                              kv_col, kv_it, NUM_STAGES)
                 kv_it += 1
             n_done += 1
 

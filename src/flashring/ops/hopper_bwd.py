@@ -373,14 +373,8 @@ if AVAILABLE:
             tma.async_copy_global_to_shared(desc_q, [q_row0 + w * WG_M, q_col], qdo_bar, q_smem.index(w))
             tma.async_copy_global_to_shared(desc_do, [q_row0 + w * WG_M, q_col], qdo_bar, do_smem.index(w))
         for it in range(n_hi // BLOCK_N):
-            stage = it % NUM_STAGES
-            phase = (it // NUM_STAGES) & 1
-            mbarrier.wait(kv_empty.index(stage), phase ^ 1)
-            row = kv_row0 + it * BLOCK_N
-            mbarrier.expect(k_ready.index(stage), desc_k.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_k, [row, kv_col], k_ready.index(stage), k_smem.index(stage))
-            mbarrier.expect(v_ready.index(stage), desc_v.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_v, [row, kv_col], v_ready.index(stage), v_smem.index(stage))
+            hopper.fill_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, desc_k, desc_v, kv_row0 + it * BLOCK_N,
+                                 kv_col, it, NUM_STAGES)
 
     @gluon.jit
     def _bwd_dq_hopper(desc_q, desc_k, desc_v, desc_do, desc_dq, lse_ptr, delta_ptr, sm_scale, N_CTX, H, GROUP,
