@@ -60,13 +60,15 @@ def test_forward_compiles_for_a_one_key_sequence():
 
 def test_hopper_forward_compiles_for_sm90_without_spills():
     """The Gluon forward (ops/hopper.py) compiles for sm_90 (causal, with its non-finite scan, and not)
-    with no local memory at either head dim."""
-    out = probe("--hopper", "--headdims", "64,128", "--seqlen", "1024")
-    if "not available" in out:
-        pytest.skip("this Triton has no Gluon")
-    found = re.findall(KERNEL_LINE, out)
-    assert len(found) == 4, out
-    assert all(int(stack) == 0 for *_, stack in found), out
+    with no local memory at either head dim, with tiles at a fixed stride (1k tokens: one program per tile) and
+    drawn from the counter (8k: 256 tiles for 132 programs)."""
+    for seqlen in ("1024", "8192"):
+        out = probe("--hopper", "--headdims", "64,128", "--seqlen", seqlen)
+        if "not available" in out:
+            pytest.skip("this Triton has no Gluon")
+        found = re.findall(KERNEL_LINE, out)
+        assert len(found) == 4, out
+        assert all(int(stack) == 0 for *_, stack in found), out
 
 
 def test_hopper_forward_overlap_keeps_the_softmax_between_the_waits():

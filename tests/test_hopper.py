@@ -33,20 +33,30 @@ def test_applies_only_where_the_kernel_is_exact():
     assert hopper.aligned(q) is q
 
 
-def test_launch_grid_walks_tiles_without_a_mask_only():
-    """One program per SM walks the tiles of a call without a mask; causal calls get one program per tile (their
-    tiles differ in length); ``programs`` overrides, clamped to [1, tiles]. Grid only: no GPU needed (132 SMs are
-    assumed off the GPU)."""
+def test_launch_grid_and_tile_walk():
+    """One program per SM walks the tiles, drawing them from a counter for causal calls (their tiles differ in
+    length) and at a fixed stride otherwise; ``programs`` overrides, clamped to [1, tiles]; causal calls interleave
+    the (batch, head) pairs in groups whose K/V fits L2. Launch arguments only: no GPU needed (132 SMs are assumed
+    off the GPU)."""
     if not hopper.AVAILABLE:
         pytest.skip("this Triton has no Gluon")
     q = torch.empty(4, 4096, 4, 128, dtype=torch.bfloat16)
     k = torch.empty(4, 4096, 2, 128, dtype=torch.bfloat16)
     out, lse = torch.empty_like(q), torch.empty(4, 4, 4096)
     tiles = 4 * 4 * 4096 // hopper.BLOCK_M
-    grid = lambda causal, **kw: hopper.launch_args(q, k, k, 0.1, causal, out, lse, **kw)[0]  # noqa: E731
-    assert grid(True) == (tiles, ) and grid(False) == (132, ) and hopper.PERSISTENT
+    launch = lambda causal, **kw: hopper.launch_args(q, k, k, 0.1, causal, out, lse, **kw)  # noqa: E731
+    grid = lambda causal, **kw: launch(causal, **kw)[0]  # noqa: E731
+    assert grid(True) == grid(False) == (132, ) and hopper.PERSISTENT
     assert grid(True, programs=3) == grid(False, programs=3) == (3, )
     assert grid(False, programs=0) == (1, ) and grid(False, programs=10 ** 9) == (tiles, )
+    dynamic = lambda causal, **kw: launch(causal, **kw)[1][-1]  # noqa: E731
+    assert dynamic(True) and not dynamic(False) and not dynamic(True, programs=10 ** 9)
+    counter = launch(True)[1][5]
+    assert counter.dtype == torch.int32 and counter.shape == (1, ) and counter.item() == 0
+    group = lambda causal, **kw: launch(causal, **kw)[1][11]  # noqa: E731
+    # 16 MiB of K and V per group: 4096 keys x 128 x 2 bytes x 2 = 2 MiB per head -> 8 pairs (of 16)
+    assert group(True) == hopper.head_group(4096, 128, 2) == 8 and group(False) == 1
+    assert group(True, heads_per_group=100) == 16 and hopper.head_group(10 ** 6, 256, 4) == 1
 
 
 def test_default_head_dims_and_the_switch(monkeypatch):
@@ -56,6 +66,7 @@ def test_default_head_dims_and_the_switch(monkeypatch):
     for d, n in hopper.MIN_CAUSAL_SEQLEN.items():           # causal: only from the length where it wins
         assert hopper.wanted(d, n, causal=True) and not hopper.wanted(d, n - 128, causal=True)
         assert hopper.wanted(d, 128, causal=False)
+    assert hopper.wanted(128, 128, causal=True)              # D=128: every causal length (session 12)
     monkeypatch.setenv(hopper.ENV, "1")
     assert hopper.wanted(64) and hopper.wanted(128) and hopper.wanted(64, 128, causal=True)
     monkeypatch.setenv(hopper.ENV, "0")
@@ -151,21 +162,31 @@ def test_hopper_repeated_calls_take_the_fast_launch(seed, monkeypatch):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("overlap", [False, True])
 def test_hopper_programs_walk_several_tiles(d, causal, overlap, seed):
-    """Fewer programs than tiles (the persistent launch; here 24 tiles for 3 programs, and for 1): each program's
-    two Q buffers, its K/V ring and its scan barrier change phase across tiles, and the NaN rule still holds in
-    every tile (a NaN value at key 300 of batch 1, head 0). ``overlap``: the FA3-order key loop."""
+    """Fewer programs than tiles (the persistent launch; here 24 tiles for 1, 3 or 5 programs, static or drawn from
+    a counter, in head groups of 1, 4 or 6): each program's two Q buffers, its K/V ring and its scan barrier change
+    phase across tiles, every walk gives the same bits, and the NaN rule still holds in every tile (a NaN value at
+    key 300 of batch 1, head 0). ``overlap``: the FA3-order key loop."""
     b, s, h, hk = 2, 512, 3, 1
     q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     refs = reference_pair(q, k, v, None, upper=0 if causal else None)
-    for programs in (3, 1, None):
-        out, lse = hopper.fwd(q, k, v, d ** -0.5, causal, programs=programs, overlap=overlap)
-        assert_close(out, refs["ref"]["out"], refs["low"]["out"], OUT_FACTOR, f"{programs} programs", seed)
-        assert_close(lse, refs["ref"]["lse"], refs["low"]["lse"], OUT_FACTOR, f"{programs} programs lse", seed,
+    # 6 (batch, head) pairs: groups of 4 leave a short last group; dynamic=True draws tiles from a counter
+    walks = {"3": dict(programs=3), "3 static, groups of 4": dict(programs=3, dynamic=False, heads_per_group=4),
+             "1 dynamic, groups of 4": dict(programs=1, dynamic=True, heads_per_group=4),
+             "5 dynamic, one group": dict(programs=5, dynamic=True, heads_per_group=6),
+             "3, a head's blocks in a row": dict(programs=3, heads_per_group=1),
+             "a program per tile, drawn (some draw none)": dict(programs=None, dynamic=True), "default": {}}
+    outs = {}
+    for name, walk in walks.items():
+        out, lse = hopper.fwd(q, k, v, d ** -0.5, causal, overlap=overlap, **walk)
+        assert_close(out, refs["ref"]["out"], refs["low"]["out"], OUT_FACTOR, name, seed)
+        assert_close(lse, refs["ref"]["lse"], refs["low"]["lse"], OUT_FACTOR, f"{name} lse", seed,
                      dtype=torch.float32)
+        outs[name] = out
+    assert all(torch.equal(o, outs["default"]) for o in outs.values())      # a tile's result: not the walk's
     v[1, 300, 0, 7] = float("nan")
     want = torch.zeros(b, s, h, dtype=torch.bool, device="cuda")
     want[1, 300 if causal else 0:, :] = True                     # every query head shares KV head 0
-    for programs in (3, 1):
-        out, _ = hopper.fwd(q, k, v, d ** -0.5, causal, programs=programs, overlap=overlap)
-        assert torch.equal(out.isnan().any(-1), want), programs
+    for name, walk in walks.items():
+        out, _ = hopper.fwd(q, k, v, d ** -0.5, causal, overlap=overlap, **walk)
+        assert torch.equal(out.isnan().any(-1), want), name
