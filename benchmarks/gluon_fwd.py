@@ -6,14 +6,14 @@ On a GPU: every shape of issue 13's grid (16k tokens per batch, hidden 2048; plu
 and not, is checked against the float64 reference with flashring.testing's rule (on the first KV head's query
 group), then timed from CUDA-graph replays next to flashring's portable forward and cuDNN, one JSON line per point
 written as measured (a hang, killed by `timeout`, keeps what came before). --variants adds launches with other
-`hopper.launch_args` keywords (e.g. `tile:programs=1000000000` for one program per tile, `ov:overlap=True` for
-FA3's intra-warpgroup order, `s3:stages=3` at D=64), each checked and timed beside the default, alternating.
+`hopper.launch_args` keywords (e.g. `tile:programs=1000000000` for one program per tile, `static:dynamic=False`
+for causal tiles at a fixed stride, `s3:stages=3` at D=64), each checked and timed beside the default, alternating.
 Without a GPU, compile the kernel for sm_90 instead:
 `benchmarks/compile_probe.py --hopper [--variant KW]`.
 
 Kernel variants measured and dropped (FA3's intra-warpgroup order, a ping-pong turnstile, P through shared
-memory, a polynomial exp2): BENCHMARKS.md sessions 7 and 11; session 11's as a patch in
-`results/h100-gluon-fwd-variants-20261207.patch`.
+memory, a polynomial exp2): BENCHMARKS.md sessions 7, 11 and 12; as patches in
+`results/h100-gluon-fwd-variants-20261207.patch` and `results/h100-gluon-fwd-overlap-20261207.patch`.
 """
 import argparse
 import json

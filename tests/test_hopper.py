@@ -160,12 +160,11 @@ def test_hopper_repeated_calls_take_the_fast_launch(seed, monkeypatch):
 @pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("overlap", [False, True])
-def test_hopper_programs_walk_several_tiles(d, causal, overlap, seed):
+def test_hopper_programs_walk_several_tiles(d, causal, seed):
     """Fewer programs than tiles (the persistent launch; here 24 tiles for 1, 3 or 5 programs, static or drawn from
     a counter, in head groups of 1, 4 or 6): each program's two Q buffers, its K/V ring and its scan barrier change
     phase across tiles, every walk gives the same bits, and the NaN rule still holds in every tile (a NaN value at
-    key 300 of batch 1, head 0). ``overlap``: the FA3-order key loop."""
+    key 300 of batch 1, head 0)."""
     b, s, h, hk = 2, 512, 3, 1
     q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -178,7 +177,7 @@ def test_hopper_programs_walk_several_tiles(d, causal, overlap, seed):
              "a program per tile, drawn (some draw none)": dict(programs=None, dynamic=True), "default": {}}
     outs = {}
     for name, walk in walks.items():
-        out, lse = hopper.fwd(q, k, v, d ** -0.5, causal, overlap=overlap, **walk)
+        out, lse = hopper.fwd(q, k, v, d ** -0.5, causal, **walk)
         assert_close(out, refs["ref"]["out"], refs["low"]["out"], OUT_FACTOR, name, seed)
         assert_close(lse, refs["ref"]["lse"], refs["low"]["lse"], OUT_FACTOR, f"{name} lse", seed,
                      dtype=torch.float32)
@@ -188,5 +187,5 @@ def test_hopper_programs_walk_several_tiles(d, causal, overlap, seed):
     want = torch.zeros(b, s, h, dtype=torch.bool, device="cuda")
     want[1, 300 if causal else 0:, :] = True                     # every query head shares KV head 0
     for name, walk in walks.items():
-        out, _ = hopper.fwd(q, k, v, d ** -0.5, causal, overlap=overlap, **walk)
+        out, _ = hopper.fwd(q, k, v, d ** -0.5, causal, **walk)
         assert torch.equal(out.isnan().any(-1), want), name

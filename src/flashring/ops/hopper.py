@@ -26,9 +26,9 @@ intra-warpgroup order as written first (S_j+1 and P_j V_j issued together): ptxa
 on P_j V_j to the top of softmax_j+1, so little overlapped, and it ran 0-12% slower; a ping-pong turnstile
 between the warpgroups: -11% to +3%; P through shared memory: 21-35% slower; 3 K/V stages: -3% to +2%; half of
 the exponentials as a degree-3 polynomial on the FMA pipes (FA4's trick): 2-9% slower, as issue slots rather than
-the MUFU unit limit the softmax on Hopper. Built after the device time ran out: the FA3 order with a wait that
-ptxas cannot hoist (``launch_args(overlap=True)``, :func:`_wait_after`); its SASS has all 66 exponentials of a
-tile between the two waits (tests/test_compile.py), but it has not run on a GPU, so it is off by default.
+the MUFU unit limit the softmax on Hopper. Then in session 12: the FA3 order with a wait that ptxas cannot hoist
+(an inline-PTX ``wgmma.wait_group`` predicated on the row sums; all 66 exponentials of a tile between the two waits
+in the SASS) ran at 0.65-0.93x this kernel; as a patch in ``results/h100-gluon-fwd-overlap-20261207.patch``.
 
 The tensors are flash-attn's ``(B, S, H, D)``, contiguous, seen by TMA as 2-D ``(B*S, H*D)`` with a ``(64 or
 128, D)`` box at column ``h*D``; ``S % 128 == 0`` keeps every box inside one batch. Non-finite values follow the
@@ -168,57 +168,6 @@ if AVAILABLE:
         return first
 
     @gluon.jit
-    def _wait_after(x):
-        """``x``, after a ``wgmma.wait_group 0`` that is predicated on it (always true: x is a row sum, >= 0 or
-        NaN, and ``neu`` holds for NaN). ptxas hoists Gluon's operand-less wait above the softmax it should
-        overlap; a wait that reads the softmax's result cannot move above it (SASS: benchmarks/NOTES.md, session
-        11). One asm block per element held: the later waits find nothing pending."""
-        return gl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.neu.f32 p, $1, 0fBF800000; @p wgmma.wait_group.sync.aligned 0; mov.b32 $0, $1; }",
-            "=r,r", [x], dtype=gl.float32, is_pure=False, pack=1)
-
-    @gluon.jit
-    def _overlapped_tile(q, k_smem, v_smem, k_ready, v_ready, kv_empty, scan_bar, acc, m_i, l_i, bad_from, s_zero,
-                         rows, row_lo, cols0, qk_scale, n_hi, kv_it, scan_phase, o_row: gl.constexpr,
-                         p_layout: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                         CAUSAL: gl.constexpr):
-        """One tile's key loop in FA3's intra-warpgroup order (OVERLAP): S_j = Q K_j^T and O += P_j-1 V_j-1 are
-        issued together and softmax(S_j) runs while P_j-1 V_j-1 is on the tensor cores. P_j-1 (registers, the A
-        operand) is a dependency of the wait. Returns ``(acc, m_i, l_i, bad_from, kv_it)``."""
-        n_tiles = n_hi // BLOCK_N
-        stage = kv_it % NUM_STAGES
-        mbarrier.wait(k_ready.index(stage), (kv_it // NUM_STAGES) & 1)
-        s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-        p, alpha, m_i, l_i = _softmax_tile(s, 0, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL)
-        p_op = gl.convert_layout(p.to(q.dtype), p_layout)
-        for it in range(1, n_tiles):
-            cur = kv_it + it
-            prev = (cur - 1) % NUM_STAGES
-            mbarrier.wait(k_ready.index(cur % NUM_STAGES), (cur // NUM_STAGES) & 1)
-            mbarrier.wait(v_ready.index(prev), ((cur - 1) // NUM_STAGES) & 1)
-            acc = acc * gl.convert_layout(alpha, o_row)[:, None]
-            s_tok = warpgroup_mma(q, k_smem.index(cur % NUM_STAGES).permute((1, 0)), s_zero, use_acc=False,
-                                  is_async=True)
-            o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
-            p, alpha, m_i, l_i = _softmax_tile(s, it * BLOCK_N, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL)
-            l_i = _wait_after(l_i)
-            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
-            mbarrier.arrive(kv_empty.index(prev), count=1)
-            p_op = gl.convert_layout(p.to(q.dtype), p_layout)
-        last = kv_it + n_tiles - 1
-        mbarrier.wait(v_ready.index(last % NUM_STAGES), (last // NUM_STAGES) & 1)
-        if CAUSAL:      # the last tile is the diagonal one (BLOCK_M == BLOCK_N): masked pairs meet its values
-            bad_from = gl.minimum(bad_from, _diagonal_values(v_smem.index(last % NUM_STAGES), (n_tiles - 1) * BLOCK_N,
-                                                             scan_bar, scan_phase, gl.num_warps()))
-        acc = acc * gl.convert_layout(alpha, o_row)[:, None]
-        o_tok = warpgroup_mma(p_op, v_smem.index(last % NUM_STAGES), acc, is_async=True)
-        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
-        mbarrier.arrive(kv_empty.index(last % NUM_STAGES), count=1)
-        return acc, m_i, l_i, bad_from, last + 1
-
-    @gluon.jit
     def _tile(t, N_M, H, GROUP, N_CTX, HEAD_GROUP, BH, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
               CAUSAL: gl.constexpr):
         """Tile ``t`` of the flat order: (batch, head) pairs in groups of ``HEAD_GROUP``, query blocks slower than
@@ -253,7 +202,7 @@ if AVAILABLE:
     def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                   scan_bar, desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  CAUSAL: gl.constexpr, OVERLAP: gl.constexpr):
+                  CAUSAL: gl.constexpr):
         """One consumer warpgroup: 64 query rows of each of this program's tiles."""
         WG_M: gl.constexpr = BLOCK_M // 2
         NW: gl.constexpr = gl.num_warps()
@@ -282,33 +231,27 @@ if AVAILABLE:
             row_lo = start_m * BLOCK_M + WG * WG_M
             rows = row_lo + gl.arange(0, WG_M, s_row)
             bad_from = N_CTX                # rows at or after this key index may see a non-finite value
-            if OVERLAP:
-                acc, m_i, l_i, bad_from, kv_it = _overlapped_tile(q, k_smem, v_smem, k_ready, v_ready, kv_empty,
-                                                                  scan_bar, acc, m_i, l_i, bad_from, s_zero, rows,
-                                                                  row_lo, cols0, qk_scale, n_hi, kv_it, n_done & 1,
-                                                                  o_row, p_layout, BLOCK_N, NUM_STAGES, CAUSAL)
-            else:
-                for it in range(n_hi // BLOCK_N):
-                    stage = kv_it % NUM_STAGES
-                    phase = (kv_it // NUM_STAGES) & 1
-                    start_n = it * BLOCK_N
-                    mbarrier.wait(k_ready.index(stage), phase)
-                    s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                    s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-                    p, alpha, m_i, l_i = _softmax_tile(s, start_n, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL)
-                    acc = acc * gl.convert_layout(alpha, o_row)[:, None]
-                    p_op = gl.convert_layout(p.to(dtype), p_layout)
-                    mbarrier.wait(v_ready.index(stage), phase)
-                    if CAUSAL:
-                        # the diagonal tile (the last, for both warpgroups, as BLOCK_M == BLOCK_N): masked pairs meet
-                        # these values; one scan-barrier phase per tile
-                        if start_n + BLOCK_N - 1 > row_lo:
-                            bad_from = gl.minimum(bad_from, _diagonal_values(v_smem.index(stage), start_n, scan_bar,
-                                                                             n_done & 1, NW))
-                    o_tok = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
-                    mbarrier.arrive(kv_empty.index(stage), count=1)
-                    kv_it += 1
+            for it in range(n_hi // BLOCK_N):
+                stage = kv_it % NUM_STAGES
+                phase = (kv_it // NUM_STAGES) & 1
+                start_n = it * BLOCK_N
+                mbarrier.wait(k_ready.index(stage), phase)
+                s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+                p, alpha, m_i, l_i = _softmax_tile(s, start_n, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL)
+                acc = acc * gl.convert_layout(alpha, o_row)[:, None]
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                mbarrier.wait(v_ready.index(stage), phase)
+                if CAUSAL:
+                    # the diagonal tile (the last, for both warpgroups, as BLOCK_M == BLOCK_N): masked pairs meet
+                    # these values; one scan-barrier phase per tile
+                    if start_n + BLOCK_N - 1 > row_lo:
+                        bad_from = gl.minimum(bad_from, _diagonal_values(v_smem.index(stage), start_n, scan_bar,
+                                                                         n_done & 1, NW))
+                o_tok = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
+                mbarrier.arrive(kv_empty.index(stage), count=1)
+                kv_it += 1
 
             # epilogue: normalise, stage through this warpgroup's (now idle) Q buffer, TMA store, then hand the
             # buffer back to the producer (the tile after next loads its Q there)
@@ -391,8 +334,7 @@ if AVAILABLE:
     @gluon.jit
     def _attn_fwd_hopper(desc_q, desc_k, desc_v, desc_o, lse_ptr, counter_ptr, sm_scale, N_CTX, H, GROUP, N_TILES,
                          HEAD_GROUP, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
-                         DYNAMIC: gl.constexpr):
+                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr):
         """P programs walk :func:`_tile`'s order: program i takes tiles i, i + P, i + 2P..., or (DYNAMIC) the next
         tile of a counter whenever it is free (``counter_ptr``: an int32 zero). P is one per tile or, persistent,
         one per SM (the next tile's Q and first K/V tiles load during this one's epilogue). The producer draws
@@ -428,10 +370,10 @@ if AVAILABLE:
         gl.warp_specialize([
             (_consumer, (0, q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, scan_bar,
                          desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, BLOCK_M, BLOCK_N,
-                         HEAD_DIM, NUM_STAGES, CAUSAL, OVERLAP)),
+                         HEAD_DIM, NUM_STAGES, CAUSAL)),
             (_consumer, (1, q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, scan_bar,
                          desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, BLOCK_M, BLOCK_N,
-                         HEAD_DIM, NUM_STAGES, CAUSAL, OVERLAP)),
+                         HEAD_DIM, NUM_STAGES, CAUSAL)),
             (_producer, (q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, desc_q,
                          desc_k, desc_v, counter_ptr, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, CAUSAL, DYNAMIC)),
@@ -471,15 +413,14 @@ L2_GROUP_BYTES = 16 << 20       # a third of the H100's 50 MB L2
 
 def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                 out: torch.Tensor, lse: torch.Tensor, stages: int = NUM_STAGES,
-                programs: Optional[int] = None, overlap: bool = False, dynamic: Optional[bool] = None,
+                programs: Optional[int] = None, dynamic: Optional[bool] = None,
                 heads_per_group: Optional[int] = None) -> Tuple[tuple, tuple]:
     """``(grid, args)`` of one launch (``_attn_fwd_hopper[grid](*args, num_warps=4)``): TMA descriptors over the
     2-D ``(B*S, H*D)`` views. Split out so that a machine without a GPU can compile the kernel (tests).
     ``programs``: how many programs walk the tiles (benchmarks, tests); default one per SM where :data:`PERSISTENT`,
     else one per tile. ``dynamic``: the programs draw tiles from a counter (default: causal persistent launches,
     whose tiles differ in length) rather than a fixed stride. ``heads_per_group``: :func:`head_group` (default:
-    that for causal calls, 1 otherwise). ``overlap``: FA3's intra-warpgroup order (:func:`_overlapped_tile`),
-    compiled and checked in the SASS on the CPU but not yet timed on a GPU, so off by default."""
+    that for causal calls, 1 otherwise)."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     n_tiles = b * h * (s // BLOCK_M)
@@ -497,7 +438,7 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
     desc = lambda t, heads, box, lay: TensorDescriptor(t, [b * s, heads * d], [heads * d, 1], box, lay)  # noqa
     args = (desc(q, h, q_box, q_lay), desc(k, hk, kv_box, kv_lay), desc(v, hk, kv_box, kv_lay),
             desc(out, h, q_box, q_lay), lse, counter, softmax_scale, s, h, h // hk, n_tiles,
-            max(1, min(heads_per_group, b * h)), BLOCK_M, BLOCK_N, d, stages, causal, overlap, dynamic)
+            max(1, min(heads_per_group, b * h)), BLOCK_M, BLOCK_N, d, stages, causal, dynamic)
     return (programs, ), args
 
 
