@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", default="fwd,dkdv,dq", help="which of fwd,dkdv,dq to compile")
     p.add_argument("--loops", action="store_true", help="spills and MMAs between the branches of the SASS")
     p.add_argument("--hopper", action="store_true", help="the Gluon sm_90 forward (ops/hopper.py) instead")
-    p.add_argument("--variant", default="", help="--hopper: launch_args keywords, e.g. 'programs=3'")
+    p.add_argument("--variant", default="", help="--hopper / --hopper-bwd: launch_args keywords, e.g. 'programs=3'")
     p.add_argument("--hopper-bwd", action="store_true", help="the Gluon sm_90 backward (ops/hopper_bwd.py) instead")
     p.add_argument("--sparse", choices=("qk", "hash"),
                    help="the kernels' dynamic-sparse mode as the front ends launch it (row tables; causal), and "
@@ -251,8 +251,10 @@ def hopper_bwd_usage(args) -> int:
             for mode in hopper_bwd.DQ_MODES:
                 atomic = mode == "atomic"
                 dq = torch.empty(q.shape, dtype=torch.float32) if atomic else torch.empty_like(q)
+                variant = eval(f"dict({args.variant})")            # noqa: S307 - a developer's command line
                 for kernel, grid, kargs in hopper_bwd.launch_args(q, q, k, k, lse, lse, d ** -0.5, causal, dq,
-                                                                  torch.empty_like(k), torch.empty_like(k), atomic):
+                                                                  torch.empty_like(k), torch.empty_like(k), atomic,
+                                                                  **variant):
                     kern = kernel.warmup(*kargs, grid=grid, num_warps=4)
                     name = {"_bwd_dkdv_hopper": "HOPPER_DKDV", "_bwd_dq_hopper": "HOPPER_DQ"}[kernel.__name__]
                     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:

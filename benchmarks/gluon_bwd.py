@@ -1,7 +1,8 @@
 """The Hopper Gluon backward (src/flashring/ops/hopper_bwd.py) checked, then timed against the portable backward
 and cuDNN.
 
-    PYTHONPATH=src python3 benchmarks/gluon_bwd.py [--out DIR] [--quick]
+    PYTHONPATH=src python3 benchmarks/gluon_bwd.py [--out DIR] [--quick] [--seqlens N,...] [--headdims 128,64]
+        [--modes separate,atomic] [--variants 'NAME:KW;...']
 
 On an sm_90 GPU, first every variant (head dim 64 / 128, causal or not, dQ "separate" / "atomic", with and without
 GQA) is checked on a small shape against the float64 reference with flashring.testing's rule (PASS / FAIL with
@@ -13,7 +14,9 @@ and cuDNN (torch's SDPA under ``SDPBackend.CUDNN_ATTENTION``: fwd+bwd minus fwd)
 convention: backward = 2.5x the forward's 4*B*H*N*N*D, halved when causal. One JSON line per result goes to
 DIR/gluon-bwd.jsonl as measured, so a hang (run it under `timeout`: a barrier-protocol bug would not return)
 keeps what came before; the table comes last. Without a GPU, compile the kernels instead:
-`benchmarks/compile_probe.py --hopper-bwd`.
+`benchmarks/compile_probe.py --hopper-bwd`. ``--variants`` adds separate-dQ launches with other
+``hopper_bwd.launch_args`` keywords (e.g. ``bq128:block_q=128``: 128 query rows per dK/dV step), checked and
+timed beside the modes.
 """
 import argparse
 import json
@@ -38,6 +41,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="append one JSON line per result to DIR/gluon-bwd.jsonl as it is measured")
     p.add_argument("--quick", action="store_true", help="time N = 8k only")
     p.add_argument("--seqlens", help="comma-separated N to time instead of 1k,4k,8k,16k (e.g. 512,1024,2048)")
+    p.add_argument("--modes", default="separate,atomic", help="the dQ modes to check and time")
+    p.add_argument("--headdims", default="128,64")
+    p.add_argument("--variants", default="",
+                   help="';'-separated NAME:KEYWORDS for hopper_bwd.bwd with the separate dQ kernel, e.g. "
+                        "'bq128:block_q=128', each checked and timed beside the modes")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no GPU: compile the kernels with benchmarks/compile_probe.py --hopper-bwd", file=sys.stderr)
@@ -49,6 +57,12 @@ def main(argv=None) -> int:
     from flashring.ops import flash, hopper_bwd
     from flashring.testing import GRAD_FACTOR, check_close, reference_pair
     dev = torch.device("cuda")
+    # name -> (dq mode, launch keywords)
+    variants = {m: (m, {}) for m in args.modes.split(",") if m}
+    for item in filter(None, args.variants.split(";")):
+        name, _, kw = item.partition(":")
+        variants[name] = ("separate", eval(f"dict({kw})"))       # noqa: S307 - a developer's own command line
+    heads = [int(x) for x in args.headdims.split(",")]
     if not hopper_bwd.AVAILABLE or torch.cuda.get_device_capability(dev) != (9, 0):
         print("the Gluon backward needs an sm_90 GPU and triton's Gluon", file=sys.stderr)
         return 2
@@ -72,7 +86,7 @@ def main(argv=None) -> int:
     # ---- correctness: every variant on small shapes against the float64 reference
     failed = set()                  # (D, causal, dQ variant) with a check that did not pass: not timed
     print("check (float64 reference, flashring.testing's rule: err <= tol)")
-    for d in (64, 128):
+    for d in heads:
         for causal in (False, True):
             for b, h, hkv, n in CHECKS:
                 torch.manual_seed(0)
@@ -81,16 +95,17 @@ def main(argv=None) -> int:
                 do = torch.randn_like(q)
                 out, lse = flash.fwd(q, k, v, d ** -0.5, upper=0 if causal else None)
                 refs = reference_pair(q, k, v, do, upper=0 if causal else None)
-                for mode in hopper_bwd.DQ_MODES:
-                    row = dict(type="check", B=b, H=h, H_KV=hkv, N=n, D=d, causal=causal, dq=mode)
+                for name, (mode, kw) in variants.items():
+                    row = dict(type="check", B=b, H=h, H_KV=hkv, N=n, D=d, causal=causal, dq=mode, variant=name,
+                               **kw)
                     try:
-                        grads = hopper_bwd.bwd(do, q, k, v, out, lse, d ** -0.5, causal, dq_mode=mode)
+                        grads = hopper_bwd.bwd(do, q, k, v, out, lse, d ** -0.5, causal, dq_mode=mode, **kw)
                         torch.cuda.synchronize()
                         detail = {name: check_close(g, refs["ref"][name], refs["low"][name], GRAD_FACTOR, q.dtype)
                                   for name, g in zip(("dq", "dk", "dv"), grads)}
                         ok = all(c["ok"] for c in detail.values())
                         if mode == "separate":
-                            again = hopper_bwd.bwd(do, q, k, v, out, lse, d ** -0.5, causal, dq_mode=mode)
+                            again = hopper_bwd.bwd(do, q, k, v, out, lse, d ** -0.5, causal, dq_mode=mode, **kw)
                             row["bitwise_repeat"] = all(torch.equal(x, y) for x, y in zip(grads, again))
                             ok = ok and row["bitwise_repeat"]
                         row.update(check="PASS" if ok else "FAIL", check_detail={n_: finite(c)
@@ -103,8 +118,8 @@ def main(argv=None) -> int:
                         text = row["check_detail"]
                     emit(row)
                     if row["check"] != "PASS":
-                        failed.add((d, causal, mode))
-                    print(f"  D={d:<3} causal={causal!s:<5} B={b} H={h}/{hkv} N={n} {mode:<8} {row['check']:<5} "
+                        failed.add((d, causal, name))
+                    print(f"  D={d:<3} causal={causal!s:<5} B={b} H={h}/{hkv} N={n} {name:<8} {row['check']:<5} "
                           f"{text}", flush=True)
                     if row["check"] == "ERROR" and fatal(row["check_detail"]):
                         print("stopping: the CUDA context is unusable after that error", flush=True)
@@ -134,7 +149,7 @@ def main(argv=None) -> int:
     lengths = (8192,) if args.quick else (1024, 4096, 8192, 16384)
     if args.seqlens:
         lengths = tuple(int(x) for x in args.seqlens.split(","))
-    grid = [(d, n) for d in (128, 64) for n in lengths]
+    grid = [(d, n) for d in heads for n in lengths]
     for d, n in grid:
         h, b = HIDDEN // d, TOKENS // n
         if table and "error" in table[-1] and fatal(table[-1]["error"]):
@@ -147,10 +162,11 @@ def main(argv=None) -> int:
             row = dict(type="result", B=b, H=h, H_KV=h, N=n, D=d, causal=causal, dtype="bf16", flops=fl)
             try:
                 out, lse = flash.fwd(q, k, v, d ** -0.5, upper=0 if causal else None)
-                for mode in hopper_bwd.DQ_MODES:
-                    if (d, causal, mode) not in failed:
-                        row[f"gluon_{mode}_ms"] = graph_ms(
-                            lambda m=mode: hopper_bwd.bwd(do, q, k, v, out, lse, d ** -0.5, causal, dq_mode=m))
+                for name, (mode, kw) in variants.items():
+                    if (d, causal, name) not in failed:
+                        row[f"gluon_{name}_ms"] = graph_ms(
+                            lambda m=mode, kw=kw: hopper_bwd.bwd(do, q, k, v, out, lse, d ** -0.5, causal, dq_mode=m,
+                                                                 **kw))
                 row["portable_ms"] = graph_ms(lambda: flash.bwd(do, q, k, v, out, lse, d ** -0.5,
                                                                 upper=0 if causal else None))
                 row["cudnn_ms"] = cudnn_bwd_ms(*(t.transpose(1, 2) for t in (q, k, v, do)), causal)
@@ -159,18 +175,17 @@ def main(argv=None) -> int:
                 print(f"   error: {row['error']}", flush=True)
             emit(row)
             table.append(row)
-            times = [row.get(f"gluon_{m}_ms") for m in hopper_bwd.DQ_MODES] + [row.get("portable_ms"),
-                                                                                row.get("cudnn_ms")]
+            times = [row.get(f"gluon_{m}_ms") for m in variants] + [row.get("portable_ms"), row.get("cudnn_ms")]
             print(f"  timed B={b} H={h} N={n} D={d} causal={causal}: "
                   + " ".join("-" if t is None else f"{t:.3f}" for t in times) + " ms", flush=True)
             if "error" in row and fatal(row["error"]):
                 break
 
-    cols = [f"gluon {m}" for m in hopper_bwd.DQ_MODES] + ["portable", "cudnn"]
+    cols = [f"gluon {m}" for m in variants] + ["portable", "cudnn"]
     print("\nbackward TFLOP/s (bf16, 16k tokens, hidden 2048; x cuDNN in brackets)")
     print(f"{'D':>4} {'N':>6} {'causal':<6} " + " ".join(f"{c:>17}" for c in cols))
     for r in table:
-        ms = [r.get(f"gluon_{m}_ms") for m in hopper_bwd.DQ_MODES] + [r.get("portable_ms"), r.get("cudnn_ms")]
+        ms = [r.get(f"gluon_{m}_ms") for m in variants] + [r.get("portable_ms"), r.get("cudnn_ms")]
         cudnn = r.get("cudnn_ms")
         cells = []
         for t in ms:

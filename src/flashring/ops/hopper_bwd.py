@@ -7,11 +7,11 @@ timed the backward at 0.89-0.94x cuDNN's (separate dQ; 1.06-1.46x the portable b
 (:func:`applies`).
 
 dK/dV kernel: one program = 128 keys (two 4-warp consumer warpgroups of 64 keys) of one (batch, kv head); a 1-warp
-producer loads the program's K and V once and then, for every query head of the group and every 64-row query
-block, the Q and dO tiles and their 64 LSE / delta values by TMA into a 2-stage ring (Q-ready and dO-ready
-mbarriers apart, so S^T = K Q^T starts before dO lands; one "empty" barrier per stage with one arrival per
-warpgroup). Per step a warpgroup computes, with every matrix transposed so that its 64 keys are wgmma's M:
-S^T = K Q^T and dP^T = V dO^T (both operands in shared memory, both issued before either is waited on),
+producer loads the program's K and V once and then, for every query head of the group and every query block (64
+rows; 128 at D=64 with the separate dQ), the Q and dO tiles and their LSE / delta values by TMA into a 2-stage ring
+(Q-ready and dO-ready mbarriers apart, so S^T = K Q^T starts before dO lands; one "empty" barrier per stage with
+one arrival per warpgroup). Per step a warpgroup computes, with every matrix transposed so that its 64 keys are
+wgmma's M: S^T = K Q^T and dP^T = V dO^T (both operands in shared memory, both issued before either is waited on),
 P^T = exp2(S^T * scale * log2(e) - lse * log2(e)) in registers, dV += P^T dO and dK += dS^T Q with
 dS^T = P^T (dP^T - delta) taken from registers as the A operand (no shared-memory round trip, as the forward's
 P). dK picks up the softmax scale once, in the epilogue. Causal skips a warpgroup's query blocks wholly above its
@@ -32,9 +32,11 @@ Compiled for sm_90 on the CPU box with triton 3.6.0 / ptxas 12.8, the GPU image'
 --hopper-bwd --loops``; per kernel 168 registers, then ``setmaxnreg`` gives the consumers 240):
 
     kernel, dQ variant     D=64: stack / smem / HGMMA      D=128: stack / smem / HGMMA
-    dK/dV, separate        0 B /  66,896 B / 32            0 B / 132,432 B / 48
+    dK/dV, separate        0 B / 100,688 B / 48 (*)        0 B / 132,432 B / 48
     dQ kernel              0 B /  98,608 B / 32            0 B / 196,912 B / 48
     dK/dV, atomic          0 B /  83,312 B / 40            8 B / 148,848 B / 64   (both masks alike)
+    (*) 128-row query blocks (:data:`BLOCK_Q_D64`, session 12); with 64 rows 66,896 B / 32. 128 rows at D=128
+    spill 280 B, and with the atomic dQ at D=64 16-56 B.
 
 What the numbers decided, at D=128 (the tight case):
 - atomic dQ as one 64 x D accumulator beside dK and dV: 64-72 B of stack with spill loads inside the step loop,
@@ -80,6 +82,8 @@ ENV = "FLASHRING_HOPPER_BWD"
 DQ_MODES = ("separate", "atomic")
 BLOCK_KEYS = 128        # dK/dV program: two warpgroups x 64 keys
 BLOCK_Q = 64            # dK/dV step: query rows per Q / dO tile
+BLOCK_Q_D64 = 128       # at D=64 with the separate dQ kernel: the backward 1.11x (1k) / 1.10x (8k) without a mask,
+                        # 1.00x / 1.05x causal (H100, session 12); at D=128, and with the atomic dQ, it spills
 DQ_BLOCK_M = 128        # dQ program: two warpgroups x 64 query rows
 DQ_BLOCK_N = 128        # dQ step: keys per K / V tile (64 also compiles spill-free: 131,376 B of smem)
 NUM_STAGES = 2          # 132 KB of shared memory for dK/dV at D=128: 3 stages would fit (~164 KB), not timed
@@ -170,7 +174,7 @@ if AVAILABLE:
                 lse2 = lse_smem.index(stage).load(q_col_layout) * LOG2E_C
                 pt = gl.exp2(st * qk_scale - lse2[None, :])
                 if CAUSAL:
-                    if m0 < key_lo + WG_N:                # the diagonal tile (BLOCK_Q == WG_N): query >= key
+                    if m0 < key_lo + WG_N:                # a tile that reaches the diagonal: query >= key
                         pt = gl.where((m0 + cols0)[None, :] >= keys[:, None], pt, 0.0)
                 if ATOMIC_DQ:
                     # dV after dS: no in-flight wgmma holds P^T's bf16 registers while dP^T, P^T and delta are
@@ -253,7 +257,7 @@ if AVAILABLE:
                          N_CTX, H, GROUP, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
                          NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr):
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
-        gl.static_assert(BLOCK_Q == BLOCK_KEYS // 2, "causal: one diagonal tile per warpgroup")
+        gl.static_assert(BLOCK_Q % (BLOCK_KEYS // 2) == 0, "causal: a query tile starts at a warpgroup's first key")
         WG_N: gl.constexpr = BLOCK_KEYS // 2
         dtype: gl.constexpr = desc_q.dtype
         n0 = gl.program_id(0) * BLOCK_KEYS      # program 0 holds the most causal work: it runs first as it is
@@ -440,17 +444,20 @@ def _desc(t: torch.Tensor, rows: int, cols: int, box):
 
 def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
                 delta: torch.Tensor, softmax_scale: float, causal: bool, dq: torch.Tensor, dk: torch.Tensor,
-                dv: torch.Tensor, atomic: bool):
+                dv: torch.Tensor, atomic: bool, block_q: int = 0):
     """``[(kernel, grid, args), ...]`` of one backward (each launched as ``kernel[grid](*args, num_warps=4)``):
     the dK/dV kernel, then (not ``atomic``) the dQ kernel. ``dq``: the fp32 accumulator when ``atomic``. Split
-    out so that a machine without a GPU can compile the kernels (tests, ``compile_probe.py --hopper-bwd``)."""
+    out so that a machine without a GPU can compile the kernels (tests, ``compile_probe.py --hopper-bwd``).
+    ``block_q``: query rows per dK/dV step (default :data:`BLOCK_Q_D64` at D=64 without ``atomic``, else
+    :data:`BLOCK_Q`)."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     half = [BLOCK_KEYS // 2, d]
-    dkdv = (_desc(q, b * s, h * d, [BLOCK_Q, d]), _desc(k, b * s, hk * d, half), _desc(v, b * s, hk * d, half),
-            _desc(do, b * s, h * d, [BLOCK_Q, d]), _desc(lse, b * h * s, 0, [BLOCK_Q]),
-            _desc(delta, b * h * s, 0, [BLOCK_Q]), _desc(dk, b * s, hk * d, half), _desc(dv, b * s, hk * d, half),
-            dq, softmax_scale, s, h, h // hk, BLOCK_KEYS, BLOCK_Q, d, NUM_STAGES, causal, atomic)
+    bq = block_q or (BLOCK_Q_D64 if d == 64 and not atomic else BLOCK_Q)
+    dkdv = (_desc(q, b * s, h * d, [bq, d]), _desc(k, b * s, hk * d, half), _desc(v, b * s, hk * d, half),
+            _desc(do, b * s, h * d, [bq, d]), _desc(lse, b * h * s, 0, [bq]),
+            _desc(delta, b * h * s, 0, [bq]), _desc(dk, b * s, hk * d, half), _desc(dv, b * s, hk * d, half),
+            dq, softmax_scale, s, h, h // hk, BLOCK_KEYS, bq, d, NUM_STAGES, causal, atomic)
     launches = [(_bwd_dkdv_hopper, (s // BLOCK_KEYS, hk, b), dkdv)]
     if not atomic:
         wg = [DQ_BLOCK_M // 2, d]
@@ -477,9 +484,10 @@ def _delta(out: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, dlse: Optiona
 
 def bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
         softmax_scale: float, causal: bool, dlse: Optional[torch.Tensor] = None,
-        dq_mode: str = "separate") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq_mode: str = "separate", **config) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` in the inputs' dtype for a call that :func:`applies`; lse ``(B, H, S)`` fp32 natural log
-    (as the forwards return it), ``dlse`` an optional gradient on it."""
+    (as the forwards return it), ``dlse`` an optional gradient on it; ``config``: :func:`launch_args`' keywords
+    (benchmarks)."""
     if dq_mode not in DQ_MODES:
         raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
     do, out, lse = hopper.aligned(do), hopper.aligned(out), lse.contiguous()
@@ -487,7 +495,8 @@ def bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
     atomic = dq_mode == "atomic"
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else torch.empty_like(q)
-    for kernel, grid, args in launch_args(do, q, k, v, lse, delta, softmax_scale, causal, dq, dk, dv, atomic):
+    for kernel, grid, args in launch_args(do, q, k, v, lse, delta, softmax_scale, causal, dq, dk, dv, atomic,
+                                          **config):
         LAUNCH[kernel][grid](*args, num_warps=4)
     if atomic:          # the softmax scale and the cast in one pass (the kernel adds unscaled dS K)
         dq = torch.mul(dq, softmax_scale, out=torch.empty_like(q))
