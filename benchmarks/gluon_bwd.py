@@ -15,7 +15,7 @@ convention: backward = 2.5x the forward's 4*B*H*N*N*D, halved when causal. One J
 DIR/gluon-bwd.jsonl as measured, so a hang (run it under `timeout`: a barrier-protocol bug would not return)
 keeps what came before; the table comes last. Without a GPU, compile the kernels instead:
 `benchmarks/compile_probe.py --hopper-bwd`. ``--variants`` adds separate-dQ launches with other
-``hopper_bwd.launch_args`` keywords (e.g. ``bq128:block_q=128``: 128 query rows per dK/dV step), checked and
+``hopper_bwd.launch_args`` keywords (e.g. ``bq64:block_q=64``: 64 query rows per dK/dV step at D=64), checked and
 timed beside the modes.
 """
 import argparse
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--headdims", default="128,64")
     p.add_argument("--variants", default="",
                    help="';'-separated NAME:KEYWORDS for hopper_bwd.bwd with the separate dQ kernel, e.g. "
-                        "'bq128:block_q=128', each checked and timed beside the modes")
+                        "'bq64:block_q=64', each checked and timed beside the modes")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no GPU: compile the kernels with benchmarks/compile_probe.py --hopper-bwd", file=sys.stderr)

@@ -17,7 +17,8 @@ import pytest  # noqa: E402
 CUDA = torch.cuda.is_available()
 # pytest-xdist workers (pyproject's -n auto) share the cores: one worker per core, not each with a thread per core
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 def pytest_configure(config):

@@ -87,6 +87,26 @@ def test_hopper_backward_compiles_for_sm90_without_spills():
         assert int(stack) <= (8 if (d, mode) == ("128", "atomic") else 0), what
 
 
+def test_dkdv_query_block_rows():
+    """128 query rows per dK/dV step at D=64 with the separate dQ kernel (session 12), 64 otherwise; an explicit
+    ``block_q`` must be 64 or 128 and divide the length (a remainder would never be loaded). No GPU needed."""
+    if not hopper_bwd.AVAILABLE:
+        pytest.skip("this Triton has no Gluon")
+
+    def rows(d, s=384, atomic=False, **kw):
+        q = torch.empty(1, s, 4, d, dtype=torch.bfloat16)
+        k, lse = torch.empty(1, s, 2, d, dtype=torch.bfloat16), torch.empty(1, 4, s)
+        dq = torch.empty(q.shape, dtype=torch.float32) if atomic else torch.empty_like(q)
+        launches = hopper_bwd.launch_args(q, q, k, k, lse, lse, 0.1, True, dq, torch.empty_like(k),
+                                          torch.empty_like(k), atomic, **kw)
+        return launches[0][2][-5]                       # the dK/dV kernel's BLOCK_Q
+    assert rows(64) == hopper_bwd.BLOCK_Q_D64 == 128 and rows(128) == rows(64, atomic=True) == hopper_bwd.BLOCK_Q == 64
+    assert rows(64, block_q=64) == 64 and rows(128, block_q=128) == 128
+    for bad in (dict(block_q=256), dict(block_q=32), dict(s=320, block_q=128)):
+        with pytest.raises(ValueError, match="block_q"):
+            rows(64, **bad)
+
+
 def _inputs(d, dtype, b=2, s=384, h=4, hk=2):
     q = torch.randn(b, s, h, d, device="cuda", dtype=dtype, requires_grad=True)
     k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))

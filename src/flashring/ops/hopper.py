@@ -78,7 +78,7 @@ DEFAULT_HEAD_DIMS = (64, 128)
 
 def wanted(head_dim: int) -> bool:
     """``FLASHRING_HOPPER_FWD``: ``1`` = every call :func:`applies` accepts, ``0`` = none, unset = the head dims in
-    :data:`DEFAULT_HEAD_DIMS`."""
+    :data:`DEFAULT_HEAD_DIMS` (today the same as ``1``: :func:`applies` takes only those)."""
     mode = os.environ.get(ENV, "")
     if mode in ("0", "1"):
         return mode == "1"

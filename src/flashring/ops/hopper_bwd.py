@@ -36,7 +36,7 @@ Compiled for sm_90 on the CPU box with triton 3.6.0 / ptxas 12.8, the GPU image'
     dQ kernel              0 B /  98,608 B / 32            0 B / 196,912 B / 48
     dK/dV, atomic          0 B /  83,312 B / 40            8 B / 148,848 B / 64   (both masks alike)
     (*) 128-row query blocks (:data:`BLOCK_Q_D64`, session 12); with 64 rows 66,896 B / 32. 128 rows at D=128
-    spill 280 B, and with the atomic dQ at D=64 16-56 B.
+    spill 280-288 B, and with the atomic dQ at D=64 16-56 B.
 
 What the numbers decided, at D=128 (the tight case):
 - atomic dQ as one 64 x D accumulator beside dK and dV: 64-72 B of stack with spill loads inside the step loop,
@@ -83,7 +83,7 @@ DQ_MODES = ("separate", "atomic")
 BLOCK_KEYS = 128        # dK/dV program: two warpgroups x 64 keys
 BLOCK_Q = 64            # dK/dV step: query rows per Q / dO tile
 BLOCK_Q_D64 = 128       # at D=64 with the separate dQ kernel: the backward 1.11x (1k) / 1.10x (8k) without a mask,
-                        # 1.00x / 1.05x causal (H100, session 12); at D=128, and with the atomic dQ, it spills
+                        # 1.00x / 1.05x causal (H100, session 12); at D=128 (280-288 B) and with the atomic dQ it spills
 DQ_BLOCK_M = 128        # dQ program: two warpgroups x 64 query rows
 DQ_BLOCK_N = 128        # dQ step: keys per K / V tile (64 also compiles spill-free: 131,376 B of smem)
 NUM_STAGES = 2          # 132 KB of shared memory for dK/dV at D=128: 3 stages would fit (~164 KB), not timed
@@ -257,7 +257,8 @@ if AVAILABLE:
                          N_CTX, H, GROUP, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
                          NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr):
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
-        gl.static_assert(BLOCK_Q % (BLOCK_KEYS // 2) == 0, "causal: a query tile starts at a warpgroup's first key")
+        gl.static_assert(BLOCK_Q % (BLOCK_KEYS // 2) == 0, "whole warpgroups of query rows (launch_args checks "
+                         "N_CTX % BLOCK_Q)")
         WG_N: gl.constexpr = BLOCK_KEYS // 2
         dtype: gl.constexpr = desc_q.dtype
         n0 = gl.program_id(0) * BLOCK_KEYS      # program 0 holds the most causal work: it runs first as it is
@@ -454,6 +455,8 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     hk = k.shape[2]
     half = [BLOCK_KEYS // 2, d]
     bq = block_q or (BLOCK_Q_D64 if d == 64 and not atomic else BLOCK_Q)
+    if bq not in (64, 128) or s % bq:
+        raise ValueError(f"block_q must be 64 or 128 and divide the sequence length {s}, got {bq}")
     dkdv = (_desc(q, b * s, h * d, [bq, d]), _desc(k, b * s, hk * d, half), _desc(v, b * s, hk * d, half),
             _desc(do, b * s, h * d, [bq, d]), _desc(lse, b * h * s, 0, [bq]),
             _desc(delta, b * h * s, 0, [bq]), _desc(dk, b * s, hk * d, half), _desc(dv, b * s, hk * d, half),
