@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_run.sh OUT [STEPS]
 # STEPS: a comma list from tests,dense,sparse,decode,varlen,tune,generate (default: all), and on request
 # beforeafter (this checkout vs the one unpacked in .before/src, its sha in .before/SHA), gluon (the Gluon Hopper
-# forward, ops/hopper.py: check + time), gluonbwd (the Gluon backward, ops/hopper_bwd.py; GLUON_BWD_SEQLENS),
+# forward, ops/hopper.py: check + time; GLUON_ARGS), gluonbwd (the Gluon backward, ops/hopper_bwd.py;
+# GLUON_BWD_SEQLENS, GLUON_BWD_ARGS e.g. "--modes separate --headdims 64"),
 # profile (a training step's kernels per arm; PROFILE_ARMS, PROFILE_EXTRA e.g. --cuda-graph), share
 # (attention_share.py; SHARE_PRESET, default paper-16k) and paper
 # (paper_experiments.py; PAPER_PRESET, PAPER_ARMS, PAPER_MINUTES per arm, default 3.2: a hash arm at 186 ms/step
@@ -41,8 +42,9 @@ has beforeafter && step beforeafter 240 python3 benchmarks/before_after.py --old
 has profile && step profile 240 python3 benchmarks/train_step_profile.py --data .corpus/english \
     --arms "${PROFILE_ARMS:-dense,qk50,hash16}" --out "$out" ${PROFILE_EXTRA:+--extra="$PROFILE_EXTRA"}
 has gluon && step gluon "${GLUON_SECS:-240}" python3 benchmarks/gluon_fwd.py --out "$out" ${GLUON_ARGS:-}
+# shellcheck disable=SC2086
 has gluonbwd && step gluonbwd "${GLUON_BWD_SECS:-240}" python3 benchmarks/gluon_bwd.py --out "$out" \
-    ${GLUON_BWD_SEQLENS:+--seqlens "$GLUON_BWD_SEQLENS"}
+    ${GLUON_BWD_SEQLENS:+--seqlens "$GLUON_BWD_SEQLENS"} ${GLUON_BWD_ARGS:-}
 has share && step share 150 python3 benchmarks/attention_share.py --preset "${SHARE_PRESET:-paper-16k}" --out "$out"
 paper_arms=${PAPER_ARMS:-dense-strict hash16}
 paper_minutes=${PAPER_MINUTES:-3.2}
