@@ -134,8 +134,13 @@ def main(argv=None) -> int:
     except (KeyError, ValueError):
         p.error("--kernels takes fwd,dkdv,dq; --window takes two integers L,R")
     driver.set_active(TargetOnly(args.arch))
+    from flashring.bench.harness import keywords
     from flashring.masks import flash_bounds
     from flashring.ops import flash
+    try:
+        args.variant = keywords(args.variant)                  # launch_args keywords, parsed once
+    except argparse.ArgumentTypeError as exc:
+        p.error(f"--variant: {exc}")
     cuda = torch.device("cuda")                    # only its type is read: the GPU configuration tables
     if args.hopper:
         return hopper_usage(args)
@@ -220,14 +225,13 @@ def hopper_usage(args) -> int:
     if not hopper.AVAILABLE:
         print("hopper: Gluon is not available in this triton")
         return 0
-    variant = eval(f"dict({args.variant})")                    # noqa: S307 - a developer's own command line
-    print(f"triton {triton.__version__}, sm_{args.arch}, Gluon forward, seqlen {args.seqlen}, bf16 {variant}")
+    print(f"triton {triton.__version__}, sm_{args.arch}, Gluon forward, seqlen {args.seqlen}, bf16 {args.variant}")
     for d in (int(x) for x in args.headdims.split(",")):
         q = torch.empty(1, args.seqlen, 4, d, dtype=torch.bfloat16)
         k = torch.empty(1, args.seqlen, 2, d, dtype=torch.bfloat16)
         for causal in (False, True):
             grid, kargs = hopper.launch_args(q, k, k, d ** -0.5, causal, torch.empty_like(q),
-                                             torch.empty(1, 4, args.seqlen), **variant)
+                                             torch.empty(1, 4, args.seqlen), **args.variant)
             kern = hopper._attn_fwd_hopper.warmup(*kargs, grid=grid, num_warps=4)
             print(f"D={d:<3} causal={causal!s:<5} window=None HOPPER_FWD {{}}\n    {usage(kern, args.loops)}",
                   flush=True)
@@ -251,10 +255,9 @@ def hopper_bwd_usage(args) -> int:
             for mode in hopper_bwd.DQ_MODES:
                 atomic = mode == "atomic"
                 dq = torch.empty(q.shape, dtype=torch.float32) if atomic else torch.empty_like(q)
-                variant = eval(f"dict({args.variant})")            # noqa: S307 - a developer's command line
                 for kernel, grid, kargs in hopper_bwd.launch_args(q, q, k, k, lse, lse, d ** -0.5, causal, dq,
                                                                   torch.empty_like(k), torch.empty_like(k), atomic,
-                                                                  **variant):
+                                                                  **args.variant):
                     kern = kernel.warmup(*kargs, grid=grid, num_warps=4)
                     name = {"_bwd_dkdv_hopper": "HOPPER_DKDV", "_bwd_dq_hopper": "HOPPER_DQ"}[kernel.__name__]
                     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from flashring.bench.harness import csv, positive, variants
+
 CHECKS = [(2, 4, 4, 384), (1, 8, 2, 512)]      # (B, H, H_KV, N): plain, GQA 4 (a compile each: GROUP == 1 is
 #                                                 specialised)
 TOKENS = 16384
@@ -41,9 +43,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="append one JSON line per result to DIR/gluon-bwd.jsonl as it is measured")
     p.add_argument("--quick", action="store_true", help="time N = 8k only")
     p.add_argument("--seqlens", help="comma-separated N to time instead of 1k,4k,8k,16k (e.g. 512,1024,2048)")
-    p.add_argument("--modes", default="separate,atomic", help="the dQ modes to check and time")
-    p.add_argument("--headdims", default="128,64")
-    p.add_argument("--variants", default="",
+    p.add_argument("--modes", default=["separate", "atomic"], type=csv(str), help="the dQ modes to check and time")
+    p.add_argument("--headdims", default=[128, 64], type=csv(positive))
+    p.add_argument("--variants", default={}, type=variants,
                    help="';'-separated NAME:KEYWORDS for hopper_bwd.bwd with the separate dQ kernel, e.g. "
                         "'bq64:block_q=64', each checked and timed beside the modes")
     args = p.parse_args(argv)
@@ -58,11 +60,8 @@ def main(argv=None) -> int:
     from flashring.testing import GRAD_FACTOR, check_close, reference_pair
     dev = torch.device("cuda")
     # name -> (dq mode, launch keywords)
-    variants = {m: (m, {}) for m in args.modes.split(",") if m}
-    for item in filter(None, args.variants.split(";")):
-        name, _, kw = item.partition(":")
-        variants[name] = ("separate", eval(f"dict({kw})"))       # noqa: S307 - a developer's own command line
-    heads = [int(x) for x in args.headdims.split(",")]
+    launches = {**{m: (m, {}) for m in args.modes}, **{n: ("separate", kw) for n, kw in args.variants.items()}}
+    heads = args.headdims
     if not hopper_bwd.AVAILABLE or torch.cuda.get_device_capability(dev) != (9, 0):
         print("the Gluon backward needs an sm_90 GPU and triton's Gluon", file=sys.stderr)
         return 2
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
                 do = torch.randn_like(q)
                 out, lse = flash.fwd(q, k, v, d ** -0.5, upper=0 if causal else None)
                 refs = reference_pair(q, k, v, do, upper=0 if causal else None)
-                for name, (mode, kw) in variants.items():
+                for name, (mode, kw) in launches.items():
                     row = dict(type="check", B=b, H=h, H_KV=hkv, N=n, D=d, causal=causal, dq=mode, variant=name,
                                **kw)
                     try:
@@ -162,7 +161,7 @@ def main(argv=None) -> int:
             row = dict(type="result", B=b, H=h, H_KV=h, N=n, D=d, causal=causal, dtype="bf16", flops=fl)
             try:
                 out, lse = flash.fwd(q, k, v, d ** -0.5, upper=0 if causal else None)
-                for name, (mode, kw) in variants.items():
+                for name, (mode, kw) in launches.items():
                     if (d, causal, name) not in failed:
                         row[f"gluon_{name}_ms"] = graph_ms(
                             lambda m=mode, kw=kw: hopper_bwd.bwd(do, q, k, v, out, lse, d ** -0.5, causal, dq_mode=m,
@@ -175,17 +174,17 @@ def main(argv=None) -> int:
                 print(f"   error: {row['error']}", flush=True)
             emit(row)
             table.append(row)
-            times = [row.get(f"gluon_{m}_ms") for m in variants] + [row.get("portable_ms"), row.get("cudnn_ms")]
+            times = [row.get(f"gluon_{m}_ms") for m in launches] + [row.get("portable_ms"), row.get("cudnn_ms")]
             print(f"  timed B={b} H={h} N={n} D={d} causal={causal}: "
                   + " ".join("-" if t is None else f"{t:.3f}" for t in times) + " ms", flush=True)
             if "error" in row and fatal(row["error"]):
                 break
 
-    cols = [f"gluon {m}" for m in variants] + ["portable", "cudnn"]
+    cols = [f"gluon {m}" for m in launches] + ["portable", "cudnn"]
     print("\nbackward TFLOP/s (bf16, 16k tokens, hidden 2048; x cuDNN in brackets)")
     print(f"{'D':>4} {'N':>6} {'causal':<6} " + " ".join(f"{c:>17}" for c in cols))
     for r in table:
-        ms = [r.get(f"gluon_{m}_ms") for m in variants] + [r.get("portable_ms"), r.get("cudnn_ms")]
+        ms = [r.get(f"gluon_{m}_ms") for m in launches] + [r.get("portable_ms"), r.get("cudnn_ms")]
         cudnn = r.get("cudnn_ms")
         cells = []
         for t in ms:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from flashring.bench.harness import variants
+
 SHAPES = [(2, 8, 2, 1024, 128), (4, 16, 16, 4096, 128), (2, 16, 16, 8192, 128), (1, 16, 16, 16384, 128),
           (2, 32, 32, 8192, 64), (1, 32, 32, 16384, 64)]     # (B, H, H_KV, N, D)
 
@@ -34,16 +36,13 @@ def finite(c: dict) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="append one JSON line per result to DIR/gluon-fwd.jsonl as it is measured")
-    p.add_argument("--variants", default="",
+    p.add_argument("--variants", default={}, type=variants,
                    help="';'-separated NAME:KEYWORDS for hopper.fwd, e.g. 'tile:programs=1000000000' (default: the "
                         "kernel's defaults alone), each checked and timed beside the others")
     p.add_argument("--headdims", default="64,128")
     p.add_argument("--shapes", default="", help="';'-separated B,H,H_KV,N,D instead of the built-in grid")
     args = p.parse_args(argv)
-    variants = {"default": {}}
-    for item in filter(None, args.variants.split(";")):
-        name, _, kw = item.partition(":")
-        variants[name] = eval(f"dict({kw})")                   # noqa: S307 - a developer's own command line
+    launches = {"default": {}, **args.variants}
     if not torch.cuda.is_available():
         print("no GPU: compile the kernel with benchmarks/compile_probe.py --hopper", file=sys.stderr)
         return 2
@@ -76,7 +75,7 @@ def main(argv=None) -> int:
             return None
 
     emit(run_metadata(dev, ["benchmarks/gluon_fwd.py", *(argv or sys.argv[1:])]))
-    names = list(variants)
+    names = list(launches)
     print(f"{'shape':<28} {'causal':<6} {'check':<6} " + " ".join(f"{n:>8}" for n in names)
           + f" {'portable':>9} {'cudnn':>7}  TFLOP/s (CUDA-graph replays)")
     heads = {int(x) for x in args.headdims.split(",")}
@@ -90,7 +89,7 @@ def main(argv=None) -> int:
             g = h // hkv
             refs = reference_pair(q[:1, :, :g], k[:1, :, :1], v[:1, :, :1], None, upper=0 if causal else None)
             rows, fns = {}, {}
-            for name, kw in variants.items():
+            for name, kw in launches.items():
                 row = dict(type="result", B=b, H=h, H_KV=hkv, N=n, D=d, causal=causal, variant=name, **kw)
                 try:
                     out, lse = hopper.fwd(q, k, v, d ** -0.5, causal, **kw)

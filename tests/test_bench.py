@@ -147,6 +147,20 @@ def test_bad_arguments_exit_2(argv, tmp_path, capsys):
     assert not list(tmp_path.glob("*.jsonl"))
 
 
+def test_launch_keyword_arguments():
+    """The kernel benchmarks' --variant / --variants: Python literals only (no eval), bad items an argparse error."""
+    assert H.keywords("programs=3, dynamic=False,block_q=128") == dict(programs=3, dynamic=False, block_q=128)
+    assert H.keywords("") == {}
+    assert H.variants("tile:programs=1000000000;s3:stages=3;") == dict(tile=dict(programs=1000000000),
+                                                                       s3=dict(stages=3))
+    for bad in ("programs", "3=programs", "x=__import__('os')", "x=1+"):
+        with pytest.raises(H.argparse.ArgumentTypeError):
+            H.keywords(bad)
+    for bad in ("programs=3", ":programs=3"):
+        with pytest.raises(H.argparse.ArgumentTypeError):
+            H.variants(bad)
+
+
 def test_format_table_aligns_columns_and_sections():
     text = H.format_table(["name", "ms"], ["== section", ["a", "1.5"], ["longer", "10"]])
     lines = text.splitlines()

@@ -14,6 +14,7 @@ metadata, the results file, the text table, progress and plots. Suites (``dense`
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import gc
 import itertools
@@ -558,6 +559,32 @@ def positive(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
     return n
+
+
+def keywords(text: str) -> Dict[str, object]:
+    """argparse type: ``"programs=3,dynamic=False"`` -> ``{"programs": 3, "dynamic": False}`` (keyword arguments
+    of a kernel's launch_args from a developer's command line; values are Python literals)."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, eq, value = item.partition("=")
+        try:
+            if not eq or not name.strip().isidentifier():
+                raise ValueError
+            out[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise argparse.ArgumentTypeError(f"{item!r} is not NAME=LITERAL") from None
+    return out
+
+
+def variants(text: str) -> Dict[str, Dict[str, object]]:
+    """argparse type: ``"tile:programs=1000000000;s3:stages=3"`` -> ``{name: keywords(...)}``."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(";"))):
+        name, colon, kw = item.partition(":")
+        if not colon or not name.strip():
+            raise argparse.ArgumentTypeError(f"{item!r} is not NAME:KEYWORDS")
+        out[name.strip()] = keywords(kw)
+    return out
 
 
 def seqlen(text: str) -> int:

@@ -18,7 +18,6 @@ query head re-read its KV head. Here:
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -27,7 +26,7 @@ import triton.language as tl
 
 from .flash import (EMPTY_LSE_C, LN2_C, NO_KEY_C, mma, next_flagged_key, nonfinite_rows, precision, score_args,
                     softcap_tanh, unit_last)
-from .launch import Launcher, cdiv, next_power_of_2
+from .launch import Launcher, cdiv, next_power_of_2, sm_count
 
 
 @triton.jit
@@ -220,11 +219,6 @@ def decode_config(head_dim: int, page: Optional[int], device: torch.device) -> d
     return dict(BLOCK_N=block_n, num_warps=4, num_stages=3 if device.type == "cuda" else 1)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 MAX_SPLITS = 64      # the merge unrolls over the splits (flash-attn allows 128; at 1 x 16k, 64 already lost to 32)
 
 
@@ -237,7 +231,7 @@ def choose_splits(batch: int, heads_k: int, m_blocks: int, max_keys: int, block_
     of 2 tiles (7.4 us vs 4 splits 8.3)."""
     if requested > 0:
         return min(requested, MAX_SPLITS)
-    sms = _sm_count(device.index or 0) if device.type == "cuda" else 4
+    sms = sm_count(device.index or 0) if device.type == "cuda" else 4
     programs = batch * heads_k * m_blocks
     tiles = cdiv(max(max_keys, 1), block_n)
     return max(1, min(32, (2 * sms) // programs, cdiv(tiles, 2)))

@@ -50,8 +50,7 @@ def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optio
     lower/upper relative to each sequence's bottom-right diagonal. ``out_dtype`` (default q's): callers that merge
     partial outputs (ring attention) take them in float32."""
     if (q.is_cuda and sparse is None and varlen is None and out_dtype in (None, q.dtype)
-            and hopper.enabled(q.device, q.shape[-1])
-            and hopper.applies(q, k, v, lower, upper, softcap)):
+            and hopper.enabled(q.device, q.shape[-1]) and hopper.applies(q, k, v, lower, upper, softcap)):
         return hopper.fwd(q, k, v, softmax_scale, causal=upper == 0)       # sm_90 path (ops/hopper.py)
     if on_triton(q):
         return flash.fwd(q, k, v, softmax_scale, lower, upper, softcap, sparse, varlen, out_dtype=out_dtype)

@@ -47,7 +47,7 @@ from typing import Optional, Tuple
 import torch
 
 from .flash import NO_KEY_C
-from .launch import Launcher
+from .launch import Launcher, sm_count
 
 try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
     from triton.experimental import gluon
@@ -64,6 +64,8 @@ BLOCK_N = 128
 NUM_STAGES = 2          # 196 KB of shared memory at D=128 (two Q buffers); 3 stages no longer fit there (262 KB;
                         # with one Q buffer they measured within noise, sessions 7 and 11)
 PERSISTENT = True       # one program per SM (launch_args)
+L2_GROUP_BYTES = 16 << 20   # K and V of the (batch, head) pairs a causal walk interleaves (head_group): a third of
+                            # the H100's 50 MB L2
 ENV = "FLASHRING_HOPPER_FWD"
 
 
@@ -152,6 +154,12 @@ if AVAILABLE:
         return first
 
     @gluon.jit
+    def _put_scalar(slot, x, NUM_WARPS: gl.constexpr):
+        """``x`` (int32) into the one-element shared-memory ``slot``, from a partition of NUM_WARPS warps (every
+        thread writes the same value)."""
+        slot.store(gl.full([1], x, gl.int32, gl.BlockedLayout([1], [32], [NUM_WARPS], [0])))
+
+    @gluon.jit
     def _diagonal_values(v_tile, start_n, scan_bar, scan_smem, phase, WG: gl.constexpr, NUM_WARPS: gl.constexpr):
         """The diagonal tile's value rows made safe for P V: each warpgroup scans half of the rows for the first
         non-finite key and leaves its answer in ``scan_smem`` (a slot pair per ``phase``, so that a warpgroup
@@ -162,12 +170,11 @@ if AVAILABLE:
         1.02x at 4k (H100, session 12)."""
         HALF: gl.constexpr = v_tile.shape[0] // 2
         mine = _nonfinite_rows(v_tile.slice(WG * HALF, HALF, dim=0), start_n + WG * HALF, False, NUM_WARPS)
-        one: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
         slots = scan_smem.index(phase)
-        slots.slice(WG, 1, dim=0).store(gl.full([1], mine, gl.int32, one))
+        _put_scalar(slots.slice(WG, 1, dim=0), mine, NUM_WARPS)
         mbarrier.arrive(scan_bar, count=1)        # after a partition barrier: every thread's store is in
         mbarrier.wait(scan_bar, phase)
-        first = gl.min(slots.load(one), axis=0)
+        first = gl.min(slots.load(gl.BlockedLayout([1], [32], [NUM_WARPS], [0])), axis=0)
         if first < NO_KEY_C:
             _nonfinite_rows(v_tile, start_n, True, NUM_WARPS)
         fence_async_shared()              # the zeros before this warpgroup's wgmma (the async proxy) reads V
@@ -301,11 +308,6 @@ if AVAILABLE:
             t = gl.program_id(0) + n_done * gl.num_programs(0)
         return t
 
-    @gluon.jit
-    def _post_tile(tile_smem, buf, t):
-        """Slot ``buf`` of the tile indices: ``t`` for the consumers (before the Q barrier's arrival releases it)."""
-        layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-        tile_smem.index(buf).store(gl.full([1], t, gl.int32, layout))
 
     @gluon.jit
     def _producer(q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, desc_q, desc_k,
@@ -322,7 +324,7 @@ if AVAILABLE:
             buf = n_done % 2
             # fresh mbarriers count as "phase 1 complete": waiting on phase ^ 1 lets the first use of each through
             mbarrier.wait(q_empty.index(buf), ((n_done // 2) & 1) ^ 1)
-            _post_tile(tile_smem, buf, t)
+            _put_scalar(tile_smem.index(buf), t, 1)     # read by the consumers after the Q barrier
             mbarrier.expect(q_bar.index(buf), 2 * desc_q.block_type.nbytes)
             for w in gl.static_range(2):
                 tma.async_copy_global_to_shared(desc_q, [q_row0 + w * WG_M, q_col], q_bar.index(buf),
@@ -335,7 +337,7 @@ if AVAILABLE:
             t = _next_tile(counter_ptr, n_done, DYNAMIC)
         buf = n_done % 2            # the end of the walk: an index >= N_TILES in the next slot, no Q load
         mbarrier.wait(q_empty.index(buf), ((n_done // 2) & 1) ^ 1)
-        _post_tile(tile_smem, buf, t)
+        _put_scalar(tile_smem.index(buf), t, 1)
         mbarrier.arrive(q_bar.index(buf), count=1)
 
     @gluon.jit
@@ -416,9 +418,6 @@ def head_group(seqlen: int, head_dim: int, itemsize: int) -> int:
     return max(1, L2_GROUP_BYTES // (2 * seqlen * head_dim * itemsize))
 
 
-L2_GROUP_BYTES = 16 << 20       # a third of the H100's 50 MB L2
-
-
 def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                 out: torch.Tensor, lse: torch.Tensor, stages: int = NUM_STAGES,
                 programs: Optional[int] = None, dynamic: Optional[bool] = None,
@@ -433,7 +432,7 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
     hk = k.shape[2]
     n_tiles = b * h * (s // BLOCK_M)
     if programs is None and PERSISTENT:
-        programs = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+        programs = sm_count(q.device.index) if q.is_cuda else 132
     programs = n_tiles if programs is None else max(1, min(n_tiles, programs))
     if dynamic is None:
         dynamic = causal and programs < n_tiles

@@ -12,8 +12,11 @@ an unseen specialisation takes Triton's normal path, which compiles it, and is r
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Dict, Tuple
+
+import torch
 
 from triton.runtime import driver
 
@@ -64,3 +67,9 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Multiprocessors of CUDA device ``index``, read once (launch sizing on a hot path)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
