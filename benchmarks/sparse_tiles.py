@@ -25,12 +25,32 @@ from flashring.metadata import run_metadata  # noqa: E402
 from flashring.ops import flash  # noqa: E402
 
 FWD = {"fwd 128x64/8w": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=128),
-       "fwd 64x64/4w": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)}
+       "fwd 64x64/4w": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+       # the row-table forward spills 64-96 B inside its key loop under the dense cap of 128 registers (compiled
+       # for sm_90, triton 3.6); 168 holds it spill-free at D=64 but lets one 8-warp program per SM run
+       "fwd 128x64/8w r168": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=168),
+       # D=128: the dense default (128x128, 104-120 B of stack in the row-table forward) and the causal one
+       # (128x64, spill-free there)
+       "fwd 128x128/8w": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+       "fwd 128x64/8w nocap": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)}
 BWD = {"bwd 64x64": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
        "bwd 32x64": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
-       "bwd 64x32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)}
+       "bwd 64x32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+       "bwd 64x64 s2": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)}
 VARIANTS = [("fwd 128x64/8w", "bwd 64x64"), ("fwd 64x64/4w", "bwd 64x64"), ("fwd 128x64/8w", "bwd 32x64"),
             ("fwd 128x64/8w", "bwd 64x32")]
+
+
+def pairs(text: str) -> list:
+    """``--pairs``: 'FWD+BWD;...' -> [(FWD, BWD), ...], names from FWD / BWD."""
+    out = []
+    for item in text.split(";"):
+        fv, _, bv = item.strip().partition("+")
+        if fv not in FWD or bv not in BWD:
+            raise argparse.ArgumentTypeError(f"unknown pair {item!r}: forward one of {sorted(FWD)}, "
+                                             f"backward one of {sorted(BWD)}")
+        out.append((fv, bv))
+    return out
 
 
 def kernel_ms(fn, calls: int = 5) -> float:
@@ -50,6 +70,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqlens", default="8192,16384")
     ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--headdim", type=int, default=64)
+    ap.add_argument("--pairs", type=pairs, default=VARIANTS,
+                    help="';'-separated FORWARD+BACKWARD config names (the first is the baseline), e.g. "
+                    "'fwd 128x64/8w+bwd 64x64;fwd 128x64/8w r168+bwd 64x64'")
     args = ap.parse_args()
     dev = torch.device("cuda")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -58,7 +82,8 @@ def main() -> int:
     default_config = flash.default_config
     rows = []
     for s in (int(x) for x in args.seqlens.split(",")):
-        b, h, d = 1, 32, 64
+        b, d = 1, args.headdim
+        h = 2048 // d                                   # hidden 2048, as the dense and sparse suites
         q, k, v, do = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(4))
         for t in (q, k, v):
             t.requires_grad_()
@@ -72,7 +97,7 @@ def main() -> int:
                                                                                        num_buckets=nb)
         for pname, call in pats.items():
             base = None
-            for fv, bv in VARIANTS:
+            for fv, bv in args.pairs:
                 flash.default_config = lambda *a, backward=False, fv=fv, bv=bv, **kw: dict(BWD[bv] if backward
                                                                                          else FWD[fv])
                 try:
@@ -84,14 +109,15 @@ def main() -> int:
                     both_ms = kernel_ms(lambda: torch.autograd.grad(call(), (q, k, v), do))
                 finally:
                     flash.default_config = default_config
-                rows.append(dict(seqlen=s, pattern=pname, fwd_config=fv, bwd_config=bv, fwd_ms=fwd_ms,
+                rows.append(dict(seqlen=s, headdim=d, pattern=pname, fwd_config=fv, bwd_config=bv, fwd_ms=fwd_ms,
                                  fwd_bwd_ms=both_ms, max_abs_diff_vs_first=diff))
                 print(json.dumps(rows[-1]), flush=True)
     with open(args.out / H.results_name(dev, "sparse-tiles"), "w") as f:
         f.write(json.dumps(meta) + "\n")
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    print(f"\nsparse tiles on {meta['device']} (git {meta.get('git_sha')}), kernel ms per call, B=1 H=32 D=64 causal")
+    print(f"\nsparse tiles on {meta['device']} (git {meta.get('git_sha')}), kernel ms per call, B=1, hidden 2048, "
+          f"D={args.headdim}, causal")
     print(f"{'N':>6} {'pattern':<9} {'forward':<15} {'backward':<10} {'fwd ms':>8} {'fwd+bwd ms':>10} {'diff':>8}")
     for r in rows:
         print(f"{r['seqlen']:>6} {r['pattern']:<9} {r['fwd_config']:<15} {r['bwd_config']:<10} {r['fwd_ms']:>8.3f} "
