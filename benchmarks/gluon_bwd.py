@@ -46,8 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default=["separate", "atomic"], type=csv(str), help="the dQ modes to check and time")
     p.add_argument("--headdims", default=[128, 64], type=csv(positive))
     p.add_argument("--variants", default={}, type=variants,
-                   help="';'-separated NAME:KEYWORDS for hopper_bwd.bwd with the separate dQ kernel, e.g. "
-                        "'bq64:block_q=64', each checked and timed beside the modes")
+                   help="';'-separated NAME:KEYWORDS for hopper_bwd.bwd (the separate dQ kernel unless dq_mode "
+                        "is given), e.g. 'bq64:block_q=64;single:dq_mode=\"atomic\",pair_dq=False', each checked "
+                        "and timed beside the modes")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no GPU: compile the kernels with benchmarks/compile_probe.py --hopper-bwd", file=sys.stderr)
@@ -60,7 +61,10 @@ def main(argv=None) -> int:
     from flashring.testing import GRAD_FACTOR, check_close, reference_pair
     dev = torch.device("cuda")
     # name -> (dq mode, launch keywords)
-    launches = {**{m: (m, {}) for m in args.modes}, **{n: ("separate", kw) for n, kw in args.variants.items()}}
+    # (a variant's dq_mode keyword picks its dQ mode: separate unless given)
+    launches = {**{m: (m, {}) for m in args.modes},
+                **{n: (kw.get("dq_mode", "separate"), {k: v for k, v in kw.items() if k != "dq_mode"})
+                   for n, kw in args.variants.items()}}
     heads = args.headdims
     if not hopper_bwd.AVAILABLE or torch.cuda.get_device_capability(dev) != (9, 0):
         print("the Gluon backward needs an sm_90 GPU and triton's Gluon", file=sys.stderr)

@@ -26,7 +26,10 @@ dQ, chosen by :func:`dq_mode` (the GPU session times both: ``benchmarks/gluon_bw
   mode): the dK/dV program also stores dS^T to shared memory and computes its 64 keys' share of dQ = dS K by
   wgmma (A = the transposed view of that buffer), adding it into a zeroed fp32 (B, S, H, D) buffer with fp32
   atomics; a cast makes dq. 5 matmuls, but 64 x D atomic adds per warpgroup and step, in an order that varies
-  from run to run.
+  from run to run. With ``pair_dq`` (a launch keyword, off: compiled, not yet run on a GPU) the two warpgroups
+  exchange their dS^T tiles through shared memory every step and each adds half of dQ's columns summed over the
+  program's 128 keys: half the atomic traffic (the one-per-64-keys form moves ~4 TB/s of fp32 reductions at
+  cuDNN's speed, estimated from the tile sizes), at the price of a meeting per step.
 
 Compiled for sm_90 on the CPU box with triton 3.6.0 / ptxas 12.8, the GPU image's (``benchmarks/compile_probe.py
 --hopper-bwd --loops``; per kernel 168 registers, then ``setmaxnreg`` gives the consumers 240):
@@ -123,14 +126,49 @@ if AVAILABLE:
     LOG2E_C = gl.constexpr(LOG2E)                    # what a kernel may read of a module global
 
     @gluon.jit
+    def _pair_dq(ds_smem, k_smem, ds_ready, ds_free, dst, n_ds, both, dq_zero, WG: gl.constexpr,
+                 DQ_N: gl.constexpr, STORE: gl.constexpr):
+        """PAIR_DQ's exchange: this warpgroup's dS^T (STORE; a warpgroup that skipped the tile stores nothing)
+        into its slot of the step's pair, then, once both have arrived, its DQ_N columns of dQ = dS K over the
+        program's keys: warpgroup 1's dS^T against its K rows, then warpgroup 0's added (``both``) or in its
+        place (warpgroup 1 skipped: its slot holds an older tile, whose product is dropped). An async token."""
+        slot = n_ds % 2
+        phase = (n_ds // 2) & 1
+        # both read this pair two exchanges ago (a fresh barrier passes); waited for even without a store, so
+        # that no arrival below runs a phase ahead of the other warpgroup's wait
+        mbarrier.wait(ds_free.index(slot), phase ^ 1)
+        if STORE:
+            ds_smem.index(slot * 2 + WG).store(dst)
+            fence_async_shared()          # the generic-proxy stores before either warpgroup's wgmma reads them
+        mbarrier.arrive(ds_ready.index(slot), count=1)        # after a partition barrier: every thread's store is in
+        mbarrier.wait(ds_ready.index(slot), phase)
+        dq = warpgroup_mma(ds_smem.index(slot * 2 + 1).permute((1, 0)),
+                           k_smem.index(1).slice(WG * DQ_N, DQ_N, dim=1), dq_zero, use_acc=False, is_async=True)
+        return warpgroup_mma(ds_smem.index(slot * 2).permute((1, 0)), k_smem.index(0).slice(WG * DQ_N, DQ_N, dim=1),
+                             dq, use_acc=both, is_async=True)
+
+    @gluon.jit
+    def _pair_release(qdo_empty, ds_free, stage, n_ds, dq, dq_tile, offs):
+        """After PAIR_DQ's wgmmas: the Q / dO stage and the dS^T pair released, this warpgroup's dQ columns added
+        (``dq_tile``: the tile's first row, int64; ``offs``: int32 offsets inside it, < 64 * H * D)."""
+        mbarrier.arrive(qdo_empty.index(stage), count=1)
+        mbarrier.arrive(ds_free.index(n_ds % 2), count=1)
+        gl.atomic_add(dq_tile + offs, dq, sem="relaxed")      # scaled in the cast
+
+    @gluon.jit
     def _dkdv_consumer(WG: gl.constexpr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar,
-                       q_ready, do_ready, qdo_empty, desc_dk, desc_dv, dq_ptr, qk_scale, dq_row, N_CTX,
-                       GROUP, j_lo, n_q, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr,
+                       q_ready, do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale, dq_row,
+                       N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr,
                        HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                       ATOMIC_DQ: gl.constexpr):
+                       ATOMIC_DQ: gl.constexpr, PAIR_DQ: gl.constexpr):
         """One consumer warpgroup: 64 keys' dK and dV (and, ATOMIC_DQ, their share of dQ: ``dq_ptr`` at this
         program's (batch, first query head), ``dq_row`` elements per query row). Few live scalars (ids are read
-        again, not passed): at D=128 the atomic variant sits at the 240-register edge."""
+        again, not passed): at D=128 the atomic variant sits at the 240-register edge.
+
+        PAIR_DQ (with ATOMIC_DQ): the two warpgroups exchange their dS^T tiles in shared memory each step, and
+        each adds half of dQ's columns summed over both warpgroups' keys: half the fp32 atomics (per 128 keys, not
+        per 64) and half per thread, at the price of a meeting per step. Without it each adds its own 64 keys'
+        share of every column."""
         WG_N: gl.constexpr = BLOCK_KEYS // 2
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = k_smem.dtype
@@ -140,7 +178,10 @@ if AVAILABLE:
                                                              instr_shape=[16, HEAD_DIM, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         q_col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)        # one value per query (column of S^T)
-        DQ_N: gl.constexpr = 64 if HEAD_DIM > 64 else HEAD_DIM
+        if PAIR_DQ:
+            DQ_N: gl.constexpr = HEAD_DIM // 2                 # this warpgroup's columns of dQ
+        else:
+            DQ_N: gl.constexpr = 64 if HEAD_DIM > 64 else HEAD_DIM
         dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                             instr_shape=[16, DQ_N, 16])
         dq_zero = gl.zeros([BLOCK_Q, DQ_N], gl.float32, dq_layout)
@@ -155,6 +196,8 @@ if AVAILABLE:
         st_zero = gl.zeros([WG_N, BLOCK_Q], gl.float32, st_layout)
         dk = gl.zeros([WG_N, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([WG_N, HEAD_DIM], gl.float32, acc_layout)
+        key_lo0 = gl.program_id(0) * BLOCK_KEYS          # warpgroup 0's first key: it works whenever either does
+        n_ds = 0                                         # PAIR_DQ exchanges so far (both warpgroups count alike)
         mbarrier.wait(kv_bar, 0)
         for it in range(GROUP * n_q):
             stage = it % NUM_STAGES
@@ -189,7 +232,14 @@ if AVAILABLE:
                     delta = delta_smem.index(stage).load(q_col_layout)
                     dst = (pt * (dpt - delta[None, :])).to(dtype)
                 dk_tok = warpgroup_mma(gl.convert_layout(dst, a_layout), q_tile, dk, is_async=True)
-                if ATOMIC_DQ:
+                if PAIR_DQ:
+                    dq_tok = _pair_dq(ds_smem, k_smem, ds_ready, ds_free, dst, n_ds, m0 + BLOCK_Q > key_lo0 + WG_N,
+                                      dq_zero, WG, DQ_N, True)
+                    dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok))
+                    _pair_release(qdo_empty, ds_free, stage, n_ds, dq, dq_ptr + m0.to(gl.int64) * dq_row,
+                                  dq_rows[:, None] + (g * HEAD_DIM + WG * DQ_N + dq_cols)[None, :])
+                    n_ds += 1
+                elif ATOMIC_DQ:
                     # dQ = dS K in DQ_N-column slices: the full 64 x D accumulator beside dK and dV spilled at
                     # D=128 (64-72 B of stack; ptxas also serialised the wgmmas); a slice is 32 registers
                     ds_wg = ds_smem.index(WG)
@@ -211,6 +261,12 @@ if AVAILABLE:
                 else:
                     dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
                     mbarrier.arrive(qdo_empty.index(stage), count=1)
+            elif PAIR_DQ and WG == 1 and m0 + BLOCK_Q > key_lo0:    # 1 skips, 0 works: 1's dQ columns still
+                dq_tok = _pair_dq(ds_smem, k_smem, ds_ready, ds_free, st_zero, n_ds, False, dq_zero, WG, DQ_N, False)
+                dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
+                _pair_release(qdo_empty, ds_free, stage, n_ds, dq, dq_ptr + m0.to(gl.int64) * dq_row,
+                              dq_rows[:, None] + (g * HEAD_DIM + WG * DQ_N + dq_cols)[None, :])
+                n_ds += 1
             else:
                 mbarrier.arrive(qdo_empty.index(stage), count=1)
 
@@ -255,8 +311,10 @@ if AVAILABLE:
     @gluon.jit
     def _bwd_dkdv_hopper(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_dk, desc_dv, dq_ptr, sm_scale,
                          N_CTX, H, GROUP, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
-                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr):
+                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr,
+                         PAIR_DQ: gl.constexpr):
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
+        gl.static_assert(ATOMIC_DQ or not PAIR_DQ, "PAIR_DQ is a way of adding dQ atomically")
         gl.static_assert(BLOCK_Q % (BLOCK_KEYS // 2) == 0, "whole warpgroups of query rows (launch_args checks "
                          "N_CTX % BLOCK_Q)")
         WG_N: gl.constexpr = BLOCK_KEYS // 2
@@ -281,14 +339,21 @@ if AVAILABLE:
         delta_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_Q], desc_delta.layout)
         if ATOMIC_DQ:
             ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_N, BLOCK_Q], dtype)
-            ds_smem = gl.allocate_shared_memory(dtype, [2, WG_N, BLOCK_Q], ds_layout)
+            # PAIR_DQ: two exchanges in flight (a warpgroup may start the next step's exchange before the other
+            # has read this one's pair), each a (warpgroup 0, warpgroup 1) pair of dS^T tiles
+            ds_smem = gl.allocate_shared_memory(dtype, [4 if PAIR_DQ else 2, WG_N, BLOCK_Q], ds_layout)
         else:
             ds_smem = q_smem                    # unused
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         qdo_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())     # PAIR_DQ's
+        ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(ds_ready.index(i), count=2)     # both warpgroups' dS^T are in
+            mbarrier.init(ds_free.index(i), count=2)      # both warpgroups have read the pair
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(q_ready.index(i), count=1)
             mbarrier.init(do_ready.index(i), count=1)
@@ -298,13 +363,13 @@ if AVAILABLE:
         # Argument tuples are built inline: a tuple assigned to a local turns its constexprs into tensors.
         gl.warp_specialize([
             (_dkdv_consumer, (0, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
-                              do_ready, qdo_empty, desc_dk, desc_dv, dq_ptr, qk_scale, H * HEAD_DIM,
-                              N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES,
-                              CAUSAL, ATOMIC_DQ)),
+                              do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale,
+                              H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES,
+                              CAUSAL, ATOMIC_DQ, PAIR_DQ)),
             (_dkdv_consumer, (1, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
-                              do_ready, qdo_empty, desc_dk, desc_dv, dq_ptr, qk_scale, H * HEAD_DIM,
-                              N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES,
-                              CAUSAL, ATOMIC_DQ)),
+                              do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale,
+                              H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES,
+                              CAUSAL, ATOMIC_DQ, PAIR_DQ)),
             (_dkdv_producer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready,
                               qdo_empty, desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, N_CTX, H, b, hk,
                               GROUP, n0, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES)),
@@ -315,6 +380,9 @@ if AVAILABLE:
             mbarrier.invalidate(q_ready.index(i))
             mbarrier.invalidate(do_ready.index(i))
             mbarrier.invalidate(qdo_empty.index(i))
+        for i in gl.static_range(2):
+            mbarrier.invalidate(ds_ready.index(i))
+            mbarrier.invalidate(ds_free.index(i))
 
     @gluon.jit
     def _dq_consumer(WG: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty,
@@ -445,12 +513,13 @@ def _desc(t: torch.Tensor, rows: int, cols: int, box):
 
 def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
                 delta: torch.Tensor, softmax_scale: float, causal: bool, dq: torch.Tensor, dk: torch.Tensor,
-                dv: torch.Tensor, atomic: bool, block_q: int = 0):
+                dv: torch.Tensor, atomic: bool, block_q: int = 0, pair_dq: bool = False):
     """``[(kernel, grid, args), ...]`` of one backward (each launched as ``kernel[grid](*args, num_warps=4)``):
     the dK/dV kernel, then (not ``atomic``) the dQ kernel. ``dq``: the fp32 accumulator when ``atomic``. Split
     out so that a machine without a GPU can compile the kernels (tests, ``compile_probe.py --hopper-bwd``).
     ``block_q``: query rows per dK/dV step (default :data:`BLOCK_Q_D64` at D=64 without ``atomic``, else
-    :data:`BLOCK_Q`)."""
+    :data:`BLOCK_Q`). ``pair_dq`` (``atomic`` only): the two warpgroups sum their dQ shares before the atomics
+    (``_dkdv_consumer``'s PAIR_DQ; session 13, compiled for sm_90 but not yet run on a GPU, so off)."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     half = [BLOCK_KEYS // 2, d]
@@ -460,7 +529,7 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     dkdv = (_desc(q, b * s, h * d, [bq, d]), _desc(k, b * s, hk * d, half), _desc(v, b * s, hk * d, half),
             _desc(do, b * s, h * d, [bq, d]), _desc(lse, b * h * s, 0, [bq]),
             _desc(delta, b * h * s, 0, [bq]), _desc(dk, b * s, hk * d, half), _desc(dv, b * s, hk * d, half),
-            dq, softmax_scale, s, h, h // hk, BLOCK_KEYS, bq, d, NUM_STAGES, causal, atomic)
+            dq, softmax_scale, s, h, h // hk, BLOCK_KEYS, bq, d, NUM_STAGES, causal, atomic, atomic and pair_dq)
     launches = [(_bwd_dkdv_hopper, (s // BLOCK_KEYS, hk, b), dkdv)]
     if not atomic:
         wg = [DQ_BLOCK_M // 2, d]
