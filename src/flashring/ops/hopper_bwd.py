@@ -233,8 +233,8 @@ if AVAILABLE:
                     dst = (pt * (dpt - delta[None, :])).to(dtype)
                 dk_tok = warpgroup_mma(gl.convert_layout(dst, a_layout), q_tile, dk, is_async=True)
                 if PAIR_DQ:
-                    dq_tok = _pair_dq(ds_smem, k_smem, ds_ready, ds_free, dst, n_ds, m0 + BLOCK_Q > key_lo0 + WG_N,
-                                      dq_zero, WG, DQ_N, True)
+                    dq_tok = _pair_dq(ds_smem, k_smem, ds_ready, ds_free, dst, n_ds,
+                                      (not CAUSAL) or m0 + BLOCK_Q > key_lo0 + WG_N, dq_zero, WG, DQ_N, True)
                     dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok))
                     _pair_release(qdo_empty, ds_free, stage, n_ds, dq, dq_ptr + m0.to(gl.int64) * dq_row,
                                   dq_rows[:, None] + (g * HEAD_DIM + WG * DQ_N + dq_cols)[None, :])
@@ -270,7 +270,10 @@ if AVAILABLE:
             else:
                 mbarrier.arrive(qdo_empty.index(stage), count=1)
 
-        # epilogue: stage through this warpgroup's own K / V buffers (no reader left), TMA store
+        # epilogue: stage through this warpgroup's own K / V buffers, TMA store; with PAIR_DQ the other
+        # warpgroup's last dQ wgmma reads this K buffer too: wait until it has released the last exchange
+        if PAIR_DQ:
+            mbarrier.wait(ds_free.index((n_ds - 1) % 2), ((n_ds - 1) // 2) & 1)
         k_wg.store((dk * (qk_scale / LOG2E_C)).to(dtype))      # the softmax scale, from a live scalar
         v_wg.store(dv.to(dtype))
         fence_async_shared()
@@ -526,6 +529,8 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     bq = block_q or (BLOCK_Q_D64 if d == 64 and not atomic else BLOCK_Q)
     if bq not in (64, 128) or s % bq:
         raise ValueError(f"block_q must be 64 or 128 and divide the sequence length {s}, got {bq}")
+    if atomic and pair_dq and bq != BLOCK_Q:
+        raise ValueError(f"pair_dq takes block_q={BLOCK_Q} (its dS^T pairs would not fit shared memory), got {bq}")
     dkdv = (_desc(q, b * s, h * d, [bq, d]), _desc(k, b * s, hk * d, half), _desc(v, b * s, hk * d, half),
             _desc(do, b * s, h * d, [bq, d]), _desc(lse, b * h * s, 0, [bq]),
             _desc(delta, b * h * s, 0, [bq]), _desc(dk, b * s, hk * d, half), _desc(dv, b * s, hk * d, half),
