@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--headdims", default=[128, 64], type=csv(positive))
     p.add_argument("--variants", default={}, type=variants,
                    help="';'-separated NAME:KEYWORDS for hopper_bwd.bwd (the separate dQ kernel unless dq_mode "
-                        "is given), e.g. 'bq64:block_q=64;single:dq_mode=\"atomic\",pair_dq=False', each checked "
+                        "is given), e.g. 'bq64:block_q=64;a:dq_mode=\"atomic\"', each checked "
                         "and timed beside the modes")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

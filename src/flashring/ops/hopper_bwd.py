@@ -3,8 +3,8 @@
 On by default on sm_90 with the separate dQ kernel (:func:`dq_mode`; ``FLASHRING_HOPPER_BWD=0`` turns it off,
 ``=atomic`` asks for the atomic dQ). Its first GPU run (session 8, H100, 2 x 8k, bf16) passed every check and
 timed the backward at 0.89-0.94x cuDNN's (separate dQ; 1.06-1.46x the portable backward), the atomic dQ at
-0.52-0.68x. The portable Triton backward (``ops.flash.bwd``) serves every call this one does not take
-(:func:`applies`).
+0.52-0.68x (0.81-0.93x since session 13's exchange of dS^T between the warpgroups). The portable Triton backward
+(``ops.flash.bwd``) serves every call this one does not take (:func:`applies`).
 
 dK/dV kernel: one program = 128 keys (two 4-warp consumer warpgroups of 64 keys) of one (batch, kv head); a 1-warp
 producer loads the program's K and V once and then, for every query head of the group and every query block (64
@@ -23,13 +23,13 @@ dQ, chosen by :func:`dq_mode` (the GPU session times both: ``benchmarks/gluon_bw
   (128 query rows, K/V ring) recomputes S, P, dP and accumulates dQ = dS K with dS from registers: 3 more
   matmuls, 7 in all; every gradient is written by one program in a fixed order, so runs are bitwise equal.
 - ``"atomic"`` (``FLASHRING_HOPPER_BWD=atomic``, never under ``deterministic=True`` nor torch's deterministic
-  mode): the dK/dV program also stores dS^T to shared memory and computes its 64 keys' share of dQ = dS K by
-  wgmma (A = the transposed view of that buffer), adding it into a zeroed fp32 (B, S, H, D) buffer with fp32
-  atomics; a cast makes dq. 5 matmuls, but 64 x D atomic adds per warpgroup and step, in an order that varies
-  from run to run. With ``pair_dq`` (a launch keyword, off: compiled, not yet run on a GPU) the two warpgroups
+  mode): the dK/dV program also computes dQ = dS K and adds it into a zeroed fp32 (B, S, H, D) buffer with fp32
+  atomics; a cast makes dq. 5 matmuls, in an order of additions that varies from run to run. The two warpgroups
   exchange their dS^T tiles through shared memory every step and each adds half of dQ's columns summed over the
-  program's 128 keys: half the atomic traffic (the one-per-64-keys form moves ~4 TB/s of fp32 reductions at
-  cuDNN's speed, estimated from the tile sizes), at the price of a meeting per step.
+  program's 128 keys (A = the transposed view of the tiles): half the atomic traffic of each adding its own 64
+  keys' share (that form would move ~4 TB/s of fp32 reductions at cuDNN's speed, estimated from the tile sizes),
+  at the price of a meeting per step. Session 13 (H100): 1.13-1.47x that form's backward, still 0.84-0.94x the
+  separate kernel (``benchmarks/results/h100-gluon-bwd-pair-20261207-dcefab5.jsonl``).
 
 Compiled for sm_90 on the CPU box with triton 3.6.0 / ptxas 12.8, the GPU image's (``benchmarks/compile_probe.py
 --hopper-bwd --loops``; per kernel 168 registers, then ``setmaxnreg`` gives the consumers 240):
@@ -37,11 +37,13 @@ Compiled for sm_90 on the CPU box with triton 3.6.0 / ptxas 12.8, the GPU image'
     kernel, dQ variant     D=64: stack / smem / HGMMA      D=128: stack / smem / HGMMA
     dK/dV, separate        0 B / 100,688 B / 48 (*)        0 B / 132,432 B / 48
     dQ kernel              0 B /  98,608 B / 32            0 B / 196,912 B / 48
-    dK/dV, atomic          0 B /  83,312 B / 40            8 B / 148,848 B / 64   (both masks alike)
+    dK/dV, atomic          0 B /  99,760 B / 48 (53)       16 B / 165,296 B / 64 (69)   (no mask (causal))
     (*) 128-row query blocks (:data:`BLOCK_Q_D64`, session 12); with 64 rows 66,896 B / 32. 128 rows at D=128
-    spill 280-288 B, and with the atomic dQ at D=64 16-56 B.
+    spill 280-288 B; the atomic dQ keeps 64 (two dS^T pairs of 128 rows would not fit at D=128). The atomic
+    kernel's causal form at D=128 has 40 B of stack: scalars, a few one-register reloads in the step loop.
 
-What the numbers decided, at D=128 (the tight case):
+What the numbers decided, at D=128 (the tight case; before session 13's exchange, each warpgroup adding its own
+keys' share of every column):
 - atomic dQ as one 64 x D accumulator beside dK and dV: 64-72 B of stack with spill loads inside the step loop,
   and ptxas serialised the wgmmas (C7512, "insufficient register resources"). In 64-column slices (32 registers
   each, the second slice after the first one's atomics): 40 B. Issuing dV after dS instead of before (the bf16
@@ -95,8 +97,8 @@ LOG2E = 1.4426950408889634
 
 def dq_mode(deterministic: bool = True) -> Optional[str]:
     """Which dQ variant ``FLASHRING_HOPPER_BWD`` asks for, or None (off): unset / ``1`` / ``separate`` = the
-    separate kernel (the default: 0.89-0.94x cuDNN, the atomic one 0.52-0.68x), ``0`` = off, ``atomic`` = the
-    atomic one unless ``deterministic`` (or torch's deterministic mode) is on."""
+    separate kernel (the default: 0.87-1.07x cuDNN, the atomic one 0.81-0.93x; H100, session 13), ``0`` = off,
+    ``atomic`` = the atomic one unless ``deterministic`` (or torch's deterministic mode) is on."""
     mode = os.environ.get(ENV, "")
     if mode in ("", "1", "separate"):
         return "separate"
@@ -128,7 +130,7 @@ if AVAILABLE:
     @gluon.jit
     def _pair_dq(ds_smem, k_smem, ds_ready, ds_free, dst, n_ds, both, dq_zero, WG: gl.constexpr,
                  DQ_N: gl.constexpr, STORE: gl.constexpr):
-        """PAIR_DQ's exchange: this warpgroup's dS^T (STORE; a warpgroup that skipped the tile stores nothing)
+        """The atomic dQ's exchange: this warpgroup's dS^T (STORE; a warpgroup that skipped the tile stores nothing)
         into its slot of the step's pair, then, once both have arrived, its DQ_N columns of dQ = dS K over the
         program's keys: warpgroup 1's dS^T against its K rows, then warpgroup 0's added (``both``) or in its
         place (warpgroup 1 skipped: its slot holds an older tile, whose product is dropped). An async token."""
@@ -149,7 +151,7 @@ if AVAILABLE:
 
     @gluon.jit
     def _pair_release(qdo_empty, ds_free, stage, n_ds, dq, dq_tile, offs):
-        """After PAIR_DQ's wgmmas: the Q / dO stage and the dS^T pair released, this warpgroup's dQ columns added
+        """After the exchange's wgmmas: the Q / dO stage and the dS^T pair released, this warpgroup's dQ columns added
         (``dq_tile``: the tile's first row, int64; ``offs``: int32 offsets inside it, < 64 * H * D)."""
         mbarrier.arrive(qdo_empty.index(stage), count=1)
         mbarrier.arrive(ds_free.index(n_ds % 2), count=1)
@@ -160,15 +162,15 @@ if AVAILABLE:
                        q_ready, do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale, dq_row,
                        N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr,
                        HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                       ATOMIC_DQ: gl.constexpr, PAIR_DQ: gl.constexpr):
-        """One consumer warpgroup: 64 keys' dK and dV (and, ATOMIC_DQ, their share of dQ: ``dq_ptr`` at this
-        program's (batch, first query head), ``dq_row`` elements per query row). Few live scalars (ids are read
-        again, not passed): at D=128 the atomic variant sits at the 240-register edge.
+                       ATOMIC_DQ: gl.constexpr):
+        """One consumer warpgroup: 64 keys' dK and dV (and, ATOMIC_DQ, dQ: ``dq_ptr`` at this program's (batch,
+        first query head), ``dq_row`` elements per query row). Few live scalars (ids are read again, not passed):
+        at D=128 the atomic variant sits at the 240-register edge.
 
-        PAIR_DQ (with ATOMIC_DQ): the two warpgroups exchange their dS^T tiles in shared memory each step, and
-        each adds half of dQ's columns summed over both warpgroups' keys: half the fp32 atomics (per 128 keys, not
-        per 64) and half per thread, at the price of a meeting per step. Without it each adds its own 64 keys'
-        share of every column."""
+        ATOMIC_DQ: the two warpgroups exchange their dS^T tiles in shared memory each step (:func:`_pair_dq`), and
+        each adds half of dQ's columns summed over both warpgroups' keys: half the fp32 atomics of each warpgroup
+        adding its own 64 keys' share of every column (the form before session 13; H100: 1.13-1.47x faster
+        backward, 2 x 8k and 16 x 1k, D 64 / 128, causal and not), at the price of a meeting per step."""
         WG_N: gl.constexpr = BLOCK_KEYS // 2
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = k_smem.dtype
@@ -178,10 +180,7 @@ if AVAILABLE:
                                                              instr_shape=[16, HEAD_DIM, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         q_col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)        # one value per query (column of S^T)
-        if PAIR_DQ:
-            DQ_N: gl.constexpr = HEAD_DIM // 2                 # this warpgroup's columns of dQ
-        else:
-            DQ_N: gl.constexpr = 64 if HEAD_DIM > 64 else HEAD_DIM
+        DQ_N: gl.constexpr = HEAD_DIM // 2                     # this warpgroup's columns of dQ (ATOMIC_DQ)
         dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                             instr_shape=[16, DQ_N, 16])
         dq_zero = gl.zeros([BLOCK_Q, DQ_N], gl.float32, dq_layout)
@@ -197,7 +196,7 @@ if AVAILABLE:
         dk = gl.zeros([WG_N, HEAD_DIM], gl.float32, acc_layout)
         dv = gl.zeros([WG_N, HEAD_DIM], gl.float32, acc_layout)
         key_lo0 = gl.program_id(0) * BLOCK_KEYS          # warpgroup 0's first key: it works whenever either does
-        n_ds = 0                                         # PAIR_DQ exchanges so far (both warpgroups count alike)
+        n_ds = 0                                         # dS^T exchanges so far (both warpgroups count alike)
         mbarrier.wait(kv_bar, 0)
         for it in range(GROUP * n_q):
             stage = it % NUM_STAGES
@@ -232,36 +231,17 @@ if AVAILABLE:
                     delta = delta_smem.index(stage).load(q_col_layout)
                     dst = (pt * (dpt - delta[None, :])).to(dtype)
                 dk_tok = warpgroup_mma(gl.convert_layout(dst, a_layout), q_tile, dk, is_async=True)
-                if PAIR_DQ:
+                if ATOMIC_DQ:
                     dq_tok = _pair_dq(ds_smem, k_smem, ds_ready, ds_free, dst, n_ds,
                                       (not CAUSAL) or m0 + BLOCK_Q > key_lo0 + WG_N, dq_zero, WG, DQ_N, True)
                     dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok))
                     _pair_release(qdo_empty, ds_free, stage, n_ds, dq, dq_ptr + m0.to(gl.int64) * dq_row,
                                   dq_rows[:, None] + (g * HEAD_DIM + WG * DQ_N + dq_cols)[None, :])
                     n_ds += 1
-                elif ATOMIC_DQ:
-                    # dQ = dS K in DQ_N-column slices: the full 64 x D accumulator beside dK and dV spilled at
-                    # D=128 (64-72 B of stack; ptxas also serialised the wgmmas); a slice is 32 registers
-                    ds_wg = ds_smem.index(WG)
-                    ds_wg.store(dst)
-                    fence_async_shared()              # the generic-proxy stores before wgmma (async proxy) reads
-                    dq_tok = warpgroup_mma(ds_wg.permute((1, 0)), k_wg.slice(0, DQ_N, dim=1), dq_zero,
-                                           use_acc=False, is_async=True)
-                    dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok))
-                    mbarrier.arrive(qdo_empty.index(stage), count=1)
-                    # the tile's first row (int64) plus int32 offsets inside it (< 64 * H * D); the column term
-                    # carries the head so that the 2-D offsets are not hoisted out of the loop (32 registers)
-                    dq_tile = dq_ptr + m0.to(gl.int64) * dq_row
-                    for c in gl.static_range(HEAD_DIM // DQ_N):
-                        if c > 0:
-                            dq = warpgroup_mma(ds_wg.permute((1, 0)), k_wg.slice(c * DQ_N, DQ_N, dim=1), dq_zero,
-                                               use_acc=False)
-                        offs = dq_rows[:, None] + (g * HEAD_DIM + c * DQ_N + dq_cols)[None, :]
-                        gl.atomic_add(dq_tile + offs, dq, sem="relaxed")      # scaled in the cast
                 else:
                     dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
                     mbarrier.arrive(qdo_empty.index(stage), count=1)
-            elif PAIR_DQ and WG == 1 and m0 + BLOCK_Q > key_lo0:    # 1 skips, 0 works: 1's dQ columns still
+            elif ATOMIC_DQ and WG == 1 and m0 + BLOCK_Q > key_lo0:  # 1 skips, 0 works: 1's dQ columns still
                 dq_tok = _pair_dq(ds_smem, k_smem, ds_ready, ds_free, st_zero, n_ds, False, dq_zero, WG, DQ_N, False)
                 dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
                 _pair_release(qdo_empty, ds_free, stage, n_ds, dq, dq_ptr + m0.to(gl.int64) * dq_row,
@@ -270,9 +250,9 @@ if AVAILABLE:
             else:
                 mbarrier.arrive(qdo_empty.index(stage), count=1)
 
-        # epilogue: stage through this warpgroup's own K / V buffers, TMA store; with PAIR_DQ the other
+        # epilogue: stage through this warpgroup's own K / V buffers, TMA store; with ATOMIC_DQ the other
         # warpgroup's last dQ wgmma reads this K buffer too: wait until it has released the last exchange
-        if PAIR_DQ:
+        if ATOMIC_DQ:
             mbarrier.wait(ds_free.index((n_ds - 1) % 2), ((n_ds - 1) // 2) & 1)
         k_wg.store((dk * (qk_scale / LOG2E_C)).to(dtype))      # the softmax scale, from a live scalar
         v_wg.store(dv.to(dtype))
@@ -314,10 +294,8 @@ if AVAILABLE:
     @gluon.jit
     def _bwd_dkdv_hopper(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_dk, desc_dv, dq_ptr, sm_scale,
                          N_CTX, H, GROUP, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
-                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-                         PAIR_DQ: gl.constexpr):
+                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr):
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
-        gl.static_assert(ATOMIC_DQ or not PAIR_DQ, "PAIR_DQ is a way of adding dQ atomically")
         gl.static_assert(BLOCK_Q % (BLOCK_KEYS // 2) == 0, "whole warpgroups of query rows (launch_args checks "
                          "N_CTX % BLOCK_Q)")
         WG_N: gl.constexpr = BLOCK_KEYS // 2
@@ -342,16 +320,16 @@ if AVAILABLE:
         delta_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_Q], desc_delta.layout)
         if ATOMIC_DQ:
             ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_N, BLOCK_Q], dtype)
-            # PAIR_DQ: two exchanges in flight (a warpgroup may start the next step's exchange before the other
-            # has read this one's pair), each a (warpgroup 0, warpgroup 1) pair of dS^T tiles
-            ds_smem = gl.allocate_shared_memory(dtype, [4 if PAIR_DQ else 2, WG_N, BLOCK_Q], ds_layout)
+            # two exchanges in flight (a warpgroup may start the next step's exchange before the other has read
+            # this one's pair), each a (warpgroup 0, warpgroup 1) pair of dS^T tiles
+            ds_smem = gl.allocate_shared_memory(dtype, [4, WG_N, BLOCK_Q], ds_layout)
         else:
             ds_smem = q_smem                    # unused
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         do_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         qdo_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())     # PAIR_DQ's
+        ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())     # ATOMIC_DQ's
         ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(kv_bar, count=1)
         for i in gl.static_range(2):
@@ -368,11 +346,11 @@ if AVAILABLE:
             (_dkdv_consumer, (0, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
                               do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale,
                               H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES,
-                              CAUSAL, ATOMIC_DQ, PAIR_DQ)),
+                              CAUSAL, ATOMIC_DQ)),
             (_dkdv_consumer, (1, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
                               do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale,
                               H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES,
-                              CAUSAL, ATOMIC_DQ, PAIR_DQ)),
+                              CAUSAL, ATOMIC_DQ)),
             (_dkdv_producer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready,
                               qdo_empty, desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, N_CTX, H, b, hk,
                               GROUP, n0, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES)),
@@ -516,25 +494,25 @@ def _desc(t: torch.Tensor, rows: int, cols: int, box):
 
 def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
                 delta: torch.Tensor, softmax_scale: float, causal: bool, dq: torch.Tensor, dk: torch.Tensor,
-                dv: torch.Tensor, atomic: bool, block_q: int = 0, pair_dq: bool = False):
+                dv: torch.Tensor, atomic: bool, block_q: int = 0):
     """``[(kernel, grid, args), ...]`` of one backward (each launched as ``kernel[grid](*args, num_warps=4)``):
     the dK/dV kernel, then (not ``atomic``) the dQ kernel. ``dq``: the fp32 accumulator when ``atomic``. Split
     out so that a machine without a GPU can compile the kernels (tests, ``compile_probe.py --hopper-bwd``).
     ``block_q``: query rows per dK/dV step (default :data:`BLOCK_Q_D64` at D=64 without ``atomic``, else
-    :data:`BLOCK_Q`). ``pair_dq`` (``atomic`` only): the two warpgroups sum their dQ shares before the atomics
-    (``_dkdv_consumer``'s PAIR_DQ; session 13, compiled for sm_90 but not yet run on a GPU, so off)."""
+    :data:`BLOCK_Q`)."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     half = [BLOCK_KEYS // 2, d]
     bq = block_q or (BLOCK_Q_D64 if d == 64 and not atomic else BLOCK_Q)
     if bq not in (64, 128) or s % bq:
         raise ValueError(f"block_q must be 64 or 128 and divide the sequence length {s}, got {bq}")
-    if atomic and pair_dq and bq != BLOCK_Q:
-        raise ValueError(f"pair_dq takes block_q={BLOCK_Q} (its dS^T pairs would not fit shared memory), got {bq}")
+    if atomic and bq != BLOCK_Q:
+        raise ValueError(f"the atomic dQ takes block_q={BLOCK_Q} (its dS^T pairs would not fit shared memory), got "
+                         f"{bq}")
     dkdv = (_desc(q, b * s, h * d, [bq, d]), _desc(k, b * s, hk * d, half), _desc(v, b * s, hk * d, half),
             _desc(do, b * s, h * d, [bq, d]), _desc(lse, b * h * s, 0, [bq]),
             _desc(delta, b * h * s, 0, [bq]), _desc(dk, b * s, hk * d, half), _desc(dv, b * s, hk * d, half),
-            dq, softmax_scale, s, h, h // hk, BLOCK_KEYS, bq, d, NUM_STAGES, causal, atomic, atomic and pair_dq)
+            dq, softmax_scale, s, h, h // hk, BLOCK_KEYS, bq, d, NUM_STAGES, causal, atomic)
     launches = [(_bwd_dkdv_hopper, (s // BLOCK_KEYS, hk, b), dkdv)]
     if not atomic:
         wg = [DQ_BLOCK_M // 2, d]
