@@ -28,7 +28,7 @@ dQ, chosen by :func:`dq_mode` (the GPU session times both: ``benchmarks/gluon_bw
   exchange their dS^T tiles through shared memory every step and each adds half of dQ's columns summed over the
   program's 128 keys (A = the transposed view of the tiles): half the atomic traffic of each adding its own 64
   keys' share (that form would move ~4 TB/s of fp32 reductions at cuDNN's speed, estimated from the tile sizes),
-  at the price of a meeting per step. Session 13 (H100): 1.13-1.47x that form's backward, still 0.84-0.94x the
+  at the price of a meeting per step. Session 13 (H100): 1.13-1.47x that form's backward, still 0.83-0.94x the
   separate kernel (``benchmarks/results/h100-gluon-bwd-pair-20261207-dcefab5.jsonl``).
 
 Compiled for sm_90 on the CPU box with triton 3.6.0 / ptxas 12.8, the GPU image's (``benchmarks/compile_probe.py
