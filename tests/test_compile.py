@@ -61,9 +61,9 @@ def test_forward_compiles_for_a_one_key_sequence():
 def test_hopper_forward_compiles_for_sm90_without_spills():
     """The Gluon forward (ops/hopper.py) compiles for sm_90 (causal, with its non-finite scan, and not)
     with no local memory at either head dim, with tiles at a fixed stride (1k tokens: one program per tile) and
-    drawn from the counter (8k: 256 tiles for 132 programs)."""
-    for seqlen in ("1024", "8192"):
-        out = probe("--hopper", "--headdims", "64,128", "--seqlen", seqlen)
+    drawn from the counter (8k: 256 tiles for 132 programs); strictly causal too (``strict``, session 13)."""
+    for seqlen, extra in (("1024", ()), ("8192", ()), ("1024", ("--variant", "strict=True"))):
+        out = probe("--hopper", "--headdims", "64,128", "--seqlen", seqlen, *extra)
         if "not available" in out:
             pytest.skip("this Triton has no Gluon")
         found = re.findall(KERNEL_LINE, out)

@@ -49,7 +49,7 @@ def test_launch_grid_and_tile_walk():
     assert grid(True) == grid(False) == (132, ) and hopper.PERSISTENT
     assert grid(True, programs=3) == grid(False, programs=3) == (3, )
     assert grid(False, programs=0) == (1, ) and grid(False, programs=10 ** 9) == (tiles, )
-    dynamic = lambda causal, **kw: launch(causal, **kw)[1][-1]  # noqa: E731
+    dynamic = lambda causal, **kw: launch(causal, **kw)[1][-2]  # noqa: E731
     assert dynamic(True) and not dynamic(False) and not dynamic(True, programs=10 ** 9)
     counter = launch(True)[1][5]
     assert counter.dtype == torch.int32 and counter.shape == (1, ) and counter.item() == 0
@@ -57,6 +57,8 @@ def test_launch_grid_and_tile_walk():
     # 16 MiB of K and V per group: 4096 keys x 128 x 2 bytes x 2 = 2 MiB per head -> 8 pairs (of 16)
     assert group(True) == hopper.head_group(4096, 128, 2) == 8 and group(False) == 1
     assert group(True, heads_per_group=100) == 16 and hopper.head_group(10 ** 6, 256, 4) == 1
+    strict = lambda causal, **kw: launch(causal, **kw)[1][-1]  # noqa: E731
+    assert strict(True, strict=True) == 1 and strict(True) == strict(False, strict=True) == 0   # strict needs causal
 
 
 def test_default_head_dims_and_the_switch(monkeypatch):
@@ -108,13 +110,76 @@ def test_hopper_forward_matches_reference(d, causal, dtype, seed, monkeypatch):
     k, v = (torch.randn(b, s, hk, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     dout = torch.randn(b, s, h, d, device="cuda", dtype=dtype)
     out, lse, _ = flashring.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
-    assert calls == [dict(causal=causal)]
+    assert calls == [dict(causal=causal, strict=False)]
     grads = torch.autograd.grad(out, (q, k, v), dout)           # the portable backward on the Hopper LSE
     refs = reference_pair(q, k, v, dout, upper=0 if causal else None)
     assert_close(out, refs["ref"]["out"], refs["low"]["out"], OUT_FACTOR, "hopper out", seed)
     assert_close(lse, refs["ref"]["lse"], refs["low"]["lse"], OUT_FACTOR, "hopper lse", seed, dtype=torch.float32)
     for name, g in zip(("dq", "dk", "dv"), grads):
         assert_close(g, refs["ref"][name], refs["low"][name], GRAD_FACTOR, f"hopper {name}", seed)
+
+
+def test_strict_causal_waits_for_its_gpu_run(monkeypatch):
+    """Strictly causal calls (upper = -1) take the Hopper kernels only with ``hopper.STRICT_CAUSAL`` (off until
+    they have run on a GPU); the backward follows the forward's contract."""
+    from flashring.ops import hopper_bwd
+    q = torch.empty(2, 256, 4, 128, dtype=torch.bfloat16)
+    k = torch.empty(2, 256, 2, 128, dtype=torch.bfloat16)
+    assert not hopper.STRICT_CAUSAL
+    assert not hopper.applies(q, k, k, None, -1, 0.0) and not hopper_bwd.applies(q, k, k, None, -1, 0.0)
+    monkeypatch.setattr(hopper, "STRICT_CAUSAL", True)
+    assert hopper.applies(q, k, k, None, -1, 0.0) and hopper_bwd.applies(q, k, k, None, -1, 0.0)
+    assert not hopper.applies(q, k, k, None, -2, 0.0) and not hopper.applies(q, k, k, -1, -1, 0.0)
+
+
+def _strict_inputs(d, dtype, s=384):
+    q = torch.randn(2, s, 4, d, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, s, 2, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    return q, k, v, torch.randn(2, s, 4, d, device="cuda", dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("mode", ["separate", "atomic"])
+def test_hopper_strict_causal_matches_reference(d, mode, seed, monkeypatch):
+    """Keys j < i on the Gluon forward and backward: the first row sees nothing (out 0, the empty-row LSE, no
+    gradient), the diagonal shifted by one in every masked tile; GQA."""
+    from flashring.interface import attention
+    from flashring.ops import hopper_bwd
+    monkeypatch.setattr(hopper, "STRICT_CAUSAL", True)
+    monkeypatch.setenv(hopper.ENV, "1")
+    monkeypatch.setenv(hopper_bwd.ENV, "atomic" if mode == "atomic" else "1")
+    calls = []
+    real_fwd, real_bwd = hopper.fwd, hopper_bwd.bwd
+    monkeypatch.setattr(hopper, "fwd", lambda *a, **kw: calls.append(("fwd", kw)) or real_fwd(*a, **kw))
+    monkeypatch.setattr(hopper_bwd, "bwd", lambda *a, **kw: calls.append(("bwd", kw["strict"], kw["dq_mode"]))
+                        or real_bwd(*a, **kw))
+    q, k, v, dout = _strict_inputs(d, torch.bfloat16)
+    out, lse = attention(q, k, v, d ** -0.5, None, -1, 0.0, deterministic=False)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert calls == [("fwd", dict(causal=True, strict=True)), ("bwd", True, mode)]
+    refs = reference_pair(q, k, v, dout, upper=-1)
+    assert_close(out, refs["ref"]["out"], refs["low"]["out"], OUT_FACTOR, "strict out", seed)
+    assert_close(lse, refs["ref"]["lse"], refs["low"]["lse"], OUT_FACTOR, "strict lse", seed, dtype=torch.float32)
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
+    for name, g in zip(("dq", "dk", "dv"), grads):
+        assert_close(g, refs["ref"][name], refs["low"][name], GRAD_FACTOR, f"strict {name}", seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+@pytest.mark.parametrize("key", [150, 200])
+def test_hopper_strict_causal_nonfinite_rows(key, monkeypatch):
+    """Strictly causal: a NaN value row at ``key`` reaches exactly the rows after it."""
+    from flashring.interface import attention
+    monkeypatch.setattr(hopper, "STRICT_CAUSAL", True)
+    monkeypatch.setenv(hopper.ENV, "1")
+    q, k, v = (torch.randn(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    v[0, key, 1, 5] = float("nan")
+    out, _ = attention(q, k, v, 0.125, None, -1, 0.0)
+    assert torch.equal(out[0, :, 1].isnan().any(-1), torch.arange(256, device="cuda") > key)
+    assert not out[0, :, 0].isnan().any()
 
 
 @pytest.mark.gpu

@@ -101,7 +101,7 @@ def test_dkdv_query_block_rows():
         dq = torch.empty(q.shape, dtype=torch.float32) if atomic else torch.empty_like(q)
         launches = hopper_bwd.launch_args(q, q, k, k, lse, lse, 0.1, True, dq, torch.empty_like(k),
                                           torch.empty_like(k), atomic, **kw)
-        return launches[0][2][-5]                       # the dK/dV kernel's BLOCK_Q
+        return launches[0][2][-6]                       # the dK/dV kernel's BLOCK_Q
     assert rows(64) == hopper_bwd.BLOCK_Q_D64 == 128 and rows(128) == rows(64, atomic=True) == hopper_bwd.BLOCK_Q == 64
     assert rows(64, block_q=64) == 64 and rows(128, block_q=128) == 128
     for bad in (dict(block_q=256), dict(block_q=32), dict(s=320, block_q=128), dict(atomic=True, block_q=128)):

@@ -51,7 +51,8 @@ def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optio
     partial outputs (ring attention) take them in float32."""
     if (q.is_cuda and sparse is None and varlen is None and out_dtype in (None, q.dtype)
             and hopper.enabled(q.device, q.shape[-1]) and hopper.applies(q, k, v, lower, upper, softcap)):
-        return hopper.fwd(q, k, v, softmax_scale, causal=upper == 0)       # sm_90 path (ops/hopper.py)
+        # sm_90 path (ops/hopper.py): upper is None (full), 0 (causal) or -1 (strictly causal)
+        return hopper.fwd(q, k, v, softmax_scale, causal=upper is not None, strict=upper == -1)
     if on_triton(q):
         return flash.fwd(q, k, v, softmax_scale, lower, upper, softcap, sparse, varlen, out_dtype=out_dtype)
     if varlen is not None:
@@ -75,8 +76,9 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
     atomics when ``FLASHRING_HOPPER_BWD=atomic``; every other path is deterministic either way."""
     if (q.is_cuda and sparse is None and varlen is None and grad_dtype in (None, q.dtype)
             and hopper_bwd.enabled(q.device) and hopper_bwd.applies(q, k, v, lower, upper, softcap)):
-        return hopper_bwd.bwd(do, q, k, v, out, lse, softmax_scale, causal=upper == 0, dlse=dlse,
-                              dq_mode=hopper_bwd.dq_mode(deterministic))       # sm_90 path (ops/hopper_bwd.py)
+        return hopper_bwd.bwd(do, q, k, v, out, lse, softmax_scale, causal=upper is not None, dlse=dlse,
+                              dq_mode=hopper_bwd.dq_mode(deterministic),       # sm_90 path (ops/hopper_bwd.py)
+                              strict=upper == -1)
     if on_triton(q):
         return flash.bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse, grad_dtype, sparse,
                          varlen)

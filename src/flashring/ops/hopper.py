@@ -46,7 +46,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .flash import NO_KEY_C
+from .flash import EMPTY_LSE_C, NO_KEY_C
 from .launch import Launcher, sm_count
 
 try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
@@ -67,6 +67,11 @@ PERSISTENT = True       # one program per SM (launch_args)
 L2_GROUP_BYTES = 16 << 20   # K and V of the (batch, head) pairs a causal walk interleaves (head_group): a third of
                             # the H100's 50 MB L2
 ENV = "FLASHRING_HOPPER_FWD"
+# Strictly causal calls (the band's upper = -1: query i sees keys j < i, the first query nothing) on these kernels
+# and hopper_bwd's: written in session 13 and compiled for sm_90, not yet run on a GPU, so they take the portable
+# kernels meanwhile (tests flip this to run them). Measured then: the portable forward + backward made the paper
+# recipe's dense strictly causal arm cost 108.7 ms of attention per 16k step against 80.0 for causal.
+STRICT_CAUSAL = False
 
 
 # Where it runs without the opt-in: head dims at which it beat the portable forward (H100). D=128: 1.08-1.27x at
@@ -102,9 +107,9 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower: Optional[i
             softcap: float) -> bool:
     """Whether this kernel computes the call: bf16/fp16, head dim 64 or 128, contiguous ``(B, S, H, D)`` at
     16-byte aligned addresses (TMA descriptors need them; a view at an odd element offset is contiguous but not
-    aligned), equal query and key lengths that are multiples of 128, full or causal attention without softcap (no
-    window, no sparse or varlen front end: those callers do not come here). The backward adds its own limits
-    (``hopper_bwd.applies``)."""
+    aligned), equal query and key lengths that are multiples of 128, full, causal or (:data:`STRICT_CAUSAL`)
+    strictly causal attention without softcap (no window, no sparse or varlen front end: those callers do not come
+    here). The backward adds its own limits (``hopper_bwd.applies``)."""
     if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
         return False
     if q.dim() != 4 or q.shape[-1] not in (64, 128) or k.shape != v.shape or k.shape[-1] != q.shape[-1]:
@@ -114,23 +119,29 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower: Optional[i
         return False
     if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v)):
         return False
-    return softcap == 0 and lower is None and upper in (None, 0)
+    return softcap == 0 and lower is None and (upper in (None, 0) or (upper == -1 and STRICT_CAUSAL))
 
 
 if AVAILABLE:
     @gluon.jit
-    def _softmax_tile(s, start_n, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL: gl.constexpr):
+    def _softmax_tile(s, start_n, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL: gl.constexpr,
+                      STRICT: gl.constexpr):
         """Online softmax of one score tile in base 2: ``(p, alpha, m, l)``; ``row_lo`` = the rows' first. The
         scale rides in the exponent's FMA (m is kept in scaled units; the scale is > 0, so the max commutes with
         it): one FP32 instruction per score less than a multiply and a subtract; 1-6% faster at D=128 (one point of
-        12 read 5% slower) and 4-11% at D=64 in three H100 runs (benchmarks/NOTES.md, session 11)."""
+        12 read 5% slower) and 4-11% at D=64 in three H100 runs (benchmarks/NOTES.md, session 11). STRICT (with
+        CAUSAL): keys j < i; the sequence's first row sees no key, so its max stays -inf and is shifted by 0."""
         BN: gl.constexpr = s.shape[1]
         if CAUSAL:
-            if start_n + BN - 1 > row_lo:            # only tiles that reach past the first row are masked
-                s = gl.where(rows[:, None] >= (start_n + cols0)[None, :], s, float("-inf"))
+            if start_n + BN - 1 > row_lo - STRICT:   # only tiles that reach past the first row are masked
+                s = gl.where(rows[:, None] - STRICT >= (start_n + cols0)[None, :], s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(gl.fma(s, qk_scale, -m_new[:, None]))
+        if STRICT:
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(gl.fma(s, qk_scale, -m_use[:, None]))
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_i
 
@@ -215,7 +226,7 @@ if AVAILABLE:
     def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                   scan_bar, scan_smem, desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  CAUSAL: gl.constexpr):
+                  CAUSAL: gl.constexpr, STRICT: gl.constexpr):
         """One consumer warpgroup: 64 query rows of each of this program's tiles."""
         WG_M: gl.constexpr = BLOCK_M // 2
         NW: gl.constexpr = gl.num_warps()
@@ -251,14 +262,15 @@ if AVAILABLE:
                 mbarrier.wait(k_ready.index(stage), phase)
                 s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-                p, alpha, m_i, l_i = _softmax_tile(s, start_n, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL)
+                p, alpha, m_i, l_i = _softmax_tile(s, start_n, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL,
+                                                   STRICT)
                 acc = acc * gl.convert_layout(alpha, o_row)[:, None]
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 mbarrier.wait(v_ready.index(stage), phase)
                 if CAUSAL:
                     # the diagonal tile (the last, for both warpgroups, as BLOCK_M == BLOCK_N): masked pairs meet
                     # these values; one scan-barrier phase per tile
-                    if start_n + BLOCK_N - 1 > row_lo:
+                    if start_n + BLOCK_N - 1 > row_lo - STRICT:
                         first = _diagonal_values(v_smem.index(stage), start_n, scan_bar, scan_smem, n_done & 1, WG,
                                                  NW)
                         bad_from = gl.minimum(bad_from, first)
@@ -269,15 +281,21 @@ if AVAILABLE:
 
             # epilogue: normalise, stage through this warpgroup's (now idle) Q buffer, TMA store, then hand the
             # buffer back to the producer (the tile after next loads its Q there)
-            l_o = gl.convert_layout(l_i, o_row)
+            if STRICT:                  # the first row saw no key: out 0, the library's empty-row LSE
+                l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+            else:
+                l_safe = l_i
+            l_o = gl.convert_layout(l_safe, o_row)
             out = acc / l_o[:, None]
-            if CAUSAL:
+            if CAUSAL:                  # rows that may see the first non-finite key (STRICT: those after it)
                 rows_o = row_lo + gl.arange(0, WG_M, o_row)
-                out = gl.where((rows_o >= bad_from)[:, None], float("nan"), out)
+                out = gl.where((rows_o - STRICT >= bad_from)[:, None], float("nan"), out)
             q.store(out.to(dtype))
             fence_async_shared()
             tma.async_copy_shared_to_global(desc_o, [q_row0 + WG * WG_M, q_col], q)
-            lse = (m_i + gl.log2(l_i)) * 0.6931471805599453      # natural log (scores carried log2(e) * scale)
+            lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453    # natural log (scores carried log2(e) * scale)
+            if STRICT:
+                lse = gl.where(l_i == 0.0, EMPTY_LSE_C, lse)
             gl.store(lse_ptr + lse_row + rows, lse)
             tma.store_wait(pendings=0)
             mbarrier.arrive(q_empty.index(buf), count=1)
@@ -343,7 +361,8 @@ if AVAILABLE:
     @gluon.jit
     def _attn_fwd_hopper(desc_q, desc_k, desc_v, desc_o, lse_ptr, counter_ptr, sm_scale, N_CTX, H, GROUP, N_TILES,
                          HEAD_GROUP, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr):
+                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr,
+                         STRICT: gl.constexpr):
         """P programs walk :func:`_tile`'s order: program i takes tiles i, i + P, i + 2P..., or (DYNAMIC) the next
         tile of a counter whenever it is free (``counter_ptr``: an int32 zero). P is one per tile or, persistent,
         one per SM (the next tile's Q and first K/V tiles load during this one's epilogue). The producer draws
@@ -380,10 +399,10 @@ if AVAILABLE:
         gl.warp_specialize([
             (_consumer, (0, q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, scan_bar,
                          scan_smem, desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL)),
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT)),
             (_consumer, (1, q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, scan_bar,
                          scan_smem, desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL)),
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT)),
             (_producer, (q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, desc_q,
                          desc_k, desc_v, counter_ptr, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, CAUSAL, DYNAMIC)),
@@ -421,13 +440,13 @@ def head_group(seqlen: int, head_dim: int, itemsize: int) -> int:
 def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                 out: torch.Tensor, lse: torch.Tensor, stages: int = NUM_STAGES,
                 programs: Optional[int] = None, dynamic: Optional[bool] = None,
-                heads_per_group: Optional[int] = None) -> Tuple[tuple, tuple]:
+                heads_per_group: Optional[int] = None, strict: bool = False) -> Tuple[tuple, tuple]:
     """``(grid, args)`` of one launch (``_attn_fwd_hopper[grid](*args, num_warps=4)``): TMA descriptors over the
     2-D ``(B*S, H*D)`` views. Split out so that a machine without a GPU can compile the kernel (tests).
     ``programs``: how many programs walk the tiles (benchmarks, tests); default one per SM where :data:`PERSISTENT`,
     else one per tile. ``dynamic``: the programs draw tiles from a counter (default: causal persistent launches,
     whose tiles differ in length) rather than a fixed stride. ``heads_per_group``: :func:`head_group` (default:
-    that for causal calls, 1 otherwise)."""
+    that for causal calls, 1 otherwise). ``strict`` (with ``causal``): keys j < i."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     n_tiles = b * h * (s // BLOCK_M)
@@ -445,14 +464,14 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
     desc = lambda t, heads, box, lay: TensorDescriptor(t, [b * s, heads * d], [heads * d, 1], box, lay)  # noqa
     args = (desc(q, h, q_box, q_lay), desc(k, hk, kv_box, kv_lay), desc(v, hk, kv_box, kv_lay),
             desc(out, h, q_box, q_lay), lse, counter, softmax_scale, s, h, h // hk, n_tiles,
-            max(1, min(heads_per_group, b * h)), BLOCK_M, BLOCK_N, d, stages, causal, dynamic)
+            max(1, min(heads_per_group, b * h)), BLOCK_M, BLOCK_N, d, stages, causal, dynamic, int(causal and strict))
     return (programs, ), args
 
 
 def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
         causal: bool, **config) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` as ``ops.flash.fwd`` returns them (lse ``(B, H, S)`` fp32, natural log), for a call that
-    :func:`applies`; ``config``: :func:`launch_args`' keywords (benchmarks)."""
+    :func:`applies`; ``config``: :func:`launch_args`' keywords (``strict``; benchmarks)."""
     b, s, h, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)

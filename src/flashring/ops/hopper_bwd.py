@@ -162,7 +162,7 @@ if AVAILABLE:
                        q_ready, do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale, dq_row,
                        N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr,
                        HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                       ATOMIC_DQ: gl.constexpr):
+                       ATOMIC_DQ: gl.constexpr, STRICT: gl.constexpr):
         """One consumer warpgroup: 64 keys' dK and dV (and, ATOMIC_DQ, dQ: ``dq_ptr`` at this program's (batch,
         first query head), ``dq_row`` elements per query row). Few live scalars (ids are read again, not passed):
         at D=128 the atomic variant sits at the 240-register edge.
@@ -217,7 +217,7 @@ if AVAILABLE:
                 pt = gl.exp2(st * qk_scale - lse2[None, :])
                 if CAUSAL:
                     if m0 < key_lo + WG_N:                # a tile that reaches the diagonal: query >= key
-                        pt = gl.where((m0 + cols0)[None, :] >= keys[:, None], pt, 0.0)
+                        pt = gl.where((m0 + cols0)[None, :] - STRICT >= keys[:, None], pt, 0.0)
                 if ATOMIC_DQ:
                     # dV after dS: no in-flight wgmma holds P^T's bf16 registers while dP^T, P^T and delta are
                     # live (D=128: 40 -> 8 B of stack, none left in the loop)
@@ -294,7 +294,8 @@ if AVAILABLE:
     @gluon.jit
     def _bwd_dkdv_hopper(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_dk, desc_dv, dq_ptr, sm_scale,
                          N_CTX, H, GROUP, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
-                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr):
+                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr,
+                         STRICT: gl.constexpr):
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
         gl.static_assert(BLOCK_Q % (BLOCK_KEYS // 2) == 0, "whole warpgroups of query rows (launch_args checks "
                          "N_CTX % BLOCK_Q)")
@@ -346,11 +347,11 @@ if AVAILABLE:
             (_dkdv_consumer, (0, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
                               do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale,
                               H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES,
-                              CAUSAL, ATOMIC_DQ)),
+                              CAUSAL, ATOMIC_DQ, STRICT)),
             (_dkdv_consumer, (1, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
                               do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale,
                               H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES,
-                              CAUSAL, ATOMIC_DQ)),
+                              CAUSAL, ATOMIC_DQ, STRICT)),
             (_dkdv_producer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready,
                               qdo_empty, desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, N_CTX, H, b, hk,
                               GROUP, n0, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES)),
@@ -369,7 +370,7 @@ if AVAILABLE:
     def _dq_consumer(WG: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty,
                      desc_dq, lse_ptr, delta_ptr, qk_scale, sm_scale, lse_row, q_row0, q_col, row_lo0, n_hi,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                     NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, STRICT: gl.constexpr):
         """One consumer warpgroup of the separate dQ kernel: 64 query rows."""
         WG_M: gl.constexpr = BLOCK_M // 2
         NW: gl.constexpr = gl.num_warps()
@@ -403,8 +404,8 @@ if AVAILABLE:
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
             p = gl.exp2(s * qk_scale - lse2[:, None])
             if CAUSAL:
-                if start_n + BLOCK_N - 1 > row_lo:        # only tiles that reach past the first row are masked
-                    p = gl.where(rows[:, None] >= (start_n + cols0)[None, :], p, 0.0)
+                if start_n + BLOCK_N - 1 > row_lo - STRICT:   # only tiles that reach past the first row are masked
+                    p = gl.where(rows[:, None] - STRICT >= (start_n + cols0)[None, :], p, 0.0)
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
             ds = (p * (dp - delta[:, None])).to(dtype)
             dq_tok = warpgroup_mma(gl.convert_layout(ds, a_layout), k_tile, dq, is_async=True)
@@ -433,7 +434,7 @@ if AVAILABLE:
     @gluon.jit
     def _bwd_dq_hopper(desc_q, desc_k, desc_v, desc_do, desc_dq, lse_ptr, delta_ptr, sm_scale, N_CTX, H, GROUP,
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                       NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                       NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, STRICT: gl.constexpr):
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
         WG_M: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = desc_q.dtype
@@ -467,10 +468,10 @@ if AVAILABLE:
         gl.warp_specialize([
             (_dq_consumer, (0, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_dq,
                             lse_ptr, delta_ptr, sm_scale * LOG2E_C, sm_scale, lse_row, q_row0, h * HEAD_DIM,
-                            start_m * BLOCK_M, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL)),
+                            start_m * BLOCK_M, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT)),
             (_dq_consumer, (1, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_dq,
                             lse_ptr, delta_ptr, sm_scale * LOG2E_C, sm_scale, lse_row, q_row0, h * HEAD_DIM,
-                            start_m * BLOCK_M, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL)),
+                            start_m * BLOCK_M, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT)),
             (_dq_producer, (q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_q, desc_do,
                             desc_k, desc_v, q_row0, h * HEAD_DIM, b * N_CTX, (h // GROUP) * HEAD_DIM, n_hi,
                             BLOCK_M, BLOCK_N, NUM_STAGES)),
@@ -494,12 +495,12 @@ def _desc(t: torch.Tensor, rows: int, cols: int, box):
 
 def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
                 delta: torch.Tensor, softmax_scale: float, causal: bool, dq: torch.Tensor, dk: torch.Tensor,
-                dv: torch.Tensor, atomic: bool, block_q: int = 0):
+                dv: torch.Tensor, atomic: bool, block_q: int = 0, strict: bool = False):
     """``[(kernel, grid, args), ...]`` of one backward (each launched as ``kernel[grid](*args, num_warps=4)``):
     the dK/dV kernel, then (not ``atomic``) the dQ kernel. ``dq``: the fp32 accumulator when ``atomic``. Split
     out so that a machine without a GPU can compile the kernels (tests, ``compile_probe.py --hopper-bwd``).
     ``block_q``: query rows per dK/dV step (default :data:`BLOCK_Q_D64` at D=64 without ``atomic``, else
-    :data:`BLOCK_Q`)."""
+    :data:`BLOCK_Q`). ``strict`` (with ``causal``): keys j < i (:data:`hopper.STRICT_CAUSAL`)."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     half = [BLOCK_KEYS // 2, d]
@@ -512,14 +513,14 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     dkdv = (_desc(q, b * s, h * d, [bq, d]), _desc(k, b * s, hk * d, half), _desc(v, b * s, hk * d, half),
             _desc(do, b * s, h * d, [bq, d]), _desc(lse, b * h * s, 0, [bq]),
             _desc(delta, b * h * s, 0, [bq]), _desc(dk, b * s, hk * d, half), _desc(dv, b * s, hk * d, half),
-            dq, softmax_scale, s, h, h // hk, BLOCK_KEYS, bq, d, NUM_STAGES, causal, atomic)
+            dq, softmax_scale, s, h, h // hk, BLOCK_KEYS, bq, d, NUM_STAGES, causal, atomic, int(causal and strict))
     launches = [(_bwd_dkdv_hopper, (s // BLOCK_KEYS, hk, b), dkdv)]
     if not atomic:
         wg = [DQ_BLOCK_M // 2, d]
         kv = [DQ_BLOCK_N, d]
         dq_args = (_desc(q, b * s, h * d, wg), _desc(k, b * s, hk * d, kv), _desc(v, b * s, hk * d, kv),
                    _desc(do, b * s, h * d, wg), _desc(dq, b * s, h * d, wg), lse, delta, softmax_scale, s, h,
-                   h // hk, DQ_BLOCK_M, DQ_BLOCK_N, d, NUM_STAGES, causal)
+                   h // hk, DQ_BLOCK_M, DQ_BLOCK_N, d, NUM_STAGES, causal, int(causal and strict))
         launches.append((_bwd_dq_hopper, (s // DQ_BLOCK_M, h, b), dq_args))
     return launches
 
@@ -542,7 +543,7 @@ def bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
         dq_mode: str = "separate", **config) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` in the inputs' dtype for a call that :func:`applies`; lse ``(B, H, S)`` fp32 natural log
     (as the forwards return it), ``dlse`` an optional gradient on it; ``config``: :func:`launch_args`' keywords
-    (benchmarks)."""
+    (``strict``; benchmarks)."""
     if dq_mode not in DQ_MODES:
         raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
     do, out, lse = hopper.aligned(do), hopper.aligned(out), lse.contiguous()
