@@ -15,7 +15,7 @@ def test_applies_only_where_the_kernel_is_exact():
     q = torch.empty(2, 256, 4, 128, dtype=torch.bfloat16)
     k = torch.empty(2, 256, 2, 128, dtype=torch.bfloat16)
     assert hopper.applies(q, k, k, None, None, 0.0) and hopper.applies(q, k, k, None, 0, 0.0)
-    assert not hopper.applies(q, k, k, None, -1, 0.0)                        # strict causal: a band
+    assert not hopper.applies(q, k, k, None, -2, 0.0)                        # a band other than (strict) causal
     assert not hopper.applies(q, k, k, -16, 0, 0.0)                          # window
     assert not hopper.applies(q, k, k, None, 0, 30.0)                        # softcap
     assert not hopper.applies(q.float(), k.float(), k.float(), None, 0, 0.0)
@@ -119,17 +119,17 @@ def test_hopper_forward_matches_reference(d, causal, dtype, seed, monkeypatch):
         assert_close(g, refs["ref"][name], refs["low"][name], GRAD_FACTOR, f"hopper {name}", seed)
 
 
-def test_strict_causal_waits_for_its_gpu_run(monkeypatch):
-    """Strictly causal calls (upper = -1) take the Hopper kernels only with ``hopper.STRICT_CAUSAL`` (off until
-    they have run on a GPU); the backward follows the forward's contract."""
+def test_strict_causal_switch(monkeypatch):
+    """Strictly causal calls (upper = -1) take the Hopper kernels while ``hopper.STRICT_CAUSAL`` is on (the
+    default since their GPU run, session 13); the backward follows the forward's contract; other bands do not."""
     from flashring.ops import hopper_bwd
     q = torch.empty(2, 256, 4, 128, dtype=torch.bfloat16)
     k = torch.empty(2, 256, 2, 128, dtype=torch.bfloat16)
-    assert not hopper.STRICT_CAUSAL
-    assert not hopper.applies(q, k, k, None, -1, 0.0) and not hopper_bwd.applies(q, k, k, None, -1, 0.0)
-    monkeypatch.setattr(hopper, "STRICT_CAUSAL", True)
+    assert hopper.STRICT_CAUSAL
     assert hopper.applies(q, k, k, None, -1, 0.0) and hopper_bwd.applies(q, k, k, None, -1, 0.0)
     assert not hopper.applies(q, k, k, None, -2, 0.0) and not hopper.applies(q, k, k, -1, -1, 0.0)
+    monkeypatch.setattr(hopper, "STRICT_CAUSAL", False)
+    assert not hopper.applies(q, k, k, None, -1, 0.0) and not hopper_bwd.applies(q, k, k, None, -1, 0.0)
 
 
 def _strict_inputs(d, dtype, s=384):
@@ -147,7 +147,6 @@ def test_hopper_strict_causal_matches_reference(d, mode, seed, monkeypatch):
     gradient), the diagonal shifted by one in every masked tile; GQA."""
     from flashring.interface import attention
     from flashring.ops import hopper_bwd
-    monkeypatch.setattr(hopper, "STRICT_CAUSAL", True)
     monkeypatch.setenv(hopper.ENV, "1")
     monkeypatch.setenv(hopper_bwd.ENV, "atomic" if mode == "atomic" else "1")
     calls = []
@@ -173,7 +172,6 @@ def test_hopper_strict_causal_matches_reference(d, mode, seed, monkeypatch):
 def test_hopper_strict_causal_nonfinite_rows(key, monkeypatch):
     """Strictly causal: a NaN value row at ``key`` reaches exactly the rows after it."""
     from flashring.interface import attention
-    monkeypatch.setattr(hopper, "STRICT_CAUSAL", True)
     monkeypatch.setenv(hopper.ENV, "1")
     q, k, v = (torch.randn(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     v[0, key, 1, 5] = float("nan")

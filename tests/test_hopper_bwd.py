@@ -23,7 +23,7 @@ def test_applies_only_where_the_kernels_are_exact():
     assert hopper_bwd.applies(q[..., :64].contiguous(), k[..., :64].contiguous(), k[..., :64].contiguous(), None,
                               0, 0.0)
     assert hopper_bwd.applies(q.half(), k.half(), k.half(), None, 0, 0.0)
-    assert not hopper_bwd.applies(q, k, k, None, -1, 0.0)                   # strict causal: a band
+    assert not hopper_bwd.applies(q, k, k, None, -2, 0.0)                   # a band other than (strict) causal
     assert not hopper_bwd.applies(q, k, k, -16, 0, 0.0)                     # window
     assert not hopper_bwd.applies(q, k, k, None, 0, 30.0)                   # softcap
     assert not hopper_bwd.applies(q.float(), k.float(), k.float(), None, 0, 0.0)

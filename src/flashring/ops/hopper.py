@@ -68,10 +68,10 @@ L2_GROUP_BYTES = 16 << 20   # K and V of the (batch, head) pairs a causal walk i
                             # the H100's 50 MB L2
 ENV = "FLASHRING_HOPPER_FWD"
 # Strictly causal calls (the band's upper = -1: query i sees keys j < i, the first query nothing) on these kernels
-# and hopper_bwd's: written in session 13 and compiled for sm_90, not yet run on a GPU, so they take the portable
-# kernels meanwhile (tests flip this to run them). Measured then: the portable forward + backward made the paper
-# recipe's dense strictly causal arm cost 108.7 ms of attention per 16k step against 80.0 for causal.
-STRICT_CAUSAL = False
+# and hopper_bwd's (session 13; False sends them to the portable kernels). H100, the paper recipe's attention core
+# at 16k (12 layers, fwd + bwd, CUDA graphs): 80.4 ms per step against 108.7 on the portable kernels and 80.6 for
+# plain causal (benchmarks/results/h100-attention-share-paper-16k-20261207-0dca822-strict-hopper.jsonl).
+STRICT_CAUSAL = True
 
 
 # Where it runs without the opt-in: head dims at which it beat the portable forward (H100). D=128: 1.08-1.27x at

@@ -56,12 +56,12 @@ keys' share of every column):
 All of these are compile-time facts; which variant is faster is for ``benchmarks/gluon_bwd.py`` on the GPU.
 
 Contract (:func:`applies`, as the forward's): bf16/fp16, D in {64, 128}, contiguous ``(B, S, H, D)`` tensors at
-16-byte aligned addresses, Sq == Sk with S % 128 == 0, full or causal, no softcap, GQA (B * H * S < 2**31: the
-LSE rows' int32 TMA coordinate). Non-finite inputs are not handled beyond what the arithmetic gives, and no
-registers are spent on them: a query row that sees a non-finite key or value has NaN out (the forwards' rule),
-hence NaN delta and dS, so it makes dq of that row and dk / dv of every key it sees NaN, as it should; it also
-reaches the keys after it in its causal diagonal tile (a masked pair's 0 * NaN), which the portable backward
-avoids by forcing masked pairs' dS to 0.
+16-byte aligned addresses, Sq == Sk with S % 128 == 0, full, causal or strictly causal (keys j < i), no softcap, GQA
+(B * H * S < 2**31: the LSE rows' int32 TMA coordinate). Non-finite inputs are not handled beyond what the
+arithmetic gives, and no registers are spent on them: a query row that sees a non-finite key or value has NaN out
+(the forwards' rule), hence NaN delta and dS, so it makes dq of that row and dk / dv of every key it sees NaN, as it
+should; it also reaches the keys after it in its causal diagonal tile (a masked pair's 0 * NaN), which the portable
+backward avoids by forcing masked pairs' dS to 0.
 """
 from __future__ import annotations
 
