@@ -6,7 +6,7 @@ import torch
 
 import flashring
 from flashring.ops import hopper
-from flashring.testing import GRAD_FACTOR, OUT_FACTOR, assert_close, reference_pair
+from flashring.testing import GRAD_FACTOR, OUT_FACTOR, assert_close, attention_ref, reference_pair
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and hopper.AVAILABLE
 
@@ -142,9 +142,11 @@ def _strict_inputs(d, dtype, s=384):
 @pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("mode", ["separate", "atomic"])
-def test_hopper_strict_causal_matches_reference(d, mode, seed, monkeypatch):
+@pytest.mark.parametrize("s, dtype", [(384, torch.bfloat16), (128, torch.float16)])
+def test_hopper_strict_causal_matches_reference(d, mode, s, dtype, seed, monkeypatch):
     """Keys j < i on the Gluon forward and backward: the first row sees nothing (out 0, the empty-row LSE, no
-    gradient), the diagonal shifted by one in every masked tile; GQA."""
+    gradient), the diagonal shifted by one in every masked tile; GQA; one tile (S = 128) in fp16; a gradient on
+    the LSE as well as on the output."""
     from flashring.interface import attention
     from flashring.ops import hopper_bwd
     monkeypatch.setenv(hopper.ENV, "1")
@@ -154,16 +156,22 @@ def test_hopper_strict_causal_matches_reference(d, mode, seed, monkeypatch):
     monkeypatch.setattr(hopper, "fwd", lambda *a, **kw: calls.append(("fwd", kw)) or real_fwd(*a, **kw))
     monkeypatch.setattr(hopper_bwd, "bwd", lambda *a, **kw: calls.append(("bwd", kw["strict"], kw["dq_mode"]))
                         or real_bwd(*a, **kw))
-    q, k, v, dout = _strict_inputs(d, torch.bfloat16)
+    q, k, v, dout = _strict_inputs(d, dtype, s)
     out, lse = attention(q, k, v, d ** -0.5, None, -1, 0.0, deterministic=False)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
+    dlse = torch.randn_like(lse)
+    grads = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
     assert calls == [("fwd", dict(causal=True, strict=True)), ("bwd", True, mode)]
     refs = reference_pair(q, k, v, dout, upper=-1)
     assert_close(out, refs["ref"]["out"], refs["low"]["out"], OUT_FACTOR, "strict out", seed)
     assert_close(lse, refs["ref"]["lse"], refs["low"]["lse"], OUT_FACTOR, "strict lse", seed, dtype=torch.float32)
     assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))
-    for name, g in zip(("dq", "dk", "dv"), grads):
-        assert_close(g, refs["ref"][name], refs["low"][name], GRAD_FACTOR, f"strict {name}", seed)
+    want = {}
+    for name, dt in (("ref", torch.float64), ("low", None)):
+        leaves = [t.detach().to(dt or t.dtype).requires_grad_() for t in (q, k, v)]
+        o, lo = attention_ref(*leaves, upper=-1, dtype=dt)
+        want[name] = torch.autograd.grad((o, lo), leaves, (dout.to(o.dtype), dlse))
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_close(grads[i], want["ref"][i], want["low"][i], GRAD_FACTOR, f"strict {name}", seed)
 
 
 @pytest.mark.gpu

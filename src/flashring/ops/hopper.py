@@ -34,7 +34,8 @@ The tensors are flash-attn's ``(B, S, H, D)``, contiguous, seen by TMA as 2-D ``
 128, D)`` box at column ``h*D``; ``S % 128 == 0`` keeps every box inside one batch. Non-finite values follow the
 library's rule (a row is NaN exactly when it may see a non-finite key or value): in the one diagonal tile per
 warpgroup, value rows with an inf/NaN are zeroed in shared memory before P V (a masked pair's 0 * NaN would
-reach rows that cannot see that key) and the rows at or after the first such key are set to NaN at the end.
+reach rows that cannot see that key) and the rows at or after the first such key (strictly causal: after it) are
+set to NaN at the end.
 Each warpgroup scans half of the rows, both meet at an mbarrier before either writes, then (only if a row is bad)
 both write the same zeros, each fencing its own writes before its own wgmma.
 """

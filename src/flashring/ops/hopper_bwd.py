@@ -61,7 +61,9 @@ Contract (:func:`applies`, as the forward's): bf16/fp16, D in {64, 128}, contigu
 arithmetic gives, and no registers are spent on them: a query row that sees a non-finite key or value has NaN out
 (the forwards' rule), hence NaN delta and dS, so it makes dq of that row and dk / dv of every key it sees NaN, as it
 should; it also reaches the keys after it in its causal diagonal tile (a masked pair's 0 * NaN), which the portable
-backward avoids by forcing masked pairs' dS to 0.
+backward avoids by forcing masked pairs' dS to 0. Strictly causal, a non-finite value or key j also makes row j's
+own dq NaN (row j does not see key j), and one in the first 128 keys row 0's (session 13's review); forcing dS to 0
+in the masked tiles would cost registers at the 240 edge and leave the key side as it is.
 """
 from __future__ import annotations
 
