@@ -510,8 +510,8 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if bq not in (64, 128) or s % bq:
         raise ValueError(f"block_q must be 64 or 128 and divide the sequence length {s}, got {bq}")
     if atomic and bq != BLOCK_Q:
-        raise ValueError(f"the atomic dQ takes block_q={BLOCK_Q} (its dS^T pairs would not fit shared memory), got "
-                         f"{bq}")
+        raise ValueError(f"the atomic dQ takes block_q={BLOCK_Q} (the size it was measured at; at D=128 its dS^T "
+                         f"pairs of 128 rows would not fit shared memory), got {bq}")
     dkdv = (_desc(q, b * s, h * d, [bq, d]), _desc(k, b * s, hk * d, half), _desc(v, b * s, hk * d, half),
             _desc(do, b * s, h * d, [bq, d]), _desc(lse, b * h * s, 0, [bq]),
             _desc(delta, b * h * s, 0, [bq]), _desc(dk, b * s, hk * d, half), _desc(dv, b * s, hk * d, half),
