@@ -32,13 +32,21 @@ FWD = {"fwd 128x64/8w": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3,
        # D=128: the dense default (128x128, 104-120 B of stack in the row-table forward) and the causal one
        # (128x64, spill-free there)
        "fwd 128x128/8w": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-       "fwd 128x64/8w nocap": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)}
+       "fwd 128x64/8w nocap": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+       # the row tables read in the iteration or one ahead (ops.flash.ROWS_AHEAD_MAX_D: ahead gives the data loads
+       # 3 pipeline buffers instead of 2; at D=64 the forward's stack grows 64 -> 72 B (qk), 96 -> 152 B (hash))
+       "fwd 128x64/8w inline": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=128,
+                                    ROWS_AHEAD=False),
+       "fwd 128x64/8w ahead": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=128,
+                                   ROWS_AHEAD=True)}
 BWD = {"bwd 64x64": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
        "bwd 32x64": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
        "bwd 64x32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
        # D=128 (the default): the row-table dK/dV spills 248 B in its loops; with 8 warps it compiles spill-free
        "bwd 64x64 s2": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-       "bwd 64x64/8w s2": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)}
+       "bwd 64x64/8w s2": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+       "bwd 64x64 inline": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, ROWS_AHEAD=False),
+       "bwd 64x64 ahead": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, ROWS_AHEAD=True)}
 VARIANTS = [("fwd 128x64/8w", "bwd 64x64"), ("fwd 64x64/4w", "bwd 64x64"), ("fwd 128x64/8w", "bwd 32x64"),
             ("fwd 128x64/8w", "bwd 64x32")]
 

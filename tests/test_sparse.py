@@ -331,6 +331,30 @@ def test_sparse_reads_strided_views_in_place(kind, device, seed):
     assert torch.equal(qkv.grad, torch.stack([t.grad for t in copies], 2))
 
 
+@pytest.mark.parametrize("kind", ["qk", "hash"])
+def test_row_tables_read_ahead_or_in_the_iteration_agree(kind, device, seed, monkeypatch):
+    """The row-table kernels read the next tile's row-table entries one iteration ahead at head dims up to
+    ``ops.flash.ROWS_AHEAD_MAX_D`` and in the iteration above it: both give bitwise the same forward, LSE and
+    gradients (lengths that leave partial tiles, and kept sets that leave some tiles empty)."""
+    from flashring.ops import flash
+    b, s, h, d = 2, 77, 2, 24
+    q, k, v = (torch.randn(b, s, h, d, device=device, requires_grad=True) for _ in range(3))
+    dout = torch.randn(b, s, h, d, device=device)
+    if kind == "qk":
+        side = (torch.rand(b, s, h, device=device) > 0.3, torch.rand(b, s, h, device=device) > 0.6)
+        fn = flashring.qk_sparse_attn_func
+    else:
+        side = (torch.randint(0, 4, (b, s, h), device=device), torch.randint(0, 4, (b, s, h), device=device))
+        fn = flashring.hash_sparse_attn_func
+    res = []
+    for max_d in (0, 1024):
+        monkeypatch.setattr(flash, "ROWS_AHEAD_MAX_D", max_d)
+        out, lse, _ = fn(q, k, v, *side, return_attn_probs=True)
+        res.append((out, lse, *torch.autograd.grad(out, (q, k, v), dout)))
+    for a, w in zip(*res):
+        assert torch.isfinite(a).all() and torch.equal(a, w)
+
+
 @pytest.mark.parametrize("shape", [(2, 37, 3, 5), (1, 1, 2, 8), (2, 300, 2, 64), (1, 1023, 1, 2), (1, 40, 2, 128)])
 def test_partition_is_a_stable_sort(shape, seed):
     """ops.partition (the front ends' counting sort) against torch.sort: the slot order, positions, keys and

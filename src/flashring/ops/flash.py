@@ -318,11 +318,17 @@ def _fwd_inner(acc, l_i, m_i, bad_i, q, qp, qb, K_ptrs, V_ptrs, stride_kn, strid
                HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPARSE: tl.constexpr,
                SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr, ONE_KEY: tl.constexpr,
                ROWS: tl.constexpr):
+    # ROWS == 2: the next key tile's row-table entries are read one iteration ahead (see _dkdv_inner)
+    k_next = _slot_rows(Rows=SP[8], side=k_side, slots=lo + offs_n, n=seqlen_k, ROWS=ROWS == 2, MASK=True)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kj = start_n + offs_n
         if ROWS:        # K_ptrs / V_ptrs hold no row offset: each key slot's row comes from the row table
-            kr = _slot_rows(Rows=SP[8], side=k_side, slots=kj, n=seqlen_k, ROWS=ROWS, MASK=MASK).to(tl.int64)
+            if ROWS == 2:
+                kr = k_next.to(tl.int64)
+                k_next = _slot_rows(Rows=SP[8], side=k_side, slots=kj + BLOCK_N, n=seqlen_k, ROWS=True, MASK=True)
+            else:
+                kr = _slot_rows(Rows=SP[8], side=k_side, slots=kj, n=seqlen_k, ROWS=ROWS, MASK=MASK).to(tl.int64)
             koff = kr[None, :] * stride_kn
             voff = kr[:, None] * stride_vn
         else:
@@ -475,6 +481,10 @@ def _dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, strid
                 MASK: tl.constexpr, HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 SPARSE: tl.constexpr, SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr,
                 ROWS: tl.constexpr):
+    # ROWS == 2: the row-table entries of the next query tile are read one iteration ahead, so that Q and dO load
+    # through a loop-carried offset and Triton's pipeliner gives them its full depth (3 buffers, as the dense
+    # kernel's; read in the same iteration, the table load took a stage and left them 2: TTGIR, triton 3.6, sm_90)
+    q_next = _slot_rows(Rows=SP[7], side=q_side, slots=lo + offs_m, n=seqlen_q, ROWS=ROWS == 2, MASK=True)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         qi = start_m + offs_m
@@ -490,7 +500,11 @@ def _dkdv_inner(dk, dv, k, v, kp, kb, Q_ptrs, DO_ptrs, Lse_ptr, Delta_ptr, strid
         else:
             m_ok = qi >= 0
         if ROWS:        # Q_ptrs / DO_ptrs hold no row offset: each query slot's row comes from the row table
-            q_at = _slot_rows(Rows=SP[7], side=q_side, slots=qi, n=seqlen_q, ROWS=ROWS, MASK=MASK)
+            if ROWS == 2:
+                q_at = q_next
+                q_next = _slot_rows(Rows=SP[7], side=q_side, slots=qi + BLOCK_M, n=seqlen_q, ROWS=True, MASK=True)
+            else:
+                q_at = _slot_rows(Rows=SP[7], side=q_side, slots=qi, n=seqlen_q, ROWS=ROWS, MASK=MASK)
             qoff = q_at[None, :].to(tl.int64) * stride_qm
             dooff = q_at[:, None].to(tl.int64) * stride_dom
         else:
@@ -601,6 +615,7 @@ def _dq_inner(dq, q, do, lse2, delta, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_
               d_ok, lo, hi, seqlen_k, lower, upper, SCORE, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
               HAS_LOWER: tl.constexpr, HAS_UPPER: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPARSE: tl.constexpr,
               SP_CAUSAL: tl.constexpr, HASH: tl.constexpr, PRECISION: tl.constexpr, ROWS: tl.constexpr):
+    k_next = _slot_rows(Rows=SP[8], side=k_side, slots=lo + offs_n, n=seqlen_k, ROWS=ROWS == 2, MASK=True)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kj = start_n + offs_n
@@ -613,7 +628,11 @@ def _dq_inner(dq, q, do, lse2, delta, qp, qb, K_ptrs, V_ptrs, stride_kn, stride_
         else:
             n_ok = kj >= 0
         if ROWS:        # as in _fwd_inner
-            kr = _slot_rows(Rows=SP[8], side=k_side, slots=kj, n=seqlen_k, ROWS=ROWS, MASK=MASK).to(tl.int64)
+            if ROWS == 2:
+                kr = k_next.to(tl.int64)
+                k_next = _slot_rows(Rows=SP[8], side=k_side, slots=kj + BLOCK_N, n=seqlen_k, ROWS=True, MASK=True)
+            else:
+                kr = _slot_rows(Rows=SP[8], side=k_side, slots=kj, n=seqlen_k, ROWS=ROWS, MASK=MASK).to(tl.int64)
             koff = kr[None, :] * stride_kn
             voff = kr[None, :] * stride_vn
         else:
@@ -739,6 +758,21 @@ def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, back
     return dict(next(cfg for d, cfg in (BWD_CONFIGS if backward else FWD_CONFIGS) if head_dim <= d))
 
 
+# The sparse row-table kernels read the next tile's row-table entries one iteration ahead at head dims up to this
+# (ROWS == 2): read in the same iteration, the table load takes one of the pipeliner's stages and leaves Q / dO
+# (K / V in the forward) 2 buffers instead of the dense kernels' 3. At D=128 the loop-carried entries spill
+# (forward 304 B, dK/dV 712 B of stack; triton 3.6, sm_90), so there they are read in the iteration (ROWS == 1).
+# A launch config's ROWS_AHEAD key overrides it (benchmarks/sparse_tiles.py times both).
+ROWS_AHEAD_MAX_D = 64
+
+
+def row_mode(sp_flags: dict, cfg: dict, head_dim: int) -> dict:
+    """``sp_flags`` with ROWS as the kernels take it (0 none, 1 row tables read in the iteration, 2 one ahead);
+    pops ``ROWS_AHEAD`` from ``cfg``."""
+    ahead = cfg.pop("ROWS_AHEAD", head_dim <= ROWS_AHEAD_MAX_D)
+    return dict(sp_flags, ROWS=(2 if ahead else 1) if sp_flags["ROWS"] else 0)
+
+
 def precision(dtype: torch.dtype) -> str:
     # fp32 inputs get true fp32 products ("ieee"), not tf32: the documented fp32 precision is fp32's own.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -815,6 +849,7 @@ def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optio
     cfg.setdefault("REVERSE_M", False)
     band, band_flags = _band_args(lower, upper)
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=False)
+    sp_flags = row_mode(sp_flags, cfg, d)
     LAUNCH_FWD[(cdiv(sq, cfg["BLOCK_M"]), h, b)](
         tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(out), _rows_arg(lse), seq, band,
         score_args(softmax_scale, softcap), side, GROUP=h // hk, HEAD_DIM=d,
@@ -841,6 +876,7 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
     dq, dk, dv = (torch.empty(t.shape, dtype=grad_dtype or t.dtype, device=t.device) for t in (q, k, v))
     cfg = dict(config or default_config(d, q.dtype, q.device, backward=True))
     reverse_m = cfg.pop("REVERSE_M", False)                 # the dQ program's order (dK/dV has its own)
+    rows_cfg = {k: cfg.pop(k) for k in ("ROWS_AHEAD",) if k in cfg}
     band, band_flags = _band_args(lower, upper)
     common = dict(GROUP=h // hk, HEAD_DIM=d, BLOCK_D=block_d, HAS_SOFTCAP=softcap > 0, VARLEN=varlen is not None,
                   PRECISION=precision(q.dtype), **band_flags, **cfg)
@@ -848,8 +884,9 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
     ins = (tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(do), _rows_arg(lse), _rows_arg(delta))
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=True)
     LAUNCH_BWD_DKDV[(cdiv(sk, cfg["BLOCK_N"]), hk, b)](*ins, tensor_arg(dk), tensor_arg(dv), seq, band, score,
-                                                        side, **sp_flags, **common)
+                                                        side, **row_mode(sp_flags, dict(rows_cfg), d), **common)
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=False)
+    sp_flags = row_mode(sp_flags, dict(rows_cfg), d)
     LAUNCH_BWD_DQ[(cdiv(sq, cfg["BLOCK_M"]), h, b)](*ins, tensor_arg(dq), seq, band, score, side, **sp_flags,
                                                      REVERSE_M=reverse_m, **common)
     return dq, dk, dv
