@@ -91,11 +91,17 @@ def usage(kernel, loops: bool) -> str:
     if loops:
         sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
         spans, spills, mmas = [], 0, 0
+        counts = dict.fromkeys(("FMUL", "FFMA", "FADD", "MUFU", "BRA"), 0)
+        total = 0
         for line in sass.splitlines():
             ins = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
             if not ins:
                 continue
             ins = ins.group(1)
+            total += 1
+            op = re.sub(r"^@!?U?P\w+\s+", "", ins).split(" ")[0].split(".")[0]
+            if op in counts:
+                counts[op] += 1
             if re.search(r"\b(STL|LDL)", ins):
                 spills += 1
             elif "MMA" in ins:
@@ -106,6 +112,7 @@ def usage(kernel, loops: bool) -> str:
                 spills = mmas = 0
         text += "  spills/MMAs between branches: " + " ".join(spans)
         text += f"  exp2s between wgmma waits: {wait_gaps(sass)}"
+        text += "\n    static instructions: " + " ".join(f"{k} {v}" for k, v in counts.items()) + f" (all {total})"
     os.unlink(f.name)
     return text
 

@@ -240,7 +240,8 @@ def test_lsh_buckets_reproducible_and_in_range():
 ])
 def test_qk_bad_input(kwargs, exc, match):
     q = torch.randn(1, 8, 2, 16)
-    args = dict(q=q, k=q, v=q, q_keep=torch.ones(1, 8, 2, dtype=torch.bool), k_keep=torch.ones(1, 8, 2, dtype=torch.bool))
+    keep = torch.ones(1, 8, 2, dtype=torch.bool)
+    args = dict(q=q, k=q, v=q, q_keep=keep, k_keep=keep)
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         flashring.qk_sparse_attn_func(**args)
@@ -333,9 +334,9 @@ def test_sparse_reads_strided_views_in_place(kind, device, seed):
 
 @pytest.mark.parametrize("kind", ["qk", "hash"])
 def test_row_tables_read_ahead_or_in_the_iteration_agree(kind, device, seed, monkeypatch):
-    """The row-table kernels read the next tile's row-table entries one iteration ahead at head dims up to
-    ``ops.flash.ROWS_AHEAD_MAX_D`` and in the iteration above it: both give bitwise the same forward, LSE and
-    gradients (lengths that leave partial tiles, and kept sets that leave some tiles empty)."""
+    """The row-table kernels read the next tile's row-table entries one iteration ahead or in the iteration
+    (``ops.flash.ROWS_AHEAD_MAX_D``, per pass): both give bitwise the same forward, LSE and gradients (lengths that
+    leave partial tiles, and kept sets that leave some tiles empty)."""
     from flashring.ops import flash
     b, s, h, d = 2, 77, 2, 24
     q, k, v = (torch.randn(b, s, h, d, device=device, requires_grad=True) for _ in range(3))
@@ -348,7 +349,7 @@ def test_row_tables_read_ahead_or_in_the_iteration_agree(kind, device, seed, mon
         fn = flashring.hash_sparse_attn_func
     res = []
     for max_d in (0, 1024):
-        monkeypatch.setattr(flash, "ROWS_AHEAD_MAX_D", max_d)
+        monkeypatch.setattr(flash, "ROWS_AHEAD_MAX_D", dict(fwd=max_d, bwd=max_d))
         out, lse, _ = fn(q, k, v, *side, return_attn_probs=True)
         res.append((out, lse, *torch.autograd.grad(out, (q, k, v), dout)))
     for a, w in zip(*res):

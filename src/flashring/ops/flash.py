@@ -758,18 +758,21 @@ def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, back
     return dict(next(cfg for d, cfg in (BWD_CONFIGS if backward else FWD_CONFIGS) if head_dim <= d))
 
 
-# The sparse row-table kernels read the next tile's row-table entries one iteration ahead at head dims up to this
-# (ROWS == 2): read in the same iteration, the table load takes one of the pipeliner's stages and leaves Q / dO
-# (K / V in the forward) 2 buffers instead of the dense kernels' 3. At D=128 the loop-carried entries spill
-# (forward 304 B, dK/dV 712 B of stack; triton 3.6, sm_90), so there they are read in the iteration (ROWS == 1).
-# A launch config's ROWS_AHEAD key overrides it (benchmarks/sparse_tiles.py times both).
-ROWS_AHEAD_MAX_D = 64
+# The sparse row-table kernels can read the next tile's row-table entries one iteration ahead (ROWS == 2): read in
+# the same iteration (ROWS == 1), the table load takes one of the pipeliner's stages and leaves K / V (forward) or
+# Q / dO (dK/dV) 2 buffers instead of the dense kernels' 3 (TTGIR, triton 3.6, sm_90). Kernel time on one H100,
+# B=1, H=32, D=64, causal, 8k / 16k, QK drop 0.5 / 0.8 and hash 8 / 16 (session 14): forward 0.92-0.99x with it,
+# so ahead up to D=64; the backward 0.92-0.95x at QK 0.5 but 1.07-1.18x at drop 0.8 and hash 16, where a program
+# walks few tiles and pays the extra prologue load, so in the iteration. At D=128 the loop-carried entries spill
+# (forward 304 B, dK/dV 712 B of stack). Head dims up to which each pass reads ahead; a launch config's ROWS_AHEAD
+# key overrides (benchmarks/sparse_tiles.py times both).
+ROWS_AHEAD_MAX_D = dict(fwd=64, bwd=0)
 
 
-def row_mode(sp_flags: dict, cfg: dict, head_dim: int) -> dict:
+def row_mode(sp_flags: dict, cfg: dict, head_dim: int, backward: bool) -> dict:
     """``sp_flags`` with ROWS as the kernels take it (0 none, 1 row tables read in the iteration, 2 one ahead);
     pops ``ROWS_AHEAD`` from ``cfg``."""
-    ahead = cfg.pop("ROWS_AHEAD", head_dim <= ROWS_AHEAD_MAX_D)
+    ahead = cfg.pop("ROWS_AHEAD", head_dim <= ROWS_AHEAD_MAX_D["bwd" if backward else "fwd"])
     return dict(sp_flags, ROWS=(2 if ahead else 1) if sp_flags["ROWS"] else 0)
 
 
@@ -849,7 +852,7 @@ def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optio
     cfg.setdefault("REVERSE_M", False)
     band, band_flags = _band_args(lower, upper)
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=False)
-    sp_flags = row_mode(sp_flags, cfg, d)
+    sp_flags = row_mode(sp_flags, cfg, d, backward=False)
     LAUNCH_FWD[(cdiv(sq, cfg["BLOCK_M"]), h, b)](
         tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(out), _rows_arg(lse), seq, band,
         score_args(softmax_scale, softcap), side, GROUP=h // hk, HEAD_DIM=d,
@@ -884,9 +887,10 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
     ins = (tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(do), _rows_arg(lse), _rows_arg(delta))
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=True)
     LAUNCH_BWD_DKDV[(cdiv(sk, cfg["BLOCK_N"]), hk, b)](*ins, tensor_arg(dk), tensor_arg(dv), seq, band, score,
-                                                        side, **row_mode(sp_flags, dict(rows_cfg), d), **common)
+                                                        side, **row_mode(sp_flags, dict(rows_cfg), d, backward=True),
+                                                        **common)
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=False)
-    sp_flags = row_mode(sp_flags, dict(rows_cfg), d)
+    sp_flags = row_mode(sp_flags, dict(rows_cfg), d, backward=True)
     LAUNCH_BWD_DQ[(cdiv(sq, cfg["BLOCK_M"]), h, b)](*ins, tensor_arg(dq), seq, band, score, side, **sp_flags,
                                                      REVERSE_M=reverse_m, **common)
     return dq, dk, dv
