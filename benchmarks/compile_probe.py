@@ -81,6 +81,9 @@ def wait_gaps(sass: str) -> list:
     return gaps
 
 
+COUNTS = False          # --counts
+
+
 def usage(kernel, loops: bool) -> str:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
@@ -112,7 +115,8 @@ def usage(kernel, loops: bool) -> str:
                 spills = mmas = 0
         text += "  spills/MMAs between branches: " + " ".join(spans)
         text += f"  exp2s between wgmma waits: {wait_gaps(sass)}"
-        text += "\n    static instructions: " + " ".join(f"{k} {v}" for k, v in counts.items()) + f" (all {total})"
+        if COUNTS:
+            text += "\n    static instructions: " + " ".join(f"{k} {v}" for k, v in counts.items()) + f" (all {total})"
     os.unlink(f.name)
     return text
 
@@ -126,6 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--window", help="L,R: a window_size band instead of the full / causal pair")
     p.add_argument("--kernels", default="fwd,dkdv,dq", help="which of fwd,dkdv,dq to compile")
     p.add_argument("--loops", action="store_true", help="spills and MMAs between the branches of the SASS")
+    p.add_argument("--counts", action="store_true", help="with --loops: static counts of FMUL, FFMA, FADD, MUFU, "
+                   "BRA and all SASS instructions (on a line of its own)")
     p.add_argument("--hopper", action="store_true", help="the Gluon sm_90 forward (ops/hopper.py) instead")
     p.add_argument("--variant", default="", help="--hopper / --hopper-bwd: launch_args keywords, e.g. 'programs=3'")
     p.add_argument("--hopper-bwd", action="store_true", help="the Gluon sm_90 backward (ops/hopper_bwd.py) instead")
@@ -133,6 +139,8 @@ def main(argv=None) -> int:
                    help="the kernels' dynamic-sparse mode as the front ends launch it (row tables; causal), and "
                         "ops.partition's counting-sort kernels")
     args = p.parse_args(argv)
+    global COUNTS
+    COUNTS = args.counts
     seqlen_k = args.seqlen_k or args.seqlen
     kernels = {"fwd": "LAUNCH_FWD", "dkdv": "LAUNCH_BWD_DKDV", "dq": "LAUNCH_BWD_DQ"}
     try:
