@@ -242,3 +242,46 @@ def test_split_kv_decode_under_cudagraph_trees(seed):
         got = step(q).clone()
         refs = reference_pair(q, k, v, None)
         assert_close(got, refs["ref"]["out"], refs["low"]["out"], 2, f"reduce-overhead decode, call {i}", seed)
+
+
+CHECK_SCRIPT = r"""
+import sys, torch, flashring
+case = sys.argv[1]
+q = torch.randn(2, 1, 4, 64, device="cuda", dtype=torch.bfloat16)
+kc, vc = (torch.randn(6, 16, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+i32 = lambda *x: torch.tensor(x, dtype=torch.int32, device="cuda")
+kw = {"ok": dict(cache_seqlens=i32(16, 3), cache_batch_idx=i32(5, 0), cache_leftpad=i32(0, 2)),
+      "cache_seqlens": dict(cache_seqlens=i32(3, 17), cache_batch_idx=i32(0, 1)),
+      "cache_leftpad": dict(cache_seqlens=i32(3, 4), cache_batch_idx=i32(0, 1), cache_leftpad=i32(0, -1)),
+      "cache_batch_idx": dict(cache_seqlens=i32(3, 4), cache_batch_idx=i32(6, 0)),
+      "block_table": dict(cache_seqlens=i32(20, 4), block_table=i32(0, 1, 5, 6))}[case]
+if case == "block_table":
+    kw["block_table"] = kw["block_table"].view(2, 2)
+out = flashring.flash_attn_with_kvcache(q, kc, vc, causal=True, **kw)
+torch.cuda.synchronize()
+print("finished", float(out.float().abs().sum()))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA GPU")
+@pytest.mark.parametrize("case", ["ok", "cache_seqlens", "cache_leftpad", "cache_batch_idx", "block_table"])
+def test_index_tensors_out_of_range_trip_a_device_assert(case, tmp_path):
+    """On a GPU the index tensors of flash_attn_with_kvcache are checked on the device (one launch for all of
+    them, no host sync): an entry out of range stops the process with a device-side assert whose message names
+    the argument, instead of reading or writing out of bounds; entries in range run through (a fresh process per
+    case: a device assert leaves the CUDA context unusable)."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "check.py"
+    script.write_text(CHECK_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, str(script), case], capture_output=True, text=True, env=env, timeout=300)
+    if case == "ok":
+        assert res.returncode == 0 and "finished" in res.stdout, res.stderr[-2000:]
+    else:
+        assert res.returncode != 0 and "finished" not in res.stdout, res.stdout
+        said = res.stdout + res.stderr          # the device's assert message comes through its printf buffer
+        assert "device-side assert" in said and f"{case} entries" in said, said[-2000:]

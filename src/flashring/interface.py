@@ -445,14 +445,16 @@ def _check_index_tensor(t, name: str, shape, device) -> None:
         raise ValueError(f"{name} is on {t.device} but q is on {device}")
 
 
-def _check_range(t: torch.Tensor, lo: int, hi: int, what: str) -> None:
-    """``lo <= t < hi`` elementwise: a host check on CPU; on a GPU a device-side assert, because a host check would
-    stall the queue on every decode step (as torch's own CUDA index ops check their indices on the device)."""
+def _check_range(t: torch.Tensor, hi: int, what: str, on_device: dict, name: str) -> None:
+    """``0 <= t < hi`` elementwise: a host check on CPU; a CUDA tensor goes into ``on_device`` (name -> (tensor,
+    hi)) for one device-side assert over all of a call's index tensors (``kvcache.check_indices``), because a host
+    check would stall the queue on every decode step (as torch's own CUDA index ops check their indices on the
+    device). Traced calls (torch.compile) skip it."""
     if t.numel() == 0 or not plain_eager():
         return
     if t.is_cuda:
-        torch._assert_async(((t >= lo) & (t < hi)).all(), what)
-    elif not bool(((t >= lo) & (t < hi)).all()):
+        on_device[name] = (t.contiguous(), hi)
+    elif not bool(((t >= 0) & (t < hi)).all()):
         raise ValueError(f"{what}; got values in [{int(t.min())}, {int(t.max())}]")
 
 
@@ -504,6 +506,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         V.check_softcap(softcap)
     V.check_int(num_splits, "num_splits", 0)
     b, sq = q.shape[:2]
+    on_device = {}                  # CUDA index tensors: name -> (tensor, bound), checked in one launch below
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new keys/values to append) or both be None")
     s_new = 0
@@ -522,7 +525,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be combined with block_table (the table already maps rows)")
         capacity = block_table.shape[1] * k_cache.shape[1]
-        _check_range(block_table, 0, k_cache.shape[0], f"block_table entries must lie in [0, {k_cache.shape[0]})")
+        _check_range(block_table, k_cache.shape[0], f"block_table entries must lie in [0, {k_cache.shape[0]})",
+                     on_device, "block_table")
     else:
         capacity = k_cache.shape[1]
         if cache_batch_idx is None and k_cache.shape[0] != b:
@@ -530,8 +534,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                              "pick rows")
     if cache_batch_idx is not None:
         _check_index_tensor(cache_batch_idx, "cache_batch_idx", (b,), q.device)
-        _check_range(cache_batch_idx, 0, k_cache.shape[0], f"cache_batch_idx entries must lie in [0, "
-                                                           f"{k_cache.shape[0]})")
+        _check_range(cache_batch_idx, k_cache.shape[0], f"cache_batch_idx entries must lie in [0, "
+                                                        f"{k_cache.shape[0]})", on_device, "cache_batch_idx")
     seqlen = capacity - s_new
     if cache_seqlens is None:
         pass
@@ -542,11 +546,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqlen, cache_seqlens = int(cache_seqlens), None
     else:
         _check_index_tensor(cache_seqlens, "cache_seqlens", (b,), q.device)
-        _check_range(cache_seqlens, 0, capacity - s_new + 1, f"cache_seqlens + {s_new} new tokens must stay within "
-                                                            f"the cache capacity ({capacity})")
+        _check_range(cache_seqlens, capacity - s_new + 1, f"cache_seqlens + {s_new} new tokens must stay within "
+                                                         f"the cache capacity ({capacity})", on_device, "cache_seqlens")
     if cache_leftpad is not None:
         _check_index_tensor(cache_leftpad, "cache_leftpad", (b,), q.device)
-        _check_range(cache_leftpad, 0, capacity + 1, f"cache_leftpad must lie in [0, {capacity}]")
+        _check_range(cache_leftpad, capacity + 1, f"cache_leftpad must lie in [0, {capacity}]", on_device,
+                     "cache_leftpad")
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together")
     if rotary_cos is not None:
@@ -570,6 +575,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
         key_padding_mask = key_padding_mask.contiguous()
+    if on_device:
+        get = lambda name: on_device.get(name, (None, 0))  # noqa: E731
+        kvcache.check_indices(b, *get("cache_seqlens"), *get("cache_leftpad"), *get("cache_batch_idx"),
+                              *get("block_table"))
     lower, upper = window_offsets(causal, window)
     # Eager calls skip the dispatcher (a decode step is short enough for its ~50 us of host time to show); the
     # custom op is what torch.compile traces.
