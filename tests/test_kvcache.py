@@ -250,16 +250,26 @@ case = sys.argv[1]
 q = torch.randn(2, 1, 4, 64, device="cuda", dtype=torch.bfloat16)
 kc, vc = (torch.randn(6, 16, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
 i32 = lambda *x: torch.tensor(x, dtype=torch.int32, device="cuda")
-kw = {"ok": dict(cache_seqlens=i32(16, 3), cache_batch_idx=i32(5, 0), cache_leftpad=i32(0, 2)),
-      "cache_seqlens": dict(cache_seqlens=i32(3, 17), cache_batch_idx=i32(0, 1)),
-      "cache_leftpad": dict(cache_seqlens=i32(3, 4), cache_batch_idx=i32(0, 1), cache_leftpad=i32(0, -1)),
-      "cache_batch_idx": dict(cache_seqlens=i32(3, 4), cache_batch_idx=i32(6, 0)),
-      "block_table": dict(cache_seqlens=i32(20, 4), block_table=i32(0, 1, 5, 6))}[case]
-if case == "block_table":
-    kw["block_table"] = kw["block_table"].view(2, 2)
-out = flashring.flash_attn_with_kvcache(q, kc, vc, causal=True, **kw)
+# (in range, out of range) with the same arguments present: the good calls compile the check and then take the
+# cached fast launch (ops.launch.Launcher), which the bad call goes through too
+good, bad = {
+    "ok": (dict(cache_seqlens=i32(16, 3), cache_batch_idx=i32(5, 0), cache_leftpad=i32(0, 2)), None),
+    "cache_seqlens": (dict(cache_seqlens=i32(3, 16), cache_batch_idx=i32(0, 1)),
+                      dict(cache_seqlens=i32(3, 17), cache_batch_idx=i32(0, 1))),
+    "cache_leftpad": (dict(cache_seqlens=i32(3, 4), cache_leftpad=i32(0, 4)),
+                      dict(cache_seqlens=i32(3, 4), cache_leftpad=i32(0, -1))),
+    "cache_batch_idx": (dict(cache_seqlens=i32(3, 4), cache_batch_idx=i32(5, 0)),
+                        dict(cache_seqlens=i32(3, 4), cache_batch_idx=i32(6, 0))),
+    "block_table": (dict(cache_seqlens=i32(20, 4), block_table=i32(0, 1, 5, 2).view(2, 2)),
+                    dict(cache_seqlens=i32(20, 4), block_table=i32(0, 1, 5, 6).view(2, 2)))}[case]
+for _ in range(2):
+    out = flashring.flash_attn_with_kvcache(q, kc, vc, causal=True, **good)
 torch.cuda.synchronize()
-print("finished", float(out.float().abs().sum()))
+print("good calls finished", float(out.float().abs().sum()), flush=True)
+if bad is not None:
+    out = flashring.flash_attn_with_kvcache(q, kc, vc, causal=True, **bad)
+    torch.cuda.synchronize()
+    print("bad call finished", float(out.float().abs().sum()), flush=True)
 """
 
 
@@ -269,8 +279,8 @@ print("finished", float(out.float().abs().sum()))
 def test_index_tensors_out_of_range_trip_a_device_assert(case, tmp_path):
     """On a GPU the index tensors of flash_attn_with_kvcache are checked on the device (one launch for all of
     them, no host sync): an entry out of range stops the process with a device-side assert whose message names
-    the argument, instead of reading or writing out of bounds; entries in range run through (a fresh process per
-    case: a device assert leaves the CUDA context unusable)."""
+    the argument, instead of reading or writing out of bounds, also through the cached fast launch; entries in
+    range run through (a fresh process per case: a device assert leaves the CUDA context unusable)."""
     import os
     import subprocess
     import sys
@@ -279,9 +289,43 @@ def test_index_tensors_out_of_range_trip_a_device_assert(case, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "src"),
                                                        os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, str(script), case], capture_output=True, text=True, env=env, timeout=300)
+    assert "good calls finished" in res.stdout, res.stderr[-2000:]
     if case == "ok":
-        assert res.returncode == 0 and "finished" in res.stdout, res.stderr[-2000:]
+        assert res.returncode == 0, res.stderr[-2000:]
     else:
-        assert res.returncode != 0 and "finished" not in res.stdout, res.stdout
+        assert res.returncode != 0 and "bad call finished" not in res.stdout, res.stdout
         said = res.stdout + res.stderr          # the device's assert message comes through its printf buffer
         assert "device-side assert" in said and f"{case} entries" in said, said[-2000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's run of the check kernel (CPU machines)")
+@pytest.mark.parametrize("entry", [0, 1, 299, 1023, 1024, 1500])
+def test_check_indices_kernel_under_the_interpreter(entry, monkeypatch):
+    """ops.kvcache's one-launch index check, its kernel run by the Triton interpreter with asserts on (on a GPU the
+    same checks are the device-side asserts of the subprocess test above): entries in range pass; one entry out of
+    range, low or high, in any program's block (1,024 entries each) of the per-row tensors or the block table,
+    raises naming the argument."""
+    import dataclasses
+    from triton.runtime import interpreter
+    from flashring.ops import kvcache
+    if not (kvcache.INTERPRET and hasattr(interpreter, "interpreter_builder")):
+        pytest.skip("needs TRITON_INTERPRET=1 and this Triton's interpreter builder")
+    builder = interpreter.interpreter_builder
+    monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))
+    monkeypatch.setattr(kvcache, "CHECK_KERNEL", True)
+    n = 1501
+    rows = {name: torch.randint(0, hi, (n,), dtype=torch.int32) for name, hi in
+            (("cache_seqlens", 17), ("cache_leftpad", 18), ("cache_batch_idx", 6))}
+    table = torch.randint(0, 9, (n, 2), dtype=torch.int32)
+
+    def check(**over):
+        args = {**rows, "block_table": table, **over}
+        kvcache.check_indices(n, args["cache_seqlens"], 17, args["cache_leftpad"], 18, args["cache_batch_idx"], 6,
+                              args["block_table"], 9)
+    check()
+    for name, hi in (("cache_seqlens", 17), ("cache_leftpad", 18), ("cache_batch_idx", 6), ("block_table", 9)):
+        for value in (-1, hi):
+            t = (table if name == "block_table" else rows[name]).clone()
+            t.view(-1)[entry if name != "block_table" else 2 * entry + 1] = value
+            with pytest.raises(Exception, match=f"{name} entries"):     # the interpreter wraps the assert
+                check(**{name: t})

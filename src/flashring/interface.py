@@ -488,8 +488,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             covers the new ``k`` / ``v`` too: mark their slots (``cache_seqlens`` onwards) True, or they are
             appended but not attended.
     Returns ``out`` ``(batch, seqlen_q, nheads, headdim)``, and ``softmax_lse`` ``(batch, nheads, seqlen_q)`` fp32
-    with ``return_softmax_lse=True``. Out-of-range ``cache_seqlens`` / ``block_table`` entries raise ValueError on
-    CPU and trip a device-side assert on a GPU (no host sync per decode step).
+    with ``return_softmax_lse=True``. Out-of-range ``cache_seqlens`` / ``cache_leftpad`` / ``cache_batch_idx`` /
+    ``block_table`` entries raise ValueError on CPU and trip a device-side assert naming the argument on a GPU (one
+    check launch per call, no host sync per decode step).
     """
     V.check_tensor(q, "q", 4, "(batch, seqlen_q, nheads, headdim)")
     paged = block_table is not None
@@ -546,8 +547,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqlen, cache_seqlens = int(cache_seqlens), None
     else:
         _check_index_tensor(cache_seqlens, "cache_seqlens", (b,), q.device)
-        _check_range(cache_seqlens, capacity - s_new + 1, f"cache_seqlens + {s_new} new tokens must stay within "
-                                                         f"the cache capacity ({capacity})", on_device, "cache_seqlens")
+        _check_range(cache_seqlens, capacity - s_new + 1, f"cache_seqlens entries must lie in [0, {capacity - s_new}] "
+                     f"(the cache capacity {capacity} less {s_new} new tokens)", on_device, "cache_seqlens")
     if cache_leftpad is not None:
         _check_index_tensor(cache_leftpad, "cache_leftpad", (b,), q.device)
         _check_range(cache_leftpad, capacity + 1, f"cache_leftpad must lie in [0, {capacity}]", on_device,
