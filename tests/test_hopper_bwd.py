@@ -163,6 +163,30 @@ def test_atomic_dq_exchange_matches_reference(d, causal, group, seed):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("mask", ["none", "causal", "strict"])
+def test_dq_hold_matches_reference_and_default(d, mask, seed):
+    """``dq_hold``: the dQ kernel's wait for dP behind a predicated wait on the tile's row sums of P (the
+    exponentials stay ahead of it in the SASS). The same gradients as the reference, and bitwise the default's
+    (only the instruction order moves); GQA."""
+    q, k, v, dout = _inputs(d, torch.bfloat16, s=512)
+    upper = {"none": None, "causal": 0, "strict": -1}[mask]
+    out, lse = (t.detach() for t in flash.fwd(q.detach(), k.detach(), v.detach(), d ** -0.5, upper=upper))
+    args = (dout, q.detach(), k.detach(), v.detach(), out, lse, d ** -0.5, mask != "none")
+    held = hopper_bwd.bwd(*args, strict=mask == "strict", dq_hold=True)
+    default = hopper_bwd.bwd(*args, strict=mask == "strict")
+    want = {}
+    for name, dt in (("ref", torch.float64), ("low", None)):
+        leaves = [t.detach().to(dt or t.dtype).requires_grad_() for t in (q, k, v)]
+        o, _ = attention_ref(*leaves, upper=upper, dtype=dt)
+        want[name] = torch.autograd.grad(o, leaves, dout.to(o.dtype))
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_close(held[i], want["ref"][i], want["low"][i], GRAD_FACTOR, f"dq_hold {name}", seed)
+        assert torch.equal(held[i], default[i]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
 @pytest.mark.parametrize("mode", hopper_bwd.DQ_MODES)
 def test_hopper_backward_with_lse_gradient(mode, seed, monkeypatch):
     """A gradient on the returned LSE folds into delta (the portable preprocess kernel's ``dlse``)."""

@@ -372,8 +372,9 @@ if AVAILABLE:
     def _dq_consumer(WG: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty,
                      desc_dq, lse_ptr, delta_ptr, qk_scale, sm_scale, lse_row, q_row0, q_col, row_lo0, n_hi,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, STRICT: gl.constexpr):
-        """One consumer warpgroup of the separate dQ kernel: 64 query rows."""
+                     NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, STRICT: gl.constexpr, HOLD: gl.constexpr):
+        """One consumer warpgroup of the separate dQ kernel: 64 query rows. HOLD: :func:`_wait_after_rows` keeps the
+        tile's exponentials ahead of the wait for dP (they run while dP's wgmma does)."""
         WG_M: gl.constexpr = BLOCK_M // 2
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = q_smem.dtype
@@ -408,6 +409,8 @@ if AVAILABLE:
             if CAUSAL:
                 if start_n + BLOCK_N - 1 > row_lo - STRICT:   # only tiles that reach past the first row are masked
                     p = gl.where(rows[:, None] - STRICT >= (start_n + cols0)[None, :], p, 0.0)
+            if HOLD:
+                _wait_after_rows(gl.sum(p, axis=1))
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
             ds = (p * (dp - delta[:, None])).to(dtype)
             dq_tok = warpgroup_mma(gl.convert_layout(ds, a_layout), k_tile, dq, is_async=True)
@@ -419,6 +422,17 @@ if AVAILABLE:
         fence_async_shared()
         tma.async_copy_shared_to_global(desc_dq, [q_row0 + WG * WG_M, q_col], q)
         tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _wait_after_rows(x):
+        """A ``wgmma.wait_group 0`` predicated on ``x`` (row sums of P: >= 0 or NaN, so the predicate ``x != -1`` is
+        always true and the instruction runs warp-uniformly). ptxas hoists Gluon's operand-less wait for dP above
+        the exponentials (SASS, triton 3.6: 15 of a tile's 64 between the waits at D=128); a wait that reads a sum
+        of all of them cannot move above any (session 11 found the same for the forward). Costs the sums: ~31
+        FADDs and 2 shuffle steps per row and thread."""
+        gl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.neu.f32 p, $1, 0fBF800000; @p wgmma.wait_group.sync.aligned 0; mov.b32 $0, $1; }",
+            "=r,r", [x], dtype=gl.float32, is_pure=False, pack=1)
 
     @gluon.jit
     def _dq_producer(q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_q, desc_do, desc_k,
@@ -436,7 +450,7 @@ if AVAILABLE:
     @gluon.jit
     def _bwd_dq_hopper(desc_q, desc_k, desc_v, desc_do, desc_dq, lse_ptr, delta_ptr, sm_scale, N_CTX, H, GROUP,
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                       NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, STRICT: gl.constexpr):
+                       NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, STRICT: gl.constexpr, HOLD: gl.constexpr):
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
         WG_M: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = desc_q.dtype
@@ -470,10 +484,10 @@ if AVAILABLE:
         gl.warp_specialize([
             (_dq_consumer, (0, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_dq,
                             lse_ptr, delta_ptr, sm_scale * LOG2E_C, sm_scale, lse_row, q_row0, h * HEAD_DIM,
-                            start_m * BLOCK_M, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT)),
+                            start_m * BLOCK_M, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT, HOLD)),
             (_dq_consumer, (1, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_dq,
                             lse_ptr, delta_ptr, sm_scale * LOG2E_C, sm_scale, lse_row, q_row0, h * HEAD_DIM,
-                            start_m * BLOCK_M, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT)),
+                            start_m * BLOCK_M, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT, HOLD)),
             (_dq_producer, (q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_q, desc_do,
                             desc_k, desc_v, q_row0, h * HEAD_DIM, b * N_CTX, (h // GROUP) * HEAD_DIM, n_hi,
                             BLOCK_M, BLOCK_N, NUM_STAGES)),
@@ -497,12 +511,13 @@ def _desc(t: torch.Tensor, rows: int, cols: int, box):
 
 def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
                 delta: torch.Tensor, softmax_scale: float, causal: bool, dq: torch.Tensor, dk: torch.Tensor,
-                dv: torch.Tensor, atomic: bool, block_q: int = 0, strict: bool = False):
+                dv: torch.Tensor, atomic: bool, block_q: int = 0, strict: bool = False, dq_hold: bool = False):
     """``[(kernel, grid, args), ...]`` of one backward (each launched as ``kernel[grid](*args, num_warps=4)``):
     the dK/dV kernel, then (not ``atomic``) the dQ kernel. ``dq``: the fp32 accumulator when ``atomic``. Split
     out so that a machine without a GPU can compile the kernels (tests, ``compile_probe.py --hopper-bwd``).
     ``block_q``: query rows per dK/dV step (default :data:`BLOCK_Q_D64` at D=64 without ``atomic``, else
-    :data:`BLOCK_Q`). ``strict`` (with ``causal``): keys j < i (:data:`hopper.STRICT_CAUSAL`)."""
+    :data:`BLOCK_Q`). ``strict`` (with ``causal``): keys j < i (:data:`hopper.STRICT_CAUSAL`). ``dq_hold``: the dQ
+    kernel waits for dP behind a predicated wait that reads all of the tile's exponentials (opt-in until timed)."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     half = [BLOCK_KEYS // 2, d]
@@ -522,7 +537,7 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         kv = [DQ_BLOCK_N, d]
         dq_args = (_desc(q, b * s, h * d, wg), _desc(k, b * s, hk * d, kv), _desc(v, b * s, hk * d, kv),
                    _desc(do, b * s, h * d, wg), _desc(dq, b * s, h * d, wg), lse, delta, softmax_scale, s, h,
-                   h // hk, DQ_BLOCK_M, DQ_BLOCK_N, d, NUM_STAGES, causal, int(causal and strict))
+                   h // hk, DQ_BLOCK_M, DQ_BLOCK_N, d, NUM_STAGES, causal, int(causal and strict), bool(dq_hold))
         launches.append((_bwd_dq_hopper, (s // DQ_BLOCK_M, h, b), dq_args))
     return launches
 
