@@ -42,7 +42,7 @@ def main() -> int:
     ap.add_argument("--old", type=Path, required=True, help="the earlier checkout's src/ directory")
     ap.add_argument("--old-sha", default="unknown")
     ap.add_argument("--out", type=Path, default=Path("."))
-    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     old = load_old(args.old)
@@ -51,14 +51,24 @@ def main() -> int:
     meta = run_metadata(dev, sys.argv, old_sha=args.old_sha)
     g = torch.Generator(device=dev).manual_seed(0)
     rows = []
-    for b, sk, lens_kind in ((1, 512, "int"), (1, 2048, "int"), (1, 2048, "tensor"), (8, 2048, "tensor")):
+    page = 64
+    for b, sk, lens_kind in ((1, 512, "int"), (1, 2048, "int"), (1, 2048, "tensor"), (8, 2048, "tensor"),
+                             (8, 2048, "paged"), (8, 32768, "paged")):
         h, hk, d = 32, 8, 128
         q = torch.randn(b, 1, h, d, device=dev, dtype=torch.bfloat16, generator=g)
-        kc, vc = (torch.randn(b, sk, hk, d, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(2))
+        extra = {}
+        if lens_kind == "paged":        # a shuffled block table over b * sk / page pages
+            n_pages = b * sk // page
+            kc, vc = (torch.randn(n_pages, page, hk, d, device=dev, dtype=torch.bfloat16, generator=g)
+                      for _ in range(2))
+            extra["block_table"] = torch.randperm(n_pages, device=dev, generator=g).to(torch.int32).view(b, -1)
+        else:
+            kc, vc = (torch.randn(b, sk, hk, d, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(2))
         lens = sk - 1 if lens_kind == "int" else torch.full((b,), sk - 1, dtype=torch.int32, device=dev)
-        outs = [m.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True) for m in (flashring, old)]
+        outs = [m.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True, **extra)
+                for m in (flashring, old)]
         diff = (outs[0] - outs[1]).abs().max().item()
-        fns = [lambda m=m: m.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True)
+        fns = [lambda m=m: m.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True, **extra)
                for m in (flashring, old)]
         times = [[], []]
         for _ in range(args.rounds):
