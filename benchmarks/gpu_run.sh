@@ -2,7 +2,8 @@
 # Everything one GPU session checks and measures, in one command (each step time-boxed, logs kept):
 #   bash benchmarks/gpu_run.sh OUT [STEPS]
 # STEPS: a comma list from tests,dense,sparse,decode,varlen,tune,generate (default: all), and on request
-# beforeafter (this checkout vs the one unpacked in .before/src, its sha in .before/SHA), gluon (the Gluon Hopper
+# beforeafter (this checkout vs the one unpacked in .before/src, its sha in .before/SHA; carry .before),
+# decodehost (eager decode steps' host time, the same two trees), gluon (the Gluon Hopper
 # forward, ops/hopper.py: check + time; GLUON_ARGS), gluonbwd (the Gluon backward, ops/hopper_bwd.py;
 # GLUON_BWD_SEQLENS, GLUON_BWD_ARGS e.g. "--modes separate --headdims 64"),
 # profile (a training step's kernels per arm; PROFILE_ARMS, PROFILE_EXTRA e.g. --cuda-graph), share
@@ -38,6 +39,8 @@ has generate && step generate "${GENERATE_SECS:-150}" python3 benchmarks/hf_gene
     --cache "${GENERATE_CACHE:-dynamic}" ${GENERATE_SHAPES:+--shapes "$GENERATE_SHAPES"}
 has beforeafter && step beforeafter 240 python3 benchmarks/before_after.py --old .before/src \
     --old-sha "$(cat .before/SHA 2>/dev/null || echo unknown)" --quick --out "$out"
+has decodehost && step decodehost 150 python3 benchmarks/decode_host.py --old .before/src \
+    --old-sha "$(cat .before/SHA 2>/dev/null || echo unknown)" --out "$out"
 # shellcheck disable=SC2086
 has profile && step profile 240 python3 benchmarks/train_step_profile.py --data .corpus/english \
     --arms "${PROFILE_ARMS:-dense,qk50,hash16}" --out "$out" ${PROFILE_EXTRA:+--extra="$PROFILE_EXTRA"}
