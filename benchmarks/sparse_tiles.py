@@ -46,7 +46,13 @@ BWD = {"bwd 64x64": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
        "bwd 64x64 s2": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
        "bwd 64x64/8w s2": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
        "bwd 64x64 inline": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, ROWS_AHEAD=False),
-       "bwd 64x64 ahead": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, ROWS_AHEAD=True)}
+       "bwd 64x64 ahead": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, ROWS_AHEAD=True),
+       # one backward kernel ahead, the other in the iteration (session 14: ahead won at QK drop 0.5 and lost at
+       # drop 0.8 / hash 16 with both ahead)
+       "bwd 64x64 ahead dkdv": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, ROWS_AHEAD=False,
+                                    ROWS_AHEAD_DKDV=True),
+       "bwd 64x64 ahead dq": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, ROWS_AHEAD=False,
+                                  ROWS_AHEAD_DQ=True)}
 VARIANTS = [("fwd 128x64/8w", "bwd 64x64"), ("fwd 64x64/4w", "bwd 64x64"), ("fwd 128x64/8w", "bwd 32x64"),
             ("fwd 128x64/8w", "bwd 64x32")]
 

@@ -769,10 +769,11 @@ def default_config(head_dim: int, dtype: torch.dtype, device: torch.device, back
 ROWS_AHEAD_MAX_D = dict(fwd=64, bwd=0)
 
 
-def row_mode(sp_flags: dict, cfg: dict, head_dim: int, backward: bool) -> dict:
+def row_mode(sp_flags: dict, cfg: dict, head_dim: int, backward: bool, key: str = "ROWS_AHEAD") -> dict:
     """``sp_flags`` with ROWS as the kernels take it (0 none, 1 row tables read in the iteration, 2 one ahead);
-    pops ``ROWS_AHEAD`` from ``cfg``."""
-    ahead = cfg.pop("ROWS_AHEAD", head_dim <= ROWS_AHEAD_MAX_D["bwd" if backward else "fwd"])
+    ``cfg[key]`` (else ``cfg["ROWS_AHEAD"]``) overrides :data:`ROWS_AHEAD_MAX_D`."""
+    default = head_dim <= ROWS_AHEAD_MAX_D["bwd" if backward else "fwd"]
+    ahead = cfg.get(key, cfg.get("ROWS_AHEAD", default))
     return dict(sp_flags, ROWS=(2 if ahead else 1) if sp_flags["ROWS"] else 0)
 
 
@@ -852,7 +853,7 @@ def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optio
     cfg.setdefault("REVERSE_M", False)
     band, band_flags = _band_args(lower, upper)
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=False)
-    sp_flags = row_mode(sp_flags, cfg, d, backward=False)
+    sp_flags = row_mode(sp_flags, {k: cfg.pop(k) for k in ("ROWS_AHEAD",) if k in cfg}, d, backward=False)
     LAUNCH_FWD[(cdiv(sq, cfg["BLOCK_M"]), h, b)](
         tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(out), _rows_arg(lse), seq, band,
         score_args(softmax_scale, softcap), side, GROUP=h // hk, HEAD_DIM=d,
@@ -879,18 +880,19 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
     dq, dk, dv = (torch.empty(t.shape, dtype=grad_dtype or t.dtype, device=t.device) for t in (q, k, v))
     cfg = dict(config or default_config(d, q.dtype, q.device, backward=True))
     reverse_m = cfg.pop("REVERSE_M", False)                 # the dQ program's order (dK/dV has its own)
-    rows_cfg = {k: cfg.pop(k) for k in ("ROWS_AHEAD",) if k in cfg}
+    # ROWS_AHEAD for both backward kernels, ROWS_AHEAD_DKDV / ROWS_AHEAD_DQ for one (benchmarks/sparse_tiles.py)
+    rows_cfg = {k: cfg.pop(k) for k in ("ROWS_AHEAD", "ROWS_AHEAD_DKDV", "ROWS_AHEAD_DQ") if k in cfg}
     band, band_flags = _band_args(lower, upper)
     common = dict(GROUP=h // hk, HEAD_DIM=d, BLOCK_D=block_d, HAS_SOFTCAP=softcap > 0, VARLEN=varlen is not None,
                   PRECISION=precision(q.dtype), **band_flags, **cfg)
     score = score_args(softmax_scale, softcap)
     ins = (tensor_arg(q), tensor_arg(k), tensor_arg(v), tensor_arg(do), _rows_arg(lse), _rows_arg(delta))
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=True)
+    sp_flags = row_mode(sp_flags, rows_cfg, d, backward=True, key="ROWS_AHEAD_DKDV")
     LAUNCH_BWD_DKDV[(cdiv(sk, cfg["BLOCK_N"]), hk, b)](*ins, tensor_arg(dk), tensor_arg(dv), seq, band, score,
-                                                        side, **row_mode(sp_flags, dict(rows_cfg), d, backward=True),
-                                                        **common)
+                                                        side, **sp_flags, **common)
     side, sp_flags = kernel_side(sparse, h // hk, cfg["BLOCK_M"], cfg["BLOCK_N"], from_keys=False)
-    sp_flags = row_mode(sp_flags, dict(rows_cfg), d, backward=True)
+    sp_flags = row_mode(sp_flags, rows_cfg, d, backward=True, key="ROWS_AHEAD_DQ")
     LAUNCH_BWD_DQ[(cdiv(sq, cfg["BLOCK_M"]), h, b)](*ins, tensor_arg(dq), seq, band, score, side, **sp_flags,
                                                      REVERSE_M=reverse_m, **common)
     return dq, dk, dv
