@@ -164,7 +164,7 @@ if AVAILABLE:
                        q_ready, do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale, dq_row,
                        N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr,
                        HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                       ATOMIC_DQ: gl.constexpr, STRICT: gl.constexpr):
+                       ATOMIC_DQ: gl.constexpr, STRICT: gl.constexpr, HOLD: gl.constexpr):
         """One consumer warpgroup: 64 keys' dK and dV (and, ATOMIC_DQ, dQ: ``dq_ptr`` at this program's (batch,
         first query head), ``dq_row`` elements per query row). Few live scalars (ids are read again, not passed):
         at D=128 the atomic variant sits at the 240-register edge.
@@ -172,7 +172,9 @@ if AVAILABLE:
         ATOMIC_DQ: the two warpgroups exchange their dS^T tiles in shared memory each step (:func:`_pair_dq`), and
         each adds half of dQ's columns summed over both warpgroups' keys: half the fp32 atomics of each warpgroup
         adding its own 64 keys' share of every column (the form before session 13; H100: 1.13-1.47x faster
-        backward, 2 x 8k and 16 x 1k, D 64 / 128, causal and not), at the price of a meeting per step."""
+        backward, 2 x 8k and 16 x 1k, D 64 / 128, causal and not), at the price of a meeting per step. HOLD (with
+        ATOMIC_DQ): the wait for dP^T behind :func:`_wait_after_rows` on P^T's row sums, as in the dQ kernel (SASS
+        without a mask: 6-8 of a step's exponentials ahead of that wait, all of them with HOLD)."""
         WG_N: gl.constexpr = BLOCK_KEYS // 2
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = k_smem.dtype
@@ -223,6 +225,8 @@ if AVAILABLE:
                 if ATOMIC_DQ:
                     # dV after dS: no in-flight wgmma holds P^T's bf16 registers while dP^T, P^T and delta are
                     # live (D=128: 40 -> 8 B of stack, none left in the loop)
+                    if HOLD:
+                        _wait_after_rows(gl.sum(pt, axis=1))
                     dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
                     delta = delta_smem.index(stage).load(q_col_layout)
                     dst = (pt * (dpt - delta[None, :])).to(dtype)
@@ -297,7 +301,7 @@ if AVAILABLE:
     def _bwd_dkdv_hopper(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_dk, desc_dv, dq_ptr, sm_scale,
                          N_CTX, H, GROUP, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
                          NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-                         STRICT: gl.constexpr):
+                         STRICT: gl.constexpr, HOLD: gl.constexpr):
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
         gl.static_assert(BLOCK_Q % (BLOCK_KEYS // 2) == 0, "whole warpgroups of query rows (launch_args checks "
                          "N_CTX % BLOCK_Q)")
@@ -349,11 +353,11 @@ if AVAILABLE:
             (_dkdv_consumer, (0, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
                               do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale,
                               H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES,
-                              CAUSAL, ATOMIC_DQ, STRICT)),
+                              CAUSAL, ATOMIC_DQ, STRICT, HOLD)),
             (_dkdv_consumer, (1, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
                               do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale,
                               H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES,
-                              CAUSAL, ATOMIC_DQ, STRICT)),
+                              CAUSAL, ATOMIC_DQ, STRICT, HOLD)),
             (_dkdv_producer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready,
                               qdo_empty, desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, N_CTX, H, b, hk,
                               GROUP, n0, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES)),
@@ -516,8 +520,9 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     the dK/dV kernel, then (not ``atomic``) the dQ kernel. ``dq``: the fp32 accumulator when ``atomic``. Split
     out so that a machine without a GPU can compile the kernels (tests, ``compile_probe.py --hopper-bwd``).
     ``block_q``: query rows per dK/dV step (default :data:`BLOCK_Q_D64` at D=64 without ``atomic``, else
-    :data:`BLOCK_Q`). ``strict`` (with ``causal``): keys j < i (:data:`hopper.STRICT_CAUSAL`). ``dq_hold``: the dQ
-    kernel waits for dP behind a predicated wait that reads all of the tile's exponentials (opt-in until timed)."""
+    :data:`BLOCK_Q`). ``strict`` (with ``causal``): keys j < i (:data:`hopper.STRICT_CAUSAL`). ``dq_hold``: the kernel
+    that computes dQ (the dQ kernel, or with ``atomic`` the dK/dV kernel) waits for dP behind a predicated wait that
+    reads all of the step's exponentials (opt-in until timed)."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     half = [BLOCK_KEYS // 2, d]
@@ -530,7 +535,8 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     dkdv = (_desc(q, b * s, h * d, [bq, d]), _desc(k, b * s, hk * d, half), _desc(v, b * s, hk * d, half),
             _desc(do, b * s, h * d, [bq, d]), _desc(lse, b * h * s, 0, [bq]),
             _desc(delta, b * h * s, 0, [bq]), _desc(dk, b * s, hk * d, half), _desc(dv, b * s, hk * d, half),
-            dq, softmax_scale, s, h, h // hk, BLOCK_KEYS, bq, d, NUM_STAGES, causal, atomic, int(causal and strict))
+            dq, softmax_scale, s, h, h // hk, BLOCK_KEYS, bq, d, NUM_STAGES, causal, atomic, int(causal and strict),
+            bool(dq_hold and atomic))
     launches = [(_bwd_dkdv_hopper, (s // BLOCK_KEYS, hk, b), dkdv)]
     if not atomic:
         wg = [DQ_BLOCK_M // 2, d]
