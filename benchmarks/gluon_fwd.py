@@ -12,8 +12,9 @@ Without a GPU, compile the kernel for sm_90 instead:
 `benchmarks/compile_probe.py --hopper [--variant KW]`.
 
 Kernel variants measured and dropped (FA3's intra-warpgroup order, a ping-pong turnstile, P through shared
-memory, a polynomial exp2): BENCHMARKS.md sessions 7, 11 and 12; as patches in
-`results/h100-gluon-fwd-variants-20261207.patch` and `results/h100-gluon-fwd-overlap-20261207.patch`.
+memory, a polynomial exp2, lazy rescaling): BENCHMARKS.md sessions 7, 11, 12 and 14; as patches in
+`results/h100-gluon-fwd-variants-20261207.patch`, `results/h100-gluon-fwd-overlap-20261207.patch` and
+`results/h100-gluon-fwd-lazy-rescale-20261207.patch`.
 """
 import argparse
 import json

@@ -46,7 +46,6 @@ import os
 from typing import Optional, Tuple
 
 import torch
-import triton.language as tl
 
 from .flash import EMPTY_LSE_C, NO_KEY_C
 from .launch import Launcher, sm_count
@@ -66,16 +65,6 @@ BLOCK_N = 128
 NUM_STAGES = 2          # 196 KB of shared memory at D=128 (two Q buffers); 3 stages no longer fit there (262 KB;
                         # with one Q buffer they measured within noise, sessions 7 and 11)
 PERSISTENT = True       # one program per SM (launch_args)
-# Lazy rescaling (FlashAttention-4's, here on Hopper): a row's running max moves only when a tile beats it by more
-# than 2^8 (base-2 units), so after the first tiles alpha is 1 and the accumulator's multiplies are skipped
-# (_rescale). Off until timed.
-LAZY_RESCALE = False
-LAZY_RESCALE_LOG2 = tl.constexpr(8.0)
-RESCALE_PACK = tl.constexpr(16)     # accumulator values per compare-and-branch (32 per thread at D=64, 64 at 128)
-RESCALE_ASM = tl.constexpr("{\n\t.reg .pred p;\n\t" + "".join(f"mov.b32 ${i}, ${i + 16};\n\t" for i in range(16))
-                           + "setp.eq.s32 p, $48, 0;\n\t@p bra SKIP;\n\t"
-                           + "".join(f"mul.f32 ${i}, ${i + 16}, ${i + 32};\n\t" for i in range(16)) + "SKIP:\n\t}")
-RESCALE_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 48))
 L2_GROUP_BYTES = 16 << 20   # K and V of the (batch, head) pairs a causal walk interleaves (head_group): a third of
                             # the H100's 50 MB L2
 ENV = "FLASHRING_HOPPER_FWD"
@@ -137,50 +126,25 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower: Optional[i
 if AVAILABLE:
     @gluon.jit
     def _softmax_tile(s, start_n, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL: gl.constexpr,
-                      STRICT: gl.constexpr, LAZY: gl.constexpr):
+                      STRICT: gl.constexpr):
         """Online softmax of one score tile in base 2: ``(p, alpha, m, l)``; ``row_lo`` = the rows' first. The
         scale rides in the exponent's FMA (m is kept in scaled units; the scale is > 0, so the max commutes with
         it): one FP32 instruction per score less than a multiply and a subtract; 1-6% faster at D=128 (one point of
         12 read 5% slower) and 4-11% at D=64 in three H100 runs (benchmarks/NOTES.md, session 11). STRICT (with
-        CAUSAL): keys j < i; the sequence's first row sees no key, so its max stays -inf and is shifted by 0.
-        LAZY: a row keeps its max unless the tile's exceeds it by more than :data:`LAZY_RESCALE_LOG2` (base 2), so
-        that most tiles leave alpha exactly 1 and :func:`_rescale` skips the accumulator's multiplies; the
-        exponentials are then at most 2^LAZY_RESCALE_LOG2 (fp32 sums, bf16 / fp16 P: no overflow). A max that is
-        -inf (no key seen) is always replaced (inf > threshold; -inf - -inf is NaN, which keeps -inf)."""
+        CAUSAL): keys j < i; the sequence's first row sees no key, so its max stays -inf and is shifted by 0."""
         BN: gl.constexpr = s.shape[1]
         if CAUSAL:
             if start_n + BN - 1 > row_lo - STRICT:   # only tiles that reach past the first row are masked
                 s = gl.where(rows[:, None] - STRICT >= (start_n + cols0)[None, :], s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        if LAZY:
-            m_new = gl.where(m_new - m_i > LAZY_RESCALE_LOG2, m_new, m_i)
         if STRICT:
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_use = m_new
-        if LAZY:                # exactly 1 where the max stayed (what _rescale tests)
-            alpha = gl.where(m_use == m_i, 1.0, gl.exp2(m_i - m_use))
-        else:
-            alpha = gl.exp2(m_i - m_use)
+        alpha = gl.exp2(m_i - m_use)
         p = gl.exp2(gl.fma(s, qk_scale, -m_use[:, None]))
         l_i = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_i
-
-    @gluon.jit
-    def _rescale(acc, alpha, o_row: gl.constexpr):
-        """``acc * alpha[:, None]``, with a branch around each thread's multiplies when alpha is 1 in both of its
-        rows (the wgmma accumulator layout gives a thread two rows, r and r + 8). Gluon branches only on values
-        uniform over the program, so the test and the jump are inline PTX: per thread, one OR of its two rows'
-        flags, then per RESCALE_PACK accumulator values one compare and one (divergent) branch instead of as many
-        FMULs."""
-        grow = (alpha != 1.0).to(gl.int32)
-        either = gl.inline_asm_elementwise("or.b32 $0, $2, $3;\n\tmov.b32 $1, $0;", "=r,=r,r,r", [grow],
-                                           dtype=gl.int32, is_pure=True, pack=2)
-        a = gl.convert_layout(alpha, o_row)[:, None]
-        f = gl.convert_layout(either, o_row)[:, None]
-        a, f = gl.broadcast(a, acc)[0], gl.broadcast(f, acc)[0]
-        return gl.inline_asm_elementwise(RESCALE_ASM, RESCALE_CONSTRAINTS, [acc, a, f], dtype=gl.float32,
-                                         is_pure=True, pack=RESCALE_PACK)
 
     @gluon.jit
     def _nonfinite_rows(v_tile, start_n, ZERO: gl.constexpr, NUM_WARPS: gl.constexpr):
@@ -263,7 +227,7 @@ if AVAILABLE:
     def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                   scan_bar, scan_smem, desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  CAUSAL: gl.constexpr, STRICT: gl.constexpr, LAZY: gl.constexpr):
+                  CAUSAL: gl.constexpr, STRICT: gl.constexpr):
         """One consumer warpgroup: 64 query rows of each of this program's tiles."""
         WG_M: gl.constexpr = BLOCK_M // 2
         NW: gl.constexpr = gl.num_warps()
@@ -300,11 +264,8 @@ if AVAILABLE:
                 s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
                 p, alpha, m_i, l_i = _softmax_tile(s, start_n, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL,
-                                                   STRICT, LAZY)
-                if LAZY:
-                    acc = _rescale(acc, alpha, o_row)
-                else:
-                    acc = acc * gl.convert_layout(alpha, o_row)[:, None]
+                                                   STRICT)
+                acc = acc * gl.convert_layout(alpha, o_row)[:, None]
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 mbarrier.wait(v_ready.index(stage), phase)
                 if CAUSAL:
@@ -402,7 +363,7 @@ if AVAILABLE:
     def _attn_fwd_hopper(desc_q, desc_k, desc_v, desc_o, lse_ptr, counter_ptr, sm_scale, N_CTX, H, GROUP, N_TILES,
                          HEAD_GROUP, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                          NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr,
-                         STRICT: gl.constexpr, LAZY: gl.constexpr):
+                         STRICT: gl.constexpr):
         """P programs walk :func:`_tile`'s order: program i takes tiles i, i + P, i + 2P..., or (DYNAMIC) the next
         tile of a counter whenever it is free (``counter_ptr``: an int32 zero). P is one per tile or, persistent,
         one per SM (the next tile's Q and first K/V tiles load during this one's epilogue). The producer draws
@@ -439,10 +400,10 @@ if AVAILABLE:
         gl.warp_specialize([
             (_consumer, (0, q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, scan_bar,
                          scan_smem, desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT, LAZY)),
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT)),
             (_consumer, (1, q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, scan_bar,
                          scan_smem, desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT, LAZY)),
+                         BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT)),
             (_producer, (q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, desc_q,
                          desc_k, desc_v, counter_ptr, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, BLOCK_M, BLOCK_N,
                          HEAD_DIM, NUM_STAGES, CAUSAL, DYNAMIC)),
@@ -480,15 +441,13 @@ def head_group(seqlen: int, head_dim: int, itemsize: int) -> int:
 def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                 out: torch.Tensor, lse: torch.Tensor, stages: int = NUM_STAGES,
                 programs: Optional[int] = None, dynamic: Optional[bool] = None,
-                heads_per_group: Optional[int] = None, strict: bool = False,
-                lazy_rescale: Optional[bool] = None) -> Tuple[tuple, tuple]:
+                heads_per_group: Optional[int] = None, strict: bool = False) -> Tuple[tuple, tuple]:
     """``(grid, args)`` of one launch (``_attn_fwd_hopper[grid](*args, num_warps=4)``): TMA descriptors over the
     2-D ``(B*S, H*D)`` views. Split out so that a machine without a GPU can compile the kernel (tests).
     ``programs``: how many programs walk the tiles (benchmarks, tests); default one per SM where :data:`PERSISTENT`,
     else one per tile. ``dynamic``: the programs draw tiles from a counter (default: causal persistent launches,
     whose tiles differ in length) rather than a fixed stride. ``heads_per_group``: :func:`head_group` (default:
-    that for causal calls, 1 otherwise). ``strict`` (with ``causal``): keys j < i. ``lazy_rescale``: rows keep
-    their running max until a tile exceeds it by 2^:data:`LAZY_RESCALE_LOG2` (default :data:`LAZY_RESCALE`)."""
+    that for causal calls, 1 otherwise). ``strict`` (with ``causal``): keys j < i."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     n_tiles = b * h * (s // BLOCK_M)
@@ -506,8 +465,7 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
     desc = lambda t, heads, box, lay: TensorDescriptor(t, [b * s, heads * d], [heads * d, 1], box, lay)  # noqa
     args = (desc(q, h, q_box, q_lay), desc(k, hk, kv_box, kv_lay), desc(v, hk, kv_box, kv_lay),
             desc(out, h, q_box, q_lay), lse, counter, softmax_scale, s, h, h // hk, n_tiles,
-            max(1, min(heads_per_group, b * h)), BLOCK_M, BLOCK_N, d, stages, causal, dynamic, int(causal and strict),
-            LAZY_RESCALE if lazy_rescale is None else bool(lazy_rescale))
+            max(1, min(heads_per_group, b * h)), BLOCK_M, BLOCK_N, d, stages, causal, dynamic, int(causal and strict))
     return (programs, ), args
 
 
