@@ -1,6 +1,7 @@
-"""Per-call wall time of eager decode steps (``flash_attn_with_kvcache``, one new token), this checkout against an
-earlier one loaded beside it, alternating rounds: at small caches a decode call is bound by its host time
-(argument checks, launch), which CUDA-graph timings hide.
+"""Host time per eager decode step (``flash_attn_with_kvcache``, one new token; ``harness.host_us``), this checkout
+against an earlier one loaded beside it, alternating rounds: at small caches a decode call is bound by its host
+time (argument checks, launch), which CUDA-graph timings hide. (Session 14's two runs timed the same loop to the
+final sync, i.e. plus the last call's GPU time over 1,000-2,000 calls.)
 
     git archive OLD_SHA src/flashring | tar -x -C /tmp/old && PYTHONPATH=src python3 benchmarks/decode_host.py \
         --old /tmp/old/src --old-sha OLD_SHA --out OUT
@@ -13,7 +14,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,19 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import flashring  # noqa: E402
 from before_after import load_old  # noqa: E402
+from flashring.bench import harness as H  # noqa: E402
 from flashring.metadata import run_metadata  # noqa: E402
-
-
-def per_call_us(fn, calls: int) -> float:
-    """Wall time per call over ``calls`` eager calls, synchronised at both ends (the queue never drains while the
-    host is slower than the GPU, so this is the host's rate)."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / calls * 1e6
 
 
 def main() -> int:
@@ -73,7 +62,7 @@ def main() -> int:
         times = [[], []]
         for _ in range(args.rounds):
             for i, fn in enumerate(fns):
-                times[i].append(per_call_us(fn, args.calls))
+                times[i].append(H.host_us(fn, dev, args.calls))
         new_us, old_us = (statistics.median(t) for t in times)
         rows.append(dict(batch=b, cache=sk, heads=f"{h}/{hk}", headdim=d, cache_seqlens=lens_kind, new_us=new_us,
                          old_us=old_us, max_abs_diff=diff))

@@ -298,7 +298,6 @@ def test_index_tensors_out_of_range_trip_a_device_assert(case, tmp_path):
         assert "device-side assert" in said and f"{case} entries" in said, said[-2000:]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's run of the check kernel (CPU machines)")
 @pytest.mark.parametrize("entry", [0, 1, 299, 1023, 1024, 1500])
 def test_check_indices_kernel_under_the_interpreter(entry, monkeypatch):
     """ops.kvcache's one-launch index check, its kernel run by the Triton interpreter with asserts on (on a GPU the
@@ -314,16 +313,16 @@ def test_check_indices_kernel_under_the_interpreter(entry, monkeypatch):
     monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))
     monkeypatch.setattr(kvcache, "CHECK_KERNEL", True)
     n = 1501
-    rows = {name: torch.randint(0, hi, (n,), dtype=torch.int32) for name, hi in
-            (("cache_seqlens", 17), ("cache_leftpad", 18), ("cache_batch_idx", 6))}
+    bounds = {"cache_seqlens": 17, "cache_leftpad": 18, "cache_batch_idx": 6, "block_table": 9}
+    rows = {name: torch.randint(0, bounds[name], (n,), dtype=torch.int32) for name in
+            ("cache_seqlens", "cache_leftpad", "cache_batch_idx")}
     table = torch.randint(0, 9, (n, 2), dtype=torch.int32)
 
     def check(**over):
         args = {**rows, "block_table": table, **over}
-        kvcache.check_indices(n, args["cache_seqlens"], 17, args["cache_leftpad"], 18, args["cache_batch_idx"], 6,
-                              args["block_table"], 9)
+        kvcache.check_indices(n, {name: (args[name], hi) for name, hi in bounds.items()})
     check()
-    for name, hi in (("cache_seqlens", 17), ("cache_leftpad", 18), ("cache_batch_idx", 6), ("block_table", 9)):
+    for name, hi in bounds.items():
         for value in (-1, hi):
             t = (table if name == "block_table" else rows[name]).clone()
             t.view(-1)[entry if name != "block_table" else 2 * entry + 1] = value

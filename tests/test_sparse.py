@@ -309,6 +309,14 @@ def test_sparse_fwd_bwd_is_capturable_in_a_cuda_graph(kind, seed):
         assert torch.isfinite(a).all() and (kind == "hash" or torch.equal(a, w))
 
 
+def _front_end(kind, shape, device, drop, buckets):
+    """The public sparse function of ``kind`` and random (q, k) sides of ``shape`` (B, S, H): keep masks that drop
+    the given fractions, or bucket ids in [0, buckets)."""
+    if kind == "qk":
+        return flashring.qk_sparse_attn_func, tuple(torch.rand(shape, device=device) > p for p in drop)
+    return flashring.hash_sparse_attn_func, tuple(torch.randint(0, buckets, shape, device=device) for _ in range(2))
+
+
 @pytest.mark.parametrize("kind", ["qk", "hash"])
 def test_sparse_reads_strided_views_in_place(kind, device, seed):
     """The kernels read q / k / v and dout and write out and the gradients through the front ends' row tables
@@ -317,12 +325,7 @@ def test_sparse_reads_strided_views_in_place(kind, device, seed):
     b, s, h, d = 2, 37, 3, 33
     qkv = torch.randn(b, s, 3, h, d, device=device, requires_grad=True)
     dout = torch.randn(b, s, h, d, device=device)
-    if kind == "qk":
-        side = (torch.rand(b, s, h, device=device) > 0.4, torch.rand(b, s, h, device=device) > 0.4)
-        fn = flashring.qk_sparse_attn_func
-    else:
-        side = (torch.randint(0, 3, (b, s, h), device=device), torch.randint(0, 3, (b, s, h), device=device))
-        fn = flashring.hash_sparse_attn_func
+    fn, side = _front_end(kind, (b, s, h), device, drop=(0.4, 0.4), buckets=3)
     out, lse, _ = fn(*qkv.unbind(2), *side, return_attn_probs=True)
     out.backward(dout)
     copies = [t.detach().clone().requires_grad_() for t in qkv.unbind(2)]
@@ -343,12 +346,7 @@ def test_row_tables_read_ahead_or_in_the_iteration_agree(kind, device, seed, mon
     b, s, h, d = 2, 77, 2, 24
     q, k, v = (torch.randn(b, s, h, d, device=device, requires_grad=True) for _ in range(3))
     dout = torch.randn(b, s, h, d, device=device)
-    if kind == "qk":
-        side = (torch.rand(b, s, h, device=device) > 0.3, torch.rand(b, s, h, device=device) > 0.6)
-        fn = flashring.qk_sparse_attn_func
-    else:
-        side = (torch.randint(0, 4, (b, s, h), device=device), torch.randint(0, 4, (b, s, h), device=device))
-        fn = flashring.hash_sparse_attn_func
+    fn, side = _front_end(kind, (b, s, h), device, drop=(0.3, 0.6), buckets=4)
     res = []
     for max_d in (0, 1024):
         monkeypatch.setattr(flash, "ROWS_AHEAD_MAX_D", dict(fwd=max_d, bwd=max_d))

@@ -576,10 +576,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
         key_padding_mask = key_padding_mask.contiguous()
-    if on_device:
-        get = lambda name: on_device.get(name, (None, 0))  # noqa: E731
-        kvcache.check_indices(b, *get("cache_seqlens"), *get("cache_leftpad"), *get("cache_batch_idx"),
-                              *get("block_table"))
+    kvcache.check_indices(b, on_device)
     lower, upper = window_offsets(causal, window)
     # Eager calls skip the dispatcher (a decode step is short enough for its ~50 us of host time to show); the
     # custom op is what torch.compile traces.

@@ -2,7 +2,7 @@
 chunked PyTorch path for CPU tensors. Positions are absolute cache indices (``cache_seqlens[b] + t``)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -43,29 +43,29 @@ CHECK_BLOCK = 1024
 CHECK_KERNEL = not INTERPRET
 
 
-def check_indices(n_rows: int, cache_seqlens: Optional[torch.Tensor], seqlens_hi: int,
-                  cache_leftpad: Optional[torch.Tensor], leftpad_hi: int, cache_batch_idx: Optional[torch.Tensor],
-                  rows_hi: int, block_table: Optional[torch.Tensor], pages_hi: int) -> None:
-    """A device-side assert over the contiguous int32 CUDA index tensors of one call, ``0 <= x < *_hi``: one launch
-    where torch ops took five per tensor (compare, compare, and, all, assert): 56-62 us less host time per eager
-    decode step with a tensor ``cache_seqlens`` on the H100 machine (benchmarks/NOTES.md, session 14). None skips a
-    tensor. Under the Triton interpreter (which ignores ``debug=True``) torch's ``_assert_async`` checks instead."""
-    named = [(t, hi) for t, hi in ((cache_seqlens, seqlens_hi), (cache_leftpad, leftpad_hi),
-                                   (cache_batch_idx, rows_hi), (block_table, pages_hi)) if t is not None]
-    if not named:
+INDEX_NAMES = ("cache_seqlens", "cache_leftpad", "cache_batch_idx", "block_table")     # the kernel's order
+
+
+def check_indices(n_rows: int, tensors: Dict[str, Tuple[torch.Tensor, int]]) -> None:
+    """A device-side assert over one call's contiguous int32 CUDA index tensors, ``tensors``: name (of
+    :data:`INDEX_NAMES`) -> (tensor, hi), each entry in ``[0, hi)``; per-row tensors hold ``n_rows`` entries. One
+    launch where torch ops took five per tensor (compare, compare, and, all, assert): 56-62 us less host time per
+    eager decode step with a tensor ``cache_seqlens`` on the H100 machine (benchmarks/NOTES.md, session 14). Under
+    the Triton interpreter (which ignores ``debug=True``) torch's ``_assert_async`` checks instead."""
+    if not tensors:
         return
     if not CHECK_KERNEL:
-        for t, hi in named:
+        for t, hi in tensors.values():
             torch._assert_async(((t >= 0) & (t < hi)).all(), "an index tensor is out of range")
         return
-    some = named[0][0]
-    n_table = 0 if block_table is None else block_table.numel()
-    CHECK_INDICES[(max(1, cdiv(max(n_rows, n_table), CHECK_BLOCK)), )](
-        some if cache_seqlens is None else cache_seqlens, some if cache_leftpad is None else cache_leftpad,
-        some if cache_batch_idx is None else cache_batch_idx, some if block_table is None else block_table,
-        n_rows, n_table, seqlens_hi, leftpad_hi, rows_hi, pages_hi, HAS_SEQLENS=cache_seqlens is not None,
-        HAS_LEFTPAD=cache_leftpad is not None, HAS_BATCH_IDX=cache_batch_idx is not None,
-        HAS_TABLE=block_table is not None, BLOCK=CHECK_BLOCK)
+    some = next(iter(tensors.values()))[0]
+    ts, his = zip(*(tensors.get(name, (some, 0)) for name in INDEX_NAMES))
+    table = tensors.get("block_table")
+    n_table = 0 if table is None else table[0].numel()
+    flags = {f"HAS_{key}": name in tensors for key, name in zip(("SEQLENS", "LEFTPAD", "BATCH_IDX", "TABLE"),
+                                                                 INDEX_NAMES)}
+    CHECK_INDICES[(max(1, cdiv(max(n_rows, n_table), CHECK_BLOCK)), )](*ts, n_rows, n_table, *his, **flags,
+                                                                         BLOCK=CHECK_BLOCK)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
