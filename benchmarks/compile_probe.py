@@ -256,7 +256,7 @@ def hopper_usage(args) -> int:
 def hopper_bwd_usage(args) -> int:
     """Compile ops/hopper_bwd.py's kernels (both masks, each head dim, both dQ variants) and print their resources;
     ``wgmma`` counts the SASS's HGMMA instructions (0 would mean the MMAs fell back to something slower)."""
-    from flashring.ops import hopper_bwd
+    from flashring.ops import hopper_bwd, sparse_ranges
     if not hopper_bwd.AVAILABLE:
         print("hopper_bwd: Gluon is not available in this triton")
         return 0
@@ -281,6 +281,22 @@ def hopper_bwd_usage(args) -> int:
                     os.unlink(f.name)
                     print(f"D={d:<3} causal={causal!s:<5} window=None {name} {{'dq': '{mode}'}}\n    "
                           f"{usage(kern, args.loops)}  wgmma {len(re.findall(r'HGMMA', sass))}", flush=True)
+        if args.sparse:         # hopper_bwd.sparse_bwd's launches (slot order; one query head per K/V head)
+            pos = torch.arange(args.seqlen, dtype=torch.int32).expand(1, 2, args.seqlen).contiguous()
+            lens = torch.full((1, 2), args.seqlen, dtype=torch.int32)
+            meta = sparse_ranges.SparseMeta(pos, pos, lens, lens, pos if args.sparse == "hash" else None,
+                                            pos if args.sparse == "hash" else None, True)
+            calls, restore = record(sparse_ranges, ("LAUNCH_TILE_RANGES",))       # no launch on the CPU
+            try:
+                launches = hopper_bwd.launch_args(k, k, k, k, lse[:, :2], lse[:, :2], d ** -0.5, False,
+                                                  torch.empty_like(k), torch.empty_like(k), torch.empty_like(k),
+                                                  False, sparse=meta, **args.variant)
+            finally:
+                restore()
+            for kernel, grid, kargs in launches:
+                kern = kernel.warmup(*kargs, grid=grid, num_warps=4)
+                name = {"_bwd_dkdv_hopper": "HOPPER_DKDV", "_bwd_dq_hopper": "HOPPER_DQ"}[kernel.__name__]
+                print(f"D={d:<3} {args.sparse}-sparse {name}\n    {usage(kern, args.loops)}", flush=True)
     return 0
 
 

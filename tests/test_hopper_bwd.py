@@ -101,7 +101,7 @@ def test_dkdv_query_block_rows():
         dq = torch.empty(q.shape, dtype=torch.float32) if atomic else torch.empty_like(q)
         launches = hopper_bwd.launch_args(q, q, k, k, lse, lse, 0.1, True, dq, torch.empty_like(k),
                                           torch.empty_like(k), atomic, **kw)
-        return launches[0][2][-7]                       # the dK/dV kernel's BLOCK_Q
+        return launches[0][2][-10]                      # the dK/dV kernel's BLOCK_Q
     assert rows(64) == hopper_bwd.BLOCK_Q_D64 == 128 and rows(128) == rows(64, atomic=True) == hopper_bwd.BLOCK_Q == 64
     assert rows(64, block_q=64) == 64 and rows(128, block_q=128) == 128
     for bad in (dict(block_q=256), dict(block_q=32), dict(s=320, block_q=128), dict(atomic=True, block_q=128)):
@@ -228,3 +228,102 @@ def test_deterministic_never_takes_the_atomic_variant(causal, monkeypatch):
         assert launcher.fast_calls == fast[1] + 1
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_sparse_kernels_compile_for_sm90():
+    """The sparse backward's two kernels (:func:`hopper_bwd.sparse_bwd`, hash-sparse: positions and buckets) at
+    D=64, the head dim the sparse front ends are timed at: within shared memory, with wgmma, no stack."""
+    out = probe("--hopper-bwd", "--headdims", "64", "--seqlen", "1024", "--sparse", "hash")
+    if "not available" in out:
+        pytest.skip("this Triton has no Gluon")
+    found = re.findall(r"D=64\s+hash-sparse (\w+)\n\s+regs\s+(\d+) stack\s+(\d+) B\s+smem\s+(\d+) B", out)
+    assert sorted(k for k, *_ in found) == ["HOPPER_DKDV", "HOPPER_DQ"], out
+    for kernel, regs, stack, smem in found:
+        assert int(stack) == 0 and int(smem) <= SMEM_MAX, (kernel, regs, stack, smem)
+
+
+def test_sparse_backward_takes_only_what_it_can():
+    """:func:`hopper_bwd.sparse_applies`: one length, a multiple of 128, D 64 / 128, bf16 / fp16, one query head per
+    K/V head, no softcap; strided tensors are fine (they are gathered). ``launch_args`` refuses a sparse call with
+    a causal band, the atomic dQ or GQA."""
+    from flashring.ops.sparse_ranges import SparseMeta
+    b, s, h, d = 1, 256, 2, 64
+    q = torch.empty(b, s, h, d, dtype=torch.bfloat16)
+    pos = torch.zeros(b, h, s, dtype=torch.int32)
+    meta = SparseMeta(pos, pos, pos[..., 0], pos[..., 0], None, None, True)
+    assert hopper_bwd.sparse_applies(q, q, q, meta, 0.0)
+    assert hopper_bwd.sparse_applies(q.transpose(1, 2).contiguous().transpose(1, 2), q, q, meta, 0.0)
+    assert not hopper_bwd.sparse_applies(q, q, q, meta, 20.0)
+    assert not hopper_bwd.sparse_applies(q.float(), q.float(), q.float(), meta, 0.0)
+    assert not hopper_bwd.sparse_applies(q[..., :32], q[..., :32], q[..., :32], meta, 0.0)
+    short = q[:, :192]
+    assert not hopper_bwd.sparse_applies(short, short, short, meta, 0.0)
+    kv = torch.empty(b, s, 1, d, dtype=torch.bfloat16)
+    assert not hopper_bwd.sparse_applies(q, kv, kv, meta, 0.0)
+    if not hopper_bwd.AVAILABLE:
+        return
+    lse = torch.empty(b, h, s)
+    for causal, atomic, k in ((True, False, q), (False, True, q), (False, False, kv)):
+        dq = torch.empty(q.shape, dtype=torch.float32) if atomic else torch.empty_like(q)
+        with pytest.raises(ValueError, match="sparse backward"):
+            hopper_bwd.launch_args(q, q, k, k, lse, lse, 0.1, causal, dq, torch.empty_like(k), torch.empty_like(k),
+                                   atomic, sparse=meta)
+
+
+SPARSE_SHAPES = [(2, 512, 4, 64, torch.bfloat16), (1, 384, 2, 128, torch.float16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+@pytest.mark.parametrize("shape", SPARSE_SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + str(s[4])[5:])
+@pytest.mark.parametrize("kind", ["qk", "hash", "qk-rare", "hash-strict"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_sparse_backward_on_the_hopper_kernels(shape, kind, causal, seed, monkeypatch):
+    """``FLASHRING_HOPPER_SPARSE_BWD=1``: the sparse front ends' gradients come from :func:`hopper_bwd.sparse_bwd`
+    (slot order, tile ranges, tiles across the pattern masked by position and bucket) and match the float64
+    reference by the tolerance rule (test_sparse.run_sparse): half the tokens dropped, 4 buckets, 95% dropped with
+    one head keeping nothing (empty tiles, ragged counts), and strictly causal buckets."""
+    from test_sparse import run_sparse
+    if kind == "hash-strict" and not causal:
+        pytest.skip("strict_causal is causal")
+    monkeypatch.setenv(hopper_bwd.SPARSE_ENV, "1")
+    calls = []
+    real = hopper_bwd.sparse_bwd
+    monkeypatch.setattr(hopper_bwd, "sparse_bwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    b, s, h, d, dtype = shape
+    extra = {}
+    if kind == "qk-rare":
+        keep = torch.rand(b, s, h, device="cuda") > 0.95
+        keep[:, :, -1] = False
+        extra = dict(qa=keep, ka=torch.rand(b, s, h, device="cuda") > 0.95)
+    run_sparse(kind.split("-")[0], b, s, s, h, h, d, dtype, "cuda", causal, seed, strict=kind == "hash-strict",
+               **extra)
+    assert calls
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+def test_sparse_backward_slot_order_call_and_gqa(seed, monkeypatch):
+    """Tensors already in slot order (``sparse_attn_compact_func``: no row tables) give bitwise the gradients of
+    the front end that gathers them; a GQA call stays on the portable kernels (and is still right)."""
+    from test_sparse import run_sparse
+    monkeypatch.setenv(hopper_bwd.SPARSE_ENV, "1")
+    b, s, h, d = 1, 256, 2, 64
+    q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    keep = torch.rand(b, s, h, device="cuda") > 0.4
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    flashring.qk_sparse_attn_func(*leaves, keep, keep, causal=True).backward(do)
+    idx = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    lens = keep.sum(1).to(torch.int32)
+    gather = lambda x: x.gather(1, idx.unsqueeze(-1).expand(*idx.shape, d))  # noqa: E731
+    slots = [gather(t).requires_grad_() for t in (q, k, v)]
+    out = flashring.sparse_attn_compact_func(*slots, idx, idx, lens, lens, causal=True)
+    out.backward(gather(do))
+    for leaf, slot in zip(leaves, slots):
+        for hh in range(h):
+            n = int(lens[0, hh])
+            assert torch.equal(slot.grad[0, :n, hh], gather(leaf.grad)[0, :n, hh])
+    calls = []
+    monkeypatch.setattr(hopper_bwd, "sparse_bwd", lambda *a, **kw: calls.append(1))
+    run_sparse("hash", 1, 256, 256, 4, 2, 64, torch.bfloat16, "cuda", True, seed)
+    assert not calls

@@ -14,7 +14,7 @@ import torch
 from ..masks import EMPTY_ROW_LSE
 from . import cpu, decode as decode_kernel, flash, hopper, hopper_bwd, kvcache
 from .flash import Varlen
-from .sparse_ranges import SparseMeta
+from .sparse_ranges import SparseMeta, gather_rows, scatter_rows
 
 CPU_BACKEND = "triton" if flash.INTERPRET else "torch"
 
@@ -23,23 +23,11 @@ def on_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or CPU_BACKEND == "triton"
 
 
-def _gather_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``y[b, s, h] = x[b, perm[b, h, s], h]``: x ``(B, S, H, D)``, perm ``(B, H, S)`` (each (b, h)'s order)."""
-    return x.gather(1, perm.transpose(1, 2).unsqueeze(-1).expand(x.shape))
-
-
 def _to_slots(sp: SparseMeta, q_side, k_side, lse_side=()):
     """The chunked CPU path works in slot order: (B, S, H, D) tensors gathered through ``sp.q_rows`` / ``k_rows``,
     (B, H, S) LSE rows likewise (the Triton kernels read through the row tables instead)."""
-    return ([_gather_rows(t, sp.q_rows) for t in q_side] + [_gather_rows(t, sp.k_rows) for t in k_side]
-            + [None if t is None else t.gather(-1, sp.q_rows) for t in lse_side])
-
-
-def _from_slots(x: torch.Tensor, rows_: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_to_slots` for a (B, S, H, D) or (B, H, S) result: slot s goes back to row rows_[b, h, s]."""
-    if x.dim() == 3:
-        return torch.empty_like(x).scatter_(-1, rows_, x)
-    return torch.empty_like(x).scatter_(1, rows_.transpose(1, 2).unsqueeze(-1).expand(x.shape), x)
+    return ([gather_rows(t, sp.q_rows) for t in q_side] + [gather_rows(t, sp.k_rows) for t in k_side]
+            + [None if t is None else gather_rows(t, sp.q_rows) for t in lse_side])
 
 
 def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optional[int] = None,
@@ -61,7 +49,7 @@ def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optio
         q, k, v = _to_slots(sparse, (q,), (k, v))
         out, lse = fwd(q, k, v, softmax_scale, softcap=softcap, sparse=sparse._replace(q_rows=None, k_rows=None),
                        out_dtype=out_dtype)
-        return _from_slots(out, sparse.q_rows), _from_slots(lse, sparse.q_rows)
+        return scatter_rows(out, sparse.q_rows), scatter_rows(lse, sparse.q_rows)
     return cpu.fwd(q, k, v, softmax_scale, lower, upper, softcap, tile_mask=cpu.sparse_tile_mask(sparse),
                    out_dtype=out_dtype)
 
@@ -79,6 +67,10 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
         return hopper_bwd.bwd(do, q, k, v, out, lse, softmax_scale, causal=upper is not None, dlse=dlse,
                               dq_mode=hopper_bwd.dq_mode(deterministic),       # sm_90 path (ops/hopper_bwd.py)
                               strict=upper == -1)
+    if (q.is_cuda and sparse is not None and varlen is None and grad_dtype in (None, q.dtype)
+            and hopper_bwd.sparse_wanted() and hopper_bwd.enabled(q.device)
+            and hopper_bwd.sparse_applies(q, k, v, sparse, softcap)):
+        return hopper_bwd.sparse_bwd(do, q, k, v, out, lse, softmax_scale, sparse, dlse=dlse)
     if on_triton(q):
         return flash.bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse, grad_dtype, sparse,
                          varlen)
@@ -89,7 +81,7 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
         do, q, out, k, v, lse, dlse = _to_slots(sparse, (do, q, out), (k, v), (lse, dlse))
         dq, dk, dv = bwd(do, q, k, v, out, lse, softmax_scale, softcap=softcap, dlse=dlse, grad_dtype=grad_dtype,
                          sparse=sparse._replace(q_rows=None, k_rows=None))
-        return _from_slots(dq, sparse.q_rows), _from_slots(dk, sparse.k_rows), _from_slots(dv, sparse.k_rows)
+        return scatter_rows(dq, sparse.q_rows), scatter_rows(dk, sparse.k_rows), scatter_rows(dv, sparse.k_rows)
     return cpu.bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse=dlse, out_dtype=grad_dtype,
                    tile_mask=cpu.sparse_tile_mask(sparse))
 

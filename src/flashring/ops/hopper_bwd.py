@@ -74,6 +74,7 @@ import torch
 
 from . import flash, hopper
 from .launch import Launcher, cdiv
+from .sparse_ranges import SparseMeta, gather_rows, scatter_rows, tile_ranges
 
 try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
     from triton.experimental import gluon
@@ -160,11 +161,37 @@ if AVAILABLE:
         gl.atomic_add(dq_tile + offs, dq, sem="relaxed")      # scaled in the cast
 
     @gluon.jit
+    def _sparse_side(ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, row, N_CTX, HASH: gl.constexpr):
+        """A sparse program's ``(lo, mid_lo, mid_hi, hi)`` (its block's entry of ``sparse_ranges.tile_ranges``: the
+        block is ``program_id(0)``) and its (batch, head) ``row``'s side tensors, offset to that row, with the kept
+        counts ``(q_n, k_n)``. GROUP 1: query and key side share the row."""
+        r = ranges + (row.to(gl.int64) * gl.num_programs(0) + gl.program_id(0)) * 4
+        at = row.to(gl.int64) * N_CTX
+        if HASH:
+            q_bkt += at
+            k_bkt += at
+        return (gl.load(r), gl.load(r + 1), gl.load(r + 2), gl.load(r + 3), q_pos + at, k_pos + at, q_bkt, k_bkt,
+                gl.load(q_len + row), gl.load(k_len + row))
+
+    @gluon.jit
+    def _sparse_keep(p, qi, kj, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, SP_CAUSAL: gl.constexpr, HASH: gl.constexpr):
+        """``p`` where query slot ``qi`` may see key slot ``kj`` (both broadcast to p's shape), else 0: the fast path of
+        ``masks.sparse_visible`` on the slots' original positions and buckets; slots past the kept counts see
+        nothing. Only the tiles outside a block's ``[mid_lo, mid_hi)`` come here."""
+        keep = (qi < q_n) & (kj < k_n)
+        if SP_CAUSAL:
+            keep = keep & (gl.load(k_pos + kj) <= gl.load(q_pos + qi))
+        if HASH:
+            keep = keep & (gl.load(k_bkt + kj) == gl.load(q_bkt + qi))
+        return gl.where(keep, p, 0.0)
+
+    @gluon.jit
     def _dkdv_consumer(WG: gl.constexpr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar,
                        q_ready, do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale, dq_row,
-                       N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr,
-                       HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                       ATOMIC_DQ: gl.constexpr, STRICT: gl.constexpr, HOLD: gl.constexpr):
+                       N_CTX, GROUP, j_lo, n_q, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo, mid_hi,
+                       BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
+                       NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr, STRICT: gl.constexpr,
+                       HOLD: gl.constexpr, SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr, HASH: gl.constexpr):
         """One consumer warpgroup: 64 keys' dK and dV (and, ATOMIC_DQ, dQ: ``dq_ptr`` at this program's (batch,
         first query head), ``dq_row`` elements per query row). Few live scalars (ids are read again, not passed):
         at D=128 the atomic variant sits at the 240-register edge.
@@ -174,7 +201,11 @@ if AVAILABLE:
         adding its own 64 keys' share of every column (the form before session 13; H100: 1.13-1.47x faster
         backward, 2 x 8k and 16 x 1k, D 64 / 128, causal and not), at the price of a meeting per step. HOLD (with
         ATOMIC_DQ): the wait for dP^T behind :func:`_wait_after_rows` on P^T's row sums, as in the dQ kernel (SASS
-        without a mask: 6-8 of a step's exponentials ahead of that wait, all of them with HOLD)."""
+        without a mask: 6-8 of a step's exponentials ahead of that wait, all of them with HOLD).
+
+        SPARSE (:func:`sparse_bwd`; GROUP 1, not ATOMIC_DQ): ``q_pos`` ... ``k_n`` = the (batch, head)'s side
+        tensors and kept counts (:func:`_sparse_side`); query tiles outside ``[mid_lo, mid_hi)`` are masked by
+        :func:`_sparse_keep`, and the key slots past ``k_n`` (they stand for dropped rows) get zero dK / dV."""
         WG_N: gl.constexpr = BLOCK_KEYS // 2
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = k_smem.dtype
@@ -222,6 +253,10 @@ if AVAILABLE:
                 if CAUSAL:
                     if m0 < key_lo + WG_N:                # a tile that reaches the diagonal: query >= key
                         pt = gl.where((m0 + cols0)[None, :] - STRICT >= keys[:, None], pt, 0.0)
+                if SPARSE:
+                    if (m0 < mid_lo) or (m0 >= mid_hi):
+                        pt = _sparse_keep(pt, (m0 + cols0)[None, :], keys[:, None], q_pos, k_pos, q_bkt, k_bkt,
+                                          q_n, k_n, SP_CAUSAL=SP_CAUSAL, HASH=HASH)
                 if ATOMIC_DQ:
                     # dV after dS: no in-flight wgmma holds P^T's bf16 registers while dP^T, P^T and delta are
                     # live (D=128: 40 -> 8 B of stack, none left in the loop)
@@ -260,6 +295,10 @@ if AVAILABLE:
         # warpgroup's last dQ wgmma reads this K buffer too: wait until it has released the last exchange
         if ATOMIC_DQ:
             mbarrier.wait(ds_free.index((n_ds - 1) % 2), ((n_ds - 1) // 2) & 1)
+        if SPARSE:          # slots past the kept count stand for dropped rows: their gradients are 0
+            kept = key_lo + gl.arange(0, WG_N, gl.SliceLayout(1, acc_layout)) < k_n
+            dk = gl.where(kept[:, None], dk, 0.0)
+            dv = gl.where(kept[:, None], dv, 0.0)
         k_wg.store((dk * (qk_scale / LOG2E_C)).to(dtype))      # the softmax scale, from a live scalar
         v_wg.store(dv.to(dtype))
         fence_async_shared()
@@ -299,9 +338,11 @@ if AVAILABLE:
 
     @gluon.jit
     def _bwd_dkdv_hopper(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_dk, desc_dv, dq_ptr, sm_scale,
-                         N_CTX, H, GROUP, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
+                         N_CTX, H, GROUP, ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len,
+                         BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
                          NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-                         STRICT: gl.constexpr, HOLD: gl.constexpr):
+                         STRICT: gl.constexpr, HOLD: gl.constexpr, SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr,
+                         HASH: gl.constexpr):
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
         gl.static_assert(BLOCK_Q % (BLOCK_KEYS // 2) == 0, "whole warpgroups of query rows (launch_args checks "
                          "N_CTX % BLOCK_Q)")
@@ -313,11 +354,22 @@ if AVAILABLE:
         qk_scale = sm_scale * LOG2E_C
         if ATOMIC_DQ:           # at (batch b, row 0, head hk * GROUP): the consumers add row and group offsets
             dq_ptr += (b.to(gl.int64) * N_CTX * H + hk * GROUP) * HEAD_DIM
-        if CAUSAL:
+        if SPARSE:              # the key block's query tiles (sparse_ranges.tile_ranges from the keys; GROUP 1)
+            lo, mid_lo, mid_hi, hi, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n = _sparse_side(
+                ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, b * H + hk, N_CTX, HASH)
+            j_lo = lo // BLOCK_Q
+            n_q = (hi - lo + BLOCK_Q - 1) // BLOCK_Q       # hi: the head's kept count, not rounded
+        elif CAUSAL:
             j_lo = n0 // BLOCK_Q                # query blocks wholly above the program's keys are never loaded
+            n_q = N_CTX // BLOCK_Q - j_lo
         else:
             j_lo = n0 * 0
-        n_q = N_CTX // BLOCK_Q - j_lo
+            n_q = N_CTX // BLOCK_Q - j_lo
+        if not SPARSE:          # unused
+            mid_lo = j_lo
+            mid_hi = j_lo
+            q_n = j_lo
+            k_n = j_lo
 
         k_smem = gl.allocate_shared_memory(dtype, [2, WG_N, HEAD_DIM], desc_k.layout)
         v_smem = gl.allocate_shared_memory(dtype, [2, WG_N, HEAD_DIM], desc_v.layout)
@@ -352,12 +404,14 @@ if AVAILABLE:
         gl.warp_specialize([
             (_dkdv_consumer, (0, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
                               do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale,
-                              H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES,
-                              CAUSAL, ATOMIC_DQ, STRICT, HOLD)),
+                              H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo,
+                              mid_hi, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES, CAUSAL, ATOMIC_DQ, STRICT, HOLD,
+                              SPARSE, SP_CAUSAL, HASH)),
             (_dkdv_consumer, (1, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
                               do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale,
-                              H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES,
-                              CAUSAL, ATOMIC_DQ, STRICT, HOLD)),
+                              H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo,
+                              mid_hi, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES, CAUSAL, ATOMIC_DQ, STRICT, HOLD,
+                              SPARSE, SP_CAUSAL, HASH)),
             (_dkdv_producer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready,
                               qdo_empty, desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, N_CTX, H, b, hk,
                               GROUP, n0, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES)),
@@ -374,11 +428,15 @@ if AVAILABLE:
 
     @gluon.jit
     def _dq_consumer(WG: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty,
-                     desc_dq, lse_ptr, delta_ptr, qk_scale, sm_scale, lse_row, q_row0, q_col, row_lo0, n_hi,
-                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                     NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, STRICT: gl.constexpr, HOLD: gl.constexpr):
-        """One consumer warpgroup of the separate dQ kernel: 64 query rows. HOLD: :func:`_wait_after_rows` keeps the
-        tile's exponentials ahead of the wait for dP (they run while dP's wgmma does)."""
+                     desc_dq, lse_ptr, delta_ptr, qk_scale, sm_scale, lse_row, q_row0, q_col, row_lo0, n_lo, n_hi,
+                     q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo, mid_hi, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                     STRICT: gl.constexpr, HOLD: gl.constexpr, SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr,
+                     HASH: gl.constexpr):
+        """One consumer warpgroup of the separate dQ kernel: 64 query rows, key tiles from ``n_lo`` (a multiple of
+        BLOCK_N) to ``n_hi``. HOLD: :func:`_wait_after_rows` keeps the tile's exponentials ahead of the wait for dP
+        (they run while dP's wgmma does). SPARSE: as the dK/dV consumer's (tiles outside ``[mid_lo, mid_hi)``
+        masked; a query slot past the kept count has an LSE of +inf from :func:`sparse_bwd`, so its dQ is 0)."""
         WG_M: gl.constexpr = BLOCK_M // 2
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = q_smem.dtype
@@ -399,10 +457,10 @@ if AVAILABLE:
         s_zero = gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout)
         dq = gl.zeros([WG_M, HEAD_DIM], gl.float32, acc_layout)
         mbarrier.wait(qdo_bar, 0)
-        for it in range(n_hi // BLOCK_N):
+        for it in range((n_hi - n_lo + BLOCK_N - 1) // BLOCK_N):
             stage = it % NUM_STAGES
             phase = (it // NUM_STAGES) & 1
-            start_n = it * BLOCK_N
+            start_n = n_lo + it * BLOCK_N
             k_tile = k_smem.index(stage)
             mbarrier.wait(k_ready.index(stage), phase)
             s_tok = warpgroup_mma(q, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -413,6 +471,10 @@ if AVAILABLE:
             if CAUSAL:
                 if start_n + BLOCK_N - 1 > row_lo - STRICT:   # only tiles that reach past the first row are masked
                     p = gl.where(rows[:, None] - STRICT >= (start_n + cols0)[None, :], p, 0.0)
+            if SPARSE:
+                if (start_n < mid_lo) or (start_n >= mid_hi):
+                    p = _sparse_keep(p, rows[:, None], (start_n + cols0)[None, :], q_pos, k_pos, q_bkt, k_bkt, q_n,
+                                     k_n, SP_CAUSAL=SP_CAUSAL, HASH=HASH)
             if HOLD:
                 _wait_after_rows(gl.sum(p, axis=1))
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
@@ -440,21 +502,23 @@ if AVAILABLE:
 
     @gluon.jit
     def _dq_producer(q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_q, desc_do, desc_k,
-                     desc_v, q_row0, q_col, kv_row0, kv_col, n_hi, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                     NUM_STAGES: gl.constexpr):
+                     desc_v, q_row0, q_col, kv_row0, kv_col, n_lo, n_hi, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
         WG_M: gl.constexpr = BLOCK_M // 2
         mbarrier.expect(qdo_bar, 2 * desc_q.block_type.nbytes + 2 * desc_do.block_type.nbytes)
         for w in gl.static_range(2):
             tma.async_copy_global_to_shared(desc_q, [q_row0 + w * WG_M, q_col], qdo_bar, q_smem.index(w))
             tma.async_copy_global_to_shared(desc_do, [q_row0 + w * WG_M, q_col], qdo_bar, do_smem.index(w))
-        for it in range(n_hi // BLOCK_N):
-            hopper.fill_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, desc_k, desc_v, kv_row0 + it * BLOCK_N,
-                                 kv_col, it, NUM_STAGES)
+        for it in range((n_hi - n_lo + BLOCK_N - 1) // BLOCK_N):
+            hopper.fill_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, desc_k, desc_v,
+                                 kv_row0 + n_lo + it * BLOCK_N, kv_col, it, NUM_STAGES)
 
     @gluon.jit
     def _bwd_dq_hopper(desc_q, desc_k, desc_v, desc_do, desc_dq, lse_ptr, delta_ptr, sm_scale, N_CTX, H, GROUP,
-                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                       NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, STRICT: gl.constexpr, HOLD: gl.constexpr):
+                       ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, BLOCK_M: gl.constexpr,
+                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                       STRICT: gl.constexpr, HOLD: gl.constexpr, SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr,
+                       HASH: gl.constexpr):
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
         WG_M: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = desc_q.dtype
@@ -465,10 +529,19 @@ if AVAILABLE:
         b = gl.program_id(2)
         q_row0 = b * N_CTX + start_m * BLOCK_M
         lse_row = (b.to(gl.int64) * H + h) * N_CTX
-        if CAUSAL:
-            n_hi = (start_m + 1) * BLOCK_M
+        if SPARSE:              # the query block's key tiles (sparse_ranges.tile_ranges; GROUP 1)
+            n_lo, mid_lo, mid_hi, n_hi, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n = _sparse_side(
+                ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, b * H + h, N_CTX, HASH)
         else:
-            n_hi = N_CTX
+            n_lo = start_m * 0
+            if CAUSAL:
+                n_hi = (start_m + 1) * BLOCK_M
+            else:
+                n_hi = N_CTX
+            mid_lo = n_lo       # unused
+            mid_hi = n_lo
+            q_n = n_lo
+            k_n = n_lo
 
         q_smem = gl.allocate_shared_memory(dtype, [2, WG_M, HEAD_DIM], desc_q.layout)
         do_smem = gl.allocate_shared_memory(dtype, [2, WG_M, HEAD_DIM], desc_do.layout)
@@ -488,12 +561,14 @@ if AVAILABLE:
         gl.warp_specialize([
             (_dq_consumer, (0, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_dq,
                             lse_ptr, delta_ptr, sm_scale * LOG2E_C, sm_scale, lse_row, q_row0, h * HEAD_DIM,
-                            start_m * BLOCK_M, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT, HOLD)),
+                            start_m * BLOCK_M, n_lo, n_hi, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo, mid_hi,
+                            BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT, HOLD, SPARSE, SP_CAUSAL, HASH)),
             (_dq_consumer, (1, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_dq,
                             lse_ptr, delta_ptr, sm_scale * LOG2E_C, sm_scale, lse_row, q_row0, h * HEAD_DIM,
-                            start_m * BLOCK_M, n_hi, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT, HOLD)),
+                            start_m * BLOCK_M, n_lo, n_hi, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo, mid_hi,
+                            BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT, HOLD, SPARSE, SP_CAUSAL, HASH)),
             (_dq_producer, (q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_q, desc_do,
-                            desc_k, desc_v, q_row0, h * HEAD_DIM, b * N_CTX, (h // GROUP) * HEAD_DIM, n_hi,
+                            desc_k, desc_v, q_row0, h * HEAD_DIM, b * N_CTX, (h // GROUP) * HEAD_DIM, n_lo, n_hi,
                             BLOCK_M, BLOCK_N, NUM_STAGES)),
         ], [4, 1], [240, 24])
 
@@ -515,35 +590,52 @@ def _desc(t: torch.Tensor, rows: int, cols: int, box):
 
 def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
                 delta: torch.Tensor, softmax_scale: float, causal: bool, dq: torch.Tensor, dk: torch.Tensor,
-                dv: torch.Tensor, atomic: bool, block_q: int = 0, strict: bool = False, dq_hold: bool = False):
+                dv: torch.Tensor, atomic: bool, block_q: int = 0, strict: bool = False, dq_hold: bool = False,
+                sparse: Optional[SparseMeta] = None):
     """``[(kernel, grid, args), ...]`` of one backward (each launched as ``kernel[grid](*args, num_warps=4)``):
     the dK/dV kernel, then (not ``atomic``) the dQ kernel. ``dq``: the fp32 accumulator when ``atomic``. Split
     out so that a machine without a GPU can compile the kernels (tests, ``compile_probe.py --hopper-bwd``).
     ``block_q``: query rows per dK/dV step (default :data:`BLOCK_Q_D64` at D=64 without ``atomic``, else
     :data:`BLOCK_Q`). ``strict`` (with ``causal``): keys j < i (:data:`hopper.STRICT_CAUSAL`). ``dq_hold``: the kernel
     that computes dQ (the dQ kernel, or with ``atomic`` the dK/dV kernel) waits for dP behind a predicated wait that
-    reads all of the step's exponentials (opt-in until timed)."""
+    reads all of the step's exponentials (opt-in until timed). ``sparse``: the tensors are in slot order
+    (:func:`sparse_bwd`), ``causal`` False, ``atomic`` False, one query head per K/V head."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     half = [BLOCK_KEYS // 2, d]
-    bq = block_q or (BLOCK_Q_D64 if d == 64 and not atomic else BLOCK_Q)
+    # sparse: 64 rows (at D=64, 128 spill 128-136 B in the hash-sparse dK/dV kernel: the masked tiles' query
+    # positions and buckets, 32 registers each; and smaller tiles cut across the pattern less)
+    bq = block_q or (BLOCK_Q_D64 if d == 64 and not atomic and sparse is None else BLOCK_Q)
     if bq not in (64, 128) or s % bq:
         raise ValueError(f"block_q must be 64 or 128 and divide the sequence length {s}, got {bq}")
     if atomic and bq != BLOCK_Q:
         raise ValueError(f"the atomic dQ takes block_q={BLOCK_Q} (the size it was measured at; at D=128 its dS^T "
                          f"pairs of 128 rows would not fit shared memory), got {bq}")
+    if sparse is not None and (causal or atomic or h != hk):
+        raise ValueError("a sparse backward takes causal=False (the side tensors' positions carry causality), the "
+                         f"separate dQ and one query head per K/V head; got causal={causal}, atomic={atomic}, "
+                         f"{h} / {hk} heads")
+    if sparse is None:          # unused pointers
+        side, ranges_kq, ranges_qk, flags = (lse,) * 6, lse, lse, (False, False, False)
+    else:
+        side = (sparse.q_pos, sparse.k_pos, sparse.q_bkt if sparse.q_bkt is not None else sparse.q_pos,
+                sparse.k_bkt if sparse.k_bkt is not None else sparse.k_pos, sparse.q_len, sparse.k_len)
+        ranges_kq = tile_ranges(sparse, 1, BLOCK_KEYS, bq, from_keys=True)
+        ranges_qk = tile_ranges(sparse, 1, DQ_BLOCK_M, DQ_BLOCK_N, from_keys=False)
+        flags = (True, sparse.causal, sparse.q_bkt is not None)
     dkdv = (_desc(q, b * s, h * d, [bq, d]), _desc(k, b * s, hk * d, half), _desc(v, b * s, hk * d, half),
             _desc(do, b * s, h * d, [bq, d]), _desc(lse, b * h * s, 0, [bq]),
             _desc(delta, b * h * s, 0, [bq]), _desc(dk, b * s, hk * d, half), _desc(dv, b * s, hk * d, half),
-            dq, softmax_scale, s, h, h // hk, BLOCK_KEYS, bq, d, NUM_STAGES, causal, atomic, int(causal and strict),
-            bool(dq_hold and atomic))
+            dq, softmax_scale, s, h, h // hk, ranges_kq, *side, BLOCK_KEYS, bq, d, NUM_STAGES, causal, atomic,
+            int(causal and strict), bool(dq_hold and atomic), *flags)
     launches = [(_bwd_dkdv_hopper, (s // BLOCK_KEYS, hk, b), dkdv)]
     if not atomic:
         wg = [DQ_BLOCK_M // 2, d]
         kv = [DQ_BLOCK_N, d]
         dq_args = (_desc(q, b * s, h * d, wg), _desc(k, b * s, hk * d, kv), _desc(v, b * s, hk * d, kv),
                    _desc(do, b * s, h * d, wg), _desc(dq, b * s, h * d, wg), lse, delta, softmax_scale, s, h,
-                   h // hk, DQ_BLOCK_M, DQ_BLOCK_N, d, NUM_STAGES, causal, int(causal and strict), bool(dq_hold))
+                   h // hk, ranges_qk, *side, DQ_BLOCK_M, DQ_BLOCK_N, d, NUM_STAGES, causal, int(causal and strict),
+                   bool(dq_hold), *flags)
         launches.append((_bwd_dq_hopper, (s // DQ_BLOCK_M, h, b), dq_args))
     return launches
 
@@ -579,6 +671,54 @@ def bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
         LAUNCH[kernel][grid](*args, num_warps=4)
     if atomic:          # the softmax scale and the cast in one pass (the kernel adds unscaled dS K)
         dq = torch.mul(dq, softmax_scale, out=torch.empty_like(q))
+    return dq, dk, dv
+
+
+SPARSE_ENV = "FLASHRING_HOPPER_SPARSE_BWD"
+
+
+def sparse_wanted() -> bool:
+    """``FLASHRING_HOPPER_SPARSE_BWD=1`` sends the sparse front ends' backward to these kernels (:func:`sparse_bwd`;
+    opt-in until timed against the portable row-table kernels)."""
+    return os.environ.get(SPARSE_ENV, "0") == "1"
+
+
+def sparse_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse: SparseMeta, softcap: float) -> bool:
+    """Whether :func:`sparse_bwd` takes a sparse front end's backward: bf16/fp16, head dim 64 or 128, ``(B, S, H,
+    D)`` tensors of one length S, a multiple of 128, one query head per K/V head (a GQA group's heads have tile
+    ranges of their own), no softcap, B * H * S < 2**31. Any strides: the tensors are gathered into slot order."""
+    if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype) or q.dim() != 4:
+        return False
+    b, s, h, d = q.shape
+    return (softcap == 0 and d in (64, 128) and q.shape == k.shape == v.shape and s % BLOCK_KEYS == 0
+            and b * h * s < 2**31 and sparse.q_pos.shape == sparse.k_pos.shape == (b, h, s))
+
+
+def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, softmax_scale: float, sparse: SparseMeta, dlse: Optional[torch.Tensor] = None,
+               **config) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sparse front end's ``(dq, dk, dv)`` (:func:`sparse_applies`) on the dense kernels: the tensors gathered
+    into slot order (``sparse.q_rows`` / ``k_rows``; without them they are in slot order already), each program's
+    tiles from ``sparse_ranges.tile_ranges``, the tiles that cross the pattern masked by the slots' positions and
+    buckets, the gradients scattered back to their rows. A query slot past its head's kept count gets an LSE of
+    +inf and a delta of 0 (its P is 0, so it adds nothing and its dQ is 0); key slots past the count get zero dK /
+    dV in the kernel. ``config``: :func:`launch_args`' keywords (benchmarks)."""
+    b, s, h, d = q.shape
+    delta = _delta(hopper.aligned(out), hopper.aligned(do), lse.contiguous(), dlse)       # per row: any order
+    rows = sparse.q_rows is not None
+    if rows:
+        q, do, lse, delta = (gather_rows(t, sparse.q_rows) for t in (q, do, lse, delta))
+        k, v = (gather_rows(t, sparse.k_rows) for t in (k, v))
+    q, k, v, do = (hopper.aligned(t) for t in (q, k, v, do))
+    kept = torch.arange(s, device=q.device, dtype=torch.int32) < sparse.q_len.unsqueeze(-1)
+    lse = torch.where(kept, lse, float("inf"))
+    delta = torch.where(kept, delta, 0.0)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for kernel, grid, args in launch_args(do, q, k, v, lse, delta, softmax_scale, False, dq, dk, dv, False,
+                                          sparse=sparse, **config):
+        LAUNCH[kernel][grid](*args, num_warps=4)
+    if rows:
+        return scatter_rows(dq, sparse.q_rows), scatter_rows(dk, sparse.k_rows), scatter_rows(dv, sparse.k_rows)
     return dq, dk, dv
 
 

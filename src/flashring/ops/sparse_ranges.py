@@ -48,6 +48,21 @@ class SparseMeta(NamedTuple):
         return [t for t in self if isinstance(t, torch.Tensor)]
 
 
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Slot order: ``y[b, s, h] = x[b, rows[b, h, s], h]`` for x ``(B, S, H, D)``, or ``y[b, h, s] = x[b, h, rows[b, h,
+    s]]`` for x ``(B, H, S)`` (LSE rows); ``rows`` ``(B, H, S)`` is each (batch, head)'s permutation."""
+    if x.dim() == 3:
+        return x.gather(-1, rows)
+    return x.gather(1, rows.transpose(1, 2).unsqueeze(-1).expand(x.shape))
+
+
+def scatter_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`gather_rows`: slot s of ``x`` goes back to row ``rows[b, h, s]``."""
+    if x.dim() == 3:
+        return torch.empty_like(x).scatter_(-1, rows, x)
+    return torch.empty_like(x).scatter_(1, rows.transpose(1, 2).unsqueeze(-1).expand(x.shape), x)
+
+
 @triton.jit
 def _sort_key(Pos, Bkt, idx, mask, HASH: tl.constexpr):
     # (bucket, position) packed into one int64 that sorts like the pair; padding (PAD_POS, PAD_POS) sorts last.
