@@ -67,6 +67,9 @@ def run_metadata(device: torch.device, argv: Sequence[str] = (), **extra) -> Dic
         "git_sha": git_sha(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": list(argv),
+        # the switches that pick kernels (FLASHRING_HOPPER_FWD / _BWD / _SPARSE_BWD, ...), as the run saw them
+        "flashring_env": {k: v for k, v in sorted(os.environ.items())
+                          if k.startswith("FLASHRING_") and k != "FLASHRING_GIT_SHA"},
     }
     meta.update(extra)
     return meta
