@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import flashring  # noqa: E402
 from flashring.bench import harness as H  # noqa: E402
 from flashring.metadata import run_metadata  # noqa: E402
-from flashring.ops import flash, hopper_bwd  # noqa: E402
+from flashring.ops import flash, hopper_bwd, sparse_ranges  # noqa: E402
 
 FWD = {"fwd 128x64/8w": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=128),
        "fwd 64x64/4w": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -54,9 +54,10 @@ BWD = {"bwd 64x64": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
                                     ROWS_AHEAD_DKDV=True),
        "bwd 64x64 ahead dq": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, ROWS_AHEAD=False,
                                   ROWS_AHEAD_DQ=True)}
-# the Gluon kernels' sparse backward (ops/hopper_bwd.py sparse_bwd, FLASHRING_HOPPER_SPARSE_BWD=1) instead of these
-GLUON = {"gluon"}
-BWD["gluon"] = BWD["bwd 64x64"]                         # what the sparse calls it does not take run
+# the Gluon kernels' sparse backward (ops/hopper_bwd.py sparse_bwd, FLASHRING_HOPPER_SPARSE_BWD=1) instead of these,
+# its slot-order copies by the Triton row-permute launch or by torch's gather / scatter (sparse_ranges.PERMUTE)
+GLUON = {"gluon": "triton", "gluon torch-gather": "torch"}
+BWD.update({name: BWD["bwd 64x64"] for name in GLUON})     # what the sparse calls it does not take run
 VARIANTS = [("fwd 128x64/8w", "bwd 64x64"), ("fwd 64x64/4w", "bwd 64x64"), ("fwd 128x64/8w", "bwd 32x64"),
             ("fwd 128x64/8w", "bwd 64x32")]
 
@@ -124,6 +125,7 @@ def main() -> int:
                 flash.default_config = lambda *a, backward=False, fv=fv, bv=bv, **kw: dict(BWD[bv] if backward
                                                                                          else FWD[fv])
                 os.environ[hopper_bwd.SPARSE_ENV] = "1" if bv in GLUON else "0"
+                sparse_ranges.PERMUTE = GLUON.get(bv, "triton")
                 try:
                     out = call()
                     got = (out.detach(), *torch.autograd.grad(out, (q, k, v), do))
@@ -134,6 +136,7 @@ def main() -> int:
                 finally:
                     flash.default_config = default_config
                     os.environ.pop(hopper_bwd.SPARSE_ENV)
+                    sparse_ranges.PERMUTE = "triton"
                 rows.append(dict(seqlen=s, headdim=d, pattern=pname, fwd_config=fv, bwd_config=bv, fwd_ms=fwd_ms,
                                  fwd_bwd_ms=both_ms, fwd_all_kernels_ms=fwd_all, fwd_bwd_all_kernels_ms=both_all,
                                  max_abs_diff_vs_first=diff))

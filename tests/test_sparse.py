@@ -447,3 +447,19 @@ def test_row_tables_are_checked(device):
     strided = torch.arange(s).expand(1, 2, s)
     with pytest.raises(ValueError, match="k_rows must be a contiguous"):
         sparse_ranges.kernel_side(meta._replace(k_rows=strided), 1, 16, 16, from_keys=False)
+
+
+@pytest.mark.parametrize("shape", [(2, 77, 3, 24), (1, 130, 2, 64)])
+def test_gather_and_scatter_rows_kernel(shape, device, seed):
+    """``sparse_ranges.gather_rows`` / ``scatter_rows``: the Triton row-permute launch (what the sparse Gluon backward
+    uses on CUDA) equals torch's gather / scatter, on a strided view too, and the two invert each other."""
+    from flashring.ops.sparse_ranges import gather_rows, scatter_rows
+    b, s, h, d = shape
+    fused = torch.randn(b, s, 2, h, d, device=device)
+    x = fused[:, :, 1]                                           # a strided view, as a fused projection's
+    rows = torch.rand(b, h, s, device=device).argsort(-1)
+    want = gather_rows(x, rows, kernel=False)
+    got = gather_rows(x, rows, kernel=True)
+    assert torch.equal(got, want) and got.is_contiguous()
+    assert torch.equal(scatter_rows(got, rows, kernel=True), x)
+    assert torch.equal(scatter_rows(got, rows, kernel=True), scatter_rows(got, rows, kernel=False))

@@ -48,18 +48,63 @@ class SparseMeta(NamedTuple):
         return [t for t in self if isinstance(t, torch.Tensor)]
 
 
-def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+@triton.jit
+def _permute_rows_kernel(X, Y, Rows, S, H, x_sb, x_ss, x_sh, y_sb, y_ss, y_sh, HEAD_DIM: tl.constexpr,
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, SCATTER: tl.constexpr):
+    """Program (i, h, b) moves slots [i*BLOCK_S, (i+1)*BLOCK_S) of (batch b, head h): gather ``y[b, s, h] = x[b,
+    rows[s], h]``, SCATTER ``y[b, rows[s], h] = x[b, s, h]``; rows of HEAD_DIM contiguous elements."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    slots = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    ok = slots < S
+    rows = tl.load(Rows + (b * H + h) * S + slots, mask=ok, other=0)
+    if SCATTER:
+        src = slots.to(tl.int64)
+        dst = rows.to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
+        dst = slots.to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    m = ok[:, None] & (cols < HEAD_DIM)[None, :]
+    x = tl.load(X + b * x_sb + h * x_sh + src[:, None] * x_ss + cols[None, :], mask=m)
+    tl.store(Y + b * y_sb + h * y_sh + dst[:, None] * y_ss + cols[None, :], x, mask=m)
+
+
+LAUNCH_PERMUTE_ROWS = Launcher(_permute_rows_kernel)
+# gather_rows / scatter_rows on CUDA (B, S, H, D) tensors: one Triton launch that moves whole rows ("triton"),
+# or torch's gather / scatter_ with an index expanded over D ("torch"; benchmarks/sparse_tiles.py times both)
+PERMUTE = "triton"
+
+
+def _permute(x: torch.Tensor, rows: torch.Tensor, scatter: bool) -> torch.Tensor:
+    b, s, h, d = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    y = torch.empty((b, s, h, d), dtype=x.dtype, device=x.device)
+    block_s = 64
+    LAUNCH_PERMUTE_ROWS[(cdiv(s, block_s), h, b)](
+        x, y, rows, s, h, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+        HEAD_DIM=d, BLOCK_S=block_s, BLOCK_D=max(16, next_power_of_2(d)), SCATTER=scatter, num_warps=4)
+    return y
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor, kernel: Optional[bool] = None) -> torch.Tensor:
     """Slot order: ``y[b, s, h] = x[b, rows[b, h, s], h]`` for x ``(B, S, H, D)``, or ``y[b, h, s] = x[b, h, rows[b, h,
-    s]]`` for x ``(B, H, S)`` (LSE rows); ``rows`` ``(B, H, S)`` is each (batch, head)'s permutation."""
+    s]]`` for x ``(B, H, S)`` (LSE rows); ``rows`` ``(B, H, S)`` (contiguous) is each (batch, head)'s permutation.
+    ``kernel``: the Triton launch for (B, S, H, D) tensors (default: on CUDA when :data:`PERMUTE` says so)."""
     if x.dim() == 3:
         return x.gather(-1, rows)
+    if kernel or (kernel is None and x.is_cuda and PERMUTE == "triton"):
+        return _permute(x, rows, scatter=False)
     return x.gather(1, rows.transpose(1, 2).unsqueeze(-1).expand(x.shape))
 
 
-def scatter_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def scatter_rows(x: torch.Tensor, rows: torch.Tensor, kernel: Optional[bool] = None) -> torch.Tensor:
     """Inverse of :func:`gather_rows`: slot s of ``x`` goes back to row ``rows[b, h, s]``."""
     if x.dim() == 3:
         return torch.empty_like(x).scatter_(-1, rows, x)
+    if kernel or (kernel is None and x.is_cuda and PERMUTE == "triton"):
+        return _permute(x, rows, scatter=True)
     return torch.empty_like(x).scatter_(1, rows.transpose(1, 2).unsqueeze(-1).expand(x.shape), x)
 
 
