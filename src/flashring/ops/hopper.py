@@ -147,6 +147,33 @@ if AVAILABLE:
         return p, alpha, m_new, l_i
 
     @gluon.jit
+    def sparse_side(ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, row, blk, n_blk, N_CTX, HASH: gl.constexpr):
+        """A sparse program's block ``blk`` of (batch, head) ``row``: its ``(lo, mid_lo, mid_hi, hi)`` (the block's
+        entry of ``sparse_ranges.tile_ranges``, ``n_blk`` blocks per row), the row's side tensors offset to it, and
+        the kept counts ``(q_n, k_n)``. One query head per K/V head: both sides share the row."""
+        r = ranges + (row.to(gl.int64) * n_blk + blk) * 4
+        at = row.to(gl.int64) * N_CTX
+        if HASH:
+            q_bkt += at
+            k_bkt += at
+        return (gl.load(r), gl.load(r + 1), gl.load(r + 2), gl.load(r + 3), q_pos + at, k_pos + at, q_bkt, k_bkt,
+                gl.load(q_len + row), gl.load(k_len + row))
+
+    @gluon.jit
+    def sparse_keep(x, qi, kj, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, other, SP_CAUSAL: gl.constexpr,
+                    HASH: gl.constexpr):
+        """``x`` where query slot ``qi`` may see key slot ``kj`` (both broadcast to x's shape), else ``other``: the
+        fast path of ``masks.sparse_visible`` on the slots' original positions and buckets; slots past the kept
+        counts see nothing. Only the tiles outside a block's ``[mid_lo, mid_hi)`` come here (sparse forward and
+        ``hopper_bwd``'s kernels)."""
+        keep = (qi < q_n) & (kj < k_n)
+        if SP_CAUSAL:
+            keep = keep & (gl.load(k_pos + kj) <= gl.load(q_pos + qi))
+        if HASH:
+            keep = keep & (gl.load(k_bkt + kj) == gl.load(q_bkt + qi))
+        return gl.where(keep, x, other)
+
+    @gluon.jit
     def _nonfinite_rows(v_tile, start_n, ZERO: gl.constexpr, NUM_WARPS: gl.constexpr):
         """The first key of ``v_tile`` (shared memory) whose value row holds an inf or NaN (else a large number);
         ZERO: also overwrite those rows with zeros. Read in 32-row slices (at most 32 values per thread live)."""

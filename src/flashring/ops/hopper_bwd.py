@@ -161,31 +161,6 @@ if AVAILABLE:
         gl.atomic_add(dq_tile + offs, dq, sem="relaxed")      # scaled in the cast
 
     @gluon.jit
-    def _sparse_side(ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, row, N_CTX, HASH: gl.constexpr):
-        """A sparse program's ``(lo, mid_lo, mid_hi, hi)`` (its block's entry of ``sparse_ranges.tile_ranges``: the
-        block is ``program_id(0)``) and its (batch, head) ``row``'s side tensors, offset to that row, with the kept
-        counts ``(q_n, k_n)``. GROUP 1: query and key side share the row."""
-        r = ranges + (row.to(gl.int64) * gl.num_programs(0) + gl.program_id(0)) * 4
-        at = row.to(gl.int64) * N_CTX
-        if HASH:
-            q_bkt += at
-            k_bkt += at
-        return (gl.load(r), gl.load(r + 1), gl.load(r + 2), gl.load(r + 3), q_pos + at, k_pos + at, q_bkt, k_bkt,
-                gl.load(q_len + row), gl.load(k_len + row))
-
-    @gluon.jit
-    def _sparse_keep(p, qi, kj, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, SP_CAUSAL: gl.constexpr, HASH: gl.constexpr):
-        """``p`` where query slot ``qi`` may see key slot ``kj`` (both broadcast to p's shape), else 0: the fast path of
-        ``masks.sparse_visible`` on the slots' original positions and buckets; slots past the kept counts see
-        nothing. Only the tiles outside a block's ``[mid_lo, mid_hi)`` come here."""
-        keep = (qi < q_n) & (kj < k_n)
-        if SP_CAUSAL:
-            keep = keep & (gl.load(k_pos + kj) <= gl.load(q_pos + qi))
-        if HASH:
-            keep = keep & (gl.load(k_bkt + kj) == gl.load(q_bkt + qi))
-        return gl.where(keep, p, 0.0)
-
-    @gluon.jit
     def _dkdv_consumer(WG: gl.constexpr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar,
                        q_ready, do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale, dq_row,
                        N_CTX, GROUP, j_lo, n_q, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo, mid_hi,
@@ -204,8 +179,8 @@ if AVAILABLE:
         without a mask: 6-8 of a step's exponentials ahead of that wait, all of them with HOLD).
 
         SPARSE (:func:`sparse_bwd`; GROUP 1, not ATOMIC_DQ): ``q_pos`` ... ``k_n`` = the (batch, head)'s side
-        tensors and kept counts (:func:`_sparse_side`); query tiles outside ``[mid_lo, mid_hi)`` are masked by
-        :func:`_sparse_keep`, and the key slots past ``k_n`` (they stand for dropped rows) get zero dK / dV."""
+        tensors and kept counts (:func:`hopper.sparse_side`); query tiles outside ``[mid_lo, mid_hi)`` are masked by
+        :func:`hopper.sparse_keep`, and the key slots past ``k_n`` (they stand for dropped rows) get zero dK / dV."""
         WG_N: gl.constexpr = BLOCK_KEYS // 2
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = k_smem.dtype
@@ -255,8 +230,8 @@ if AVAILABLE:
                         pt = gl.where((m0 + cols0)[None, :] - STRICT >= keys[:, None], pt, 0.0)
                 if SPARSE:
                     if (m0 < mid_lo) or (m0 >= mid_hi):
-                        pt = _sparse_keep(pt, (m0 + cols0)[None, :], keys[:, None], q_pos, k_pos, q_bkt, k_bkt,
-                                          q_n, k_n, SP_CAUSAL=SP_CAUSAL, HASH=HASH)
+                        pt = hopper.sparse_keep(pt, (m0 + cols0)[None, :], keys[:, None], q_pos, k_pos, q_bkt,
+                                                k_bkt, q_n, k_n, 0.0, SP_CAUSAL=SP_CAUSAL, HASH=HASH)
                 if ATOMIC_DQ:
                     # dV after dS: no in-flight wgmma holds P^T's bf16 registers while dP^T, P^T and delta are
                     # live (D=128: 40 -> 8 B of stack, none left in the loop)
@@ -355,8 +330,9 @@ if AVAILABLE:
         if ATOMIC_DQ:           # at (batch b, row 0, head hk * GROUP): the consumers add row and group offsets
             dq_ptr += (b.to(gl.int64) * N_CTX * H + hk * GROUP) * HEAD_DIM
         if SPARSE:              # the key block's query tiles (sparse_ranges.tile_ranges from the keys; GROUP 1)
-            lo, mid_lo, mid_hi, hi, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n = _sparse_side(
-                ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, b * H + hk, N_CTX, HASH)
+            lo, mid_lo, mid_hi, hi, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n = hopper.sparse_side(
+                ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, b * H + hk, gl.program_id(0), gl.num_programs(0),
+                N_CTX, HASH)
             j_lo = lo // BLOCK_Q
             n_q = (hi - lo + BLOCK_Q - 1) // BLOCK_Q       # hi: the head's kept count, not rounded
         elif CAUSAL:
@@ -473,8 +449,8 @@ if AVAILABLE:
                     p = gl.where(rows[:, None] - STRICT >= (start_n + cols0)[None, :], p, 0.0)
             if SPARSE:
                 if (start_n < mid_lo) or (start_n >= mid_hi):
-                    p = _sparse_keep(p, rows[:, None], (start_n + cols0)[None, :], q_pos, k_pos, q_bkt, k_bkt, q_n,
-                                     k_n, SP_CAUSAL=SP_CAUSAL, HASH=HASH)
+                    p = hopper.sparse_keep(p, rows[:, None], (start_n + cols0)[None, :], q_pos, k_pos, q_bkt, k_bkt,
+                                           q_n, k_n, 0.0, SP_CAUSAL=SP_CAUSAL, HASH=HASH)
             if HOLD:
                 _wait_after_rows(gl.sum(p, axis=1))
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
@@ -530,8 +506,9 @@ if AVAILABLE:
         q_row0 = b * N_CTX + start_m * BLOCK_M
         lse_row = (b.to(gl.int64) * H + h) * N_CTX
         if SPARSE:              # the query block's key tiles (sparse_ranges.tile_ranges; GROUP 1)
-            n_lo, mid_lo, mid_hi, n_hi, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n = _sparse_side(
-                ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, b * H + h, N_CTX, HASH)
+            n_lo, mid_lo, mid_hi, n_hi, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n = hopper.sparse_side(
+                ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, b * H + h, start_m, gl.num_programs(0), N_CTX,
+                HASH)
         else:
             n_lo = start_m * 0
             if CAUSAL:
