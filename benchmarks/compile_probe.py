@@ -236,7 +236,7 @@ def sparse_usage(args, wanted) -> int:
 
 def hopper_usage(args) -> int:
     """Compile ops/hopper.py's kernel (both masks, each head dim) and print its resources."""
-    from flashring.ops import hopper
+    from flashring.ops import hopper, sparse_ranges
     if not hopper.AVAILABLE:
         print("hopper: Gluon is not available in this triton")
         return 0
@@ -250,7 +250,27 @@ def hopper_usage(args) -> int:
             kern = hopper._attn_fwd_hopper.warmup(*kargs, grid=grid, num_warps=4)
             print(f"D={d:<3} causal={causal!s:<5} window=None HOPPER_FWD {{}}\n    {usage(kern, args.loops)}",
                   flush=True)
+        if args.sparse:         # hopper.sparse_fwd's launch (slot order; one query head per K/V head)
+            k = torch.empty(1, args.seqlen, 2, d, dtype=torch.bfloat16)
+            calls, restore = record(sparse_ranges, ("LAUNCH_TILE_RANGES",))       # no launch on the CPU
+            try:
+                grid, kargs = hopper.launch_args(k, k, k, d ** -0.5, False, torch.empty_like(k),
+                                                 torch.empty(1, 2, args.seqlen), sparse=probe_meta(args),
+                                                 **args.variant)
+            finally:
+                restore()
+            kern = hopper._attn_fwd_hopper.warmup(*kargs, grid=grid, num_warps=4)
+            print(f"D={d:<3} {args.sparse}-sparse HOPPER_FWD\n    {usage(kern, args.loops)}", flush=True)
     return 0
+
+
+def probe_meta(args):
+    """Side tensors of ``--sparse`` for the Gluon kernels' sparse launches (B=1, 2 heads, causal)."""
+    from flashring.ops import sparse_ranges
+    pos = torch.arange(args.seqlen, dtype=torch.int32).expand(1, 2, args.seqlen).contiguous()
+    lens = torch.full((1, 2), args.seqlen, dtype=torch.int32)
+    bkt = pos if args.sparse == "hash" else None
+    return sparse_ranges.SparseMeta(pos, pos, lens, lens, bkt, bkt, True)
 
 
 def hopper_bwd_usage(args) -> int:
@@ -282,10 +302,7 @@ def hopper_bwd_usage(args) -> int:
                     print(f"D={d:<3} causal={causal!s:<5} window=None {name} {{'dq': '{mode}'}}\n    "
                           f"{usage(kern, args.loops)}  wgmma {len(re.findall(r'HGMMA', sass))}", flush=True)
         if args.sparse:         # hopper_bwd.sparse_bwd's launches (slot order; one query head per K/V head)
-            pos = torch.arange(args.seqlen, dtype=torch.int32).expand(1, 2, args.seqlen).contiguous()
-            lens = torch.full((1, 2), args.seqlen, dtype=torch.int32)
-            meta = sparse_ranges.SparseMeta(pos, pos, lens, lens, pos if args.sparse == "hash" else None,
-                                            pos if args.sparse == "hash" else None, True)
+            meta = probe_meta(args)
             calls, restore = record(sparse_ranges, ("LAUNCH_TILE_RANGES",))       # no launch on the CPU
             try:
                 launches = hopper_bwd.launch_args(k, k, k, k, lse[:, :2], lse[:, :2], d ** -0.5, False,

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import flashring  # noqa: E402
 from flashring.bench import harness as H  # noqa: E402
 from flashring.metadata import run_metadata  # noqa: E402
-from flashring.ops import flash, hopper_bwd, sparse_ranges  # noqa: E402
+from flashring.ops import flash, hopper, hopper_bwd, sparse_ranges  # noqa: E402
 
 FWD = {"fwd 128x64/8w": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=128),
        "fwd 64x64/4w": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -58,6 +58,7 @@ BWD = {"bwd 64x64": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
 # its slot-order copies by the Triton row-permute launch or by torch's gather / scatter (sparse_ranges.PERMUTE)
 GLUON = {"gluon": "triton", "gluon torch-gather": "torch"}
 BWD.update({name: BWD["bwd 64x64"] for name in GLUON})     # what the sparse calls it does not take run
+FWD["gluon"] = FWD["fwd 128x64/8w"]                         # ops/hopper.py sparse_fwd (FLASHRING_HOPPER_SPARSE_FWD=1)
 VARIANTS = [("fwd 128x64/8w", "bwd 64x64"), ("fwd 64x64/4w", "bwd 64x64"), ("fwd 128x64/8w", "bwd 32x64"),
             ("fwd 128x64/8w", "bwd 64x32")]
 
@@ -125,6 +126,7 @@ def main() -> int:
                 flash.default_config = lambda *a, backward=False, fv=fv, bv=bv, **kw: dict(BWD[bv] if backward
                                                                                          else FWD[fv])
                 os.environ[hopper_bwd.SPARSE_ENV] = "1" if bv in GLUON else "0"
+                os.environ[hopper.SPARSE_ENV] = "1" if fv == "gluon" else "0"
                 sparse_ranges.PERMUTE = GLUON.get(bv, "triton")
                 try:
                     out = call()
@@ -136,6 +138,7 @@ def main() -> int:
                 finally:
                     flash.default_config = default_config
                     os.environ.pop(hopper_bwd.SPARSE_ENV)
+                    os.environ.pop(hopper.SPARSE_ENV)
                     sparse_ranges.PERMUTE = "triton"
                 rows.append(dict(seqlen=s, headdim=d, pattern=pname, fwd_config=fv, bwd_config=bv, fwd_ms=fwd_ms,
                                  fwd_bwd_ms=both_ms, fwd_all_kernels_ms=fwd_all, fwd_bwd_all_kernels_ms=both_all,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import flashring
-from flashring.ops import flash, hopper_bwd
+from flashring.ops import flash, hopper, hopper_bwd
 from flashring.testing import GRAD_FACTOR, assert_close, attention_ref, reference_pair
 from test_compile import probe
 
@@ -231,35 +231,37 @@ def test_deterministic_never_takes_the_atomic_variant(causal, monkeypatch):
 
 
 def test_sparse_kernels_compile_for_sm90():
-    """The sparse backward's two kernels (:func:`hopper_bwd.sparse_bwd`, hash-sparse: positions and buckets) at
-    D=64, the head dim the sparse front ends are timed at: within shared memory, with wgmma, no stack."""
+    """The Gluon kernels' sparse launches (``hopper.sparse_fwd``, :func:`hopper_bwd.sparse_bwd`; hash-sparse:
+    positions and buckets) at D=64, the head dim the sparse front ends are timed at: within shared memory, no
+    stack."""
     out = probe("--hopper-bwd", "--headdims", "64", "--seqlen", "1024", "--sparse", "hash")
     if "not available" in out:
         pytest.skip("this Triton has no Gluon")
+    out += probe("--hopper", "--headdims", "64", "--seqlen", "1024", "--sparse", "hash")
     found = re.findall(r"D=64\s+hash-sparse (\w+)\n\s+regs\s+(\d+) stack\s+(\d+) B\s+smem\s+(\d+) B", out)
-    assert sorted(k for k, *_ in found) == ["HOPPER_DKDV", "HOPPER_DQ"], out
+    assert sorted(k for k, *_ in found) == ["HOPPER_DKDV", "HOPPER_DQ", "HOPPER_FWD"], out
     for kernel, regs, stack, smem in found:
         assert int(stack) == 0 and int(smem) <= SMEM_MAX, (kernel, regs, stack, smem)
 
 
-def test_sparse_backward_takes_only_what_it_can():
-    """:func:`hopper_bwd.sparse_applies`: one length, a multiple of 128, D 64 / 128, bf16 / fp16, one query head per
-    K/V head, no softcap; strided tensors are fine (they are gathered). ``launch_args`` refuses a sparse call with
-    a causal band, the atomic dQ or GQA."""
+def test_sparse_calls_take_only_what_they_can():
+    """:func:`hopper.sparse_applies`: one length, a multiple of 128, D 64 / 128, bf16 / fp16, one query head per
+    K/V head, no softcap; strided tensors are fine (they are gathered). The ``launch_args`` refuse a sparse call
+    with a causal band, the atomic dQ or GQA."""
     from flashring.ops.sparse_ranges import SparseMeta
     b, s, h, d = 1, 256, 2, 64
     q = torch.empty(b, s, h, d, dtype=torch.bfloat16)
     pos = torch.zeros(b, h, s, dtype=torch.int32)
     meta = SparseMeta(pos, pos, pos[..., 0], pos[..., 0], None, None, True)
-    assert hopper_bwd.sparse_applies(q, q, q, meta, 0.0)
-    assert hopper_bwd.sparse_applies(q.transpose(1, 2).contiguous().transpose(1, 2), q, q, meta, 0.0)
-    assert not hopper_bwd.sparse_applies(q, q, q, meta, 20.0)
-    assert not hopper_bwd.sparse_applies(q.float(), q.float(), q.float(), meta, 0.0)
-    assert not hopper_bwd.sparse_applies(q[..., :32], q[..., :32], q[..., :32], meta, 0.0)
+    assert hopper.sparse_applies(q, q, q, meta, 0.0)
+    assert hopper.sparse_applies(q.transpose(1, 2).contiguous().transpose(1, 2), q, q, meta, 0.0)
+    assert not hopper.sparse_applies(q, q, q, meta, 20.0)
+    assert not hopper.sparse_applies(q.float(), q.float(), q.float(), meta, 0.0)
+    assert not hopper.sparse_applies(q[..., :32], q[..., :32], q[..., :32], meta, 0.0)
     short = q[:, :192]
-    assert not hopper_bwd.sparse_applies(short, short, short, meta, 0.0)
+    assert not hopper.sparse_applies(short, short, short, meta, 0.0)
     kv = torch.empty(b, s, 1, d, dtype=torch.bfloat16)
-    assert not hopper_bwd.sparse_applies(q, kv, kv, meta, 0.0)
+    assert not hopper.sparse_applies(q, kv, kv, meta, 0.0)
     if not hopper_bwd.AVAILABLE:
         return
     lse = torch.empty(b, h, s)
@@ -268,6 +270,9 @@ def test_sparse_backward_takes_only_what_it_can():
         with pytest.raises(ValueError, match="sparse backward"):
             hopper_bwd.launch_args(q, q, k, k, lse, lse, 0.1, causal, dq, torch.empty_like(k), torch.empty_like(k),
                                    atomic, sparse=meta)
+        if not atomic:
+            with pytest.raises(ValueError, match="sparse forward"):
+                hopper.launch_args(q, k, k, 0.1, causal, torch.empty_like(q), lse, sparse=meta)
 
 
 SPARSE_SHAPES = [(2, 512, 4, 64, torch.bfloat16), (1, 384, 2, 128, torch.float16)]
@@ -278,18 +283,22 @@ SPARSE_SHAPES = [(2, 512, 4, 64, torch.bfloat16), (1, 384, 2, 128, torch.float16
 @pytest.mark.parametrize("shape", SPARSE_SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + str(s[4])[5:])
 @pytest.mark.parametrize("kind", ["qk", "hash", "qk-rare", "hash-strict"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_sparse_backward_on_the_hopper_kernels(shape, kind, causal, seed, monkeypatch):
-    """``FLASHRING_HOPPER_SPARSE_BWD=1``: the sparse front ends' gradients come from :func:`hopper_bwd.sparse_bwd`
-    (slot order, tile ranges, tiles across the pattern masked by position and bucket) and match the float64
-    reference by the tolerance rule (test_sparse.run_sparse): half the tokens dropped, 4 buckets, 95% dropped with
-    one head keeping nothing (empty tiles, ragged counts), and strictly causal buckets."""
+def test_sparse_on_the_hopper_kernels(shape, kind, causal, seed, monkeypatch):
+    """``FLASHRING_HOPPER_SPARSE_FWD=1`` and ``FLASHRING_HOPPER_SPARSE_BWD=1``: the sparse front ends' output, LSE
+    and gradients come from ``hopper.sparse_fwd`` and :func:`hopper_bwd.sparse_bwd` (slot order, tile ranges,
+    tiles across the pattern masked by position and bucket) and match the float64 reference by the tolerance rule
+    (test_sparse.run_sparse: dropped queries out 0 and the empty-row LSE): half the tokens dropped, 4 buckets, 95%
+    dropped with one head keeping nothing (empty tiles, rows that see nothing, ragged counts), and strictly causal
+    buckets (each bucket's first token sees nothing)."""
     from test_sparse import run_sparse
     if kind == "hash-strict" and not causal:
         pytest.skip("strict_causal is causal")
     monkeypatch.setenv(hopper_bwd.SPARSE_ENV, "1")
+    monkeypatch.setenv(hopper.SPARSE_ENV, "1")
     calls = []
-    real = hopper_bwd.sparse_bwd
-    monkeypatch.setattr(hopper_bwd, "sparse_bwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for mod, name in ((hopper_bwd, "sparse_bwd"), (hopper, "sparse_fwd")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
     b, s, h, d, dtype = shape
     extra = {}
     if kind == "qk-rare":
@@ -298,16 +307,18 @@ def test_sparse_backward_on_the_hopper_kernels(shape, kind, causal, seed, monkey
         extra = dict(qa=keep, ka=torch.rand(b, s, h, device="cuda") > 0.95)
     run_sparse(kind.split("-")[0], b, s, s, h, h, d, dtype, "cuda", causal, seed, strict=kind == "hash-strict",
                **extra)
-    assert calls
+    assert sorted(set(calls)) == ["sparse_bwd", "sparse_fwd"]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
-def test_sparse_backward_slot_order_call_and_gqa(seed, monkeypatch):
+def test_sparse_slot_order_call_and_gqa(seed, monkeypatch):
     """Tensors already in slot order (``sparse_attn_compact_func``: no row tables) give bitwise the gradients of
-    the front end that gathers them; a GQA call stays on the portable kernels (and is still right)."""
+    the front end that gathers them, on the Gluon forward and backward; a GQA call stays on the portable kernels
+    (and is still right)."""
     from test_sparse import run_sparse
     monkeypatch.setenv(hopper_bwd.SPARSE_ENV, "1")
+    monkeypatch.setenv(hopper.SPARSE_ENV, "1")
     b, s, h, d = 1, 256, 2, 64
     q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     keep = torch.rand(b, s, h, device="cuda") > 0.4
@@ -319,11 +330,16 @@ def test_sparse_backward_slot_order_call_and_gqa(seed, monkeypatch):
     slots = [gather(t).requires_grad_() for t in (q, k, v)]
     out = flashring.sparse_attn_compact_func(*slots, idx, idx, lens, lens, causal=True)
     out.backward(gather(do))
+    full = flashring.qk_sparse_attn_func(q, k, v, keep, keep, causal=True)
+    for hh in range(h):
+        n = int(lens[0, hh])
+        assert torch.equal(out[0, :n, hh], gather(full)[0, :n, hh])
     for leaf, slot in zip(leaves, slots):
         for hh in range(h):
             n = int(lens[0, hh])
             assert torch.equal(slot.grad[0, :n, hh], gather(leaf.grad)[0, :n, hh])
     calls = []
     monkeypatch.setattr(hopper_bwd, "sparse_bwd", lambda *a, **kw: calls.append(1))
+    monkeypatch.setattr(hopper, "sparse_fwd", lambda *a, **kw: calls.append(1))
     run_sparse("hash", 1, 256, 256, 4, 2, 64, torch.bfloat16, "cuda", True, seed)
     assert not calls

@@ -41,6 +41,10 @@ def fwd(q, k, v, softmax_scale: float, lower: Optional[int] = None, upper: Optio
             and hopper.enabled(q.device, q.shape[-1]) and hopper.applies(q, k, v, lower, upper, softcap)):
         # sm_90 path (ops/hopper.py): upper is None (full), 0 (causal) or -1 (strictly causal)
         return hopper.fwd(q, k, v, softmax_scale, causal=upper is not None, strict=upper == -1)
+    if (q.is_cuda and sparse is not None and varlen is None and out_dtype in (None, q.dtype)
+            and hopper.sparse_wanted() and hopper.enabled(q.device, q.shape[-1])
+            and hopper.sparse_applies(q, k, v, sparse, softcap)):
+        return hopper.sparse_fwd(q, k, v, softmax_scale, sparse)
     if on_triton(q):
         return flash.fwd(q, k, v, softmax_scale, lower, upper, softcap, sparse, varlen, out_dtype=out_dtype)
     if varlen is not None:
@@ -69,7 +73,7 @@ def bwd(do, q, k, v, out, lse, softmax_scale: float, lower: Optional[int] = None
                               strict=upper == -1)
     if (q.is_cuda and sparse is not None and varlen is None and grad_dtype in (None, q.dtype)
             and hopper_bwd.sparse_wanted() and hopper_bwd.enabled(q.device)
-            and hopper_bwd.sparse_applies(q, k, v, sparse, softcap)):
+            and hopper.sparse_applies(q, k, v, sparse, softcap)):
         return hopper_bwd.sparse_bwd(do, q, k, v, out, lse, softmax_scale, sparse, dlse=dlse)
     if on_triton(q):
         return flash.bwd(do, q, k, v, out, lse, softmax_scale, lower, upper, softcap, dlse, grad_dtype, sparse,

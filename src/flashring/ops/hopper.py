@@ -49,6 +49,7 @@ import torch
 
 from .flash import EMPTY_LSE_C, NO_KEY_C
 from .launch import Launcher, sm_count
+from .sparse_ranges import SparseMeta, gather_rows, scatter_rows, tile_ranges
 
 try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
     from triton.experimental import gluon
@@ -126,18 +127,19 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower: Optional[i
 if AVAILABLE:
     @gluon.jit
     def _softmax_tile(s, start_n, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL: gl.constexpr,
-                      STRICT: gl.constexpr):
+                      STRICT: gl.constexpr, EMPTY: gl.constexpr = False):
         """Online softmax of one score tile in base 2: ``(p, alpha, m, l)``; ``row_lo`` = the rows' first. The
         scale rides in the exponent's FMA (m is kept in scaled units; the scale is > 0, so the max commutes with
         it): one FP32 instruction per score less than a multiply and a subtract; 1-6% faster at D=128 (one point of
         12 read 5% slower) and 4-11% at D=64 in three H100 runs (benchmarks/NOTES.md, session 11). STRICT (with
-        CAUSAL): keys j < i; the sequence's first row sees no key, so its max stays -inf and is shifted by 0."""
+        CAUSAL): keys j < i; the sequence's first row sees no key, so its max stays -inf and is shifted by 0; EMPTY:
+        the same for any row (sparse tiles may hide every key from a row)."""
         BN: gl.constexpr = s.shape[1]
         if CAUSAL:
             if start_n + BN - 1 > row_lo - STRICT:   # only tiles that reach past the first row are masked
                 s = gl.where(rows[:, None] - STRICT >= (start_n + cols0)[None, :], s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        if STRICT:
+        if STRICT or EMPTY:
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_use = m_new
@@ -225,8 +227,8 @@ if AVAILABLE:
         """Tile ``t`` of the flat order: (batch, head) pairs in groups of ``HEAD_GROUP``, query blocks slower than
         the pairs of a group (causal: the longest rows first), so that the tiles run in order of length inside a
         group whose K/V fits in L2 (:func:`head_group`; ``HEAD_GROUP`` = 1 walks a head's blocks one after the
-        other). Returns ``(start_m, q_row0, kv_row0, q_col, kv_col, lse_row, n_hi)`` in the 2-D ``(B*S, H*D)``
-        views (S % BLOCK_M == 0)."""
+        other). Returns ``(start_m, q_row0, kv_row0, q_col, kv_col, lse_row, n_hi, b * H + h)`` in the 2-D
+        ``(B*S, H*D)`` views (S % BLOCK_M == 0)."""
         g0 = (t // (HEAD_GROUP * N_M)) * HEAD_GROUP
         in_group = gl.minimum(HEAD_GROUP, BH - g0)          # the last group may be short
         r = t - g0 * N_M
@@ -242,7 +244,7 @@ if AVAILABLE:
         else:
             n_hi = N_CTX
         return (start_m, q_row0, b * N_CTX, h * HEAD_DIM, (h // GROUP) * HEAD_DIM, (b.to(gl.int64) * H + h) * N_CTX,
-                n_hi)
+                n_hi, hb)
 
     @gluon.jit
     def _read_tile(tile_smem, buf, NUM_WARPS: gl.constexpr):
@@ -253,9 +255,14 @@ if AVAILABLE:
     @gluon.jit
     def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                   scan_bar, scan_smem, desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  CAUSAL: gl.constexpr, STRICT: gl.constexpr):
-        """One consumer warpgroup: 64 query rows of each of this program's tiles."""
+                  ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, STRICT: gl.constexpr,
+                  SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr, HASH: gl.constexpr):
+        """One consumer warpgroup: 64 query rows of each of this program's tiles. SPARSE (:func:`sparse_fwd`; not
+        CAUSAL): a tile's key range from ``ranges``, the tiles outside its ``[mid_lo, mid_hi)`` masked by
+        :func:`sparse_keep`; a row that sees no key (or a slot past its head's kept count) gets out 0 and the
+        library's empty-row LSE. Non-finite values are not scanned for (the arithmetic decides, as in
+        ``hopper_bwd``)."""
         WG_M: gl.constexpr = BLOCK_M // 2
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = q_smem.dtype
@@ -273,8 +280,15 @@ if AVAILABLE:
         mbarrier.wait(q_bar.index(0), 0)
         t = _read_tile(tile_smem, 0, NW)
         while t < N_TILES:              # the producer ends the walk with an index >= N_TILES
-            start_m, q_row0, kv_row0, q_col, kv_col, lse_row, n_hi = _tile(t, N_M, H, GROUP, N_CTX, HEAD_GROUP, BH,
-                                                                           BLOCK_M, HEAD_DIM, CAUSAL)
+            start_m, q_row0, kv_row0, q_col, kv_col, lse_row, n_hi, hb = _tile(t, N_M, H, GROUP, N_CTX, HEAD_GROUP,
+                                                                               BH, BLOCK_M, HEAD_DIM, CAUSAL)
+            if SPARSE:
+                n_lo, mid_lo, mid_hi, n_hi, sq_pos, sk_pos, sq_bkt, sk_bkt, q_n, k_n = sparse_side(
+                    ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, hb, start_m, N_M, N_CTX, HASH)
+                n_it = (n_hi - n_lo + BLOCK_N - 1) // BLOCK_N
+            else:
+                n_lo = 0
+                n_it = n_hi // BLOCK_N
             buf = n_done % 2
             q = q_smem.index(2 * buf + WG)
             m_i = gl.full([WG_M], float("-inf"), gl.float32, s_row)
@@ -283,15 +297,19 @@ if AVAILABLE:
             row_lo = start_m * BLOCK_M + WG * WG_M
             rows = row_lo + gl.arange(0, WG_M, s_row)
             bad_from = N_CTX                # rows at or after this key index may see a non-finite value
-            for it in range(n_hi // BLOCK_N):
+            for it in range(n_it):
                 stage = kv_it % NUM_STAGES
                 phase = (kv_it // NUM_STAGES) & 1
-                start_n = it * BLOCK_N
+                start_n = n_lo + it * BLOCK_N
                 mbarrier.wait(k_ready.index(stage), phase)
                 s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+                if SPARSE:
+                    if (start_n < mid_lo) or (start_n >= mid_hi):
+                        s = sparse_keep(s, rows[:, None], (start_n + cols0)[None, :], sq_pos, sk_pos, sq_bkt, sk_bkt,
+                                        q_n, k_n, float("-inf"), SP_CAUSAL=SP_CAUSAL, HASH=HASH)
                 p, alpha, m_i, l_i = _softmax_tile(s, start_n, rows, row_lo, cols0, m_i, l_i, qk_scale, CAUSAL,
-                                                   STRICT)
+                                                   STRICT, EMPTY=SPARSE)
                 acc = acc * gl.convert_layout(alpha, o_row)[:, None]
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 mbarrier.wait(v_ready.index(stage), phase)
@@ -309,7 +327,7 @@ if AVAILABLE:
 
             # epilogue: normalise, stage through this warpgroup's (now idle) Q buffer, TMA store, then hand the
             # buffer back to the producer (the tile after next loads its Q there)
-            if STRICT:                  # the first row saw no key: out 0, the library's empty-row LSE
+            if STRICT or SPARSE:        # a row that saw no key: out 0, the library's empty-row LSE
                 l_safe = gl.where(l_i == 0.0, 1.0, l_i)
             else:
                 l_safe = l_i
@@ -318,12 +336,16 @@ if AVAILABLE:
             if CAUSAL:                  # rows that may see the first non-finite key (STRICT: those after it)
                 rows_o = row_lo + gl.arange(0, WG_M, o_row)
                 out = gl.where((rows_o - STRICT >= bad_from)[:, None], float("nan"), out)
+            if SPARSE:                  # slots past the kept count (a mid tile does not mask them) stand for dropped
+                out = gl.where((row_lo + gl.arange(0, WG_M, o_row) < q_n)[:, None], out, 0.0)      # rows
             q.store(out.to(dtype))
             fence_async_shared()
             tma.async_copy_shared_to_global(desc_o, [q_row0 + WG * WG_M, q_col], q)
             lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453    # natural log (scores carried log2(e) * scale)
             if STRICT:
                 lse = gl.where(l_i == 0.0, EMPTY_LSE_C, lse)
+            if SPARSE:
+                lse = gl.where((l_i == 0.0) | (rows >= q_n), EMPTY_LSE_C, lse)
             gl.store(lse_ptr + lse_row + rows, lse)
             tma.store_wait(pendings=0)
             mbarrier.arrive(q_empty.index(buf), count=1)
@@ -357,16 +379,23 @@ if AVAILABLE:
 
     @gluon.jit
     def _producer(q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, desc_q, desc_k,
-                  desc_v, counter_ptr, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                  DYNAMIC: gl.constexpr):
+                  desc_v, counter_ptr, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, ranges,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                  CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, SPARSE: gl.constexpr):
         WG_M: gl.constexpr = BLOCK_M // 2
         kv_it = 0
         n_done = 0
         t = _next_tile(counter_ptr, n_done, DYNAMIC)
         while t < N_TILES:
-            start_m, q_row0, kv_row0, q_col, kv_col, lse_row, n_hi = _tile(t, N_M, H, GROUP, N_CTX, HEAD_GROUP, BH,
-                                                                           BLOCK_M, HEAD_DIM, CAUSAL)
+            start_m, q_row0, kv_row0, q_col, kv_col, lse_row, n_hi, hb = _tile(t, N_M, H, GROUP, N_CTX, HEAD_GROUP,
+                                                                               BH, BLOCK_M, HEAD_DIM, CAUSAL)
+            if SPARSE:                  # the tile's key range (sparse_ranges.tile_ranges), as the consumers read it
+                r = ranges + (hb.to(gl.int64) * N_M + start_m) * 4
+                n_lo = gl.load(r)
+                n_it = (gl.load(r + 3) - n_lo + BLOCK_N - 1) // BLOCK_N
+            else:
+                n_lo = 0
+                n_it = n_hi // BLOCK_N
             buf = n_done % 2
             # fresh mbarriers count as "phase 1 complete": waiting on phase ^ 1 lets the first use of each through
             mbarrier.wait(q_empty.index(buf), ((n_done // 2) & 1) ^ 1)
@@ -375,9 +404,9 @@ if AVAILABLE:
             for w in gl.static_range(2):
                 tma.async_copy_global_to_shared(desc_q, [q_row0 + w * WG_M, q_col], q_bar.index(buf),
                                                 q_smem.index(2 * buf + w))
-            for it in range(n_hi // BLOCK_N):
-                fill_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, desc_k, desc_v, kv_row0 + it * BLOCK_N,
-                              kv_col, kv_it, NUM_STAGES)
+            for it in range(n_it):
+                fill_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, desc_k, desc_v,
+                              kv_row0 + n_lo + it * BLOCK_N, kv_col, kv_it, NUM_STAGES)
                 kv_it += 1
             n_done += 1
             t = _next_tile(counter_ptr, n_done, DYNAMIC)
@@ -388,9 +417,10 @@ if AVAILABLE:
 
     @gluon.jit
     def _attn_fwd_hopper(desc_q, desc_k, desc_v, desc_o, lse_ptr, counter_ptr, sm_scale, N_CTX, H, GROUP, N_TILES,
-                         HEAD_GROUP, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr,
-                         STRICT: gl.constexpr):
+                         HEAD_GROUP, ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, BLOCK_M: gl.constexpr,
+                         BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                         CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, STRICT: gl.constexpr, SPARSE: gl.constexpr,
+                         SP_CAUSAL: gl.constexpr, HASH: gl.constexpr):
         """P programs walk :func:`_tile`'s order: program i takes tiles i, i + P, i + 2P..., or (DYNAMIC) the next
         tile of a counter whenever it is free (``counter_ptr``: an int32 zero). P is one per tile or, persistent,
         one per SM (the next tile's Q and first K/V tiles load during this one's epilogue). The producer draws
@@ -427,13 +457,15 @@ if AVAILABLE:
         gl.warp_specialize([
             (_consumer, (0, q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, scan_bar,
                          scan_smem, desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT)),
+                         ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
+                         CAUSAL, STRICT, SPARSE, SP_CAUSAL, HASH)),
             (_consumer, (1, q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, scan_bar,
                          scan_smem, desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH,
-                         BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT)),
+                         ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
+                         CAUSAL, STRICT, SPARSE, SP_CAUSAL, HASH)),
             (_producer, (q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, desc_q,
-                         desc_k, desc_v, counter_ptr, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, BLOCK_M, BLOCK_N,
-                         HEAD_DIM, NUM_STAGES, CAUSAL, DYNAMIC)),
+                         desc_k, desc_v, counter_ptr, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, ranges, BLOCK_M,
+                         BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, DYNAMIC, SPARSE)),
         ], [4, 1], [240, 32])
         # Registers (64,512 per program at 384 threads, counted per warpgroup): consumers need ~232-240 (128
         # spills); the producer addresses and draws tiles (24 spilled 24 B at D=64 causal), so consumer 0 (the
@@ -468,21 +500,27 @@ def head_group(seqlen: int, head_dim: int, itemsize: int) -> int:
 def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                 out: torch.Tensor, lse: torch.Tensor, stages: int = NUM_STAGES,
                 programs: Optional[int] = None, dynamic: Optional[bool] = None,
-                heads_per_group: Optional[int] = None, strict: bool = False) -> Tuple[tuple, tuple]:
+                heads_per_group: Optional[int] = None, strict: bool = False,
+                sparse: Optional[SparseMeta] = None) -> Tuple[tuple, tuple]:
     """``(grid, args)`` of one launch (``_attn_fwd_hopper[grid](*args, num_warps=4)``): TMA descriptors over the
     2-D ``(B*S, H*D)`` views. Split out so that a machine without a GPU can compile the kernel (tests).
     ``programs``: how many programs walk the tiles (benchmarks, tests); default one per SM where :data:`PERSISTENT`,
     else one per tile. ``dynamic``: the programs draw tiles from a counter (default: causal persistent launches,
     whose tiles differ in length) rather than a fixed stride. ``heads_per_group``: :func:`head_group` (default:
-    that for causal calls, 1 otherwise). ``strict`` (with ``causal``): keys j < i."""
+    that for causal calls, 1 otherwise). ``strict`` (with ``causal``): keys j < i. ``sparse``: the tensors are in
+    slot order (:func:`sparse_fwd`), ``causal`` False, one query head per K/V head; tiles differ in length, so
+    the persistent programs draw them from a counter."""
     b, s, h, d = q.shape
     hk = k.shape[2]
+    if sparse is not None and (causal or h != hk):
+        raise ValueError("a sparse forward takes causal=False (the side tensors' positions carry causality) and one "
+                         f"query head per K/V head; got causal={causal}, {h} / {hk} heads")
     n_tiles = b * h * (s // BLOCK_M)
     if programs is None and PERSISTENT:
         programs = sm_count(q.device.index) if q.is_cuda else 132
     programs = n_tiles if programs is None else max(1, min(n_tiles, programs))
     if dynamic is None:
-        dynamic = causal and programs < n_tiles
+        dynamic = (causal or sparse is not None) and programs < n_tiles
     if heads_per_group is None:
         heads_per_group = head_group(s, d, q.element_size()) if causal else 1
     counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else lse
@@ -490,9 +528,17 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
     q_box, kv_box = [BLOCK_M // 2, d], [BLOCK_N, d]
     q_lay, kv_lay = shared_layout(tuple(q_box), gdt), shared_layout(tuple(kv_box), gdt)
     desc = lambda t, heads, box, lay: TensorDescriptor(t, [b * s, heads * d], [heads * d, 1], box, lay)  # noqa
+    if sparse is None:          # unused pointers
+        side, flags = (lse,) * 7, (False, False, False)
+    else:
+        side = (tile_ranges(sparse, 1, BLOCK_M, BLOCK_N, from_keys=False), sparse.q_pos, sparse.k_pos,
+                sparse.q_bkt if sparse.q_bkt is not None else sparse.q_pos,
+                sparse.k_bkt if sparse.k_bkt is not None else sparse.k_pos, sparse.q_len, sparse.k_len)
+        flags = (True, sparse.causal, sparse.q_bkt is not None)
     args = (desc(q, h, q_box, q_lay), desc(k, hk, kv_box, kv_lay), desc(v, hk, kv_box, kv_lay),
             desc(out, h, q_box, q_lay), lse, counter, softmax_scale, s, h, h // hk, n_tiles,
-            max(1, min(heads_per_group, b * h)), BLOCK_M, BLOCK_N, d, stages, causal, dynamic, int(causal and strict))
+            max(1, min(heads_per_group, b * h)), *side, BLOCK_M, BLOCK_N, d, stages, causal, dynamic,
+            int(causal and strict), *flags)
     return (programs, ), args
 
 
@@ -505,6 +551,49 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
     lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
     grid, args = launch_args(q, k, v, softmax_scale, causal, out, lse, **config)
     LAUNCH[grid](*args, num_warps=4)
+    return out, lse
+
+
+SPARSE_ENV = "FLASHRING_HOPPER_SPARSE_FWD"
+
+
+def sparse_wanted() -> bool:
+    """``FLASHRING_HOPPER_SPARSE_FWD=1`` sends the sparse front ends' forward to this kernel (:func:`sparse_fwd`;
+    opt-in until timed against the portable row-table kernel)."""
+    return os.environ.get(SPARSE_ENV, "0") == "1"
+
+
+def sparse_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse: SparseMeta, softcap: float) -> bool:
+    """Whether the Gluon kernels take a sparse front end's call (:func:`sparse_fwd`, ``hopper_bwd.sparse_bwd``):
+    bf16/fp16, head dim 64 or 128, ``(B, S, H, D)`` tensors of one length S, a multiple of 128, one query head per
+    K/V head (a GQA group's heads have tile ranges of their own), no softcap, B * H * S < 2**31. Any strides: the
+    tensors are gathered into slot order."""
+    if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype) or q.dim() != 4:
+        return False
+    b, s, h, d = q.shape
+    return (softcap == 0 and d in (64, 128) and q.shape == k.shape == v.shape and s % BLOCK_M == 0
+            and b * h * s < 2**31 and sparse.q_pos.shape == sparse.k_pos.shape == (b, h, s))
+
+
+def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, sparse: SparseMeta,
+               **config) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A sparse front end's ``(out, lse)`` (:func:`sparse_applies`) on this kernel: q / k / v gathered into slot
+    order (``sparse.q_rows`` / ``k_rows``; without them they are in slot order already), each tile's key range
+    from ``sparse_ranges.tile_ranges``, the tiles across the pattern masked by position and bucket, out and lse
+    scattered back to their rows (a dropped row: out 0, the empty-row LSE). ``config``: :func:`launch_args`'
+    keywords."""
+    rows = sparse.q_rows is not None
+    if rows:
+        q = gather_rows(q, sparse.q_rows)
+        k, v = gather_rows(k, sparse.k_rows), gather_rows(v, sparse.k_rows)
+    q, k, v = aligned(q), aligned(k), aligned(v)
+    b, s, h, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
+    grid, args = launch_args(q, k, v, softmax_scale, False, out, lse, sparse=sparse, **config)
+    LAUNCH[grid](*args, num_warps=4)
+    if rows:
+        return scatter_rows(out, sparse.q_rows), scatter_rows(lse, sparse.q_rows)
     return out, lse
 
 

@@ -660,21 +660,10 @@ def sparse_wanted() -> bool:
     return os.environ.get(SPARSE_ENV, "0") == "1"
 
 
-def sparse_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse: SparseMeta, softcap: float) -> bool:
-    """Whether :func:`sparse_bwd` takes a sparse front end's backward: bf16/fp16, head dim 64 or 128, ``(B, S, H,
-    D)`` tensors of one length S, a multiple of 128, one query head per K/V head (a GQA group's heads have tile
-    ranges of their own), no softcap, B * H * S < 2**31. Any strides: the tensors are gathered into slot order."""
-    if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype) or q.dim() != 4:
-        return False
-    b, s, h, d = q.shape
-    return (softcap == 0 and d in (64, 128) and q.shape == k.shape == v.shape and s % BLOCK_KEYS == 0
-            and b * h * s < 2**31 and sparse.q_pos.shape == sparse.k_pos.shape == (b, h, s))
-
-
 def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                lse: torch.Tensor, softmax_scale: float, sparse: SparseMeta, dlse: Optional[torch.Tensor] = None,
                **config) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A sparse front end's ``(dq, dk, dv)`` (:func:`sparse_applies`) on the dense kernels: the tensors gathered
+    """A sparse front end's ``(dq, dk, dv)`` (``hopper.sparse_applies``) on the dense kernels: the tensors gathered
     into slot order (``sparse.q_rows`` / ``k_rows``; without them they are in slot order already), each program's
     tiles from ``sparse_ranges.tile_ranges``, the tiles that cross the pattern masked by the slots' positions and
     buckets, the gradients scattered back to their rows. A query slot past its head's kept count gets an LSE of
