@@ -343,3 +343,31 @@ def test_sparse_slot_order_call_and_gqa(seed, monkeypatch):
     monkeypatch.setattr(hopper, "sparse_fwd", lambda *a, **kw: calls.append(1))
     run_sparse("hash", 1, 256, 256, 4, 2, 64, torch.bfloat16, "cuda", True, seed)
     assert not calls
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+def test_sparse_dropped_tokens_never_reach_kept_rows(seed, monkeypatch):
+    """On the Gluon kernels, inf / NaN in dropped tokens' q, k, v and dout change nothing (their slots are copied
+    as zeros, ``sparse_ranges.slot_copy``): bitwise the output, LSE and gradients of the same call with finite
+    values there, as on the portable kernels, which never load those rows."""
+    monkeypatch.setenv(hopper_bwd.SPARSE_ENV, "1")
+    monkeypatch.setenv(hopper.SPARSE_ENV, "1")
+    b, s, h, d = 1, 512, 2, 64
+    q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    qa, ka = (torch.rand(b, s, h, device="cuda") > 0.5 for _ in range(2))
+    res = []
+    for poison in (False, True):
+        ins = [t.clone() for t in (q, k, v, do)]
+        if poison:
+            for t, keep, bad in zip(ins, (qa, ka, ka, qa), (float("nan"), float("inf"), float("nan"), float("nan"))):
+                t[~keep] = bad
+        leaves = [t.requires_grad_() for t in ins[:3]]
+        out, lse, _ = flashring.qk_sparse_attn_func(*leaves, qa, ka, causal=True, return_attn_probs=True)
+        out.backward(ins[3])
+        res.append((out, lse, *(t.grad for t in leaves)))
+    for name, a, w in zip(("out", "lse", "dq", "dk", "dv"), *res):
+        keep = qa if name in ("out", "dq") else ka
+        if name == "lse":
+            keep = qa.transpose(1, 2)
+        assert torch.equal(a[keep], w[keep]), name

@@ -49,7 +49,7 @@ import torch
 
 from .flash import EMPTY_LSE_C, NO_KEY_C
 from .launch import Launcher, sm_count
-from .sparse_ranges import SparseMeta, gather_rows, scatter_rows, tile_ranges
+from .sparse_ranges import SparseMeta, scatter_rows, slot_copy, tile_ranges
 
 try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
     from triton.experimental import gluon
@@ -559,7 +559,8 @@ SPARSE_ENV = "FLASHRING_HOPPER_SPARSE_FWD"
 
 def sparse_wanted() -> bool:
     """``FLASHRING_HOPPER_SPARSE_FWD=1`` sends the sparse front ends' forward to this kernel (:func:`sparse_fwd`;
-    opt-in until timed against the portable row-table kernel)."""
+    opt-in until timed against the portable row-table kernel), where the dense forward is on (:func:`enabled`:
+    ``FLASHRING_HOPPER_FWD=0`` turns both off)."""
     return os.environ.get(SPARSE_ENV, "0") == "1"
 
 
@@ -567,26 +568,29 @@ def sparse_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse: Sp
     """Whether the Gluon kernels take a sparse front end's call (:func:`sparse_fwd`, ``hopper_bwd.sparse_bwd``):
     bf16/fp16, head dim 64 or 128, ``(B, S, H, D)`` tensors of one length S, a multiple of 128, one query head per
     K/V head (a GQA group's heads have tile ranges of their own), no softcap, B * H * S < 2**31. Any strides: the
-    tensors are gathered into slot order."""
+    tensors are gathered into slot order; the side tensors contiguous, as the front ends make them (anything else
+    goes to the portable kernels, whose checks name it)."""
     if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype) or q.dim() != 4:
         return False
     b, s, h, d = q.shape
+    side = [t for t in (sparse.q_pos, sparse.k_pos, sparse.q_bkt, sparse.k_bkt, sparse.q_rows, sparse.k_rows)
+            if t is not None]
     return (softcap == 0 and d in (64, 128) and q.shape == k.shape == v.shape and s % BLOCK_M == 0
-            and b * h * s < 2**31 and sparse.q_pos.shape == sparse.k_pos.shape == (b, h, s))
+            and b * h * s < 2**31 and all(t.shape == (b, h, s) and t.is_contiguous() for t in side)
+            and all(t.shape == (b, h) and t.is_contiguous() for t in (sparse.q_len, sparse.k_len)))
 
 
 def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, sparse: SparseMeta,
                **config) -> Tuple[torch.Tensor, torch.Tensor]:
     """A sparse front end's ``(out, lse)`` (:func:`sparse_applies`) on this kernel: q / k / v gathered into slot
-    order (``sparse.q_rows`` / ``k_rows``; without them they are in slot order already), each tile's key range
+    order (``sparse.q_rows`` / ``k_rows``; without them they are in slot order already; padding slots zero:
+    ``sparse_ranges.slot_copy``), each tile's key range
     from ``sparse_ranges.tile_ranges``, the tiles across the pattern masked by position and bucket, out and lse
     scattered back to their rows (a dropped row: out 0, the empty-row LSE). ``config``: :func:`launch_args`'
     keywords."""
     rows = sparse.q_rows is not None
-    if rows:
-        q = gather_rows(q, sparse.q_rows)
-        k, v = gather_rows(k, sparse.k_rows), gather_rows(v, sparse.k_rows)
-    q, k, v = aligned(q), aligned(k), aligned(v)
+    q = slot_copy(q, sparse.q_rows, sparse.q_len)
+    k, v = slot_copy(k, sparse.k_rows, sparse.k_len), slot_copy(v, sparse.k_rows, sparse.k_len)
     b, s, h, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)

@@ -74,7 +74,7 @@ import torch
 
 from . import flash, hopper
 from .launch import Launcher, cdiv
-from .sparse_ranges import SparseMeta, gather_rows, scatter_rows, tile_ranges
+from .sparse_ranges import SparseMeta, gather_rows, scatter_rows, slot_copy, tile_ranges
 
 try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
     from triton.experimental import gluon
@@ -664,18 +664,19 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                lse: torch.Tensor, softmax_scale: float, sparse: SparseMeta, dlse: Optional[torch.Tensor] = None,
                **config) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A sparse front end's ``(dq, dk, dv)`` (``hopper.sparse_applies``) on the dense kernels: the tensors gathered
-    into slot order (``sparse.q_rows`` / ``k_rows``; without them they are in slot order already), each program's
-    tiles from ``sparse_ranges.tile_ranges``, the tiles that cross the pattern masked by the slots' positions and
-    buckets, the gradients scattered back to their rows. A query slot past its head's kept count gets an LSE of
-    +inf and a delta of 0 (its P is 0, so it adds nothing and its dQ is 0); key slots past the count get zero dK /
-    dV in the kernel. ``config``: :func:`launch_args`' keywords (benchmarks)."""
+    into slot order (``sparse.q_rows`` / ``k_rows``; without them they are in slot order already; padding slots
+    zero: ``sparse_ranges.slot_copy``), each program's tiles from ``sparse_ranges.tile_ranges``, the tiles that
+    cross the pattern masked by the slots' positions and buckets, the gradients scattered back to their rows. A
+    query slot past its head's kept count gets an LSE of +inf and a delta of 0 (its P is 0, so it adds nothing and
+    its dQ is 0); key slots past the count get zero dK / dV in the kernel. ``config``: :func:`launch_args`'
+    keywords (benchmarks)."""
     b, s, h, d = q.shape
     delta = _delta(hopper.aligned(out), hopper.aligned(do), lse.contiguous(), dlse)       # per row: any order
     rows = sparse.q_rows is not None
     if rows:
-        q, do, lse, delta = (gather_rows(t, sparse.q_rows) for t in (q, do, lse, delta))
-        k, v = (gather_rows(t, sparse.k_rows) for t in (k, v))
-    q, k, v, do = (hopper.aligned(t) for t in (q, k, v, do))
+        lse, delta = gather_rows(lse, sparse.q_rows), gather_rows(delta, sparse.q_rows)
+    q, do = (slot_copy(t, sparse.q_rows, sparse.q_len) for t in (q, do))
+    k, v = (slot_copy(t, sparse.k_rows, sparse.k_len) for t in (k, v))
     kept = torch.arange(s, device=q.device, dtype=torch.int32) < sparse.q_len.unsqueeze(-1)
     lse = torch.where(kept, lse, float("inf"))
     delta = torch.where(kept, delta, 0.0)

@@ -49,15 +49,23 @@ class SparseMeta(NamedTuple):
 
 
 @triton.jit
-def _permute_rows_kernel(X, Y, Rows, S, H, x_sb, x_ss, x_sh, y_sb, y_ss, y_sh, HEAD_DIM: tl.constexpr,
-                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, SCATTER: tl.constexpr):
+def _permute_rows_kernel(X, Y, Rows, Lens, S, H, x_sb, x_ss, x_sh, y_sb, y_ss, y_sh, HEAD_DIM: tl.constexpr,
+                         BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, SCATTER: tl.constexpr, ROWS: tl.constexpr,
+                         LENS: tl.constexpr):
     """Program (i, h, b) moves slots [i*BLOCK_S, (i+1)*BLOCK_S) of (batch b, head h): gather ``y[b, s, h] = x[b,
-    rows[s], h]``, SCATTER ``y[b, rows[s], h] = x[b, s, h]``; rows of HEAD_DIM contiguous elements."""
+    rows[s], h]`` (not ROWS: ``x[b, s, h]``), SCATTER ``y[b, rows[s], h] = x[b, s, h]``; rows of HEAD_DIM contiguous
+    elements. LENS (gather): the slots at or past ``lens[b, h]`` are written as zeros, not read."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     slots = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     ok = slots < S
-    rows = tl.load(Rows + (b * H + h) * S + slots, mask=ok, other=0)
+    if ROWS:
+        rows = tl.load(Rows + (b * H + h) * S + slots, mask=ok, other=0)
+    else:
+        rows = slots
+    keep = ok
+    if LENS:
+        keep = ok & (slots < tl.load(Lens + b * H + h))
     if SCATTER:
         src = slots.to(tl.int64)
         dst = rows.to(tl.int64)
@@ -65,9 +73,10 @@ def _permute_rows_kernel(X, Y, Rows, S, H, x_sb, x_ss, x_sh, y_sb, y_ss, y_sh, H
         src = rows.to(tl.int64)
         dst = slots.to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    m = ok[:, None] & (cols < HEAD_DIM)[None, :]
-    x = tl.load(X + b * x_sb + h * x_sh + src[:, None] * x_ss + cols[None, :], mask=m)
-    tl.store(Y + b * y_sb + h * y_sh + dst[:, None] * y_ss + cols[None, :], x, mask=m)
+    cols_ok = (cols < HEAD_DIM)[None, :]
+    x = tl.load(X + b * x_sb + h * x_sh + src[:, None] * x_ss + cols[None, :], mask=keep[:, None] & cols_ok,
+                other=0.0)
+    tl.store(Y + b * y_sb + h * y_sh + dst[:, None] * y_ss + cols[None, :], x, mask=ok[:, None] & cols_ok)
 
 
 LAUNCH_PERMUTE_ROWS = Launcher(_permute_rows_kernel)
@@ -76,16 +85,31 @@ LAUNCH_PERMUTE_ROWS = Launcher(_permute_rows_kernel)
 PERMUTE = "triton"
 
 
-def _permute(x: torch.Tensor, rows: torch.Tensor, scatter: bool) -> torch.Tensor:
+def _permute(x: torch.Tensor, rows: Optional[torch.Tensor], scatter: bool,
+             lens: Optional[torch.Tensor] = None) -> torch.Tensor:
     b, s, h, d = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty((b, s, h, d), dtype=x.dtype, device=x.device)
     block_s = 64
     LAUNCH_PERMUTE_ROWS[(cdiv(s, block_s), h, b)](
-        x, y, rows, s, h, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-        HEAD_DIM=d, BLOCK_S=block_s, BLOCK_D=max(16, next_power_of_2(d)), SCATTER=scatter, num_warps=4)
+        x, y, x if rows is None else rows, x if lens is None else lens, s, h, x.stride(0), x.stride(1), x.stride(2),
+        y.stride(0), y.stride(1), y.stride(2), HEAD_DIM=d, BLOCK_S=block_s, BLOCK_D=max(16, next_power_of_2(d)),
+        SCATTER=scatter, ROWS=rows is not None, LENS=lens is not None, num_warps=4)
     return y
+
+
+def slot_copy(x: torch.Tensor, rows: Optional[torch.Tensor], lens: torch.Tensor,
+              kernel: Optional[bool] = None) -> torch.Tensor:
+    """``x`` ``(B, S, H, D)`` in slot order (:func:`gather_rows`; ``rows`` None: x is in slot order already), with
+    the slots at or past ``lens`` ``(B, H)`` (padding: dropped tokens' rows) zero. What the Gluon kernels read: a
+    masked pair's zero weight times an inf / NaN in a dropped row would otherwise reach the kept rows of its tile
+    (the portable kernels never load those rows). ``kernel``: as :func:`gather_rows`."""
+    if kernel or (kernel is None and x.is_cuda):
+        return _permute(x, rows, scatter=False, lens=lens)
+    y = x if rows is None else gather_rows(x, rows, kernel=False)
+    pad = torch.arange(x.shape[1], device=x.device) >= lens.unsqueeze(-1)          # (B, H, S)
+    return y.masked_fill(pad.transpose(1, 2).unsqueeze(-1), 0)
 
 
 def gather_rows(x: torch.Tensor, rows: torch.Tensor, kernel: Optional[bool] = None) -> torch.Tensor:
