@@ -252,8 +252,12 @@ def test_sparse_calls_take_only_what_they_can():
     b, s, h, d = 1, 256, 2, 64
     q = torch.empty(b, s, h, d, dtype=torch.bfloat16)
     pos = torch.zeros(b, h, s, dtype=torch.int32)
-    meta = SparseMeta(pos, pos, pos[..., 0], pos[..., 0], None, None, True)
+    lens = torch.full((b, h), s, dtype=torch.int32)
+    meta = SparseMeta(pos, pos, lens, lens, None, None, True)
     assert hopper.sparse_applies(q, q, q, meta, 0.0)
+    assert not hopper.sparse_applies(q, q, q, meta._replace(q_len=pos[..., 0]), 0.0)     # a strided view
+    assert not hopper.sparse_applies(q, q, q, meta._replace(q_pos=pos.transpose(1, 2).contiguous().transpose(1, 2)),
+                                     0.0)
     assert hopper.sparse_applies(q.transpose(1, 2).contiguous().transpose(1, 2), q, q, meta, 0.0)
     assert not hopper.sparse_applies(q, q, q, meta, 20.0)
     assert not hopper.sparse_applies(q.float(), q.float(), q.float(), meta, 0.0)
