@@ -169,14 +169,15 @@ def test_atomic_dq_exchange_matches_reference(d, causal, group, seed):
 def test_dq_hold_matches_reference_and_default(mode, d, mask, seed):
     """``dq_hold``: the wait for dP in the kernel that computes dQ (the dQ kernel; with the atomic dQ, the dK/dV
     kernel) behind a predicated wait on the step's row sums of P (the exponentials stay ahead of it in the SASS).
-    The same gradients as the reference, and bitwise the default's (only the instruction order moves; the atomic
-    dQ's fp32 sums arrive in any order, so its dq only within the rule); GQA."""
+    The same gradients as the reference, and bitwise those without it (only the instruction order moves; the
+    atomic dQ's fp32 sums arrive in any order, so its dq only within the rule); GQA. On by default for the
+    separate dQ at D=128 (``hopper_bwd.DQ_HOLD_D``)."""
     q, k, v, dout = _inputs(d, torch.bfloat16, s=512)
     upper = {"none": None, "causal": 0, "strict": -1}[mask]
     out, lse = (t.detach() for t in flash.fwd(q.detach(), k.detach(), v.detach(), d ** -0.5, upper=upper))
     args = (dout, q.detach(), k.detach(), v.detach(), out, lse, d ** -0.5, mask != "none")
     held = hopper_bwd.bwd(*args, strict=mask == "strict", dq_mode=mode, dq_hold=True)
-    default = hopper_bwd.bwd(*args, strict=mask == "strict", dq_mode=mode)
+    default = hopper_bwd.bwd(*args, strict=mask == "strict", dq_mode=mode, dq_hold=False)
     want = {}
     for name, dt in (("ref", torch.float64), ("low", None)):
         leaves = [t.detach().to(dt or t.dtype).requires_grad_() for t in (q, k, v)]

@@ -468,19 +468,25 @@ def test_gather_and_scatter_rows_kernel(shape, device, seed):
 @pytest.mark.parametrize("rows", [True, False])
 def test_slot_copy_zeroes_the_padding(rows, device, seed):
     """``sparse_ranges.slot_copy`` (what the Gluon kernels read): slot order with the slots past each head's count
-    zero, never read (an inf / NaN there stays out), by the Triton launch and the torch path alike."""
-    from flashring.ops.sparse_ranges import gather_rows, slot_copy
-    b, s, h, d = 2, 70, 3, 16
+    zero up to the next tile (``SLOT_PAD_TO``), never read (an inf / NaN there stays out), by the Triton launch and
+    the torch path alike; ``slot_return`` puts results back with the padding slots' rows zero, unread."""
+    from flashring.ops.sparse_ranges import SLOT_PAD_TO, gather_rows, scatter_rows, slot_copy, slot_return
+    b, s, h, d = 2, 300, 3, 16
     x = torch.randn(b, s, h, d, device=device)
     perm = torch.rand(b, h, s, device=device).argsort(-1) if rows else None
     lens = torch.randint(0, s + 1, (b, h), device=device, dtype=torch.int32)
-    lens[0, 0] = 0
+    lens[0, 0], lens[-1, -1] = 0, 129
     src = x if perm is None else gather_rows(x, perm, kernel=False)
-    pad = (torch.arange(s, device=device) >= lens.unsqueeze(-1)).transpose(1, 2)      # (B, S, H)
+    slot = torch.arange(s, device=device)
+    pad = (slot >= lens.unsqueeze(-1)).transpose(1, 2)                                  # (B, S, H)
+    written = (slot < (lens.unsqueeze(-1) + SLOT_PAD_TO - 1) // SLOT_PAD_TO * SLOT_PAD_TO).transpose(1, 2)
     x_bad = x.clone()
     if perm is None:
         x_bad[pad] = float("nan")
     want = src.masked_fill(pad.unsqueeze(-1), 0)
     for kernel in (True, False):
         got = slot_copy(x_bad if perm is None else x, perm, lens, kernel=kernel)
-        assert torch.equal(got, want), kernel
+        assert torch.equal(got[written], want[written]), kernel
+    if perm is not None:
+        back = slot_return(src.masked_fill(pad.unsqueeze(-1), float("nan")), perm, lens)
+        assert torch.equal(back, scatter_rows(want, perm, kernel=False))

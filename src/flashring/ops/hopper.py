@@ -49,7 +49,7 @@ import torch
 
 from .flash import EMPTY_LSE_C, NO_KEY_C
 from .launch import Launcher, sm_count
-from .sparse_ranges import SparseMeta, scatter_rows, slot_copy, tile_ranges
+from .sparse_ranges import SparseMeta, scatter_rows, slot_copy, slot_return, tile_ranges
 
 try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
     from triton.experimental import gluon
@@ -597,7 +597,7 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale:
     grid, args = launch_args(q, k, v, softmax_scale, False, out, lse, sparse=sparse, **config)
     LAUNCH[grid](*args, num_warps=4)
     if rows:
-        return scatter_rows(out, sparse.q_rows), scatter_rows(lse, sparse.q_rows)
+        return slot_return(out, sparse.q_rows, sparse.q_len), scatter_rows(lse, sparse.q_rows)
     return out, lse
 
 

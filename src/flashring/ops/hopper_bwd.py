@@ -74,7 +74,7 @@ import torch
 
 from . import flash, hopper
 from .launch import Launcher, cdiv
-from .sparse_ranges import SparseMeta, gather_rows, scatter_rows, slot_copy, tile_ranges
+from .sparse_ranges import SparseMeta, gather_rows, slot_copy, slot_return, tile_ranges
 
 try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
     from triton.experimental import gluon
@@ -95,6 +95,11 @@ BLOCK_Q_D64 = 128       # at D=64 with the separate dQ kernel: the backward 1.11
 DQ_BLOCK_M = 128        # dQ program: two warpgroups x 64 query rows
 DQ_BLOCK_N = 128        # dQ step: keys per K / V tile (64 also compiles spill-free: 131,376 B of smem)
 NUM_STAGES = 2          # 132 KB of shared memory for dK/dV at D=128: 3 stages would fit (~164 KB), not timed
+# Head dims whose separate dQ kernel holds the wait for dP behind the tile's exponentials (launch_args' dq_hold).
+# H100, session 15 (gluon_bwd.py, 16k tokens, N 1k-16k, causal and not; h100-gluon-bwd-hold-20261207-14f49e0.jsonl):
+# D=128 backward 0.98-1.07x (7 of 8 points faster, mean +1.3%), D=64 0.96-1.03x (7 of 8 slower, mean -3%); with
+# the atomic dQ 0.84-1.03x, slower everywhere at D=128.
+DQ_HOLD_D = (128,)
 LOG2E = 1.4426950408889634
 
 
@@ -567,18 +572,21 @@ def _desc(t: torch.Tensor, rows: int, cols: int, box):
 
 def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
                 delta: torch.Tensor, softmax_scale: float, causal: bool, dq: torch.Tensor, dk: torch.Tensor,
-                dv: torch.Tensor, atomic: bool, block_q: int = 0, strict: bool = False, dq_hold: bool = False,
-                sparse: Optional[SparseMeta] = None):
+                dv: torch.Tensor, atomic: bool, block_q: int = 0, strict: bool = False,
+                dq_hold: Optional[bool] = None, sparse: Optional[SparseMeta] = None):
     """``[(kernel, grid, args), ...]`` of one backward (each launched as ``kernel[grid](*args, num_warps=4)``):
     the dK/dV kernel, then (not ``atomic``) the dQ kernel. ``dq``: the fp32 accumulator when ``atomic``. Split
     out so that a machine without a GPU can compile the kernels (tests, ``compile_probe.py --hopper-bwd``).
     ``block_q``: query rows per dK/dV step (default :data:`BLOCK_Q_D64` at D=64 without ``atomic``, else
     :data:`BLOCK_Q`). ``strict`` (with ``causal``): keys j < i (:data:`hopper.STRICT_CAUSAL`). ``dq_hold``: the kernel
     that computes dQ (the dQ kernel, or with ``atomic`` the dK/dV kernel) waits for dP behind a predicated wait that
-    reads all of the step's exponentials (opt-in until timed). ``sparse``: the tensors are in slot order
-    (:func:`sparse_bwd`), ``causal`` False, ``atomic`` False, one query head per K/V head."""
+    reads all of the step's exponentials (default: the separate dQ kernel at the head dims of :data:`DQ_HOLD_D`).
+    ``sparse``: the tensors are in slot order (:func:`sparse_bwd`), ``causal`` False, ``atomic`` False, one query
+    head per K/V head."""
     b, s, h, d = q.shape
     hk = k.shape[2]
+    if dq_hold is None:
+        dq_hold = d in DQ_HOLD_D and not atomic
     half = [BLOCK_KEYS // 2, d]
     # sparse: 64 rows (at D=64, 128 spill 128-136 B in the hash-sparse dK/dV kernel: the masked tiles' query
     # positions and buckets, 32 registers each; and smaller tiles cut across the pattern less)
@@ -672,8 +680,7 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     keywords (benchmarks)."""
     b, s, h, d = q.shape
     delta = _delta(hopper.aligned(out), hopper.aligned(do), lse.contiguous(), dlse)       # per row: any order
-    rows = sparse.q_rows is not None
-    if rows:
+    if sparse.q_rows is not None:
         lse, delta = gather_rows(lse, sparse.q_rows), gather_rows(delta, sparse.q_rows)
     q, do = (slot_copy(t, sparse.q_rows, sparse.q_len) for t in (q, do))
     k, v = (slot_copy(t, sparse.k_rows, sparse.k_len) for t in (k, v))
@@ -684,9 +691,8 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     for kernel, grid, args in launch_args(do, q, k, v, lse, delta, softmax_scale, False, dq, dk, dv, False,
                                           sparse=sparse, **config):
         LAUNCH[kernel][grid](*args, num_warps=4)
-    if rows:
-        return scatter_rows(dq, sparse.q_rows), scatter_rows(dk, sparse.k_rows), scatter_rows(dv, sparse.k_rows)
-    return dq, dk, dv
+    return (slot_return(dq, sparse.q_rows, sparse.q_len), slot_return(dk, sparse.k_rows, sparse.k_len),
+            slot_return(dv, sparse.k_rows, sparse.k_len))
 
 
 # Triton's generic launch path costs ~50 us of host time per call on the GPU machines (ops/launch.py), as much as a

@@ -51,10 +51,12 @@ class SparseMeta(NamedTuple):
 @triton.jit
 def _permute_rows_kernel(X, Y, Rows, Lens, S, H, x_sb, x_ss, x_sh, y_sb, y_ss, y_sh, HEAD_DIM: tl.constexpr,
                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, SCATTER: tl.constexpr, ROWS: tl.constexpr,
-                         LENS: tl.constexpr):
+                         LENS: tl.constexpr, PAD_TO: tl.constexpr):
     """Program (i, h, b) moves slots [i*BLOCK_S, (i+1)*BLOCK_S) of (batch b, head h): gather ``y[b, s, h] = x[b,
     rows[s], h]`` (not ROWS: ``x[b, s, h]``), SCATTER ``y[b, rows[s], h] = x[b, s, h]``; rows of HEAD_DIM contiguous
-    elements. LENS (gather): the slots at or past ``lens[b, h]`` are written as zeros, not read."""
+    elements. LENS: the slots at or past ``lens[b, h]`` (padding) are not read; gathering, they are written as
+    zeros up to the next multiple of PAD_TO (the Gluon kernels' tile: what they may load) and not at all past it;
+    scattering, their rows get zeros."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     slots = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -64,8 +66,12 @@ def _permute_rows_kernel(X, Y, Rows, Lens, S, H, x_sb, x_ss, x_sh, y_sb, y_ss, y
     else:
         rows = slots
     keep = ok
+    put = ok
     if LENS:
-        keep = ok & (slots < tl.load(Lens + b * H + h))
+        n = tl.load(Lens + b * H + h)
+        keep = ok & (slots < n)
+        if not SCATTER:
+            put = ok & (slots < (n + PAD_TO - 1) // PAD_TO * PAD_TO)
     if SCATTER:
         src = slots.to(tl.int64)
         dst = rows.to(tl.int64)
@@ -76,13 +82,14 @@ def _permute_rows_kernel(X, Y, Rows, Lens, S, H, x_sb, x_ss, x_sh, y_sb, y_ss, y
     cols_ok = (cols < HEAD_DIM)[None, :]
     x = tl.load(X + b * x_sb + h * x_sh + src[:, None] * x_ss + cols[None, :], mask=keep[:, None] & cols_ok,
                 other=0.0)
-    tl.store(Y + b * y_sb + h * y_sh + dst[:, None] * y_ss + cols[None, :], x, mask=ok[:, None] & cols_ok)
+    tl.store(Y + b * y_sb + h * y_sh + dst[:, None] * y_ss + cols[None, :], x, mask=put[:, None] & cols_ok)
 
 
 LAUNCH_PERMUTE_ROWS = Launcher(_permute_rows_kernel)
 # gather_rows / scatter_rows on CUDA (B, S, H, D) tensors: one Triton launch that moves whole rows ("triton"),
 # or torch's gather / scatter_ with an index expanded over D ("torch"; benchmarks/sparse_tiles.py times both)
 PERMUTE = "triton"
+SLOT_PAD_TO = 128       # slot_copy: padding slots past the next multiple of this are left unwritten (never loaded)
 
 
 def _permute(x: torch.Tensor, rows: Optional[torch.Tensor], scatter: bool,
@@ -95,21 +102,31 @@ def _permute(x: torch.Tensor, rows: Optional[torch.Tensor], scatter: bool,
     LAUNCH_PERMUTE_ROWS[(cdiv(s, block_s), h, b)](
         x, y, x if rows is None else rows, x if lens is None else lens, s, h, x.stride(0), x.stride(1), x.stride(2),
         y.stride(0), y.stride(1), y.stride(2), HEAD_DIM=d, BLOCK_S=block_s, BLOCK_D=max(16, next_power_of_2(d)),
-        SCATTER=scatter, ROWS=rows is not None, LENS=lens is not None, num_warps=4)
+        SCATTER=scatter, ROWS=rows is not None, LENS=lens is not None, PAD_TO=SLOT_PAD_TO, num_warps=4)
     return y
 
 
 def slot_copy(x: torch.Tensor, rows: Optional[torch.Tensor], lens: torch.Tensor,
               kernel: Optional[bool] = None) -> torch.Tensor:
     """``x`` ``(B, S, H, D)`` in slot order (:func:`gather_rows`; ``rows`` None: x is in slot order already), with
-    the slots at or past ``lens`` ``(B, H)`` (padding: dropped tokens' rows) zero. What the Gluon kernels read: a
-    masked pair's zero weight times an inf / NaN in a dropped row would otherwise reach the kept rows of its tile
-    (the portable kernels never load those rows). ``kernel``: as :func:`gather_rows`."""
+    the slots at or past ``lens`` ``(B, H)`` (padding: dropped tokens' rows) zero up to the next multiple of
+    :data:`SLOT_PAD_TO` and unspecified past it, where no Gluon tile reaches (fewer bytes written when most tokens
+    are dropped). Zeros, because a masked pair's zero weight times an inf / NaN in a dropped row would otherwise
+    reach the kept rows of its tile (the portable kernels never load those rows). ``kernel``: as
+    :func:`gather_rows`."""
     if kernel or (kernel is None and x.is_cuda):
         return _permute(x, rows, scatter=False, lens=lens)
     y = x if rows is None else gather_rows(x, rows, kernel=False)
     pad = torch.arange(x.shape[1], device=x.device) >= lens.unsqueeze(-1)          # (B, H, S)
     return y.masked_fill(pad.transpose(1, 2).unsqueeze(-1), 0)
+
+
+def slot_return(x: torch.Tensor, rows: Optional[torch.Tensor], lens: torch.Tensor) -> torch.Tensor:
+    """A Gluon kernel's slot-order result back in row order (:func:`scatter_rows`), the padding slots' rows zero
+    without reading them (dropped tokens: out 0, gradients 0). CUDA only; ``rows`` None: x as it is."""
+    if rows is None:
+        return x
+    return _permute(x, rows, scatter=True, lens=lens)
 
 
 def gather_rows(x: torch.Tensor, rows: torch.Tensor, kernel: Optional[bool] = None) -> torch.Tensor:
