@@ -270,7 +270,8 @@ def probe_meta(args):
     pos = torch.arange(args.seqlen, dtype=torch.int32).expand(1, 2, args.seqlen).contiguous()
     lens = torch.full((1, 2), args.seqlen, dtype=torch.int32)
     bkt = pos if args.sparse == "hash" else None
-    return sparse_ranges.SparseMeta(pos, pos, lens, lens, bkt, bkt, True)
+    rows = pos.long()                                   # row tables (the front ends' form)
+    return sparse_ranges.SparseMeta(pos, pos, lens, lens, bkt, bkt, True, rows, rows)
 
 
 def hopper_bwd_usage(args) -> int:
@@ -286,7 +287,7 @@ def hopper_bwd_usage(args) -> int:
         q = torch.empty(1, args.seqlen, 4, d, dtype=torch.bfloat16)
         k = torch.empty(1, args.seqlen, 2, d, dtype=torch.bfloat16)
         lse = torch.empty(1, 4, args.seqlen)
-        for causal in (False, True):
+        for causal in (False, True) if "rows_out" not in args.variant else ():      # rows_out: sparse only
             for mode in hopper_bwd.DQ_MODES:
                 atomic = mode == "atomic"
                 dq = torch.empty(q.shape, dtype=torch.float32) if atomic else torch.empty_like(q)

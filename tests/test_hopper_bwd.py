@@ -101,7 +101,7 @@ def test_dkdv_query_block_rows():
         dq = torch.empty(q.shape, dtype=torch.float32) if atomic else torch.empty_like(q)
         launches = hopper_bwd.launch_args(q, q, k, k, lse, lse, 0.1, True, dq, torch.empty_like(k),
                                           torch.empty_like(k), atomic, **kw)
-        return launches[0][2][-10]                      # the dK/dV kernel's BLOCK_Q
+        return launches[0][2][-11]                      # the dK/dV kernel's BLOCK_Q
     assert rows(64) == hopper_bwd.BLOCK_Q_D64 == 128 and rows(128) == rows(64, atomic=True) == hopper_bwd.BLOCK_Q == 64
     assert rows(64, block_q=64) == 64 and rows(128, block_q=128) == 128
     for bad in (dict(block_q=256), dict(block_q=32), dict(s=320, block_q=128), dict(atomic=True, block_q=128)):
@@ -376,3 +376,27 @@ def test_sparse_dropped_tokens_never_reach_kept_rows(seed, monkeypatch):
         if name == "lse":
             keep = qa.transpose(1, 2)
         assert torch.equal(a[keep], w[keep]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+@pytest.mark.parametrize("kind", ["qk", "hash"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_sparse_gradients_straight_to_their_rows(kind, d, seed, monkeypatch):
+    """``hopper_bwd.SPARSE_ROWS_OUT``: the kernels write each slot's dq / dk / dv straight to its row instead of in
+    slot order followed by the copies back: bitwise the same gradients (the same arithmetic, another store), and
+    zeros for the dropped tokens."""
+    from test_sparse import _front_end
+    monkeypatch.setenv(hopper_bwd.SPARSE_ENV, "1")
+    b, s, h = 2, 384, 2
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    fn, side = _front_end(kind, (b, s, h), "cuda", drop=(0.5, 0.5), buckets=4)
+    grads = []
+    for rows_out in (False, True):
+        monkeypatch.setattr(hopper_bwd, "SPARSE_ROWS_OUT", rows_out)
+        grads.append(torch.autograd.grad(fn(q, k, v, *side, causal=True), (q, k, v), dout))
+    for name, a, w in zip(("dq", "dk", "dv"), *grads):
+        assert torch.isfinite(a).all() and torch.equal(a, w), name
+    if kind == "qk":
+        assert (grads[1][0][~side[0]] == 0).all() and (grads[1][1][~side[1]] == 0).all()

@@ -166,12 +166,26 @@ if AVAILABLE:
         gl.atomic_add(dq_tile + offs, dq, sem="relaxed")      # scaled in the cast
 
     @gluon.jit
+    def _store_rows(x, out, rows, slot0, row_stride, NUM_WARPS: gl.constexpr):
+        """A slot-order result tile ``x`` (``[M, D]``, cast) written straight to its rows: slot ``slot0 + i`` to
+        ``out + rows[slot0 + i] * row_stride`` (ROWS_OUT: no scatter pass after the kernel). ``out`` and ``rows`` are
+        at the (batch, head)'s row 0 and table; 16-byte stores."""
+        M: gl.constexpr = x.shape[0]
+        D: gl.constexpr = x.shape[1]
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
+        y = gl.convert_layout(x, layout)
+        r = gl.load(rows + slot0 + gl.arange(0, M, gl.SliceLayout(1, layout)))
+        cols = gl.arange(0, D, gl.SliceLayout(0, layout))
+        gl.store(out + (r * row_stride)[:, None] + cols[None, :], y)
+
+    @gluon.jit
     def _dkdv_consumer(WG: gl.constexpr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar,
                        q_ready, do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale, dq_row,
-                       N_CTX, GROUP, j_lo, n_q, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo, mid_hi,
-                       BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
+                       N_CTX, GROUP, j_lo, n_q, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo, mid_hi, dk_out, dv_out,
+                       out_rows, out_stride, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
                        NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr, STRICT: gl.constexpr,
-                       HOLD: gl.constexpr, SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr, HASH: gl.constexpr):
+                       HOLD: gl.constexpr, SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr, HASH: gl.constexpr,
+                       ROWS_OUT: gl.constexpr):
         """One consumer warpgroup: 64 keys' dK and dV (and, ATOMIC_DQ, dQ: ``dq_ptr`` at this program's (batch,
         first query head), ``dq_row`` elements per query row). Few live scalars (ids are read again, not passed):
         at D=128 the atomic variant sits at the 240-register edge.
@@ -185,7 +199,9 @@ if AVAILABLE:
 
         SPARSE (:func:`sparse_bwd`; GROUP 1, not ATOMIC_DQ): ``q_pos`` ... ``k_n`` = the (batch, head)'s side
         tensors and kept counts (:func:`hopper.sparse_side`); query tiles outside ``[mid_lo, mid_hi)`` are masked by
-        :func:`hopper.sparse_keep`, and the key slots past ``k_n`` (they stand for dropped rows) get zero dK / dV."""
+        :func:`hopper.sparse_keep`, and the key slots past ``k_n`` (they stand for dropped rows) get zero dK / dV.
+        ROWS_OUT (with SPARSE): dK / dV go straight to their rows (:func:`_store_rows` into ``dk_out`` / ``dv_out``
+        through ``out_rows``), not through the slot-order TMA store."""
         WG_N: gl.constexpr = BLOCK_KEYS // 2
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = k_smem.dtype
@@ -279,13 +295,17 @@ if AVAILABLE:
             kept = key_lo + gl.arange(0, WG_N, gl.SliceLayout(1, acc_layout)) < k_n
             dk = gl.where(kept[:, None], dk, 0.0)
             dv = gl.where(kept[:, None], dv, 0.0)
-        k_wg.store((dk * (qk_scale / LOG2E_C)).to(dtype))      # the softmax scale, from a live scalar
-        v_wg.store(dv.to(dtype))
-        fence_async_shared()
-        kv_row = gl.program_id(2) * N_CTX + key_lo
-        tma.async_copy_shared_to_global(desc_dk, [kv_row, gl.program_id(1) * HEAD_DIM], k_wg)
-        tma.async_copy_shared_to_global(desc_dv, [kv_row, gl.program_id(1) * HEAD_DIM], v_wg)
-        tma.store_wait(pendings=0)
+        if ROWS_OUT:
+            _store_rows((dk * (qk_scale / LOG2E_C)).to(dtype), dk_out, out_rows, key_lo, out_stride, NW)
+            _store_rows(dv.to(dtype), dv_out, out_rows, key_lo, out_stride, NW)
+        else:
+            k_wg.store((dk * (qk_scale / LOG2E_C)).to(dtype))      # the softmax scale, from a live scalar
+            v_wg.store(dv.to(dtype))
+            fence_async_shared()
+            kv_row = gl.program_id(2) * N_CTX + key_lo
+            tma.async_copy_shared_to_global(desc_dk, [kv_row, gl.program_id(1) * HEAD_DIM], k_wg)
+            tma.async_copy_shared_to_global(desc_dv, [kv_row, gl.program_id(1) * HEAD_DIM], v_wg)
+            tma.store_wait(pendings=0)
 
     @gluon.jit
     def _dkdv_producer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready,
@@ -318,11 +338,11 @@ if AVAILABLE:
 
     @gluon.jit
     def _bwd_dkdv_hopper(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_dk, desc_dv, dq_ptr, sm_scale,
-                         N_CTX, H, GROUP, ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len,
+                         N_CTX, H, GROUP, ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, dk_out, dv_out, k_rows,
                          BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
                          NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr,
                          STRICT: gl.constexpr, HOLD: gl.constexpr, SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr,
-                         HASH: gl.constexpr):
+                         HASH: gl.constexpr, ROWS_OUT: gl.constexpr):
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
         gl.static_assert(BLOCK_Q % (BLOCK_KEYS // 2) == 0, "whole warpgroups of query rows (launch_args checks "
                          "N_CTX % BLOCK_Q)")
@@ -351,6 +371,10 @@ if AVAILABLE:
             mid_hi = j_lo
             q_n = j_lo
             k_n = j_lo
+        if ROWS_OUT:            # (batch, head) row 0 of the row-order dK / dV and the head's slot -> row table
+            dk_out += (b.to(gl.int64) * N_CTX * H + hk) * HEAD_DIM
+            dv_out += (b.to(gl.int64) * N_CTX * H + hk) * HEAD_DIM
+            k_rows += (b.to(gl.int64) * H + hk) * N_CTX
 
         k_smem = gl.allocate_shared_memory(dtype, [2, WG_N, HEAD_DIM], desc_k.layout)
         v_smem = gl.allocate_shared_memory(dtype, [2, WG_N, HEAD_DIM], desc_v.layout)
@@ -386,13 +410,13 @@ if AVAILABLE:
             (_dkdv_consumer, (0, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
                               do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale,
                               H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo,
-                              mid_hi, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES, CAUSAL, ATOMIC_DQ, STRICT, HOLD,
-                              SPARSE, SP_CAUSAL, HASH)),
+                              mid_hi, dk_out, dv_out, k_rows, H * HEAD_DIM, BLOCK_KEYS, BLOCK_Q, HEAD_DIM,
+                              NUM_STAGES, CAUSAL, ATOMIC_DQ, STRICT, HOLD, SPARSE, SP_CAUSAL, HASH, ROWS_OUT)),
             (_dkdv_consumer, (1, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
                               do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale,
                               H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo,
-                              mid_hi, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES, CAUSAL, ATOMIC_DQ, STRICT, HOLD,
-                              SPARSE, SP_CAUSAL, HASH)),
+                              mid_hi, dk_out, dv_out, k_rows, H * HEAD_DIM, BLOCK_KEYS, BLOCK_Q, HEAD_DIM,
+                              NUM_STAGES, CAUSAL, ATOMIC_DQ, STRICT, HOLD, SPARSE, SP_CAUSAL, HASH, ROWS_OUT)),
             (_dkdv_producer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready,
                               qdo_empty, desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, N_CTX, H, b, hk,
                               GROUP, n0, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES)),
@@ -410,14 +434,15 @@ if AVAILABLE:
     @gluon.jit
     def _dq_consumer(WG: gl.constexpr, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty,
                      desc_dq, lse_ptr, delta_ptr, qk_scale, sm_scale, lse_row, q_row0, q_col, row_lo0, n_lo, n_hi,
-                     q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo, mid_hi, BLOCK_M: gl.constexpr,
-                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                     STRICT: gl.constexpr, HOLD: gl.constexpr, SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr,
-                     HASH: gl.constexpr):
+                     q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo, mid_hi, dq_out, out_rows, out_stride,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                     CAUSAL: gl.constexpr, STRICT: gl.constexpr, HOLD: gl.constexpr, SPARSE: gl.constexpr,
+                     SP_CAUSAL: gl.constexpr, HASH: gl.constexpr, ROWS_OUT: gl.constexpr):
         """One consumer warpgroup of the separate dQ kernel: 64 query rows, key tiles from ``n_lo`` (a multiple of
         BLOCK_N) to ``n_hi``. HOLD: :func:`_wait_after_rows` keeps the tile's exponentials ahead of the wait for dP
         (they run while dP's wgmma does). SPARSE: as the dK/dV consumer's (tiles outside ``[mid_lo, mid_hi)``
-        masked; a query slot past the kept count has an LSE of +inf from :func:`sparse_bwd`, so its dQ is 0)."""
+        masked; a query slot past the kept count has an LSE of +inf from :func:`sparse_bwd`, so its dQ is 0).
+        ROWS_OUT: dQ straight to its rows (:func:`_store_rows`)."""
         WG_M: gl.constexpr = BLOCK_M // 2
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = q_smem.dtype
@@ -465,10 +490,13 @@ if AVAILABLE:
             mbarrier.arrive(kv_empty.index(stage), count=1)
 
         # epilogue: stage through this warpgroup's (now idle) Q buffer, TMA store
-        q.store((dq * sm_scale).to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(desc_dq, [q_row0 + WG * WG_M, q_col], q)
-        tma.store_wait(pendings=0)
+        if ROWS_OUT:
+            _store_rows((dq * sm_scale).to(dtype), dq_out, out_rows, row_lo, out_stride, NW)
+        else:
+            q.store((dq * sm_scale).to(dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(desc_dq, [q_row0 + WG * WG_M, q_col], q)
+            tma.store_wait(pendings=0)
 
     @gluon.jit
     def _wait_after_rows(x):
@@ -496,10 +524,10 @@ if AVAILABLE:
 
     @gluon.jit
     def _bwd_dq_hopper(desc_q, desc_k, desc_v, desc_do, desc_dq, lse_ptr, delta_ptr, sm_scale, N_CTX, H, GROUP,
-                       ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, BLOCK_M: gl.constexpr,
+                       ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, dq_out, q_rows, BLOCK_M: gl.constexpr,
                        BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                        STRICT: gl.constexpr, HOLD: gl.constexpr, SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr,
-                       HASH: gl.constexpr):
+                       HASH: gl.constexpr, ROWS_OUT: gl.constexpr):
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
         WG_M: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = desc_q.dtype
@@ -524,6 +552,9 @@ if AVAILABLE:
             mid_hi = n_lo
             q_n = n_lo
             k_n = n_lo
+        if ROWS_OUT:            # (batch, head) row 0 of the row-order dQ and the head's slot -> row table
+            dq_out += (b.to(gl.int64) * N_CTX * H + h) * HEAD_DIM
+            q_rows += (b.to(gl.int64) * H + h) * N_CTX
 
         q_smem = gl.allocate_shared_memory(dtype, [2, WG_M, HEAD_DIM], desc_q.layout)
         do_smem = gl.allocate_shared_memory(dtype, [2, WG_M, HEAD_DIM], desc_do.layout)
@@ -544,11 +575,13 @@ if AVAILABLE:
             (_dq_consumer, (0, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_dq,
                             lse_ptr, delta_ptr, sm_scale * LOG2E_C, sm_scale, lse_row, q_row0, h * HEAD_DIM,
                             start_m * BLOCK_M, n_lo, n_hi, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo, mid_hi,
-                            BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT, HOLD, SPARSE, SP_CAUSAL, HASH)),
+                            dq_out, q_rows, H * HEAD_DIM, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT,
+                            HOLD, SPARSE, SP_CAUSAL, HASH, ROWS_OUT)),
             (_dq_consumer, (1, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_dq,
                             lse_ptr, delta_ptr, sm_scale * LOG2E_C, sm_scale, lse_row, q_row0, h * HEAD_DIM,
                             start_m * BLOCK_M, n_lo, n_hi, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo, mid_hi,
-                            BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT, HOLD, SPARSE, SP_CAUSAL, HASH)),
+                            dq_out, q_rows, H * HEAD_DIM, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT,
+                            HOLD, SPARSE, SP_CAUSAL, HASH, ROWS_OUT)),
             (_dq_producer, (q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_q, desc_do,
                             desc_k, desc_v, q_row0, h * HEAD_DIM, b * N_CTX, (h // GROUP) * HEAD_DIM, n_lo, n_hi,
                             BLOCK_M, BLOCK_N, NUM_STAGES)),
@@ -573,7 +606,7 @@ def _desc(t: torch.Tensor, rows: int, cols: int, box):
 def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
                 delta: torch.Tensor, softmax_scale: float, causal: bool, dq: torch.Tensor, dk: torch.Tensor,
                 dv: torch.Tensor, atomic: bool, block_q: int = 0, strict: bool = False,
-                dq_hold: Optional[bool] = None, sparse: Optional[SparseMeta] = None):
+                dq_hold: Optional[bool] = None, sparse: Optional[SparseMeta] = None, rows_out: bool = False):
     """``[(kernel, grid, args), ...]`` of one backward (each launched as ``kernel[grid](*args, num_warps=4)``):
     the dK/dV kernel, then (not ``atomic``) the dQ kernel. ``dq``: the fp32 accumulator when ``atomic``. Split
     out so that a machine without a GPU can compile the kernels (tests, ``compile_probe.py --hopper-bwd``).
@@ -582,7 +615,8 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     that computes dQ (the dQ kernel, or with ``atomic`` the dK/dV kernel) waits for dP behind a predicated wait that
     reads all of the step's exponentials (default: the separate dQ kernel at the head dims of :data:`DQ_HOLD_D`).
     ``sparse``: the tensors are in slot order (:func:`sparse_bwd`), ``causal`` False, ``atomic`` False, one query
-    head per K/V head."""
+    head per K/V head. ``rows_out`` (with ``sparse`` and its row tables): ``dq`` / ``dk`` / ``dv`` are in row
+    order and the kernels write each slot's gradient straight to its row."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     if dq_hold is None:
@@ -600,6 +634,9 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         raise ValueError("a sparse backward takes causal=False (the side tensors' positions carry causality), the "
                          f"separate dQ and one query head per K/V head; got causal={causal}, atomic={atomic}, "
                          f"{h} / {hk} heads")
+    if rows_out and (sparse is None or sparse.q_rows is None):
+        raise ValueError("rows_out writes through a sparse call's row tables: it needs sparse with q_rows / k_rows")
+    outs_kq, outs_qk = ((dk, dv, sparse.k_rows), (dq, sparse.q_rows)) if rows_out else ((lse,) * 3, (lse,) * 2)
     if sparse is None:          # unused pointers
         side, ranges_kq, ranges_qk, flags = (lse,) * 6, lse, lse, (False, False, False)
     else:
@@ -611,16 +648,16 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     dkdv = (_desc(q, b * s, h * d, [bq, d]), _desc(k, b * s, hk * d, half), _desc(v, b * s, hk * d, half),
             _desc(do, b * s, h * d, [bq, d]), _desc(lse, b * h * s, 0, [bq]),
             _desc(delta, b * h * s, 0, [bq]), _desc(dk, b * s, hk * d, half), _desc(dv, b * s, hk * d, half),
-            dq, softmax_scale, s, h, h // hk, ranges_kq, *side, BLOCK_KEYS, bq, d, NUM_STAGES, causal, atomic,
-            int(causal and strict), bool(dq_hold and atomic), *flags)
+            dq, softmax_scale, s, h, h // hk, ranges_kq, *side, *outs_kq, BLOCK_KEYS, bq, d, NUM_STAGES, causal,
+            atomic, int(causal and strict), bool(dq_hold and atomic), *flags, rows_out)
     launches = [(_bwd_dkdv_hopper, (s // BLOCK_KEYS, hk, b), dkdv)]
     if not atomic:
         wg = [DQ_BLOCK_M // 2, d]
         kv = [DQ_BLOCK_N, d]
         dq_args = (_desc(q, b * s, h * d, wg), _desc(k, b * s, hk * d, kv), _desc(v, b * s, hk * d, kv),
                    _desc(do, b * s, h * d, wg), _desc(dq, b * s, h * d, wg), lse, delta, softmax_scale, s, h,
-                   h // hk, ranges_qk, *side, DQ_BLOCK_M, DQ_BLOCK_N, d, NUM_STAGES, causal, int(causal and strict),
-                   bool(dq_hold), *flags)
+                   h // hk, ranges_qk, *side, *outs_qk, DQ_BLOCK_M, DQ_BLOCK_N, d, NUM_STAGES, causal,
+                   int(causal and strict), bool(dq_hold), *flags, rows_out)
         launches.append((_bwd_dq_hopper, (s // DQ_BLOCK_M, h, b), dq_args))
     return launches
 
@@ -660,6 +697,9 @@ def bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
 
 
 SPARSE_ENV = "FLASHRING_HOPPER_SPARSE_BWD"
+# sparse_bwd's kernels write dq / dk / dv straight to their rows (no scatter launches: 3 of the backward's 7
+# copies) instead of in slot order; compiled for sm_90 (no stack at D=64), not yet run on a GPU: off
+SPARSE_ROWS_OUT = False
 
 
 def sparse_wanted() -> bool:
@@ -673,14 +713,15 @@ def sparse_wanted() -> bool:
 
 def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                lse: torch.Tensor, softmax_scale: float, sparse: SparseMeta, dlse: Optional[torch.Tensor] = None,
-               **config) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               rows_out: Optional[bool] = None, **config) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A sparse front end's ``(dq, dk, dv)`` (``hopper.sparse_applies``) on the dense kernels: the tensors gathered
     into slot order (``sparse.q_rows`` / ``k_rows``; without them they are in slot order already; padding slots
     zero: ``sparse_ranges.slot_copy``), each program's tiles from ``sparse_ranges.tile_ranges``, the tiles that
     cross the pattern masked by the slots' positions and buckets, the gradients scattered back to their rows. A
     query slot past its head's kept count gets an LSE of +inf and a delta of 0 (its P is 0, so it adds nothing and
-    its dQ is 0); key slots past the count get zero dK / dV in the kernel. ``config``: :func:`launch_args`'
-    keywords (benchmarks)."""
+    its dQ is 0); key slots past the count get zero dK / dV in the kernel. ``rows_out`` (default
+    :data:`SPARSE_ROWS_OUT`; with row tables): the kernels write the gradients straight to their rows instead of
+    the copies back. ``config``: :func:`launch_args`' keywords (benchmarks)."""
     b, s, h, d = q.shape
     delta = _delta(hopper.aligned(out), hopper.aligned(do), lse.contiguous(), dlse)       # per row: any order
     if sparse.q_rows is not None:
@@ -690,10 +731,14 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     kept = torch.arange(s, device=q.device, dtype=torch.int32) < sparse.q_len.unsqueeze(-1)
     lse = torch.where(kept, lse, float("inf"))
     delta = torch.where(kept, delta, 0.0)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    rows_out = SPARSE_ROWS_OUT if rows_out is None else rows_out
+    rows_out = rows_out and sparse.q_rows is not None
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)      # contiguous, either order
     for kernel, grid, args in launch_args(do, q, k, v, lse, delta, softmax_scale, False, dq, dk, dv, False,
-                                          sparse=sparse, **config):
+                                          sparse=sparse, rows_out=rows_out, **config):
         LAUNCH[kernel][grid](*args, num_warps=4)
+    if rows_out:
+        return dq, dk, dv
     return (slot_return(dq, sparse.q_rows, sparse.q_len), slot_return(dk, sparse.k_rows, sparse.k_len),
             slot_return(dv, sparse.k_rows, sparse.k_len))
 
