@@ -134,6 +134,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lower: Optional[i
 
 if AVAILABLE:
     LOG2E_C = gl.constexpr(LOG2E)                    # what a kernel may read of a module global
+    GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 
     @gluon.jit
     def _pair_dq(ds_smem, k_smem, ds_ready, ds_free, dst, n_ds, both, dq_zero, WG: gl.constexpr,
@@ -596,8 +597,7 @@ if AVAILABLE:
 
 def _desc(t: torch.Tensor, rows: int, cols: int, box):
     """A TMA descriptor over ``t`` seen as a row-major ``(rows, cols)`` matrix (``cols`` = 0: one flat row)."""
-    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[t.dtype]
-    lay = hopper.shared_layout(tuple(box), gdt)
+    lay = hopper.shared_layout(tuple(box), GL_DTYPES[t.dtype])
     if not cols:
         return TensorDescriptor(t, [rows], [1], box, lay)
     return TensorDescriptor(t, [rows, cols], [cols, 1], box, lay)
