@@ -400,3 +400,11 @@ def test_sparse_gradients_straight_to_their_rows(kind, d, seed, monkeypatch):
         assert torch.isfinite(a).all() and torch.equal(a, w), name
     if kind == "qk":
         assert (grads[1][0][~side[0]] == 0).all() and (grads[1][1][~side[1]] == 0).all()
+        # an inf in a kept key: kept rows may turn NaN (the arithmetic), dropped rows' dq stays exactly 0
+        bi, si, hi = side[1].nonzero()[0].tolist()
+        with torch.no_grad():
+            k[bi, si, hi] = float("inf")
+        for rows_out in (False, True):
+            monkeypatch.setattr(hopper_bwd, "SPARSE_ROWS_OUT", rows_out)
+            dq, = torch.autograd.grad(fn(q, k, v, *side, causal=True), (q, ), dout)
+            assert (dq[~side[0]] == 0).all(), rows_out

@@ -74,7 +74,7 @@ import torch
 
 from . import flash, hopper
 from .launch import Launcher, cdiv
-from .sparse_ranges import SparseMeta, gather_rows, slot_copy, slot_return, tile_ranges
+from .sparse_ranges import SLOT_PAD_TO, SparseMeta, gather_rows, slot_copy, slot_return, tile_ranges
 
 try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
     from triton.experimental import gluon
@@ -101,6 +101,10 @@ NUM_STAGES = 2          # 132 KB of shared memory for dK/dV at D=128: 3 stages w
 # the atomic dQ 0.84-1.03x, slower everywhere at D=128.
 DQ_HOLD_D = (128,)
 LOG2E = 1.4426950408889634
+# slot_copy leaves the padding past the next SLOT_PAD_TO slots unwritten: every tile of these kernels and the
+# forward's must fit inside that multiple, or one would multiply garbage
+assert all(SLOT_PAD_TO % n == 0 for n in (hopper.BLOCK_M, hopper.BLOCK_N, BLOCK_KEYS, BLOCK_Q, BLOCK_Q_D64,
+                                          DQ_BLOCK_M, DQ_BLOCK_N)), "sparse_ranges.SLOT_PAD_TO"
 
 
 def dq_mode(deterministic: bool = True) -> Optional[str]:
@@ -491,6 +495,8 @@ if AVAILABLE:
             mbarrier.arrive(kv_empty.index(stage), count=1)
 
         # epilogue: stage through this warpgroup's (now idle) Q buffer, TMA store
+        if SPARSE:          # slots past the kept count stand for dropped rows: 0, whatever an inf in K gave them
+            dq = gl.where((row_lo + gl.arange(0, WG_M, gl.SliceLayout(1, acc_layout)) < q_n)[:, None], dq, 0.0)
         if ROWS_OUT:
             _store_rows((dq * sm_scale).to(dtype), dq_out, out_rows, row_lo, out_stride, NW)
         else:
@@ -634,7 +640,7 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         raise ValueError("a sparse backward takes causal=False (the side tensors' positions carry causality), the "
                          f"separate dQ and one query head per K/V head; got causal={causal}, atomic={atomic}, "
                          f"{h} / {hk} heads")
-    if rows_out and (sparse is None or sparse.q_rows is None):
+    if rows_out and (sparse is None or sparse.q_rows is None or sparse.k_rows is None):
         raise ValueError("rows_out writes through a sparse call's row tables: it needs sparse with q_rows / k_rows")
     outs_kq, outs_qk = ((dk, dv, sparse.k_rows), (dq, sparse.q_rows)) if rows_out else ((lse,) * 3, (lse,) * 2)
     if sparse is None:          # unused pointers
@@ -732,7 +738,7 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     lse = torch.where(kept, lse, float("inf"))
     delta = torch.where(kept, delta, 0.0)
     rows_out = SPARSE_ROWS_OUT if rows_out is None else rows_out
-    rows_out = rows_out and sparse.q_rows is not None
+    rows_out = rows_out and sparse.q_rows is not None and sparse.k_rows is not None
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)      # contiguous, either order
     for kernel, grid, args in launch_args(do, q, k, v, lse, delta, softmax_scale, False, dq, dk, dv, False,
                                           sparse=sparse, rows_out=rows_out, **config):
