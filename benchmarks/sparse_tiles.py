@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import flashring  # noqa: E402
 from flashring.bench import harness as H  # noqa: E402
 from flashring.metadata import run_metadata  # noqa: E402
-from flashring.ops import flash, hopper, hopper_bwd, sparse_ranges  # noqa: E402
+from flashring.ops import flash, hopper, hopper_bwd  # noqa: E402
 
 FWD = {"fwd 128x64/8w": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=128),
        "fwd 64x64/4w": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
@@ -55,9 +55,9 @@ BWD = {"bwd 64x64": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
        "bwd 64x64 ahead dq": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, ROWS_AHEAD=False,
                                   ROWS_AHEAD_DQ=True)}
 # the Gluon kernels' sparse backward (ops/hopper_bwd.py sparse_bwd, FLASHRING_HOPPER_SPARSE_BWD=1) instead of these,
-# its slot-order copies by the Triton row-permute launch or by torch's gather / scatter (sparse_ranges.PERMUTE),
-# its gradients copied back or written straight to their rows by the kernels (hopper_bwd.SPARSE_ROWS_OUT)
-GLUON = {"gluon": ("triton", False), "gluon torch-gather": ("torch", False), "gluon rows-out": ("triton", True)}
+# its gradients copied back or written straight to their rows by the kernels (hopper_bwd.SPARSE_ROWS_OUT); session
+# 15 also timed torch's gather / scatter for the copies ("gluon torch-gather", since removed: 1.10-1.25x slower)
+GLUON = {"gluon": False, "gluon rows-out": True}
 BWD.update({name: BWD["bwd 64x64"] for name in GLUON})     # what the sparse calls it does not take run
 FWD["gluon"] = FWD["fwd 128x64/8w"]                         # ops/hopper.py sparse_fwd (FLASHRING_HOPPER_SPARSE_FWD=1)
 VARIANTS = [("fwd 128x64/8w", "bwd 64x64"), ("fwd 64x64/4w", "bwd 64x64"), ("fwd 128x64/8w", "bwd 32x64"),
@@ -128,7 +128,7 @@ def main() -> int:
                                                                                          else FWD[fv])
                 os.environ[hopper_bwd.SPARSE_ENV] = "1" if bv in GLUON else "0"
                 os.environ[hopper.SPARSE_ENV] = "1" if fv == "gluon" else "0"
-                sparse_ranges.PERMUTE, hopper_bwd.SPARSE_ROWS_OUT = GLUON.get(bv, ("triton", False))
+                hopper_bwd.SPARSE_ROWS_OUT = GLUON.get(bv, False)
                 try:
                     out = call()
                     got = (out.detach(), *torch.autograd.grad(out, (q, k, v), do))
@@ -140,7 +140,7 @@ def main() -> int:
                     flash.default_config = default_config
                     os.environ.pop(hopper_bwd.SPARSE_ENV)
                     os.environ.pop(hopper.SPARSE_ENV)
-                    sparse_ranges.PERMUTE, hopper_bwd.SPARSE_ROWS_OUT = "triton", False
+                    hopper_bwd.SPARSE_ROWS_OUT = False
                 rows.append(dict(seqlen=s, headdim=d, pattern=pname, fwd_config=fv, bwd_config=bv, fwd_ms=fwd_ms,
                                  fwd_bwd_ms=both_ms, fwd_all_kernels_ms=fwd_all, fwd_bwd_all_kernels_ms=both_all,
                                  max_abs_diff_vs_first=diff))

@@ -468,25 +468,36 @@ def test_gather_and_scatter_rows_kernel(shape, device, seed):
 @pytest.mark.parametrize("rows", [True, False])
 def test_slot_copy_zeroes_the_padding(rows, device, seed):
     """``sparse_ranges.slot_copy`` (what the Gluon kernels read): slot order with the slots past each head's count
-    zero up to the next tile (``SLOT_PAD_TO``), never read (an inf / NaN there stays out), by the Triton launch and
-    the torch path alike; ``slot_return`` puts results back with the padding slots' rows zero, unread."""
+    zero up to the next tile (``SLOT_PAD_TO``), never read (an inf / NaN there stays out), two tensors and the
+    LSE / delta rows (padding +inf / 0) per launch, by the Triton launch and the torch path alike; ``slot_return``
+    puts results back with the padding slots' rows zero, unread."""
     from flashring.ops.sparse_ranges import SLOT_PAD_TO, gather_rows, scatter_rows, slot_copy, slot_return
     b, s, h, d = 2, 300, 3, 16
-    x = torch.randn(b, s, h, d, device=device)
+    xs = [torch.randn(b, s, h, d, device=device) for _ in range(3)]
+    lse, delta = torch.randn(b, h, s, device=device), torch.randn(b, h, s, device=device)
     perm = torch.rand(b, h, s, device=device).argsort(-1) if rows else None
     lens = torch.randint(0, s + 1, (b, h), device=device, dtype=torch.int32)
     lens[0, 0], lens[-1, -1] = 0, 129
-    src = x if perm is None else gather_rows(x, perm, kernel=False)
     slot = torch.arange(s, device=device)
-    pad = (slot >= lens.unsqueeze(-1)).transpose(1, 2)                                  # (B, S, H)
+    pad = slot >= lens.unsqueeze(-1)                                                    # (B, H, S)
     written = (slot < (lens.unsqueeze(-1) + SLOT_PAD_TO - 1) // SLOT_PAD_TO * SLOT_PAD_TO).transpose(1, 2)
-    x_bad = x.clone()
-    if perm is None:
-        x_bad[pad] = float("nan")
-    want = src.masked_fill(pad.unsqueeze(-1), 0)
+    src = [x if perm is None else gather_rows(x, perm, kernel=False) for x in xs]
+    want = [t.masked_fill(pad.transpose(1, 2).unsqueeze(-1), 0) for t in src]
+    side_src = [t if perm is None else gather_rows(t, perm) for t in (lse, delta)]
+    want_side = [side_src[0].masked_fill(pad, float("inf")), side_src[1].masked_fill(pad, 0.0)]
+    bad = [x.clone() for x in xs]
+    if perm is None:                                    # the padding is never read
+        for x in bad:
+            x.transpose(1, 2)[pad] = float("nan")
     for kernel in (True, False):
-        got = slot_copy(x_bad if perm is None else x, perm, lens, kernel=kernel)
-        assert torch.equal(got[written], want[written]), kernel
+        got, side = slot_copy(bad[:2], perm, lens, sides=(lse, delta), kernel=kernel)
+        got += slot_copy(bad[2:], perm, lens, kernel=kernel)
+        for g, w in zip(got, want):
+            assert torch.equal(g[written], w[written]), kernel
+        for g, w in zip(side, want_side):
+            assert torch.equal(g, w), kernel
     if perm is not None:
-        back = slot_return(src.masked_fill(pad.unsqueeze(-1), float("nan")), perm, lens)
-        assert torch.equal(back, scatter_rows(want, perm, kernel=False))
+        back = slot_return([t.masked_fill(pad.transpose(1, 2).unsqueeze(-1), float("nan")) for t in src[:2]], perm,
+                           lens)
+        for g, w in zip(back, want):
+            assert torch.equal(g, scatter_rows(w, perm, kernel=False))

@@ -589,15 +589,15 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale:
     scattered back to their rows (a dropped row: out 0, the empty-row LSE). ``config``: :func:`launch_args`'
     keywords."""
     rows = sparse.q_rows is not None
-    q = slot_copy(q, sparse.q_rows, sparse.q_len)
-    k, v = slot_copy(k, sparse.k_rows, sparse.k_len), slot_copy(v, sparse.k_rows, sparse.k_len)
+    q, = slot_copy([q], sparse.q_rows, sparse.q_len)
+    k, v = slot_copy([k, v], sparse.k_rows, sparse.k_len)
     b, s, h, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
     grid, args = launch_args(q, k, v, softmax_scale, False, out, lse, sparse=sparse, **config)
     LAUNCH[grid](*args, num_warps=4)
     if rows:
-        return slot_return(out, sparse.q_rows, sparse.q_len), scatter_rows(lse, sparse.q_rows)
+        return slot_return([out], sparse.q_rows, sparse.q_len)[0], scatter_rows(lse, sparse.q_rows)
     return out, lse
 
 

@@ -74,7 +74,7 @@ import torch
 
 from . import flash, hopper
 from .launch import Launcher, cdiv
-from .sparse_ranges import SLOT_PAD_TO, SparseMeta, gather_rows, slot_copy, slot_return, tile_ranges
+from .sparse_ranges import SLOT_PAD_TO, SparseMeta, slot_copy, slot_return, tile_ranges
 
 try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
     from triton.experimental import gluon
@@ -728,15 +728,9 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     its dQ is 0); key slots past the count get zero dK / dV in the kernel. ``rows_out`` (default
     :data:`SPARSE_ROWS_OUT`; with row tables): the kernels write the gradients straight to their rows instead of
     the copies back. ``config``: :func:`launch_args`' keywords (benchmarks)."""
-    b, s, h, d = q.shape
     delta = _delta(hopper.aligned(out), hopper.aligned(do), lse.contiguous(), dlse)       # per row: any order
-    if sparse.q_rows is not None:
-        lse, delta = gather_rows(lse, sparse.q_rows), gather_rows(delta, sparse.q_rows)
-    q, do = (slot_copy(t, sparse.q_rows, sparse.q_len) for t in (q, do))
-    k, v = (slot_copy(t, sparse.k_rows, sparse.k_len) for t in (k, v))
-    kept = torch.arange(s, device=q.device, dtype=torch.int32) < sparse.q_len.unsqueeze(-1)
-    lse = torch.where(kept, lse, float("inf"))
-    delta = torch.where(kept, delta, 0.0)
+    (q, do), (lse, delta) = slot_copy([q, do], sparse.q_rows, sparse.q_len, sides=(lse.contiguous(), delta))
+    k, v = slot_copy([k, v], sparse.k_rows, sparse.k_len)
     rows_out = SPARSE_ROWS_OUT if rows_out is None else rows_out
     rows_out = rows_out and sparse.q_rows is not None and sparse.k_rows is not None
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)      # contiguous, either order
@@ -745,8 +739,7 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         LAUNCH[kernel][grid](*args, num_warps=4)
     if rows_out:
         return dq, dk, dv
-    return (slot_return(dq, sparse.q_rows, sparse.q_len), slot_return(dk, sparse.k_rows, sparse.k_len),
-            slot_return(dv, sparse.k_rows, sparse.k_len))
+    return (*slot_return([dq], sparse.q_rows, sparse.q_len), *slot_return([dk, dv], sparse.k_rows, sparse.k_len))
 
 
 # Triton's generic launch path costs ~50 us of host time per call on the GPU machines (ops/launch.py), as much as a

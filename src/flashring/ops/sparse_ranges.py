@@ -9,7 +9,7 @@ builds the table for all blocks; tests/test_sparse.py checks it against ``sparse
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
@@ -49,14 +49,27 @@ class SparseMeta(NamedTuple):
 
 
 @triton.jit
-def _permute_rows_kernel(X, Y, Rows, Lens, S, H, x_sb, x_ss, x_sh, y_sb, y_ss, y_sh, HEAD_DIM: tl.constexpr,
+def _move_rows(X, Y, x_st, y_st, b, h, src, dst, keep, put, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``src`` of (batch b, head h) of X to rows ``dst`` of Y (strides ``(batch, seq, head)``); rows not
+    ``keep`` read as zeros, rows not ``put`` not written."""
+    cols = tl.arange(0, BLOCK_D)
+    cols_ok = (cols < HEAD_DIM)[None, :]
+    x = tl.load(X + b * x_st[0] + h * x_st[2] + src[:, None] * x_st[1] + cols[None, :], mask=keep[:, None] & cols_ok,
+                other=0.0)
+    tl.store(Y + b * y_st[0] + h * y_st[2] + dst[:, None] * y_st[1] + cols[None, :], x, mask=put[:, None] & cols_ok)
+
+
+@triton.jit
+def _permute_rows_kernel(X0, Y0, X1, Y1, Side, Rows, Lens, S, H, x0_st, x1_st, y_st, HEAD_DIM: tl.constexpr,
                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, SCATTER: tl.constexpr, ROWS: tl.constexpr,
-                         LENS: tl.constexpr, PAD_TO: tl.constexpr):
-    """Program (i, h, b) moves slots [i*BLOCK_S, (i+1)*BLOCK_S) of (batch b, head h): gather ``y[b, s, h] = x[b,
-    rows[s], h]`` (not ROWS: ``x[b, s, h]``), SCATTER ``y[b, rows[s], h] = x[b, s, h]``; rows of HEAD_DIM contiguous
-    elements. LENS: the slots at or past ``lens[b, h]`` (padding) are not read; gathering, they are written as
-    zeros up to the next multiple of PAD_TO (the Gluon kernels' tile: what they may load) and not at all past it;
-    scattering, their rows get zeros."""
+                         LENS: tl.constexpr, PAD_TO: tl.constexpr, TWO: tl.constexpr, SIDES: tl.constexpr):
+    """Program (i, h, b) moves slots [i*BLOCK_S, (i+1)*BLOCK_S) of (batch b, head h) of one or (TWO) two tensors
+    that share a permutation: gather ``y[b, s, h] = x[b, rows[s], h]`` (not ROWS: ``x[b, s, h]``), SCATTER ``y[b,
+    rows[s], h] = x[b, s, h]``; rows of HEAD_DIM contiguous elements. LENS: the slots at or past ``lens[b, h]``
+    (padding) are not read; gathering, they are written as zeros up to the next multiple of PAD_TO (the Gluon
+    kernels' tile: what they may load) and not at all past it; scattering, their rows get zeros. SIDES (gathering,
+    LENS): ``Side = (lse, lse_out, delta, delta_out)``, (B, H, S) contiguous rows gathered alike, the padding's
+    LSE +inf and delta 0 (what the sparse backward reads for dropped slots)."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     slots = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -78,65 +91,84 @@ def _permute_rows_kernel(X, Y, Rows, Lens, S, H, x_sb, x_ss, x_sh, y_sb, y_ss, y
     else:
         src = rows.to(tl.int64)
         dst = slots.to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    cols_ok = (cols < HEAD_DIM)[None, :]
-    x = tl.load(X + b * x_sb + h * x_sh + src[:, None] * x_ss + cols[None, :], mask=keep[:, None] & cols_ok,
-                other=0.0)
-    tl.store(Y + b * y_sb + h * y_sh + dst[:, None] * y_ss + cols[None, :], x, mask=put[:, None] & cols_ok)
+    _move_rows(X=X0, Y=Y0, x_st=x0_st, y_st=y_st, b=b, h=h, src=src, dst=dst, keep=keep, put=put,
+               HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    if TWO:
+        _move_rows(X=X1, Y=Y1, x_st=x1_st, y_st=y_st, b=b, h=h, src=src, dst=dst, keep=keep, put=put,
+                   HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D)
+    if SIDES:
+        at = (b * H + h) * S
+        lse = tl.load(Side[0] + at + src, mask=keep, other=0.0)
+        tl.store(Side[1] + at + dst, tl.where(keep, lse, float("inf")), mask=ok)
+        delta = tl.load(Side[2] + at + src, mask=keep, other=0.0)
+        tl.store(Side[3] + at + dst, tl.where(keep, delta, 0.0), mask=ok)
 
 
+# The slot copies on CUDA: this launch moves whole rows; torch's gather / scatter with an index expanded over D
+# took 1.10-1.25x the total of a sparse forward + backward (H100, session 15, benchmarks/sparse_tiles.py).
 LAUNCH_PERMUTE_ROWS = Launcher(_permute_rows_kernel)
-# gather_rows / scatter_rows on CUDA (B, S, H, D) tensors: one Triton launch that moves whole rows ("triton"),
-# or torch's gather / scatter_ with an index expanded over D ("torch"; benchmarks/sparse_tiles.py times both)
-PERMUTE = "triton"
 SLOT_PAD_TO = 128       # slot_copy: padding slots past the next multiple of this are left unwritten (never loaded)
 
 
-def _permute(x: torch.Tensor, rows: Optional[torch.Tensor], scatter: bool,
-             lens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    b, s, h, d = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    y = torch.empty((b, s, h, d), dtype=x.dtype, device=x.device)
-    block_s = 64
-    LAUNCH_PERMUTE_ROWS[(cdiv(s, block_s), h, b)](
-        x, y, x if rows is None else rows, x if lens is None else lens, s, h, x.stride(0), x.stride(1), x.stride(2),
-        y.stride(0), y.stride(1), y.stride(2), HEAD_DIM=d, BLOCK_S=block_s, BLOCK_D=max(16, next_power_of_2(d)),
-        SCATTER=scatter, ROWS=rows is not None, LENS=lens is not None, PAD_TO=SLOT_PAD_TO, num_warps=4)
-    return y
+def _permute(xs: Sequence[torch.Tensor], rows: Optional[torch.Tensor], scatter: bool,
+             lens: Optional[torch.Tensor] = None, sides: Sequence[torch.Tensor] = ()) -> list:
+    """One launch per pair of ``xs`` (same shape and dtype), ``sides`` (lse, delta) with the first pair."""
+    out, side_out = [], [torch.empty_like(t) for t in sides]
+    for i in range(0, len(xs), 2):
+        pair = [x if x.stride(-1) == 1 else x.contiguous() for x in xs[i:i + 2]]
+        b, s, h, d = pair[0].shape
+        ys = [torch.empty((b, s, h, d), dtype=x.dtype, device=x.device) for x in pair]
+        x1, y1 = (pair[1], ys[1]) if len(pair) == 2 else (pair[0], ys[0])
+        side = (sides[0], side_out[0], sides[1], side_out[1]) if sides and i == 0 else (pair[0],) * 4
+        block_s = 64
+        LAUNCH_PERMUTE_ROWS[(cdiv(s, block_s), h, b)](
+            pair[0], ys[0], x1, y1, side, pair[0] if rows is None else rows, pair[0] if lens is None else lens, s, h,
+            tuple(pair[0].stride()[:3]), tuple(x1.stride()[:3]), tuple(ys[0].stride()[:3]), HEAD_DIM=d,
+            BLOCK_S=block_s, BLOCK_D=max(16, next_power_of_2(d)), SCATTER=scatter, ROWS=rows is not None,
+            LENS=lens is not None, PAD_TO=SLOT_PAD_TO, TWO=len(pair) == 2, SIDES=bool(sides) and i == 0,
+            num_warps=4)
+        out += ys
+    return out if not sides else (out, side_out)
 
 
-def slot_copy(x: torch.Tensor, rows: Optional[torch.Tensor], lens: torch.Tensor,
-              kernel: Optional[bool] = None) -> torch.Tensor:
-    """``x`` ``(B, S, H, D)`` in slot order (:func:`gather_rows`; ``rows`` None: x is in slot order already), with
-    the slots at or past ``lens`` ``(B, H)`` (padding: dropped tokens' rows) zero up to the next multiple of
-    :data:`SLOT_PAD_TO` and unspecified past it, where no Gluon tile reaches (fewer bytes written when most tokens
-    are dropped). Zeros, because a masked pair's zero weight times an inf / NaN in a dropped row would otherwise
-    reach the kept rows of its tile (the portable kernels never load those rows). ``kernel``: as
-    :func:`gather_rows`."""
-    if kernel or (kernel is None and x.is_cuda):
-        return _permute(x, rows, scatter=False, lens=lens)
-    y = x if rows is None else gather_rows(x, rows, kernel=False)
-    pad = torch.arange(x.shape[1], device=x.device) >= lens.unsqueeze(-1)          # (B, H, S)
-    return y.masked_fill(pad.transpose(1, 2).unsqueeze(-1), 0)
+def slot_copy(xs: Sequence[torch.Tensor], rows: Optional[torch.Tensor], lens: torch.Tensor,
+              sides: Sequence[torch.Tensor] = (), kernel: Optional[bool] = None):
+    """Each ``x`` of ``xs`` (``(B, S, H, D)``, sharing the permutation) in slot order (:func:`gather_rows`; ``rows``
+    None: in slot order already), the slots at or past ``lens`` ``(B, H)`` (padding: dropped tokens' rows) zero
+    up to the next multiple of :data:`SLOT_PAD_TO` and unspecified past it, where no Gluon tile reaches (fewer
+    bytes written when most tokens are dropped). Zeros, because a masked pair's zero weight times an inf / NaN in
+    a dropped row would otherwise reach the kept rows of its tile (the portable kernels never load those rows).
+    ``sides`` ``(lse, delta)``, (B, H, S) rows: gathered too, the padding's LSE +inf and delta 0; then returns
+    ``(ys, [lse, delta])``. One launch per two tensors (host time: a launch costs ~38 us on the GPU machines).
+    ``kernel``: as :func:`gather_rows`."""
+    if kernel or (kernel is None and xs[0].is_cuda):
+        return _permute(xs, rows, scatter=False, lens=lens, sides=sides)
+    pad = torch.arange(xs[0].shape[1], device=xs[0].device) >= lens.unsqueeze(-1)      # (B, H, S)
+    ys = [(x if rows is None else gather_rows(x, rows, kernel=False)).masked_fill(pad.transpose(1, 2).unsqueeze(-1),
+                                                                                   0) for x in xs]
+    if not sides:
+        return ys
+    side = [t if rows is None else gather_rows(t, rows) for t in sides]
+    return ys, [side[0].masked_fill(pad, float("inf")), side[1].masked_fill(pad, 0.0)]
 
 
-def slot_return(x: torch.Tensor, rows: Optional[torch.Tensor], lens: torch.Tensor) -> torch.Tensor:
-    """A Gluon kernel's slot-order result back in row order (:func:`scatter_rows`), the padding slots' rows zero
-    without reading them (dropped tokens: out 0, gradients 0). CUDA only; ``rows`` None: x as it is."""
+def slot_return(xs: Sequence[torch.Tensor], rows: Optional[torch.Tensor], lens: torch.Tensor) -> list:
+    """Gluon kernels' slot-order results (sharing the permutation) back in row order (:func:`scatter_rows`), the
+    padding slots' rows zero without reading them (dropped tokens: out 0, gradients 0); one launch per two. CUDA
+    (or the interpreter); ``rows`` None: as they are."""
     if rows is None:
-        return x
-    return _permute(x, rows, scatter=True, lens=lens)
+        return list(xs)
+    return _permute(xs, rows, scatter=True, lens=lens)
 
 
 def gather_rows(x: torch.Tensor, rows: torch.Tensor, kernel: Optional[bool] = None) -> torch.Tensor:
     """Slot order: ``y[b, s, h] = x[b, rows[b, h, s], h]`` for x ``(B, S, H, D)``, or ``y[b, h, s] = x[b, h, rows[b, h,
     s]]`` for x ``(B, H, S)`` (LSE rows); ``rows`` ``(B, H, S)`` (contiguous) is each (batch, head)'s permutation.
-    ``kernel``: the Triton launch for (B, S, H, D) tensors (default: on CUDA when :data:`PERMUTE` says so)."""
+    ``kernel``: the Triton launch for (B, S, H, D) tensors (default: on CUDA)."""
     if x.dim() == 3:
         return x.gather(-1, rows)
-    if kernel or (kernel is None and x.is_cuda and PERMUTE == "triton"):
-        return _permute(x, rows, scatter=False)
+    if kernel or (kernel is None and x.is_cuda):
+        return _permute([x], rows, scatter=False)[0]
     return x.gather(1, rows.transpose(1, 2).unsqueeze(-1).expand(x.shape))
 
 
@@ -144,8 +176,8 @@ def scatter_rows(x: torch.Tensor, rows: torch.Tensor, kernel: Optional[bool] = N
     """Inverse of :func:`gather_rows`: slot s of ``x`` goes back to row ``rows[b, h, s]``."""
     if x.dim() == 3:
         return torch.empty_like(x).scatter_(-1, rows, x)
-    if kernel or (kernel is None and x.is_cuda and PERMUTE == "triton"):
-        return _permute(x, rows, scatter=True)
+    if kernel or (kernel is None and x.is_cuda):
+        return _permute([x], rows, scatter=True)[0]
     return torch.empty_like(x).scatter_(1, rows.transpose(1, 2).unsqueeze(-1).expand(x.shape), x)
 
 
