@@ -38,6 +38,12 @@ reach rows that cannot see that key) and the rows at or after the first such key
 set to NaN at the end.
 Each warpgroup scans half of the rows, both meet at an mbarrier before either writes, then (only if a row is bad)
 both write the same zeros, each fencing its own writes before its own wgmma.
+
+Dynamic sparse mode (:func:`sparse_fwd`, opt-in: ``FLASHRING_HOPPER_SPARSE_FWD=1``): q, k, v copied into each
+head's slot order (dropped tokens' slots zero), each tile's key range from ``sparse_ranges.tile_ranges``, the
+tiles outside its fully visible range masked by :func:`sparse_keep`, rows that see nothing (or dropped slots) out
+0 with the empty-row LSE, tiles drawn from the counter (their lengths differ); non-finite values are not scanned
+for. H100 (session 15): the kernel 1.2-1.3x the portable row-table forward, the call with its copies 0.63-1.02x.
 """
 from __future__ import annotations
 
