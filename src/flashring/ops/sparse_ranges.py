@@ -6,6 +6,10 @@ The sparse front ends (``flashring.sparse``) hand the kernels tokens compacted (
 one contiguous range of column tiles, found by binary search: ``[lo, hi)`` holds every tile with a visible pair,
 ``[mid_lo, mid_hi)`` only tiles whose every pair is visible (they run without masking arithmetic). One launch
 builds the table for all blocks; tests/test_sparse.py checks it against ``sparse_visible``.
+
+The portable kernels read rows through the front ends' row tables; the Gluon kernels (TMA loads whole boxes, no
+row gather on Hopper) get slot-order copies instead (:func:`slot_copy` / :func:`slot_return`, one Triton launch
+per two tensors).
 """
 from __future__ import annotations
 
