@@ -142,3 +142,29 @@ def test_first_order_transforms_and_checkpoint(device, seed):
     _, gw = torch.autograd.grad((out * w).sum() + w.pow(3).sum(), (a, w), create_graph=True)
     (hw,) = torch.autograd.grad(gw.sum(), w)
     torch.testing.assert_close(hw, 6 * w.detach())
+
+
+def test_eager_calls_skip_the_argument_binding(device, seed, monkeypatch):
+    """Eager calls enter the autograd Function without torch's per-call binding of the arguments to ``forward``'s
+    signature (``inspect.signature``, host time on every call; it changes nothing when every argument comes
+    positionally): none during a forward + backward of flash_attn_func / flash_attn_varlen_func, while torch.func
+    (which needs that path) still goes through it and agrees."""
+    import inspect
+    q, k, v = qkv(device, grad=True)
+    cu = torch.tensor([0, 37], dtype=torch.int32, device=device)
+
+    def step():
+        out = flashring.flash_attn_func(q, k, v, causal=True)
+        out.backward(torch.ones_like(out))
+        flashring.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 37, 37, causal=True).sum().backward()
+    step()                                  # first calls: lazy imports and kernel compiles may inspect signatures
+    calls = []
+    real = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    step()
+    assert not calls
+    dq = torch.func.grad(lambda q: flashring.flash_attn_func(q, k.detach(), v.detach(), causal=True).sum())(
+        q.detach())
+    assert calls
+    want, = torch.autograd.grad(flashring.flash_attn_func(q, k, v, causal=True).sum(), (q, ))
+    torch.testing.assert_close(dq, want, atol=1e-5, rtol=1e-5)

@@ -100,6 +100,18 @@ class _Eager(torch.autograd.Function):
     def forward(q, k, v, softmax_scale, lower, upper, softcap, sparse, varlen, deterministic):
         return dispatch.fwd(q, k, v, softmax_scale, lower, upper, softcap, sparse=sparse, varlen=varlen)
 
+    @classmethod
+    def call(cls, q, k, v, softmax_scale, lower, upper, softcap, sparse, varlen, deterministic):
+        """``apply`` without torch's per-call argument binding: a Function with ``setup_context`` has every
+        ``apply`` bind its arguments to ``forward``'s signature (``inspect.signature``: 25-30 us of host time per
+        call on the CPU dev box, more on the GPU machines), which changes nothing when all ten come positionally.
+        Under torch.func transforms (which need that path) the plain ``apply``."""
+        args = (q, k, v, softmax_scale, lower, upper, softcap, sparse, varlen, deterministic)
+        if torch._C._are_functorch_transforms_active():
+            return cls.apply(*args)
+        # what Function.apply does past the binding (torch 2.11-2.13)
+        return super(torch.autograd.Function, cls).apply(*torch._functorch.utils.unwrap_dead_wrappers(args))
+
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, softmax_scale, lower, upper, softcap, sparse, varlen, deterministic = inputs
@@ -188,7 +200,7 @@ def attention(q, k, v, softmax_scale: float, lower: Optional[int], upper: Option
     functions and the sparse front ends call). ``deterministic=False`` reaches only the eager backward (the only
     one that may differ: ``dispatch.bwd``); traced calls stay deterministic."""
     if plain_eager():
-        return _Eager.apply(q, k, v, softmax_scale, lower, upper, softcap, sparse, None, deterministic)
+        return _Eager.call(q, k, v, softmax_scale, lower, upper, softcap, sparse, None, deterministic)
     return _fwd_op(q, k, v, softmax_scale, lower, upper, softcap, *_side(sparse))
 
 
@@ -358,7 +370,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         out, lse = _varlen_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, lower,
                                   upper, cap)
     else:
-        out, lse = _Eager.apply(q, k, v, scale, lower, upper, cap, None,
+        out, lse = _Eager.call(q, k, v, scale, lower, upper, cap, None,
                                 Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), True)
     return (out, lse, None) if return_attn_probs else out
 
