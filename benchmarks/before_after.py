@@ -117,10 +117,7 @@ def main() -> int:
             rows.append(dict(kind=f"sparse-{kind}", param=p, N=n, D=d, mode=mode, new_ms=new_ms, old_ms=old_ms,
                              max_abs_diff=same))
             print(json.dumps(rows[-1]), flush=True)
-    with open(args.out / "before-after.jsonl", "w") as f:
-        f.write(json.dumps(meta) + "\n")
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    H.write_jsonl(args.out / "before-after.jsonl", [meta] + rows)
     print(f"\nbefore/after on {meta['device']}: new = {meta['git_sha']}, old = {args.old_sha} (ms, median of "
           f"{args.rounds} interleaved rounds)")
     print(f"{'kind':<12} {'D':>4} {'N':>6} {'causal':>6} {'mode':>8} {'new ms':>9} {'old ms':>9} {'new/old':>8} "

@@ -105,10 +105,7 @@ def main():
         print(json.dumps(row), flush=True)
     tuned = tune(dev) if args.tune else []
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "decode-floor.jsonl", "w") as f:
-        f.write(json.dumps(dict(meta=run_metadata(dev), seed=seed)) + "\n")
-        for r in rows + tuned:
-            f.write(json.dumps(r) + "\n")
+    H.write_jsonl(args.out / "decode-floor.jsonl", [dict(meta=run_metadata(dev), seed=seed)] + rows + tuned)
     print(f"{'B x Sk':>10} {'splits':>6} | {'fr harness':>10} {'fr host':>8} {'fr graph':>8} {'launcher host':>13} "
           f"| {'sdpa harness':>12} {'sdpa host':>9} {'sdpa graph':>10}")
     for r in rows:

@@ -67,10 +67,7 @@ def main() -> int:
         rows.append(dict(batch=b, cache=sk, heads=f"{h}/{hk}", headdim=d, cache_seqlens=lens_kind, new_us=new_us,
                          old_us=old_us, max_abs_diff=diff))
         print(json.dumps(rows[-1]), flush=True)
-    with open(args.out / "decode-host.jsonl", "w") as f:
-        f.write(json.dumps(meta) + "\n")
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    H.write_jsonl(args.out / "decode-host.jsonl", [meta] + rows)
     print(f"\neager decode steps on {meta['device']}: new = {meta['git_sha']}, old = {args.old_sha} (us per call, "
           f"median of {args.rounds} alternating rounds of {args.calls} calls)")
     print(f"{'B':>3} {'cache':>6} {'seqlens':>8} {'new us':>8} {'old us':>8} {'new/old':>8} {'maxdiff':>8}")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from flashring.bench import harness as H  # noqa: E402
 from flashring.integrations.transformers import ATTN_IMPLEMENTATION  # noqa: E402
 from flashring.metadata import run_metadata  # noqa: E402
 
@@ -96,9 +97,7 @@ def main() -> int:
                 r["ids_equal_fraction"] = same
         del ids, outs
         torch.cuda.empty_cache()
-    with open(args.out / "hf-generate.jsonl", "w") as f:
-        for r in [meta] + rows:
-            f.write(json.dumps(r) + "\n")
+    H.write_jsonl(args.out / "hf-generate.jsonl", [meta] + rows)
     print(f"\ngenerate() on {meta['device']}, transformers {transformers.__version__}, {n_params / 1e9:.2f}B params, "
           f"bf16, {args.new_tokens} new tokens, greedy")
     print(f"{'batch':>5} {'prompt':>6} {'sdpa tok/s':>11} {ATTN_IMPLEMENTATION + ' tok/s':>12} {'ratio':>6} "

@@ -139,10 +139,7 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "hopper-probe.jsonl", "w") as f:
-        f.write(json.dumps(dict(meta=run_metadata(dev), seed=seed)) + "\n")
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    H.write_jsonl(args.out / "hopper-probe.jsonl", [dict(meta=run_metadata(dev), seed=seed)] + rows)
     for r in rows:
         print(f"{r['label']:<36} {r['provider']:<24} "
               + (f"{r['tflops']:7.1f} TFLOP/s {r.get('check', '-')}"

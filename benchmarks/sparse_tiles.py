@@ -145,10 +145,7 @@ def main() -> int:
                                  fwd_bwd_ms=both_ms, fwd_all_kernels_ms=fwd_all, fwd_bwd_all_kernels_ms=both_all,
                                  max_abs_diff_vs_first=diff))
                 print(json.dumps(rows[-1]), flush=True)
-    with open(args.out / H.results_name(dev, "sparse-tiles"), "w") as f:       # max_abs_diff: out, dq, dk, dv
-        f.write(json.dumps(meta) + "\n")
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    H.write_jsonl(args.out / H.results_name(dev, "sparse-tiles"), [meta] + rows)     # max_abs_diff: out, dq, dk, dv
     print(f"\nsparse tiles on {meta['device']} (git {meta.get('git_sha')}), kernel ms per call, B=1, hidden 2048, "
           f"D={args.headdim}, causal")
     print(f"{'N':>6} {'pattern':<9} {'forward':<15} {'backward':<18} {'fwd ms':>8} {'fwd+bwd ms':>10} "

@@ -532,6 +532,13 @@ def results_name(device: torch.device, suite: str) -> str:
     return f"{device_slug(device)}-{suite}-{time.strftime('%Y%m%d-%H%M%S')}-{sha or 'nogit'}.jsonl"
 
 
+def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    """A driver's results file: one JSON object per line (the run's metadata first, as every results file)."""
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
 # ----------------------------------------------------------------------------------------------------- CLI
 def csv(kind: Callable, choices: Optional[Sequence[str]] = None):
     """argparse type: a comma-separated list of ``kind``, optionally restricted to ``choices``."""

@@ -66,14 +66,14 @@ def _move_rows(X, Y, x_st, y_st, b, h, src, dst, keep, put, HEAD_DIM: tl.constex
 @triton.jit
 def _permute_rows_kernel(X0, Y0, X1, Y1, Side, Rows, Lens, S, H, x0_st, x1_st, y_st, HEAD_DIM: tl.constexpr,
                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, SCATTER: tl.constexpr, ROWS: tl.constexpr,
-                         LENS: tl.constexpr, PAD_TO: tl.constexpr, TWO: tl.constexpr, SIDES: tl.constexpr):
+                         PAD_TO: tl.constexpr, TWO: tl.constexpr, SIDES: tl.constexpr):
     """Program (i, h, b) moves slots [i*BLOCK_S, (i+1)*BLOCK_S) of (batch b, head h) of one or (TWO) two tensors
     that share a permutation: gather ``y[b, s, h] = x[b, rows[s], h]`` (not ROWS: ``x[b, s, h]``), SCATTER ``y[b,
-    rows[s], h] = x[b, s, h]``; rows of HEAD_DIM contiguous elements. LENS: the slots at or past ``lens[b, h]``
+    rows[s], h] = x[b, s, h]``; rows of HEAD_DIM contiguous elements. The slots at or past ``lens[b, h]``
     (padding) are not read; gathering, they are written as zeros up to the next multiple of PAD_TO (the Gluon
-    kernels' tile: what they may load) and not at all past it; scattering, their rows get zeros. SIDES (gathering,
-    LENS): ``Side = (lse, lse_out, delta, delta_out)``, (B, H, S) contiguous rows gathered alike, the padding's
-    LSE +inf and delta 0 (what the sparse backward reads for dropped slots)."""
+    kernels' tile: what they may load) and not at all past it; scattering, their rows get zeros. SIDES
+    (gathering): ``Side = (lse, lse_out, delta, delta_out)``, (B, H, S) contiguous rows gathered alike, the
+    padding's LSE +inf and delta 0 (what the sparse backward reads for dropped slots)."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     slots = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -82,13 +82,12 @@ def _permute_rows_kernel(X0, Y0, X1, Y1, Side, Rows, Lens, S, H, x0_st, x1_st, y
         rows = tl.load(Rows + (b * H + h) * S + slots, mask=ok, other=0)
     else:
         rows = slots
-    keep = ok
-    put = ok
-    if LENS:
-        n = tl.load(Lens + b * H + h)
-        keep = ok & (slots < n)
-        if not SCATTER:
-            put = ok & (slots < (n + PAD_TO - 1) // PAD_TO * PAD_TO)
+    n = tl.load(Lens + b * H + h)
+    keep = ok & (slots < n)
+    if SCATTER:
+        put = ok
+    else:
+        put = ok & (slots < (n + PAD_TO - 1) // PAD_TO * PAD_TO)
     if SCATTER:
         src = slots.to(tl.int64)
         dst = rows.to(tl.int64)
@@ -114,8 +113,8 @@ LAUNCH_PERMUTE_ROWS = Launcher(_permute_rows_kernel)
 SLOT_PAD_TO = 128       # slot_copy: padding slots past the next multiple of this are left unwritten (never loaded)
 
 
-def _permute(xs: Sequence[torch.Tensor], rows: Optional[torch.Tensor], scatter: bool,
-             lens: Optional[torch.Tensor] = None, sides: Sequence[torch.Tensor] = ()) -> list:
+def _permute(xs: Sequence[torch.Tensor], rows: Optional[torch.Tensor], scatter: bool, lens: torch.Tensor,
+             sides: Sequence[torch.Tensor] = ()) -> list:
     """One launch per pair of ``xs`` (same shape and dtype), ``sides`` (lse, delta) with the first pair."""
     out, side_out = [], [torch.empty_like(t) for t in sides]
     for i in range(0, len(xs), 2):
@@ -126,11 +125,10 @@ def _permute(xs: Sequence[torch.Tensor], rows: Optional[torch.Tensor], scatter: 
         side = (sides[0], side_out[0], sides[1], side_out[1]) if sides and i == 0 else (pair[0],) * 4
         block_s = 64
         LAUNCH_PERMUTE_ROWS[(cdiv(s, block_s), h, b)](
-            pair[0], ys[0], x1, y1, side, pair[0] if rows is None else rows, pair[0] if lens is None else lens, s, h,
-            tuple(pair[0].stride()[:3]), tuple(x1.stride()[:3]), tuple(ys[0].stride()[:3]), HEAD_DIM=d,
-            BLOCK_S=block_s, BLOCK_D=max(16, next_power_of_2(d)), SCATTER=scatter, ROWS=rows is not None,
-            LENS=lens is not None, PAD_TO=SLOT_PAD_TO, TWO=len(pair) == 2, SIDES=bool(sides) and i == 0,
-            num_warps=4)
+            pair[0], ys[0], x1, y1, side, pair[0] if rows is None else rows, lens, s, h, tuple(pair[0].stride()[:3]),
+            tuple(x1.stride()[:3]), tuple(ys[0].stride()[:3]), HEAD_DIM=d, BLOCK_S=block_s,
+            BLOCK_D=max(16, next_power_of_2(d)), SCATTER=scatter, ROWS=rows is not None, PAD_TO=SLOT_PAD_TO,
+            TWO=len(pair) == 2, SIDES=bool(sides) and i == 0, num_warps=4)
         out += ys
     return out if not sides else (out, side_out)
 
@@ -144,12 +142,11 @@ def slot_copy(xs: Sequence[torch.Tensor], rows: Optional[torch.Tensor], lens: to
     a dropped row would otherwise reach the kept rows of its tile (the portable kernels never load those rows).
     ``sides`` ``(lse, delta)``, (B, H, S) rows: gathered too, the padding's LSE +inf and delta 0; then returns
     ``(ys, [lse, delta])``. One launch per two tensors (host time: a launch costs ~38 us on the GPU machines).
-    ``kernel``: as :func:`gather_rows`."""
+    ``kernel``: the Triton launch (default: on CUDA; the torch form otherwise)."""
     if kernel or (kernel is None and xs[0].is_cuda):
         return _permute(xs, rows, scatter=False, lens=lens, sides=sides)
     pad = torch.arange(xs[0].shape[1], device=xs[0].device) >= lens.unsqueeze(-1)      # (B, H, S)
-    ys = [(x if rows is None else gather_rows(x, rows, kernel=False)).masked_fill(pad.transpose(1, 2).unsqueeze(-1),
-                                                                                   0) for x in xs]
+    ys = [(x if rows is None else gather_rows(x, rows)).masked_fill(pad.transpose(1, 2).unsqueeze(-1), 0) for x in xs]
     if not sides:
         return ys
     side = [t if rows is None else gather_rows(t, rows) for t in sides]
@@ -165,23 +162,19 @@ def slot_return(xs: Sequence[torch.Tensor], rows: Optional[torch.Tensor], lens: 
     return _permute(xs, rows, scatter=True, lens=lens)
 
 
-def gather_rows(x: torch.Tensor, rows: torch.Tensor, kernel: Optional[bool] = None) -> torch.Tensor:
-    """Slot order: ``y[b, s, h] = x[b, rows[b, h, s], h]`` for x ``(B, S, H, D)``, or ``y[b, h, s] = x[b, h, rows[b, h,
-    s]]`` for x ``(B, H, S)`` (LSE rows); ``rows`` ``(B, H, S)`` (contiguous) is each (batch, head)'s permutation.
-    ``kernel``: the Triton launch for (B, S, H, D) tensors (default: on CUDA)."""
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Slot order (torch): ``y[b, s, h] = x[b, rows[b, h, s], h]`` for x ``(B, S, H, D)``, or ``y[b, h, s] = x[b, h,
+    rows[b, h, s]]`` for x ``(B, H, S)`` (LSE rows); ``rows`` ``(B, H, S)`` is each (batch, head)'s permutation. The
+    chunked CPU path's and the LSE rows'; the Gluon kernels' copies are :func:`slot_copy`."""
     if x.dim() == 3:
         return x.gather(-1, rows)
-    if kernel or (kernel is None and x.is_cuda):
-        return _permute([x], rows, scatter=False)[0]
     return x.gather(1, rows.transpose(1, 2).unsqueeze(-1).expand(x.shape))
 
 
-def scatter_rows(x: torch.Tensor, rows: torch.Tensor, kernel: Optional[bool] = None) -> torch.Tensor:
+def scatter_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`gather_rows`: slot s of ``x`` goes back to row ``rows[b, h, s]``."""
     if x.dim() == 3:
         return torch.empty_like(x).scatter_(-1, rows, x)
-    if kernel or (kernel is None and x.is_cuda):
-        return _permute([x], rows, scatter=True)[0]
     return torch.empty_like(x).scatter_(1, rows.transpose(1, 2).unsqueeze(-1).expand(x.shape), x)
 
 
