@@ -6,6 +6,8 @@ calls issued back to back (the GPU work is a few microseconds, so the host is th
 """
 from __future__ import annotations
 
+import argparse
+import sys
 
 import torch
 from triton.runtime import driver
@@ -15,7 +17,11 @@ from flashring.bench import harness as H
 from flashring.ops import decode
 
 
-def main():
+def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
+    if not torch.cuda.is_available():
+        print("launch_overhead.py: no GPU (it times CUDA launches)", file=sys.stderr)
+        return 2
     dev = torch.device("cuda")
     b, sk, h, hk, d = 16, 2048, 32, 8, 128
     q = torch.randn(b, 1, h, d, device=dev, dtype=torch.bfloat16)
@@ -59,7 +65,8 @@ def main():
     ]
     for name, fn in rows:
         print(f"{name:<36} {H.host_us(fn, dev, n=2000):8.1f} us", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

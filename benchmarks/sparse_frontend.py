@@ -23,7 +23,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 
 import flashring  # noqa: E402
-from flashring.ops import flash, rows, sparse_ranges  # noqa: E402
+from flashring.ops import flash, partition, sparse_ranges  # noqa: E402
 
 VIEWS = {"view", "as_strided", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select", "t", "permute",
          "alias", "detach", "_reshape_alias", "unflatten", "flatten", "narrow", "lift_fresh", "split", "unbind",
@@ -45,7 +45,7 @@ class _Stub:
 
 
 def stub_kernels(counter):
-    for module in (flash, rows, sparse_ranges):
+    for module in (flash, partition, sparse_ranges):
         for name in dir(module):
             obj = getattr(module, name)
             if type(obj).__name__ in ("JITFunction", "InterpretedFunction"):

@@ -17,6 +17,7 @@ from flashring.bench import dense, harness as H
 
 SEED = int(os.environ.get("FLASHRING_SEED", random.randrange(2**31)))
 SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = SRC.parent
 # Two tiny shapes per causal setting; one timed call per row (plus the CPU minimum-time rule).
 TINY = ["--seqlens", "64,96", "--headdims", "32", "--batch", "1", "--nheads", "2", "--repeats", "1",
         "--threads", "1", "--seed", str(SEED)]
@@ -229,3 +230,39 @@ def test_tune_suite_under_the_interpreter(tmp_path, capsys):
     _, rows = _read(tmp_path, "tune")
     assert {r["mode"] for r in rows} == {"fwd", "bwd"} and all(r["check"] == "PASS" for r in rows), rows
     assert "*best*" in out and sum(r["default"] for r in rows) == 2       # the interpreter default, per pass
+
+
+def test_every_benchmark_driver_starts():
+    """Each ``benchmarks/*.py`` driver imports and answers ``--help`` (a driver that imported a removed module went
+    unnoticed for sessions), in one process: runpy with the driver's own ``__main__``."""
+    drivers = sorted(str(p) for p in (ROOT / "benchmarks").glob("*.py"))
+    script = "\n".join([
+        "import os, runpy, sys",
+        "bad = []",
+        "for path in sys.argv[1:]:",
+        "    sys.argv, sys.path[0] = [path, '--help'], os.path.dirname(path)",
+        "    try:",
+        "        runpy.run_path(path, run_name='__main__')",
+        "        bad.append((path, 'no exit'))",
+        "    except SystemExit as e:",
+        "        if e.code not in (0, None):",
+        "            bad.append((path, e.code))",
+        "    except BaseException as e:",
+        "        bad.append((path, repr(e)))",
+        "print(bad)",
+        "sys.exit(1 if bad else 0)"])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", script, *drivers], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert len(drivers) >= 10 and res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+
+
+def test_sparse_front_end_counts():
+    """benchmarks/sparse_frontend.py (kernels stubbed): a QK-sparse forward + backward on the kernels' path makes no
+    host sync and no aten compute op around its launches; the hash form's syncs are the CPU-only id range check."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sparse_frontend.py"), "--seqlen", "256",
+                          "--nheads", "2", "--repeats", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    qk = next(line for line in res.stdout.splitlines() if line.startswith("qk-sparse"))
+    assert " 0 aten compute ops" in qk and " 0 host syncs" in qk and "Triton launches" in qk, qk
