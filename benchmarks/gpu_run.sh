@@ -7,7 +7,8 @@
 # forward, ops/hopper.py: check + time; GLUON_ARGS), gluonbwd (the Gluon backward, ops/hopper_bwd.py;
 # GLUON_BWD_SEQLENS, GLUON_BWD_ARGS e.g. "--modes separate --headdims 64"),
 # profile (a training step's kernels per arm; PROFILE_ARMS, PROFILE_EXTRA e.g. --cuda-graph), sparsetiles
-# (benchmarks/sparse_tiles.py: the portable sparse backward against the Gluon one, with and without rows_out;
+# (benchmarks/sparse_tiles.py: the portable sparse backward against the Gluon one, with and without rows_out or
+# gather, and the Gluon forward with copies or gather;
 # SPARSE_TILES_PAIRS, SPARSE_TILES_SEQLENS), share
 # (attention_share.py; SHARE_PRESET, default paper-16k) and paper
 # (paper_experiments.py; PAPER_PRESET, PAPER_ARMS, PAPER_MINUTES per arm, default 3.2: a hash arm at 186 ms/step
@@ -51,9 +52,9 @@ has gluon && step gluon "${GLUON_SECS:-240}" python3 benchmarks/gluon_fwd.py --o
 has gluonbwd && step gluonbwd "${GLUON_BWD_SECS:-240}" python3 benchmarks/gluon_bwd.py --out "$out" \
     ${GLUON_BWD_SEQLENS:+--seqlens "$GLUON_BWD_SEQLENS"} ${GLUON_BWD_ARGS:-}
 # shellcheck disable=SC2086
-has sparsetiles && step sparsetiles "${SPARSE_TILES_SECS:-200}" python3 benchmarks/sparse_tiles.py --out "$out" \
+has sparsetiles && step sparsetiles "${SPARSE_TILES_SECS:-300}" python3 benchmarks/sparse_tiles.py --out "$out" \
     --seqlens "${SPARSE_TILES_SEQLENS:-8192,16384}" \
-    --pairs "${SPARSE_TILES_PAIRS:-fwd 128x64/8w+bwd 64x64;fwd 128x64/8w+gluon;fwd 128x64/8w+gluon rows-out}"
+    --pairs "${SPARSE_TILES_PAIRS:-fwd 128x64/8w+bwd 64x64;fwd 128x64/8w+gluon;fwd 128x64/8w+gluon rows-out;fwd 128x64/8w+gluon gather;gluon+gluon;gluon gather+gluon gather}"
 has share && step share 150 python3 benchmarks/attention_share.py --preset "${SHARE_PRESET:-paper-16k}" --out "$out"
 paper_arms=${PAPER_ARMS:-dense-strict hash16}
 paper_minutes=${PAPER_MINUTES:-3.2}

@@ -55,11 +55,14 @@ BWD = {"bwd 64x64": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
        "bwd 64x64 ahead dq": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, ROWS_AHEAD=False,
                                   ROWS_AHEAD_DQ=True)}
 # the Gluon kernels' sparse backward (ops/hopper_bwd.py sparse_bwd, FLASHRING_HOPPER_SPARSE_BWD=1) instead of these,
-# its gradients copied back or written straight to their rows by the kernels (hopper_bwd.SPARSE_ROWS_OUT); session
+# its gradients copied back or written straight to their rows by the kernels (hopper_bwd.SPARSE_ROWS_OUT), or with
+# no copies at all ("gather": rows read through the row tables by cp.async, FLASHRING_HOPPER_SPARSE_GATHER=1; that
+# switch covers the Gluon forward too, so a pair with "gather" on one side gathers on both Gluon sides); session
 # 15 also timed torch's gather / scatter for the copies ("gluon torch-gather", since removed: 1.10-1.25x slower)
-GLUON = {"gluon": False, "gluon rows-out": True}
+GLUON = {"gluon": False, "gluon rows-out": True, "gluon gather": True}
 BWD.update({name: BWD["bwd 64x64"] for name in GLUON})     # what the sparse calls it does not take run
 FWD["gluon"] = FWD["fwd 128x64/8w"]                         # ops/hopper.py sparse_fwd (FLASHRING_HOPPER_SPARSE_FWD=1)
+FWD["gluon gather"] = FWD["fwd 128x64/8w"]
 VARIANTS = [("fwd 128x64/8w", "bwd 64x64"), ("fwd 64x64/4w", "bwd 64x64"), ("fwd 128x64/8w", "bwd 32x64"),
             ("fwd 128x64/8w", "bwd 64x32")]
 
@@ -127,7 +130,8 @@ def main() -> int:
                 flash.default_config = lambda *a, backward=False, fv=fv, bv=bv, **kw: dict(BWD[bv] if backward
                                                                                          else FWD[fv])
                 os.environ[hopper_bwd.SPARSE_ENV] = "1" if bv in GLUON else "0"
-                os.environ[hopper.SPARSE_ENV] = "1" if fv == "gluon" else "0"
+                os.environ[hopper.SPARSE_ENV] = "1" if fv.startswith("gluon") else "0"
+                os.environ[hopper.GATHER_ENV] = "1" if "gather" in fv + bv else "0"
                 hopper_bwd.SPARSE_ROWS_OUT = GLUON.get(bv, False)
                 try:
                     out = call()
@@ -140,6 +144,7 @@ def main() -> int:
                     flash.default_config = default_config
                     os.environ.pop(hopper_bwd.SPARSE_ENV)
                     os.environ.pop(hopper.SPARSE_ENV)
+                    os.environ.pop(hopper.GATHER_ENV)
                     hopper_bwd.SPARSE_ROWS_OUT = False
                 rows.append(dict(seqlen=s, headdim=d, pattern=pname, fwd_config=fv, bwd_config=bv, fwd_ms=fwd_ms,
                                  fwd_bwd_ms=both_ms, fwd_all_kernels_ms=fwd_all, fwd_bwd_all_kernels_ms=both_all,

@@ -101,7 +101,7 @@ def test_dkdv_query_block_rows():
         dq = torch.empty(q.shape, dtype=torch.float32) if atomic else torch.empty_like(q)
         launches = hopper_bwd.launch_args(q, q, k, k, lse, lse, 0.1, True, dq, torch.empty_like(k),
                                           torch.empty_like(k), atomic, **kw)
-        return launches[0][2][-11]                      # the dK/dV kernel's BLOCK_Q
+        return launches[0][2][-12]                      # the dK/dV kernel's BLOCK_Q
     assert rows(64) == hopper_bwd.BLOCK_Q_D64 == 128 and rows(128) == rows(64, atomic=True) == hopper_bwd.BLOCK_Q == 64
     assert rows(64, block_q=64) == 64 and rows(128, block_q=128) == 128
     for bad in (dict(block_q=256), dict(block_q=32), dict(s=320, block_q=128), dict(atomic=True, block_q=128)):
@@ -243,6 +243,15 @@ def test_sparse_kernels_compile_for_sm90():
     assert sorted(k for k, *_ in found) == ["HOPPER_DKDV", "HOPPER_DQ", "HOPPER_FWD"], out
     for kernel, regs, stack, smem in found:
         assert int(stack) == 0 and int(smem) <= SMEM_MAX, (kernel, regs, stack, smem)
+    # reading rows through the row tables (cp.async in a 4-warp producer) and storing results to the rows
+    out = probe("--hopper", "--headdims", "64", "--seqlen", "1024", "--sparse", "hash", "--variant", "gather=True")
+    out += probe("--hopper-bwd", "--headdims", "64", "--seqlen", "1024", "--sparse", "hash", "--variant",
+                 "rows_out=True,gather=True")
+    found = re.findall(r"D=64\s+hash-sparse (\w+)\n\s+regs\s+(\d+) stack\s+(\d+) B\s+smem\s+(\d+) B", out)
+    assert sorted(k for k, *_ in found) == ["HOPPER_DKDV", "HOPPER_DQ", "HOPPER_FWD"], out
+    for kernel, regs, stack, smem in found:
+        # the backward's 4-warp producer keeps a few scalars on the stack with triton 3.6's ptxas (8 B), none with 3.8's
+        assert int(stack) <= (0 if kernel == "HOPPER_FWD" else 8) and int(smem) <= SMEM_MAX, (kernel, stack, smem)
 
 
 def test_sparse_calls_take_only_what_they_can():
@@ -288,16 +297,19 @@ SPARSE_SHAPES = [(2, 512, 4, 64, torch.bfloat16), (1, 384, 2, 128, torch.float16
 @pytest.mark.parametrize("shape", SPARSE_SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + str(s[4])[5:])
 @pytest.mark.parametrize("kind, causal", [(kind, causal) for kind in ("qk", "hash", "qk-rare")
                                           for causal in (True, False)] + [("hash-strict", True)])  # strict is causal
-def test_sparse_on_the_hopper_kernels(shape, kind, causal, seed, monkeypatch):
+@pytest.mark.parametrize("gather", [False, True], ids=["copies", "gather"])
+def test_sparse_on_the_hopper_kernels(shape, kind, causal, gather, seed, monkeypatch):
     """``FLASHRING_HOPPER_SPARSE_FWD=1`` and ``FLASHRING_HOPPER_SPARSE_BWD=1``: the sparse front ends' output, LSE
     and gradients come from ``hopper.sparse_fwd`` and :func:`hopper_bwd.sparse_bwd` (slot order, tile ranges,
     tiles across the pattern masked by position and bucket) and match the float64 reference by the tolerance rule
     (test_sparse.run_sparse: dropped queries out 0 and the empty-row LSE): half the tokens dropped, 4 buckets, 95%
     dropped with one head keeping nothing (empty tiles, rows that see nothing, ragged counts), and strictly causal
-    buckets (each bucket's first token sees nothing)."""
+    buckets (each bucket's first token sees nothing). ``gather``: the kernels read and write the rows through the
+    row tables (``FLASHRING_HOPPER_SPARSE_GATHER=1``) instead of copies."""
     from test_sparse import run_sparse
     monkeypatch.setenv(hopper_bwd.SPARSE_ENV, "1")
     monkeypatch.setenv(hopper.SPARSE_ENV, "1")
+    monkeypatch.setenv(hopper.GATHER_ENV, "1" if gather else "0")
     calls = []
     for mod, name in ((hopper_bwd, "sparse_bwd"), (hopper, "sparse_fwd")):
         real = getattr(mod, name)
@@ -374,6 +386,57 @@ def test_sparse_dropped_tokens_never_reach_kept_rows(seed, monkeypatch):
         if name == "lse":
             keep = qa.transpose(1, 2)
         assert torch.equal(a[keep], w[keep]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+@pytest.mark.parametrize("kind", ["qk", "hash"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_sparse_kernels_read_rows_in_place(kind, d, seed, monkeypatch):
+    """``gather=True`` (``FLASHRING_HOPPER_SPARSE_GATHER=1``): the producers read q / k / v / dout rows (and LSE /
+    delta) through the row tables by cp.async, dropped slots zero-filled, and the results go straight to their
+    rows: bitwise the output, LSE and gradients of the copies into slot order and back (the same tiles, another
+    load and store; a dropped query slot's LSE reads 0 instead of +inf in the dK/dV kernel, where its zero q and
+    dout rows add exact zeros either way), also with inf / NaN in the dropped tokens' rows (QK-sparse), and
+    through the front ends."""
+    from test_sparse import _front_end
+    b, s, h = 2, 384, 2
+    scale = d ** -0.5
+    q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    fn, side = _front_end(kind, (b, s, h), "cuda", drop=(0.5, 0.5), buckets=4)
+    metas = []
+    real = hopper.sparse_fwd
+    monkeypatch.setenv(hopper.SPARSE_ENV, "1")
+    monkeypatch.setattr(hopper, "sparse_fwd", lambda *a, **kw: metas.append(a[4]) or real(*a, **kw))
+    fn(q, k, v, *side, causal=True)
+    monkeypatch.setattr(hopper, "sparse_fwd", real)
+    meta = metas[0]
+    assert meta.q_rows is not None and meta.k_rows is not None
+    out, lse = real(q, k, v, scale, meta, gather=False)
+    want = (out, lse, *hopper_bwd.sparse_bwd(do, q, k, v, out, lse, scale, meta, gather=False, rows_out=False))
+    names = ("out", "lse", "dq", "dk", "dv")
+    inputs = [(q, k, v, do)]
+    if kind == "qk":
+        bad = [t.clone() for t in (q, k, v, do)]
+        for t, keep, x in zip(bad, (side[0], side[1], side[1], side[0]), ("nan", "inf", "nan", "nan")):
+            t[~keep] = float(x)
+        inputs.append(bad)
+    for qq, kk, vv, dd in inputs:
+        o, ls = real(qq, kk, vv, scale, meta, gather=True)
+        got = (o, ls, *hopper_bwd.sparse_bwd(dd, qq, kk, vv, o, ls, scale, meta, gather=True))
+        for name, a, w in zip(names, got, want):
+            assert torch.equal(a, w), name
+    monkeypatch.setenv(hopper_bwd.SPARSE_ENV, "1")
+    monkeypatch.setattr(hopper_bwd, "SPARSE_ROWS_OUT", False)
+    res = []
+    for gather in ("0", "1"):
+        monkeypatch.setenv(hopper.GATHER_ENV, gather)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o, ls, _ = fn(*leaves, *side, causal=True, return_attn_probs=True)
+        o.backward(do)
+        res.append((o, ls, *(t.grad for t in leaves)))
+    for name, a, w in zip(names, *res):
+        assert torch.equal(a, w), name
 
 
 @pytest.mark.gpu

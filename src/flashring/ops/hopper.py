@@ -61,8 +61,8 @@ try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsew
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
     AVAILABLE = True
 except ImportError:                                                     # pragma: no cover - depends on triton
     AVAILABLE = False
@@ -182,6 +182,64 @@ if AVAILABLE:
         return gl.where(keep, x, other)
 
     @gluon.jit
+    def gather_rows_async(smem, base, rows, slot0, count, row_stride, NUM_WARPS: gl.constexpr):
+        """cp.async of a slot-order tile ``smem`` (``[M, D]``) from the rows of a (batch, head) whose row 0 is at
+        ``base``: slot ``slot0 + i`` from row ``rows[slot0 + i]`` (``row_stride`` elements apart), the slots at or
+        past ``count`` zero-filled (dropped tokens: a masked pair's zero weight times an inf in such a row would
+        reach the kept rows of its tile). Hopper's TMA has no row gather; this reads the rows where the sparse
+        front ends left them instead of a copy into slot order (GATHER). Issued in pieces of two 16-byte vectors
+        per thread (32 rows at D=64, 16 at D=128 for a 4-warp producer): with 48 registers the producer compiles
+        without stack at D=64 and with 40 B at D=128 (triton 3.6; 4 vectors: 0 / 104 B). Completion:
+        :func:`gathered` on the tile's barrier."""
+        M: gl.constexpr = smem.shape[0]
+        D: gl.constexpr = smem.shape[1]
+        TPR: gl.constexpr = D // 8                          # threads per row, one 16-byte vector each
+        VEC: gl.constexpr = 2                                # 16-byte vectors per thread and piece
+        CHUNK: gl.constexpr = 32 * NUM_WARPS * VEC // TPR   # rows per piece
+        gl.static_assert(M % CHUNK == 0, "whole pieces")
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [NUM_WARPS, 1], [1, 0])
+        cols = gl.arange(0, D, gl.SliceLayout(0, layout))
+        for c in gl.static_range(M // CHUNK):
+            slots = slot0 + c * CHUNK + gl.arange(0, CHUNK, gl.SliceLayout(1, layout))
+            r = gl.load(rows + slots)
+            async_copy.async_copy_global_to_shared(smem.slice(c * CHUNK, CHUNK, dim=0),
+                                                   base + (r * row_stride)[:, None] + cols[None, :],
+                                                   mask=(slots < count)[:, None])
+
+    @gluon.jit
+    def gather_values_async(smem, base, rows, slot0, count, NUM_WARPS: gl.constexpr):
+        """:func:`gather_rows_async` for one fp32 value per slot (``smem`` ``[M]``: LSE or delta rows at ``base``,
+        the (batch, head)'s row 0), slots at or past ``count`` 0."""
+        M: gl.constexpr = smem.shape[0]
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [NUM_WARPS], [0])
+        slots = slot0 + gl.arange(0, M, layout)
+        async_copy.async_copy_global_to_shared(smem, base + gl.load(rows + slots), mask=slots < count)
+
+    @gluon.jit
+    def gathered(bar):
+        """``bar`` (initialised with a count of 1, as for TMA) completes its phase once every cp.async this
+        partition has issued so far has landed: each thread's asynchronous arrive-on (its pending count + 1, taken
+        back when its copies land), then one arrival for the partition (after its threads' increments)."""
+        async_copy.mbarrier_arrive(bar)
+        mbarrier.arrive(bar, count=1)
+
+    @gluon.jit
+    def store_rows(x, staging, out, rows, slot0, row_stride, NUM_WARPS: gl.constexpr):
+        """A slot-order result tile ``x`` (``[M, D]``, cast) written straight to its rows: slot ``slot0 + i`` to
+        ``out + rows[slot0 + i] * row_stride`` (``out`` and ``rows`` at the (batch, head)'s row 0 and table), through
+        ``staging`` (an idle ``[M, D]`` shared buffer of this partition's: the layout change to 16-byte row stores
+        without a scratch buffer of its own, which at D=128 would not fit beside the forward's ring)."""
+        M: gl.constexpr = x.shape[0]
+        D: gl.constexpr = x.shape[1]
+        TPR: gl.constexpr = D // 8
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [NUM_WARPS, 1], [1, 0])
+        staging.store(x)
+        y = staging.load(layout)
+        r = gl.load(rows + slot0 + gl.arange(0, M, gl.SliceLayout(1, layout)))
+        cols = gl.arange(0, D, gl.SliceLayout(0, layout))
+        gl.store(out + (r * row_stride)[:, None] + cols[None, :], y)
+
+    @gluon.jit
     def _nonfinite_rows(v_tile, start_n, ZERO: gl.constexpr, NUM_WARPS: gl.constexpr):
         """The first key of ``v_tile`` (shared memory) whose value row holds an inf or NaN (else a large number);
         ZERO: also overwrite those rows with zeros. Read in 32-row slices (at most 32 values per thread live)."""
@@ -261,14 +319,16 @@ if AVAILABLE:
     @gluon.jit
     def _consumer(WG: gl.constexpr, q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                   scan_bar, scan_smem, desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH,
-                  ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, STRICT: gl.constexpr,
-                  SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr, HASH: gl.constexpr):
+                  ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, o_ptr, q_rows, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                  STRICT: gl.constexpr, SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr, HASH: gl.constexpr,
+                  GATHER: gl.constexpr):
         """One consumer warpgroup: 64 query rows of each of this program's tiles. SPARSE (:func:`sparse_fwd`; not
         CAUSAL): a tile's key range from ``ranges``, the tiles outside its ``[mid_lo, mid_hi)`` masked by
         :func:`sparse_keep`; a row that sees no key (or a slot past its head's kept count) gets out 0 and the
         library's empty-row LSE. Non-finite values are not scanned for (the arithmetic decides, as in
-        ``hopper_bwd``)."""
+        ``hopper_bwd``). GATHER (with SPARSE): out and lse go straight to their rows (``o_ptr``: the row-order
+        output; ``q_rows``: the slot -> row tables) instead of a slot-order TMA store."""
         WG_M: gl.constexpr = BLOCK_M // 2
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = q_smem.dtype
@@ -344,16 +404,23 @@ if AVAILABLE:
                 out = gl.where((rows_o - STRICT >= bad_from)[:, None], float("nan"), out)
             if SPARSE:                  # slots past the kept count (a mid tile does not mask them) stand for dropped
                 out = gl.where((row_lo + gl.arange(0, WG_M, o_row) < q_n)[:, None], out, 0.0)      # rows
-            q.store(out.to(dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(desc_o, [q_row0 + WG * WG_M, q_col], q)
+            if GATHER:                  # (batch, head) row 0 of the output (rows H * D apart) and its row table
+                o_row0 = o_ptr + ((hb // H).to(gl.int64) * N_CTX * H + hb % H) * HEAD_DIM
+                store_rows(out.to(dtype), q, o_row0, q_rows + lse_row, row_lo, H * HEAD_DIM, NW)
+            else:
+                q.store(out.to(dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(desc_o, [q_row0 + WG * WG_M, q_col], q)
             lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453    # natural log (scores carried log2(e) * scale)
             if STRICT:
                 lse = gl.where(l_i == 0.0, EMPTY_LSE_C, lse)
             if SPARSE:
                 lse = gl.where((l_i == 0.0) | (rows >= q_n), EMPTY_LSE_C, lse)
-            gl.store(lse_ptr + lse_row + rows, lse)
-            tma.store_wait(pendings=0)
+            if GATHER:
+                gl.store(lse_ptr + lse_row + gl.load(q_rows + lse_row + rows), lse)
+            else:
+                gl.store(lse_ptr + lse_row + rows, lse)
+                tma.store_wait(pendings=0)
             mbarrier.arrive(q_empty.index(buf), count=1)
             n_done += 1
             mbarrier.wait(q_bar.index(n_done % 2), (n_done // 2) & 1)
@@ -373,6 +440,18 @@ if AVAILABLE:
         tma.async_copy_global_to_shared(desc_v, [row, col], v_ready.index(stage), v_smem.index(stage))
 
     @gluon.jit
+    def gather_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, k_base, v_base, rows, slot0, count, row_stride,
+                        i, NUM_STAGES: gl.constexpr):
+        """:func:`fill_kv_stage` reading rows through a slot -> row table (:func:`gather_rows_async`; GATHER): slots
+        ``slot0 ...`` of K and V into slot ``i % NUM_STAGES`` of the ring, those at or past ``count`` zero."""
+        stage = i % NUM_STAGES
+        mbarrier.wait(kv_empty.index(stage), ((i // NUM_STAGES) & 1) ^ 1)
+        gather_rows_async(k_smem.index(stage), k_base, rows, slot0, count, row_stride, gl.num_warps())
+        gathered(k_ready.index(stage))
+        gather_rows_async(v_smem.index(stage), v_base, rows, slot0, count, row_stride, gl.num_warps())
+        gathered(v_ready.index(stage))
+
+    @gluon.jit
     def _next_tile(counter_ptr, n_done, DYNAMIC: gl.constexpr):
         """This program's next tile: drawn from the launch's counter (DYNAMIC: whichever program is free takes the
         next tile in order, as the hardware's block scheduler would) or the static stride ``pid + n_done * P``."""
@@ -385,9 +464,13 @@ if AVAILABLE:
 
     @gluon.jit
     def _producer(q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, desc_q, desc_k,
-                  desc_v, counter_ptr, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, ranges,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, SPARSE: gl.constexpr):
+                  desc_v, counter_ptr, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, ranges, q_len, k_len, q_ptr,
+                  k_ptr, v_ptr, q_rows, k_rows, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr,
+                  SPARSE: gl.constexpr, GATHER: gl.constexpr):
+        """The 1-warp producer: draws the tiles, loads each one's Q and its K / V tiles by TMA or (GATHER, with
+        SPARSE; one query head per K/V head) by cp.async through the row tables ``q_rows`` / ``k_rows`` from the
+        row-order tensors at ``q_ptr`` / ``k_ptr`` / ``v_ptr``."""
         WG_M: gl.constexpr = BLOCK_M // 2
         kv_it = 0
         n_done = 0
@@ -405,33 +488,49 @@ if AVAILABLE:
             buf = n_done % 2
             # fresh mbarriers count as "phase 1 complete": waiting on phase ^ 1 lets the first use of each through
             mbarrier.wait(q_empty.index(buf), ((n_done // 2) & 1) ^ 1)
-            _put_scalar(tile_smem.index(buf), t, 1)     # read by the consumers after the Q barrier
-            mbarrier.expect(q_bar.index(buf), 2 * desc_q.block_type.nbytes)
-            for w in gl.static_range(2):
-                tma.async_copy_global_to_shared(desc_q, [q_row0 + w * WG_M, q_col], q_bar.index(buf),
-                                                q_smem.index(2 * buf + w))
-            for it in range(n_it):
-                fill_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, desc_k, desc_v,
-                              kv_row0 + n_lo + it * BLOCK_N, kv_col, kv_it, NUM_STAGES)
-                kv_it += 1
+            _put_scalar(tile_smem.index(buf), t, gl.num_warps())     # read by the consumers after the Q barrier
+            if GATHER:                  # the (batch, head)'s row 0 (rows H * D apart), row tables and kept counts
+                at = hb.to(gl.int64) * N_CTX
+                row0 = ((hb // H).to(gl.int64) * N_CTX * H + hb % H) * HEAD_DIM
+                q_n = gl.load(q_len + hb)
+                for w in gl.static_range(2):
+                    gather_rows_async(q_smem.index(2 * buf + w), q_ptr + row0, q_rows + at,
+                                      start_m * BLOCK_M + w * WG_M, q_n, H * HEAD_DIM, gl.num_warps())
+                gathered(q_bar.index(buf))
+                k_n = gl.load(k_len + hb)
+                for it in range(n_it):
+                    gather_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, k_ptr + row0, v_ptr + row0,
+                                    k_rows + at, n_lo + it * BLOCK_N, k_n, H * HEAD_DIM, kv_it, NUM_STAGES)
+                    kv_it += 1
+            else:
+                mbarrier.expect(q_bar.index(buf), 2 * desc_q.block_type.nbytes)
+                for w in gl.static_range(2):
+                    tma.async_copy_global_to_shared(desc_q, [q_row0 + w * WG_M, q_col], q_bar.index(buf),
+                                                    q_smem.index(2 * buf + w))
+                for it in range(n_it):
+                    fill_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, desc_k, desc_v,
+                                  kv_row0 + n_lo + it * BLOCK_N, kv_col, kv_it, NUM_STAGES)
+                    kv_it += 1
             n_done += 1
             t = _next_tile(counter_ptr, n_done, DYNAMIC)
         buf = n_done % 2            # the end of the walk: an index >= N_TILES in the next slot, no Q load
         mbarrier.wait(q_empty.index(buf), ((n_done // 2) & 1) ^ 1)
-        _put_scalar(tile_smem.index(buf), t, 1)
+        _put_scalar(tile_smem.index(buf), t, gl.num_warps())
         mbarrier.arrive(q_bar.index(buf), count=1)
 
     @gluon.jit
     def _attn_fwd_hopper(desc_q, desc_k, desc_v, desc_o, lse_ptr, counter_ptr, sm_scale, N_CTX, H, GROUP, N_TILES,
-                         HEAD_GROUP, ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, BLOCK_M: gl.constexpr,
-                         BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
-                         CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, STRICT: gl.constexpr, SPARSE: gl.constexpr,
-                         SP_CAUSAL: gl.constexpr, HASH: gl.constexpr):
+                         HEAD_GROUP, ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, q_ptr, k_ptr, v_ptr, o_ptr,
+                         q_rows, k_rows, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr,
+                         STRICT: gl.constexpr, SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr, HASH: gl.constexpr,
+                         GATHER: gl.constexpr):
         """P programs walk :func:`_tile`'s order: program i takes tiles i, i + P, i + 2P..., or (DYNAMIC) the next
         tile of a counter whenever it is free (``counter_ptr``: an int32 zero). P is one per tile or, persistent,
         one per SM (the next tile's Q and first K/V tiles load during this one's epilogue). The producer draws
         the tiles and hands each one's index to the consumers in a shared-memory slot beside its Q buffer."""
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
+        gl.static_assert(SPARSE or not GATHER, "GATHER reads through a sparse call's row tables")
         WG_M: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = desc_q.dtype
         qk_scale = sm_scale * 1.4426950408889634
@@ -463,16 +562,17 @@ if AVAILABLE:
         gl.warp_specialize([
             (_consumer, (0, q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, scan_bar,
                          scan_smem, desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH,
-                         ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
-                         CAUSAL, STRICT, SPARSE, SP_CAUSAL, HASH)),
+                         ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, o_ptr, q_rows, BLOCK_M, BLOCK_N, HEAD_DIM,
+                         NUM_STAGES, CAUSAL, STRICT, SPARSE, SP_CAUSAL, HASH, GATHER)),
             (_consumer, (1, q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, scan_bar,
                          scan_smem, desc_o, lse_ptr, qk_scale, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH,
-                         ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES,
-                         CAUSAL, STRICT, SPARSE, SP_CAUSAL, HASH)),
+                         ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, o_ptr, q_rows, BLOCK_M, BLOCK_N, HEAD_DIM,
+                         NUM_STAGES, CAUSAL, STRICT, SPARSE, SP_CAUSAL, HASH, GATHER)),
             (_producer, (q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, desc_q,
-                         desc_k, desc_v, counter_ptr, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, ranges, BLOCK_M,
-                         BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, DYNAMIC, SPARSE)),
-        ], [4, 1], [240, 32])
+                         desc_k, desc_v, counter_ptr, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, ranges, q_len,
+                         k_len, q_ptr, k_ptr, v_ptr, q_rows, k_rows, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL,
+                         DYNAMIC, SPARSE, GATHER)),
+        ], [4, 4 if GATHER else 1], [240, 32] if not GATHER else [232, 48])
         # Registers (64,512 per program at 384 threads, counted per warpgroup): consumers need ~232-240 (128
         # spills); the producer addresses and draws tiles (24 spilled 24 B at D=64 causal), so consumer 0 (the
         # default partition, given the rest) has 232; no spills in either (compile_probe, triton 3.6).
@@ -507,7 +607,7 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
                 out: torch.Tensor, lse: torch.Tensor, stages: int = NUM_STAGES,
                 programs: Optional[int] = None, dynamic: Optional[bool] = None,
                 heads_per_group: Optional[int] = None, strict: bool = False,
-                sparse: Optional[SparseMeta] = None) -> Tuple[tuple, tuple]:
+                sparse: Optional[SparseMeta] = None, gather: bool = False) -> Tuple[tuple, tuple]:
     """``(grid, args)`` of one launch (``_attn_fwd_hopper[grid](*args, num_warps=4)``): TMA descriptors over the
     2-D ``(B*S, H*D)`` views. Split out so that a machine without a GPU can compile the kernel (tests).
     ``programs``: how many programs walk the tiles (benchmarks, tests); default one per SM where :data:`PERSISTENT`,
@@ -515,12 +615,18 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
     whose tiles differ in length) rather than a fixed stride. ``heads_per_group``: :func:`head_group` (default:
     that for causal calls, 1 otherwise). ``strict`` (with ``causal``): keys j < i. ``sparse``: the tensors are in
     slot order (:func:`sparse_fwd`), ``causal`` False, one query head per K/V head; tiles differ in length, so
-    the persistent programs draw them from a counter."""
+    the persistent programs draw them from a counter. ``gather`` (with ``sparse`` and its row tables): q / k / v /
+    out / lse are in row order (contiguous); the producer reads rows through the tables (cp.async) and the
+    consumers write out and lse to their rows."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     if sparse is not None and (causal or h != hk):
         raise ValueError("a sparse forward takes causal=False (the side tensors' positions carry causality) and one "
                          f"query head per K/V head; got causal={causal}, {h} / {hk} heads")
+    if gather and (sparse is None or sparse.q_rows is None or sparse.k_rows is None
+                   or not all(t.is_contiguous() for t in (q, k, v, out))):
+        raise ValueError("gather reads through a sparse call's row tables (sparse with q_rows / k_rows) from "
+                         "contiguous q / k / v / out")
     n_tiles = b * h * (s // BLOCK_M)
     if programs is None and PERSISTENT:
         programs = sm_count(q.device.index) if q.is_cuda else 132
@@ -534,6 +640,7 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
     q_box, kv_box = [BLOCK_M // 2, d], [BLOCK_N, d]
     q_lay, kv_lay = shared_layout(tuple(q_box), gdt), shared_layout(tuple(kv_box), gdt)
     desc = lambda t, heads, box, lay: TensorDescriptor(t, [b * s, heads * d], [heads * d, 1], box, lay)  # noqa
+    rows = (q, k, v, out, sparse.q_rows, sparse.k_rows) if gather else (lse,) * 6
     if sparse is None:          # unused pointers
         side, flags = (lse,) * 7, (False, False, False)
     else:
@@ -543,8 +650,8 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
         flags = (True, sparse.causal, sparse.q_bkt is not None)
     args = (desc(q, h, q_box, q_lay), desc(k, hk, kv_box, kv_lay), desc(v, hk, kv_box, kv_lay),
             desc(out, h, q_box, q_lay), lse, counter, softmax_scale, s, h, h // hk, n_tiles,
-            max(1, min(heads_per_group, b * h)), *side, BLOCK_M, BLOCK_N, d, stages, causal, dynamic,
-            int(causal and strict), *flags)
+            max(1, min(heads_per_group, b * h)), *side, *rows, BLOCK_M, BLOCK_N, d, stages, causal, dynamic,
+            int(causal and strict), *flags, gather)
     return (programs, ), args
 
 
@@ -586,14 +693,36 @@ def sparse_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse: Sp
             and all(t.shape == (b, h) and t.is_contiguous() for t in (sparse.q_len, sparse.k_len)))
 
 
+# The sparse kernels read q / k / v (and dout) through the row tables by cp.async in the producer warp instead of
+# copies into slot order, and write their results straight to the rows (``gather``): no copies at all. Compiled for
+# sm_90, not yet run on a GPU: off unless FLASHRING_HOPPER_SPARSE_GATHER=1.
+GATHER_ENV = "FLASHRING_HOPPER_SPARSE_GATHER"
+
+
+def gather_wanted(sparse: SparseMeta) -> bool:
+    """Whether the Gluon sparse kernels read rows through ``sparse``'s row tables (:data:`GATHER_ENV`)."""
+    return os.environ.get(GATHER_ENV, "0") == "1" and sparse.q_rows is not None and sparse.k_rows is not None
+
+
 def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, sparse: SparseMeta,
-               **config) -> Tuple[torch.Tensor, torch.Tensor]:
+               gather: Optional[bool] = None, **config) -> Tuple[torch.Tensor, torch.Tensor]:
     """A sparse front end's ``(out, lse)`` (:func:`sparse_applies`) on this kernel: q / k / v gathered into slot
     order (``sparse.q_rows`` / ``k_rows``; without them they are in slot order already; padding slots zero:
     ``sparse_ranges.slot_copy``), each tile's key range
     from ``sparse_ranges.tile_ranges``, the tiles across the pattern masked by position and bucket, out and lse
-    scattered back to their rows (a dropped row: out 0, the empty-row LSE). ``config``: :func:`launch_args`'
-    keywords."""
+    scattered back to their rows (a dropped row: out 0, the empty-row LSE). ``gather`` (default
+    :func:`gather_wanted`; with row tables): no copies, the kernel reads and writes rows through the tables.
+    ``config``: :func:`launch_args`' keywords."""
+    if gather is None:
+        gather = gather_wanted(sparse)
+    if gather and sparse.q_rows is not None and sparse.k_rows is not None:
+        q, k, v = aligned(q), aligned(k), aligned(v)
+        b, s, h, _ = q.shape
+        out = torch.empty_like(q)
+        lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
+        grid, args = launch_args(q, k, v, softmax_scale, False, out, lse, sparse=sparse, gather=True, **config)
+        LAUNCH[grid](*args, num_warps=4)
+        return out, lse
     rows = sparse.q_rows is not None
     q, = slot_copy([q], sparse.q_rows, sparse.q_len)
     k, v = slot_copy([k, v], sparse.k_rows, sparse.k_len)

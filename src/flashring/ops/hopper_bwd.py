@@ -181,19 +181,6 @@ if AVAILABLE:
         gl.atomic_add(dq_tile + offs, dq, sem="relaxed")      # scaled in the cast
 
     @gluon.jit
-    def _store_rows(x, out, rows, slot0, row_stride, NUM_WARPS: gl.constexpr):
-        """A slot-order result tile ``x`` (``[M, D]``, cast) written straight to its rows: slot ``slot0 + i`` to
-        ``out + rows[slot0 + i] * row_stride`` (ROWS_OUT: no scatter pass after the kernel). ``out`` and ``rows`` are
-        at the (batch, head)'s row 0 and table; 16-byte stores."""
-        M: gl.constexpr = x.shape[0]
-        D: gl.constexpr = x.shape[1]
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
-        y = gl.convert_layout(x, layout)
-        r = gl.load(rows + slot0 + gl.arange(0, M, gl.SliceLayout(1, layout)))
-        cols = gl.arange(0, D, gl.SliceLayout(0, layout))
-        gl.store(out + (r * row_stride)[:, None] + cols[None, :], y)
-
-    @gluon.jit
     def _dkdv_consumer(WG: gl.constexpr, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar,
                        q_ready, do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale, dq_row,
                        N_CTX, GROUP, j_lo, n_q, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo, mid_hi, dk_out, dv_out,
@@ -215,8 +202,8 @@ if AVAILABLE:
         SPARSE (:func:`sparse_bwd`; GROUP 1, not ATOMIC_DQ): ``q_pos`` ... ``k_n`` = the (batch, head)'s side
         tensors and kept counts (:func:`hopper.sparse_side`); query tiles outside ``[mid_lo, mid_hi)`` are masked by
         :func:`hopper.sparse_keep`, and the key slots past ``k_n`` (they stand for dropped rows) get zero dK / dV.
-        ROWS_OUT (with SPARSE): dK / dV go straight to their rows (:func:`_store_rows` into ``dk_out`` / ``dv_out``
-        through ``out_rows``), not through the slot-order TMA store."""
+        ROWS_OUT (with SPARSE): dK / dV go straight to their rows (``hopper.store_rows`` into ``dk_out`` / ``dv_out``
+        through ``out_rows``, staged in this warpgroup's K / V buffers), not through the slot-order TMA store."""
         WG_N: gl.constexpr = BLOCK_KEYS // 2
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = k_smem.dtype
@@ -311,8 +298,8 @@ if AVAILABLE:
             dk = gl.where(kept[:, None], dk, 0.0)
             dv = gl.where(kept[:, None], dv, 0.0)
         if ROWS_OUT:
-            _store_rows((dk * (qk_scale / LOG2E_C)).to(dtype), dk_out, out_rows, key_lo, out_stride, NW)
-            _store_rows(dv.to(dtype), dv_out, out_rows, key_lo, out_stride, NW)
+            hopper.store_rows((dk * (qk_scale / LOG2E_C)).to(dtype), k_wg, dk_out, out_rows, key_lo, out_stride, NW)
+            hopper.store_rows(dv.to(dtype), v_wg, dv_out, out_rows, key_lo, out_stride, NW)
         else:
             k_wg.store((dk * (qk_scale / LOG2E_C)).to(dtype))      # the softmax scale, from a live scalar
             v_wg.store(dv.to(dtype))
@@ -325,39 +312,64 @@ if AVAILABLE:
     @gluon.jit
     def _dkdv_producer(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready,
                        qdo_empty, desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, N_CTX, H, b, hk, GROUP, n0,
-                       j_lo, n_q, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
-                       NUM_STAGES: gl.constexpr):
+                       j_lo, n_q, q_n, k_n, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, q_rows, k_rows,
+                       BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
+                       NUM_STAGES: gl.constexpr, GATHER: gl.constexpr):
+        """Loads by TMA, or (GATHER: sparse, GROUP 1) by cp.async through the row tables ``q_rows`` / ``k_rows``
+        (the (batch, head)'s, as ``*_ptr`` are at its row 0 and ``lse_ptr`` / ``delta_ptr`` at its LSE row)."""
         WG_N: gl.constexpr = BLOCK_KEYS // 2
-        mbarrier.expect(kv_bar, 2 * desc_k.block_type.nbytes + 2 * desc_v.block_type.nbytes)
-        for w in gl.static_range(2):
-            tma.async_copy_global_to_shared(desc_k, [b * N_CTX + n0 + w * WG_N, hk * HEAD_DIM], kv_bar,
-                                            k_smem.index(w))
-            tma.async_copy_global_to_shared(desc_v, [b * N_CTX + n0 + w * WG_N, hk * HEAD_DIM], kv_bar,
-                                            v_smem.index(w))
-        for it in range(GROUP * n_q):
-            stage = it % NUM_STAGES
-            phase = (it // NUM_STAGES) & 1
-            h = hk * GROUP + it // n_q
-            m0 = (j_lo + it % n_q) * BLOCK_Q
-            # fresh mbarriers count as "phase 1 complete": waiting on phase ^ 1 lets the first NUM_STAGES through
-            mbarrier.wait(qdo_empty.index(stage), phase ^ 1)
-            row = b * N_CTX + m0
-            lse_at = (b * H + h) * N_CTX + m0               # (B, H, S) seen as one row; int32: B*H*S < 2**31
-            mbarrier.expect(q_ready.index(stage), desc_q.block_type.nbytes + desc_lse.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_q, [row, h * HEAD_DIM], q_ready.index(stage), q_smem.index(stage))
-            tma.async_copy_global_to_shared(desc_lse, [lse_at], q_ready.index(stage), lse_smem.index(stage))
-            mbarrier.expect(do_ready.index(stage), desc_do.block_type.nbytes + desc_delta.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc_do, [row, h * HEAD_DIM], do_ready.index(stage),
-                                            do_smem.index(stage))
-            tma.async_copy_global_to_shared(desc_delta, [lse_at], do_ready.index(stage), delta_smem.index(stage))
+        if GATHER:
+            NWP: gl.constexpr = gl.num_warps()
+            for w in gl.static_range(2):
+                hopper.gather_rows_async(k_smem.index(w), k_ptr, k_rows, n0 + w * WG_N, k_n, H * HEAD_DIM, NWP)
+                hopper.gather_rows_async(v_smem.index(w), v_ptr, k_rows, n0 + w * WG_N, k_n, H * HEAD_DIM, NWP)
+            hopper.gathered(kv_bar)
+            for it in range(n_q):
+                stage = it % NUM_STAGES
+                m0 = (j_lo + it) * BLOCK_Q
+                mbarrier.wait(qdo_empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
+                hopper.gather_rows_async(q_smem.index(stage), q_ptr, q_rows, m0, q_n, H * HEAD_DIM, NWP)
+                hopper.gather_values_async(lse_smem.index(stage), lse_ptr, q_rows, m0, q_n, NWP)
+                hopper.gathered(q_ready.index(stage))
+                hopper.gather_rows_async(do_smem.index(stage), do_ptr, q_rows, m0, q_n, H * HEAD_DIM, NWP)
+                hopper.gather_values_async(delta_smem.index(stage), delta_ptr, q_rows, m0, q_n, NWP)
+                hopper.gathered(do_ready.index(stage))
+        else:
+            mbarrier.expect(kv_bar, 2 * desc_k.block_type.nbytes + 2 * desc_v.block_type.nbytes)
+            for w in gl.static_range(2):
+                tma.async_copy_global_to_shared(desc_k, [b * N_CTX + n0 + w * WG_N, hk * HEAD_DIM], kv_bar,
+                                                k_smem.index(w))
+                tma.async_copy_global_to_shared(desc_v, [b * N_CTX + n0 + w * WG_N, hk * HEAD_DIM], kv_bar,
+                                                v_smem.index(w))
+            for it in range(GROUP * n_q):
+                stage = it % NUM_STAGES
+                phase = (it // NUM_STAGES) & 1
+                h = hk * GROUP + it // n_q
+                m0 = (j_lo + it % n_q) * BLOCK_Q
+                # fresh mbarriers count as "phase 1 complete": waiting on phase ^ 1 lets the first NUM_STAGES through
+                mbarrier.wait(qdo_empty.index(stage), phase ^ 1)
+                row = b * N_CTX + m0
+                lse_at = (b * H + h) * N_CTX + m0               # (B, H, S) seen as one row; int32: B*H*S < 2**31
+                mbarrier.expect(q_ready.index(stage), desc_q.block_type.nbytes + desc_lse.block_type.nbytes)
+                tma.async_copy_global_to_shared(desc_q, [row, h * HEAD_DIM], q_ready.index(stage), q_smem.index(stage))
+                tma.async_copy_global_to_shared(desc_lse, [lse_at], q_ready.index(stage), lse_smem.index(stage))
+                mbarrier.expect(do_ready.index(stage), desc_do.block_type.nbytes + desc_delta.block_type.nbytes)
+                tma.async_copy_global_to_shared(desc_do, [row, h * HEAD_DIM], do_ready.index(stage),
+                                                do_smem.index(stage))
+                tma.async_copy_global_to_shared(desc_delta, [lse_at], do_ready.index(stage), delta_smem.index(stage))
 
     @gluon.jit
     def _bwd_dkdv_hopper(desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, desc_dk, desc_dv, dq_ptr, sm_scale,
                          N_CTX, H, GROUP, ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, dk_out, dv_out, k_rows,
-                         BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
-                         NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-                         STRICT: gl.constexpr, HOLD: gl.constexpr, SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr,
-                         HASH: gl.constexpr, ROWS_OUT: gl.constexpr):
+                         q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, q_rows, BLOCK_KEYS: gl.constexpr,
+                         BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
+                         CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr, STRICT: gl.constexpr, HOLD: gl.constexpr,
+                         SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr, HASH: gl.constexpr, ROWS_OUT: gl.constexpr,
+                         GATHER: gl.constexpr):
+        """One program per 128 keys of a (batch, K/V head) (module docstring). GATHER (with SPARSE and ROWS_OUT):
+        q / k / v / dout, LSE and delta are in row order (``*_ptr``; contiguous) and the producer reads them
+        through the row tables ``q_rows`` / ``k_rows`` (``hopper.gather_rows_async``): no copies into slot
+        order."""
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
         gl.static_assert(BLOCK_Q % (BLOCK_KEYS // 2) == 0, "whole warpgroups of query rows (launch_args checks "
                          "N_CTX % BLOCK_Q)")
@@ -390,6 +402,16 @@ if AVAILABLE:
             dk_out += (b.to(gl.int64) * N_CTX * H + hk) * HEAD_DIM
             dv_out += (b.to(gl.int64) * N_CTX * H + hk) * HEAD_DIM
             k_rows += (b.to(gl.int64) * H + hk) * N_CTX
+        if GATHER:              # the same for the inputs (GROUP 1: query head hk), LSE and delta rows
+            gl.static_assert(SPARSE and ROWS_OUT and not ATOMIC_DQ, "GATHER: a sparse call's rows, results to rows")
+            row0 = (b.to(gl.int64) * N_CTX * H + hk) * HEAD_DIM
+            q_ptr += row0
+            k_ptr += row0
+            v_ptr += row0
+            do_ptr += row0
+            lse_ptr += (b.to(gl.int64) * H + hk) * N_CTX
+            delta_ptr += (b.to(gl.int64) * H + hk) * N_CTX
+            q_rows += (b.to(gl.int64) * H + hk) * N_CTX
 
         k_smem = gl.allocate_shared_memory(dtype, [2, WG_N, HEAD_DIM], desc_k.layout)
         v_smem = gl.allocate_shared_memory(dtype, [2, WG_N, HEAD_DIM], desc_v.layout)
@@ -434,8 +456,9 @@ if AVAILABLE:
                               NUM_STAGES, CAUSAL, ATOMIC_DQ, STRICT, HOLD, SPARSE, SP_CAUSAL, HASH, ROWS_OUT)),
             (_dkdv_producer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready,
                               qdo_empty, desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, N_CTX, H, b, hk,
-                              GROUP, n0, j_lo, n_q, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES)),
-        ], [4, 1], [240, 24])
+                              GROUP, n0, j_lo, n_q, q_n, k_n, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, q_rows,
+                              k_rows, BLOCK_KEYS, BLOCK_Q, HEAD_DIM, NUM_STAGES, GATHER)),
+        ], [4, 4 if GATHER else 1], [232, 40] if GATHER and HEAD_DIM == 64 else [240, 24])
 
         mbarrier.invalidate(kv_bar)
         for i in gl.static_range(NUM_STAGES):
@@ -452,12 +475,14 @@ if AVAILABLE:
                      q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo, mid_hi, dq_out, out_rows, out_stride,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                      CAUSAL: gl.constexpr, STRICT: gl.constexpr, HOLD: gl.constexpr, SPARSE: gl.constexpr,
-                     SP_CAUSAL: gl.constexpr, HASH: gl.constexpr, ROWS_OUT: gl.constexpr):
+                     SP_CAUSAL: gl.constexpr, HASH: gl.constexpr, ROWS_OUT: gl.constexpr, GATHER: gl.constexpr):
         """One consumer warpgroup of the separate dQ kernel: 64 query rows, key tiles from ``n_lo`` (a multiple of
         BLOCK_N) to ``n_hi``. HOLD: :func:`_wait_after_rows` keeps the tile's exponentials ahead of the wait for dP
         (they run while dP's wgmma does). SPARSE: as the dK/dV consumer's (tiles outside ``[mid_lo, mid_hi)``
         masked; a query slot past the kept count has an LSE of +inf from :func:`sparse_bwd`, so its dQ is 0).
-        ROWS_OUT: dQ straight to its rows (:func:`_store_rows`)."""
+        ROWS_OUT: dQ straight to its rows (``hopper.store_rows``, staged in this warpgroup's Q buffer). GATHER: LSE
+        and delta in row order, read through the row table ``out_rows`` (a dropped slot: +inf and 0, as the
+        copies give it)."""
         WG_M: gl.constexpr = BLOCK_M // 2
         NW: gl.constexpr = gl.num_warps()
         dtype: gl.constexpr = q_smem.dtype
@@ -473,8 +498,13 @@ if AVAILABLE:
         row_lo = row_lo0 + WG * WG_M
         rows = row_lo + gl.arange(0, WG_M, s_row)
         cols0 = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
-        lse2 = gl.load(lse_ptr + lse_row + rows) * LOG2E_C              # 2 rows per thread: loaded once
-        delta = gl.load(delta_ptr + lse_row + rows)
+        if GATHER:
+            at = gl.load(out_rows + rows)
+            lse2 = gl.load(lse_ptr + lse_row + at, mask=rows < q_n, other=float("inf")) * LOG2E_C
+            delta = gl.load(delta_ptr + lse_row + at, mask=rows < q_n, other=0.0)
+        else:
+            lse2 = gl.load(lse_ptr + lse_row + rows) * LOG2E_C          # 2 rows per thread: loaded once
+            delta = gl.load(delta_ptr + lse_row + rows)
         s_zero = gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout)
         dq = gl.zeros([WG_M, HEAD_DIM], gl.float32, acc_layout)
         mbarrier.wait(qdo_bar, 0)
@@ -508,7 +538,7 @@ if AVAILABLE:
         if SPARSE:          # slots past the kept count stand for dropped rows: 0, whatever an inf in K gave them
             dq = gl.where((row_lo + gl.arange(0, WG_M, gl.SliceLayout(1, acc_layout)) < q_n)[:, None], dq, 0.0)
         if ROWS_OUT:
-            _store_rows((dq * sm_scale).to(dtype), dq_out, out_rows, row_lo, out_stride, NW)
+            hopper.store_rows((dq * sm_scale).to(dtype), q, dq_out, out_rows, row_lo, out_stride, NW)
         else:
             q.store((dq * sm_scale).to(dtype))
             fence_async_shared()
@@ -528,23 +558,40 @@ if AVAILABLE:
 
     @gluon.jit
     def _dq_producer(q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_q, desc_do, desc_k,
-                     desc_v, q_row0, q_col, kv_row0, kv_col, n_lo, n_hi, BLOCK_M: gl.constexpr,
-                     BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr):
+                     desc_v, q_row0, q_col, kv_row0, kv_col, n_lo, n_hi, row_lo0, q_n, k_n, q_ptr, k_ptr, v_ptr,
+                     do_ptr, q_rows, k_rows, row_stride, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     NUM_STAGES: gl.constexpr, GATHER: gl.constexpr):
+        """Loads by TMA, or (GATHER) by cp.async through the (batch, head)'s row tables ``q_rows`` / ``k_rows``
+        from the row-order tensors at ``*_ptr`` (its row 0)."""
         WG_M: gl.constexpr = BLOCK_M // 2
-        mbarrier.expect(qdo_bar, 2 * desc_q.block_type.nbytes + 2 * desc_do.block_type.nbytes)
-        for w in gl.static_range(2):
-            tma.async_copy_global_to_shared(desc_q, [q_row0 + w * WG_M, q_col], qdo_bar, q_smem.index(w))
-            tma.async_copy_global_to_shared(desc_do, [q_row0 + w * WG_M, q_col], qdo_bar, do_smem.index(w))
-        for it in range((n_hi - n_lo + BLOCK_N - 1) // BLOCK_N):
-            hopper.fill_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, desc_k, desc_v,
-                                 kv_row0 + n_lo + it * BLOCK_N, kv_col, it, NUM_STAGES)
+        if GATHER:
+            NWP: gl.constexpr = gl.num_warps()
+            for w in gl.static_range(2):
+                hopper.gather_rows_async(q_smem.index(w), q_ptr, q_rows, row_lo0 + w * WG_M, q_n, row_stride, NWP)
+                hopper.gather_rows_async(do_smem.index(w), do_ptr, q_rows, row_lo0 + w * WG_M, q_n, row_stride, NWP)
+            hopper.gathered(qdo_bar)
+            for it in range((n_hi - n_lo + BLOCK_N - 1) // BLOCK_N):
+                hopper.gather_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, k_ptr, v_ptr, k_rows,
+                                       n_lo + it * BLOCK_N, k_n, row_stride, it, NUM_STAGES)
+        else:
+            mbarrier.expect(qdo_bar, 2 * desc_q.block_type.nbytes + 2 * desc_do.block_type.nbytes)
+            for w in gl.static_range(2):
+                tma.async_copy_global_to_shared(desc_q, [q_row0 + w * WG_M, q_col], qdo_bar, q_smem.index(w))
+                tma.async_copy_global_to_shared(desc_do, [q_row0 + w * WG_M, q_col], qdo_bar, do_smem.index(w))
+            for it in range((n_hi - n_lo + BLOCK_N - 1) // BLOCK_N):
+                hopper.fill_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, desc_k, desc_v,
+                                     kv_row0 + n_lo + it * BLOCK_N, kv_col, it, NUM_STAGES)
 
     @gluon.jit
     def _bwd_dq_hopper(desc_q, desc_k, desc_v, desc_do, desc_dq, lse_ptr, delta_ptr, sm_scale, N_CTX, H, GROUP,
-                       ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, dq_out, q_rows, BLOCK_M: gl.constexpr,
-                       BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                       STRICT: gl.constexpr, HOLD: gl.constexpr, SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr,
-                       HASH: gl.constexpr, ROWS_OUT: gl.constexpr):
+                       ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, dq_out, q_rows, q_ptr, k_ptr, v_ptr, do_ptr,
+                       k_rows, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                       NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, STRICT: gl.constexpr, HOLD: gl.constexpr,
+                       SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr, HASH: gl.constexpr, ROWS_OUT: gl.constexpr,
+                       GATHER: gl.constexpr):
+        """One program per 128 query rows of a (batch, head) (module docstring). GATHER (with SPARSE and
+        ROWS_OUT): q / k / v / dout, LSE and delta in row order, read through the row tables ``q_rows`` /
+        ``k_rows`` (``hopper.gather_rows_async``)."""
         gl.static_assert(gl.num_warps() == 4, "two 4-warp consumer partitions plus the default one")
         WG_M: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = desc_q.dtype
@@ -572,6 +619,14 @@ if AVAILABLE:
         if ROWS_OUT:            # (batch, head) row 0 of the row-order dQ and the head's slot -> row table
             dq_out += (b.to(gl.int64) * N_CTX * H + h) * HEAD_DIM
             q_rows += (b.to(gl.int64) * H + h) * N_CTX
+        if GATHER:              # the same for the inputs (GROUP 1)
+            gl.static_assert(SPARSE and ROWS_OUT, "GATHER: a sparse call's rows, results to rows")
+            row0 = (b.to(gl.int64) * N_CTX * H + h) * HEAD_DIM
+            q_ptr += row0
+            k_ptr += row0
+            v_ptr += row0
+            do_ptr += row0
+            k_rows += (b.to(gl.int64) * H + h) * N_CTX
 
         q_smem = gl.allocate_shared_memory(dtype, [2, WG_M, HEAD_DIM], desc_q.layout)
         do_smem = gl.allocate_shared_memory(dtype, [2, WG_M, HEAD_DIM], desc_do.layout)
@@ -593,16 +648,17 @@ if AVAILABLE:
                             lse_ptr, delta_ptr, sm_scale * LOG2E_C, sm_scale, lse_row, q_row0, h * HEAD_DIM,
                             start_m * BLOCK_M, n_lo, n_hi, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo, mid_hi,
                             dq_out, q_rows, H * HEAD_DIM, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT,
-                            HOLD, SPARSE, SP_CAUSAL, HASH, ROWS_OUT)),
+                            HOLD, SPARSE, SP_CAUSAL, HASH, ROWS_OUT, GATHER)),
             (_dq_consumer, (1, q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_dq,
                             lse_ptr, delta_ptr, sm_scale * LOG2E_C, sm_scale, lse_row, q_row0, h * HEAD_DIM,
                             start_m * BLOCK_M, n_lo, n_hi, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo, mid_hi,
                             dq_out, q_rows, H * HEAD_DIM, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL, STRICT,
-                            HOLD, SPARSE, SP_CAUSAL, HASH, ROWS_OUT)),
+                            HOLD, SPARSE, SP_CAUSAL, HASH, ROWS_OUT, GATHER)),
             (_dq_producer, (q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_q, desc_do,
                             desc_k, desc_v, q_row0, h * HEAD_DIM, b * N_CTX, (h // GROUP) * HEAD_DIM, n_lo, n_hi,
-                            BLOCK_M, BLOCK_N, NUM_STAGES)),
-        ], [4, 1], [240, 24])
+                            start_m * BLOCK_M, q_n, k_n, q_ptr, k_ptr, v_ptr, do_ptr, q_rows, k_rows, H * HEAD_DIM,
+                            BLOCK_M, BLOCK_N, NUM_STAGES, GATHER)),
+        ], [4, 4 if GATHER else 1], [232, 40] if GATHER and HEAD_DIM == 64 else [240, 24])
 
         mbarrier.invalidate(qdo_bar)
         for i in gl.static_range(NUM_STAGES):
@@ -622,7 +678,8 @@ def _desc(t: torch.Tensor, rows: int, cols: int, box):
 def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
                 delta: torch.Tensor, softmax_scale: float, causal: bool, dq: torch.Tensor, dk: torch.Tensor,
                 dv: torch.Tensor, atomic: bool, block_q: int = 0, strict: bool = False,
-                dq_hold: Optional[bool] = None, sparse: Optional[SparseMeta] = None, rows_out: bool = False):
+                dq_hold: Optional[bool] = None, sparse: Optional[SparseMeta] = None, rows_out: bool = False,
+                gather: bool = False):
     """``[(kernel, grid, args), ...]`` of one backward (each launched as ``kernel[grid](*args, num_warps=4)``):
     the dK/dV kernel, then (not ``atomic``) the dQ kernel. ``dq``: the fp32 accumulator when ``atomic``. Split
     out so that a machine without a GPU can compile the kernels (tests, ``compile_probe.py --hopper-bwd``).
@@ -632,7 +689,9 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     reads all of the step's exponentials (default: the separate dQ kernel at the head dims of :data:`DQ_HOLD_D`).
     ``sparse``: the tensors are in slot order (:func:`sparse_bwd`), ``causal`` False, ``atomic`` False, one query
     head per K/V head. ``rows_out`` (with ``sparse`` and its row tables): ``dq`` / ``dk`` / ``dv`` are in row
-    order and the kernels write each slot's gradient straight to its row."""
+    order and the kernels write each slot's gradient straight to its row. ``gather`` (with ``rows_out``): so are
+    ``q`` / ``k`` / ``v`` / ``do`` (contiguous), ``lse`` and ``delta``, and the producers read them through the
+    row tables."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     if dq_hold is None:
@@ -652,7 +711,12 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                          f"{h} / {hk} heads")
     if rows_out and (sparse is None or sparse.q_rows is None or sparse.k_rows is None):
         raise ValueError("rows_out writes through a sparse call's row tables: it needs sparse with q_rows / k_rows")
+    if gather and not (rows_out and all(t.is_contiguous() for t in (q, k, v, do))):
+        raise ValueError("gather reads row-order inputs through the row tables: it needs rows_out and contiguous "
+                         "q / k / v / do")
     outs_kq, outs_qk = ((dk, dv, sparse.k_rows), (dq, sparse.q_rows)) if rows_out else ((lse,) * 3, (lse,) * 2)
+    ins_kq, ins_qk = ((q, k, v, do, lse, delta, sparse.q_rows), (q, k, v, do, sparse.k_rows)) if gather else \
+        ((lse,) * 7, (lse,) * 5)
     if sparse is None:          # unused pointers
         side, ranges_kq, ranges_qk, flags = (lse,) * 6, lse, lse, (False, False, False)
     else:
@@ -664,16 +728,16 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     dkdv = (_desc(q, b * s, h * d, [bq, d]), _desc(k, b * s, hk * d, half), _desc(v, b * s, hk * d, half),
             _desc(do, b * s, h * d, [bq, d]), _desc(lse, b * h * s, 0, [bq]),
             _desc(delta, b * h * s, 0, [bq]), _desc(dk, b * s, hk * d, half), _desc(dv, b * s, hk * d, half),
-            dq, softmax_scale, s, h, h // hk, ranges_kq, *side, *outs_kq, BLOCK_KEYS, bq, d, NUM_STAGES, causal,
-            atomic, int(causal and strict), bool(dq_hold and atomic), *flags, rows_out)
+            dq, softmax_scale, s, h, h // hk, ranges_kq, *side, *outs_kq, *ins_kq, BLOCK_KEYS, bq, d, NUM_STAGES,
+            causal, atomic, int(causal and strict), bool(dq_hold and atomic), *flags, rows_out, gather)
     launches = [(_bwd_dkdv_hopper, (s // BLOCK_KEYS, hk, b), dkdv)]
     if not atomic:
         wg = [DQ_BLOCK_M // 2, d]
         kv = [DQ_BLOCK_N, d]
         dq_args = (_desc(q, b * s, h * d, wg), _desc(k, b * s, hk * d, kv), _desc(v, b * s, hk * d, kv),
                    _desc(do, b * s, h * d, wg), _desc(dq, b * s, h * d, wg), lse, delta, softmax_scale, s, h,
-                   h // hk, ranges_qk, *side, *outs_qk, DQ_BLOCK_M, DQ_BLOCK_N, d, NUM_STAGES, causal,
-                   int(causal and strict), bool(dq_hold), *flags, rows_out)
+                   h // hk, ranges_qk, *side, *outs_qk, *ins_qk, DQ_BLOCK_M, DQ_BLOCK_N, d, NUM_STAGES, causal,
+                   int(causal and strict), bool(dq_hold), *flags, rows_out, gather)
         launches.append((_bwd_dq_hopper, (s // DQ_BLOCK_M, h, b), dq_args))
     return launches
 
@@ -729,7 +793,8 @@ def sparse_wanted() -> bool:
 
 def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                lse: torch.Tensor, softmax_scale: float, sparse: SparseMeta, dlse: Optional[torch.Tensor] = None,
-               rows_out: Optional[bool] = None, **config) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               rows_out: Optional[bool] = None, gather: Optional[bool] = None,
+               **config) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A sparse front end's ``(dq, dk, dv)`` (``hopper.sparse_applies``) on the dense kernels: the tensors gathered
     into slot order (``sparse.q_rows`` / ``k_rows``; without them they are in slot order already; padding slots
     zero: ``sparse_ranges.slot_copy``), each program's tiles from ``sparse_ranges.tile_ranges``, the tiles that
@@ -737,8 +802,19 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     query slot past its head's kept count gets an LSE of +inf and a delta of 0 (its P is 0, so it adds nothing and
     its dQ is 0); key slots past the count get zero dK / dV in the kernel. ``rows_out`` (default
     :data:`SPARSE_ROWS_OUT`; with row tables): the kernels write the gradients straight to their rows instead of
-    the copies back. ``config``: :func:`launch_args`' keywords (benchmarks)."""
+    the copies back. ``gather`` (default ``hopper.gather_wanted``; with row tables): no copies at all, the
+    producers read the rows through the tables and the gradients go straight to their rows. ``config``:
+    :func:`launch_args`' keywords (benchmarks)."""
     delta = _delta(hopper.aligned(out), hopper.aligned(do), lse.contiguous(), dlse)       # per row: any order
+    if gather is None:
+        gather = hopper.gather_wanted(sparse)
+    if gather and sparse.q_rows is not None and sparse.k_rows is not None:
+        q, k, v, do = (hopper.aligned(t) for t in (q, k, v, do))
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for kernel, grid, args in launch_args(do, q, k, v, lse.contiguous(), delta, softmax_scale, False, dq, dk,
+                                              dv, False, sparse=sparse, rows_out=True, gather=True, **config):
+            LAUNCH[kernel][grid](*args, num_warps=4)
+        return dq, dk, dv
     (q, do), (lse, delta) = slot_copy([q, do], sparse.q_rows, sparse.q_len, sides=(lse.contiguous(), delta))
     k, v = slot_copy([k, v], sparse.k_rows, sparse.k_len)
     rows_out = SPARSE_ROWS_OUT if rows_out is None else rows_out
