@@ -188,9 +188,13 @@ if AVAILABLE:
         past ``count`` zero-filled (dropped tokens: a masked pair's zero weight times an inf in such a row would
         reach the kept rows of its tile). Hopper's TMA has no row gather; this reads the rows where the sparse
         front ends left them instead of a copy into slot order (GATHER). Issued in pieces of two 16-byte vectors
-        per thread (32 rows at D=64, 16 at D=128 for a 4-warp producer): with 48 registers the producer compiles
-        without stack at D=64 and with 40 B at D=128 (triton 3.6; 4 vectors: 0 / 104 B). Completion:
-        :func:`gathered` on the tile's barrier."""
+        per thread (32 rows at D=64, 16 at D=128 for a 4-warp producer): with 40-48 registers the producer
+        compiles without stack at D=64 (triton 3.6; the backward's at D=128 gets 24, the consumers need 240 there,
+        and spills 88-184 B). Completion: :func:`gathered` on the tile's barrier; the consumers fence the proxies
+        after their wait (cp.async writes through the generic proxy, wgmma reads through the async one;
+        FlashAttention-3's cp.async paths leave the fence out, the PTX ISA asks for it; one instruction a tile).
+        Triton puts a partition barrier between the pieces (its shared-memory hazard pass sees the slices of one
+        buffer as overlapping): 3-7 per tile, to be timed."""
         M: gl.constexpr = smem.shape[0]
         D: gl.constexpr = smem.shape[1]
         TPR: gl.constexpr = D // 8                          # threads per row, one 16-byte vector each
@@ -344,6 +348,8 @@ if AVAILABLE:
         kv_it = 0                       # K/V tiles consumed so far: the ring's stage and phase run across tiles
         n_done = 0                      # this program's tiles so far: Q buffer and barrier phases
         mbarrier.wait(q_bar.index(0), 0)
+        if GATHER:
+            fence_async_shared()        # cp.async (generic proxy) wrote the tile, wgmma (async proxy) reads it
         t = _read_tile(tile_smem, 0, NW)
         while t < N_TILES:              # the producer ends the walk with an index >= N_TILES
             start_m, q_row0, kv_row0, q_col, kv_col, lse_row, n_hi, hb = _tile(t, N_M, H, GROUP, N_CTX, HEAD_GROUP,
@@ -368,6 +374,8 @@ if AVAILABLE:
                 phase = (kv_it // NUM_STAGES) & 1
                 start_n = n_lo + it * BLOCK_N
                 mbarrier.wait(k_ready.index(stage), phase)
+                if GATHER:
+                    fence_async_shared()
                 s_tok = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
                 if SPARSE:
@@ -379,6 +387,8 @@ if AVAILABLE:
                 acc = acc * gl.convert_layout(alpha, o_row)[:, None]
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 mbarrier.wait(v_ready.index(stage), phase)
+                if GATHER:
+                    fence_async_shared()
                 if CAUSAL:
                     # the diagonal tile (the last, for both warpgroups, as BLOCK_M == BLOCK_N): masked pairs meet
                     # these values; one scan-barrier phase per tile
@@ -424,6 +434,8 @@ if AVAILABLE:
             mbarrier.arrive(q_empty.index(buf), count=1)
             n_done += 1
             mbarrier.wait(q_bar.index(n_done % 2), (n_done // 2) & 1)
+            if GATHER:
+                fence_async_shared()
             t = _read_tile(tile_smem, n_done % 2, NW)
 
     @gluon.jit
@@ -468,9 +480,9 @@ if AVAILABLE:
                   k_ptr, v_ptr, q_rows, k_rows, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr,
                   SPARSE: gl.constexpr, GATHER: gl.constexpr):
-        """The 1-warp producer: draws the tiles, loads each one's Q and its K / V tiles by TMA or (GATHER, with
-        SPARSE; one query head per K/V head) by cp.async through the row tables ``q_rows`` / ``k_rows`` from the
-        row-order tensors at ``q_ptr`` / ``k_ptr`` / ``v_ptr``."""
+        """The producer (1 warp; 4 with GATHER): draws the tiles, loads each one's Q and its K / V tiles by TMA or
+        (GATHER, with SPARSE; one query head per K/V head) by cp.async through the row tables ``q_rows`` / ``k_rows``
+        from the row-order tensors at ``q_ptr`` / ``k_ptr`` / ``v_ptr``."""
         WG_M: gl.constexpr = BLOCK_M // 2
         kv_it = 0
         n_done = 0
@@ -575,7 +587,9 @@ if AVAILABLE:
         ], [4, 4 if GATHER else 1], [240, 32] if not GATHER else [232, 48])
         # Registers (64,512 per program at 384 threads, counted per warpgroup): consumers need ~232-240 (128
         # spills); the producer addresses and draws tiles (24 spilled 24 B at D=64 causal), so consumer 0 (the
-        # default partition, given the rest) has 232; no spills in either (compile_probe, triton 3.6).
+        # default partition, given the rest) has 232; no spills in either (compile_probe, triton 3.6). GATHER: a
+        # 4-warp producer with 48 (its cp.async addresses; 40 spills 8 B at D=64) leaves consumer 0 224, enough at
+        # D=64 (no stack); D=128: 56 B, outside the MMA loops.
 
         mbarrier.invalidate(scan_bar)
         for i in gl.static_range(2):

@@ -73,7 +73,10 @@ keys by 64-query steps; dQ: 128 queries by 128-key tiles) instead of the causal 
 block's fully visible range are masked by ``hopper.sparse_keep`` (the slots' positions and buckets), the dropped
 slots' gradients are zeroed in the epilogues, and the results go back to their rows (``slot_return``, or with
 :data:`SPARSE_ROWS_OUT` straight from the epilogues). H100 (session 15): 1.00-1.47x the portable row-table
-backward's forward + backward at 8k / 16k, D=64.
+backward's forward + backward at 8k / 16k, D=64. With ``FLASHRING_HOPPER_SPARSE_GATHER=1`` (GATHER; opt-in, not
+yet run on a GPU) nothing is copied: a 4-warp producer reads q, k, v, dout, LSE and delta rows through the row
+tables by cp.async (``hopper.gather_rows_async``; dropped slots zero-filled) and the gradients go straight to
+their rows.
 """
 from __future__ import annotations
 
@@ -187,7 +190,7 @@ if AVAILABLE:
                        out_rows, out_stride, BLOCK_KEYS: gl.constexpr, BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr,
                        NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr, STRICT: gl.constexpr,
                        HOLD: gl.constexpr, SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr, HASH: gl.constexpr,
-                       ROWS_OUT: gl.constexpr):
+                       ROWS_OUT: gl.constexpr, GATHER: gl.constexpr):
         """One consumer warpgroup: 64 keys' dK and dV (and, ATOMIC_DQ, dQ: ``dq_ptr`` at this program's (batch,
         first query head), ``dq_row`` elements per query row). Few live scalars (ids are read again, not passed):
         at D=128 the atomic variant sits at the 240-register edge.
@@ -231,6 +234,8 @@ if AVAILABLE:
         key_lo0 = gl.program_id(0) * BLOCK_KEYS          # warpgroup 0's first key: it works whenever either does
         n_ds = 0                                         # dS^T exchanges so far (both warpgroups count alike)
         mbarrier.wait(kv_bar, 0)
+        if GATHER:
+            fence_async_shared()          # cp.async (generic proxy) wrote K / V, wgmma (async proxy) reads them
         for it in range(GROUP * n_q):
             stage = it % NUM_STAGES
             phase = (it // NUM_STAGES) & 1
@@ -241,9 +246,13 @@ if AVAILABLE:
             # waited for even when skipped: an arrival must not run ahead of the fill it releases, or two of one
             # warpgroup could complete a phase the other has not finished with
             mbarrier.wait(q_ready.index(stage), phase)
+            if GATHER:
+                fence_async_shared()
             if (not CAUSAL) or m0 + BLOCK_Q > key_lo:        # causal: some query of the tile sees one of our keys
                 st_tok = warpgroup_mma(k_wg, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 mbarrier.wait(do_ready.index(stage), phase)
+                if GATHER:
+                    fence_async_shared()
                 dpt_tok = warpgroup_mma(v_wg, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
                 lse2 = lse_smem.index(stage).load(q_col_layout) * LOG2E_C
@@ -448,12 +457,14 @@ if AVAILABLE:
                               do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale,
                               H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo,
                               mid_hi, dk_out, dv_out, k_rows, H * HEAD_DIM, BLOCK_KEYS, BLOCK_Q, HEAD_DIM,
-                              NUM_STAGES, CAUSAL, ATOMIC_DQ, STRICT, HOLD, SPARSE, SP_CAUSAL, HASH, ROWS_OUT)),
+                              NUM_STAGES, CAUSAL, ATOMIC_DQ, STRICT, HOLD, SPARSE, SP_CAUSAL, HASH, ROWS_OUT,
+                              GATHER)),
             (_dkdv_consumer, (1, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, kv_bar, q_ready,
                               do_ready, qdo_empty, ds_ready, ds_free, desc_dk, desc_dv, dq_ptr, qk_scale,
                               H * HEAD_DIM, N_CTX, GROUP, j_lo, n_q, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n, mid_lo,
                               mid_hi, dk_out, dv_out, k_rows, H * HEAD_DIM, BLOCK_KEYS, BLOCK_Q, HEAD_DIM,
-                              NUM_STAGES, CAUSAL, ATOMIC_DQ, STRICT, HOLD, SPARSE, SP_CAUSAL, HASH, ROWS_OUT)),
+                              NUM_STAGES, CAUSAL, ATOMIC_DQ, STRICT, HOLD, SPARSE, SP_CAUSAL, HASH, ROWS_OUT,
+                              GATHER)),
             (_dkdv_producer, (k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, kv_bar, q_ready, do_ready,
                               qdo_empty, desc_q, desc_k, desc_v, desc_do, desc_lse, desc_delta, N_CTX, H, b, hk,
                               GROUP, n0, j_lo, n_q, q_n, k_n, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, q_rows,
@@ -508,14 +519,20 @@ if AVAILABLE:
         s_zero = gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout)
         dq = gl.zeros([WG_M, HEAD_DIM], gl.float32, acc_layout)
         mbarrier.wait(qdo_bar, 0)
+        if GATHER:
+            fence_async_shared()          # cp.async (generic proxy) wrote Q / dO, wgmma (async proxy) reads them
         for it in range((n_hi - n_lo + BLOCK_N - 1) // BLOCK_N):
             stage = it % NUM_STAGES
             phase = (it // NUM_STAGES) & 1
             start_n = n_lo + it * BLOCK_N
             k_tile = k_smem.index(stage)
             mbarrier.wait(k_ready.index(stage), phase)
+            if GATHER:
+                fence_async_shared()
             s_tok = warpgroup_mma(q, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(stage), phase)
+            if GATHER:
+                fence_async_shared()
             dp_tok = warpgroup_mma(do, v_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
             p = gl.exp2(s * qk_scale - lse2[:, None])
