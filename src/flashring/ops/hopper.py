@@ -181,6 +181,8 @@ if AVAILABLE:
             keep = keep & (gl.load(k_bkt + kj) == gl.load(q_bkt + qi))
         return gl.where(keep, x, other)
 
+    GATHER_VEC = gl.constexpr(int(os.environ.get("FLASHRING_GATHER_VEC", "8")))
+
     @gluon.jit
     def gather_rows_async(smem, base, rows, slot0, count, row_stride, NUM_WARPS: gl.constexpr):
         """cp.async of a slot-order tile ``smem`` (``[M, D]``) from the rows of a (batch, head) whose row 0 is at
@@ -198,8 +200,8 @@ if AVAILABLE:
         M: gl.constexpr = smem.shape[0]
         D: gl.constexpr = smem.shape[1]
         TPR: gl.constexpr = D // 8                          # threads per row, one 16-byte vector each
-        VEC: gl.constexpr = 2                                # 16-byte vectors per thread and piece
-        CHUNK: gl.constexpr = 32 * NUM_WARPS * VEC // TPR   # rows per piece
+        VEC: gl.constexpr = GATHER_VEC                       # 16-byte vectors per thread and piece
+        CHUNK: gl.constexpr = min(32 * NUM_WARPS * VEC // TPR, M)   # rows per piece
         gl.static_assert(M % CHUNK == 0, "whole pieces")
         layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [NUM_WARPS, 1], [1, 0])
         cols = gl.arange(0, D, gl.SliceLayout(0, layout))
