@@ -109,6 +109,7 @@ def main() -> int:
     meta = run_metadata(dev, sys.argv)
     g = torch.Generator(device=dev).manual_seed(0)
     default_config = flash.default_config
+    rows_out_default = hopper_bwd.SPARSE_ROWS_OUT
     rows = []
     for s in (int(x) for x in args.seqlens.split(",")):
         b, d = 1, args.headdim
@@ -145,7 +146,7 @@ def main() -> int:
                     os.environ.pop(hopper_bwd.SPARSE_ENV)
                     os.environ.pop(hopper.SPARSE_ENV)
                     os.environ.pop(hopper.GATHER_ENV)
-                    hopper_bwd.SPARSE_ROWS_OUT = False
+                    hopper_bwd.SPARSE_ROWS_OUT = rows_out_default
                 rows.append(dict(seqlen=s, headdim=d, pattern=pname, fwd_config=fv, bwd_config=bv, fwd_ms=fwd_ms,
                                  fwd_bwd_ms=both_ms, fwd_all_kernels_ms=fwd_all, fwd_bwd_all_kernels_ms=both_all,
                                  max_abs_diff_vs_first=diff))
