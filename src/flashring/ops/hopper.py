@@ -182,6 +182,7 @@ if AVAILABLE:
         return gl.where(keep, x, other)
 
     GATHER_VEC = gl.constexpr(int(os.environ.get("FLASHRING_GATHER_VEC", "8")))
+    GATHER_AHEAD = gl.constexpr(os.environ.get("FLASHRING_GATHER_AHEAD", "1") == "1")
 
     @gluon.jit
     def gather_rows_async(smem, base, rows, slot0, count, row_stride, NUM_WARPS: gl.constexpr):
@@ -200,7 +201,7 @@ if AVAILABLE:
         M: gl.constexpr = smem.shape[0]
         D: gl.constexpr = smem.shape[1]
         TPR: gl.constexpr = D // 8                          # threads per row, one 16-byte vector each
-        VEC: gl.constexpr = GATHER_VEC                       # 16-byte vectors per thread and piece
+        VEC: gl.constexpr = GATHER_VEC if D <= 64 else 2     # 16-byte vectors per thread and piece
         CHUNK: gl.constexpr = min(32 * NUM_WARPS * VEC // TPR, M)   # rows per piece
         gl.static_assert(M % CHUNK == 0, "whole pieces")
         layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [NUM_WARPS, 1], [1, 0])
@@ -466,6 +467,42 @@ if AVAILABLE:
         gathered(v_ready.index(stage))
 
     @gluon.jit
+    def gather_kv_loop(k_smem, v_smem, k_ready, v_ready, kv_empty, k_base, v_base, rows, n_lo, n_it, count,
+                       row_stride, N_CTX, kv_it, NUM_STAGES: gl.constexpr):
+        """A producer's K / V tiles ``n_lo, n_lo + BLOCK_N, ...`` (``n_it`` of them) gathered into the ring from slot
+        ``kv_it`` on; returns the ring position after them. GATHER_AHEAD (one piece per tile: D=64): each tile's
+        row-table entries are loaded once for K and V, and the next tile's while this one's copies are in flight
+        (before the wait for its stage), so no row-table round trip stands between a free stage and its copies;
+        else :func:`gather_kv_stage` per tile."""
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        D: gl.constexpr = k_smem.shape[2]
+        NW: gl.constexpr = gl.num_warps()
+        TPR: gl.constexpr = D // 8
+        if GATHER_AHEAD and D <= 64 and BLOCK_N * TPR <= 32 * NW * GATHER_VEC:
+            layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [NW, 1], [1, 0])
+            cols = gl.arange(0, D, gl.SliceLayout(0, layout))
+            slots = n_lo + gl.arange(0, BLOCK_N, gl.SliceLayout(1, layout))
+            r = gl.load(rows + slots, mask=slots < N_CTX, other=0)
+            for it in range(n_it):
+                stage = kv_it % NUM_STAGES
+                offs = (r * row_stride)[:, None] + cols[None, :]
+                keep = (slots < count)[:, None]
+                mbarrier.wait(kv_empty.index(stage), ((kv_it // NUM_STAGES) & 1) ^ 1)
+                async_copy.async_copy_global_to_shared(k_smem.index(stage), k_base + offs, mask=keep)
+                gathered(k_ready.index(stage))
+                async_copy.async_copy_global_to_shared(v_smem.index(stage), v_base + offs, mask=keep)
+                gathered(v_ready.index(stage))
+                slots += BLOCK_N
+                r = gl.load(rows + slots, mask=slots < N_CTX, other=0)      # the next tile's, ahead
+                kv_it += 1
+        else:
+            for it in range(n_it):
+                gather_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, k_base, v_base, rows, n_lo + it * BLOCK_N,
+                                count, row_stride, kv_it, NUM_STAGES)
+                kv_it += 1
+        return kv_it
+
+    @gluon.jit
     def _next_tile(counter_ptr, n_done, DYNAMIC: gl.constexpr):
         """This program's next tile: drawn from the launch's counter (DYNAMIC: whichever program is free takes the
         next tile in order, as the hardware's block scheduler would) or the static stride ``pid + n_done * P``."""
@@ -511,11 +548,9 @@ if AVAILABLE:
                     gather_rows_async(q_smem.index(2 * buf + w), q_ptr + row0, q_rows + at,
                                       start_m * BLOCK_M + w * WG_M, q_n, H * HEAD_DIM, gl.num_warps())
                 gathered(q_bar.index(buf))
-                k_n = gl.load(k_len + hb)
-                for it in range(n_it):
-                    gather_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, k_ptr + row0, v_ptr + row0,
-                                    k_rows + at, n_lo + it * BLOCK_N, k_n, H * HEAD_DIM, kv_it, NUM_STAGES)
-                    kv_it += 1
+                kv_it = gather_kv_loop(k_smem, v_smem, k_ready, v_ready, kv_empty, k_ptr + row0, v_ptr + row0,
+                                       k_rows + at, n_lo, n_it, gl.load(k_len + hb), H * HEAD_DIM, N_CTX, kv_it,
+                                       NUM_STAGES)
             else:
                 mbarrier.expect(q_bar.index(buf), 2 * desc_q.block_type.nbytes)
                 for w in gl.static_range(2):

@@ -93,8 +93,8 @@ try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsew
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
     AVAILABLE = True
 except ImportError:                                                     # pragma: no cover - depends on triton
     AVAILABLE = False
@@ -333,16 +333,38 @@ if AVAILABLE:
                 hopper.gather_rows_async(k_smem.index(w), k_ptr, k_rows, n0 + w * WG_N, k_n, H * HEAD_DIM, NWP)
                 hopper.gather_rows_async(v_smem.index(w), v_ptr, k_rows, n0 + w * WG_N, k_n, H * HEAD_DIM, NWP)
             hopper.gathered(kv_bar)
-            for it in range(n_q):
-                stage = it % NUM_STAGES
-                m0 = (j_lo + it) * BLOCK_Q
-                mbarrier.wait(qdo_empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
-                hopper.gather_rows_async(q_smem.index(stage), q_ptr, q_rows, m0, q_n, H * HEAD_DIM, NWP)
-                hopper.gather_values_async(lse_smem.index(stage), lse_ptr, q_rows, m0, q_n, NWP)
-                hopper.gathered(q_ready.index(stage))
-                hopper.gather_rows_async(do_smem.index(stage), do_ptr, q_rows, m0, q_n, H * HEAD_DIM, NWP)
-                hopper.gather_values_async(delta_smem.index(stage), delta_ptr, q_rows, m0, q_n, NWP)
-                hopper.gathered(do_ready.index(stage))
+            TPR: gl.constexpr = HEAD_DIM // 8
+            if hopper.GATHER_AHEAD and HEAD_DIM <= 64 and BLOCK_Q * TPR <= 32 * NWP * hopper.GATHER_VEC:
+                # one piece per tile: the row-table entries loaded once for Q and dO, the next step's ahead
+                layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [NWP, 1], [1, 0])
+                cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, layout))
+                slots = j_lo * BLOCK_Q + gl.arange(0, BLOCK_Q, gl.SliceLayout(1, layout))
+                r = gl.load(q_rows + slots, mask=slots < N_CTX, other=0)
+                for it in range(n_q):
+                    stage = it % NUM_STAGES
+                    m0 = (j_lo + it) * BLOCK_Q
+                    offs = (r * (H * HEAD_DIM))[:, None] + cols[None, :]
+                    keep = (slots < q_n)[:, None]
+                    mbarrier.wait(qdo_empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
+                    async_copy.async_copy_global_to_shared(q_smem.index(stage), q_ptr + offs, mask=keep)
+                    hopper.gather_values_async(lse_smem.index(stage), lse_ptr, q_rows, m0, q_n, NWP)
+                    hopper.gathered(q_ready.index(stage))
+                    async_copy.async_copy_global_to_shared(do_smem.index(stage), do_ptr + offs, mask=keep)
+                    hopper.gather_values_async(delta_smem.index(stage), delta_ptr, q_rows, m0, q_n, NWP)
+                    hopper.gathered(do_ready.index(stage))
+                    slots += BLOCK_Q
+                    r = gl.load(q_rows + slots, mask=slots < N_CTX, other=0)
+            else:
+                for it in range(n_q):
+                    stage = it % NUM_STAGES
+                    m0 = (j_lo + it) * BLOCK_Q
+                    mbarrier.wait(qdo_empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
+                    hopper.gather_rows_async(q_smem.index(stage), q_ptr, q_rows, m0, q_n, H * HEAD_DIM, NWP)
+                    hopper.gather_values_async(lse_smem.index(stage), lse_ptr, q_rows, m0, q_n, NWP)
+                    hopper.gathered(q_ready.index(stage))
+                    hopper.gather_rows_async(do_smem.index(stage), do_ptr, q_rows, m0, q_n, H * HEAD_DIM, NWP)
+                    hopper.gather_values_async(delta_smem.index(stage), delta_ptr, q_rows, m0, q_n, NWP)
+                    hopper.gathered(do_ready.index(stage))
         else:
             mbarrier.expect(kv_bar, 2 * desc_k.block_type.nbytes + 2 * desc_v.block_type.nbytes)
             for w in gl.static_range(2):
@@ -576,7 +598,7 @@ if AVAILABLE:
     @gluon.jit
     def _dq_producer(q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_q, desc_do, desc_k,
                      desc_v, q_row0, q_col, kv_row0, kv_col, n_lo, n_hi, row_lo0, q_n, k_n, q_ptr, k_ptr, v_ptr,
-                     do_ptr, q_rows, k_rows, row_stride, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     do_ptr, q_rows, k_rows, row_stride, N_CTX, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                      NUM_STAGES: gl.constexpr, GATHER: gl.constexpr):
         """Loads by TMA, or (GATHER) by cp.async through the (batch, head)'s row tables ``q_rows`` / ``k_rows``
         from the row-order tensors at ``*_ptr`` (its row 0)."""
@@ -587,9 +609,8 @@ if AVAILABLE:
                 hopper.gather_rows_async(q_smem.index(w), q_ptr, q_rows, row_lo0 + w * WG_M, q_n, row_stride, NWP)
                 hopper.gather_rows_async(do_smem.index(w), do_ptr, q_rows, row_lo0 + w * WG_M, q_n, row_stride, NWP)
             hopper.gathered(qdo_bar)
-            for it in range((n_hi - n_lo + BLOCK_N - 1) // BLOCK_N):
-                hopper.gather_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, k_ptr, v_ptr, k_rows,
-                                       n_lo + it * BLOCK_N, k_n, row_stride, it, NUM_STAGES)
+            hopper.gather_kv_loop(k_smem, v_smem, k_ready, v_ready, kv_empty, k_ptr, v_ptr, k_rows, n_lo,
+                                  (n_hi - n_lo + BLOCK_N - 1) // BLOCK_N, k_n, row_stride, N_CTX, n_lo * 0, NUM_STAGES)
         else:
             mbarrier.expect(qdo_bar, 2 * desc_q.block_type.nbytes + 2 * desc_do.block_type.nbytes)
             for w in gl.static_range(2):
@@ -674,7 +695,7 @@ if AVAILABLE:
             (_dq_producer, (q_smem, do_smem, k_smem, v_smem, qdo_bar, k_ready, v_ready, kv_empty, desc_q, desc_do,
                             desc_k, desc_v, q_row0, h * HEAD_DIM, b * N_CTX, (h // GROUP) * HEAD_DIM, n_lo, n_hi,
                             start_m * BLOCK_M, q_n, k_n, q_ptr, k_ptr, v_ptr, do_ptr, q_rows, k_rows, H * HEAD_DIM,
-                            BLOCK_M, BLOCK_N, NUM_STAGES, GATHER)),
+                            N_CTX, BLOCK_M, BLOCK_N, NUM_STAGES, GATHER)),
         ], [4, 4 if GATHER else 1], [232, 40] if GATHER and HEAD_DIM == 64 else [240, 24])
 
         mbarrier.invalidate(qdo_bar)
