@@ -289,6 +289,29 @@ def test_sparse_calls_take_only_what_they_can():
                 hopper.launch_args(q, k, k, 0.1, causal, torch.empty_like(q), lse, sparse=meta)
 
 
+def test_gather_is_the_default_at_d64(monkeypatch):
+    """``hopper.gather_wanted``: the kernels read rows through the row tables by default at D=64 (measured faster
+    there, session 16) and not at D=128; ``FLASHRING_HOPPER_SPARSE_GATHER`` forces either way; without row tables
+    (tensors already in slot order) there is nothing to gather through. The Gluon sparse forward is on unless
+    ``FLASHRING_HOPPER_SPARSE_FWD=0``."""
+    from flashring.ops.sparse_ranges import SparseMeta
+    pos = torch.zeros(1, 2, 128, dtype=torch.int32)
+    lens = torch.full((1, 2), 128, dtype=torch.int32)
+    rows = torch.zeros(1, 2, 128, dtype=torch.int64)
+    meta = SparseMeta(pos, pos, lens, lens, None, None, True, rows, rows)
+    monkeypatch.delenv(hopper.GATHER_ENV, raising=False)
+    assert hopper.gather_wanted(meta, 64) and not hopper.gather_wanted(meta, 128)
+    assert not hopper.gather_wanted(meta._replace(q_rows=None, k_rows=None), 64)
+    monkeypatch.setenv(hopper.GATHER_ENV, "1")
+    assert hopper.gather_wanted(meta, 128)
+    monkeypatch.setenv(hopper.GATHER_ENV, "0")
+    assert not hopper.gather_wanted(meta, 64)
+    monkeypatch.delenv(hopper.SPARSE_ENV, raising=False)
+    assert hopper.sparse_wanted()
+    monkeypatch.setenv(hopper.SPARSE_ENV, "0")
+    assert not hopper.sparse_wanted()
+
+
 SPARSE_SHAPES = [(2, 512, 4, 64, torch.bfloat16), (1, 384, 2, 128, torch.float16)]
 
 
@@ -449,6 +472,7 @@ def test_sparse_gradients_straight_to_their_rows(kind, d, seed, monkeypatch):
     zeros for the dropped tokens."""
     from test_sparse import _front_end
     monkeypatch.setenv(hopper_bwd.SPARSE_ENV, "1")
+    monkeypatch.setenv(hopper.GATHER_ENV, "0")          # the copies in, the two ways out
     b, s, h = 2, 384, 2
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     dout = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)

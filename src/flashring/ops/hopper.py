@@ -722,10 +722,13 @@ SPARSE_ENV = "FLASHRING_HOPPER_SPARSE_FWD"
 
 
 def sparse_wanted() -> bool:
-    """``FLASHRING_HOPPER_SPARSE_FWD=1`` sends the sparse front ends' forward to this kernel (:func:`sparse_fwd`;
-    opt-in until timed against the portable row-table kernel), where the dense forward is on (:func:`enabled`:
-    ``FLASHRING_HOPPER_FWD=0`` turns both off)."""
-    return os.environ.get(SPARSE_ENV, "0") == "1"
+    """Whether the sparse front ends' forward goes to this kernel (:func:`sparse_fwd`): on unless
+    ``FLASHRING_HOPPER_SPARSE_FWD=0``, where the dense forward is on (:func:`enabled`: ``FLASHRING_HOPPER_FWD=0``
+    turns both off). H100, session 16 (``sparse_tiles.py``, 16k, B=1, H=32, causal, every kernel of the call): at
+    D=64 with the rows gathered in the kernel (:func:`gather_wanted`) the forward is 1.06-1.17x the portable
+    row-table forward (QK drop 0.5 / 0.8, hash 8 / 16) and forward + backward 1.06-1.10x the portable forward with
+    the Gluon backward; at D=128 (copies) forward + backward 1.02-1.07x."""
+    return os.environ.get(SPARSE_ENV, "1") != "0"
 
 
 def sparse_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse: SparseMeta, softcap: float) -> bool:
@@ -744,15 +747,23 @@ def sparse_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse: Sp
             and all(t.shape == (b, h) and t.is_contiguous() for t in (sparse.q_len, sparse.k_len)))
 
 
-# The sparse kernels read q / k / v (and dout) through the row tables by cp.async in the producer warp instead of
-# copies into slot order, and write their results straight to the rows (``gather``): no copies at all. Compiled for
-# sm_90, not yet run on a GPU: off unless FLASHRING_HOPPER_SPARSE_GATHER=1.
+# The sparse kernels read q / k / v (and dout) through the row tables by cp.async in the producer warps instead of
+# copies into slot order, and write their results straight to the rows (``gather``): no copies at all. H100,
+# session 16 (sparse_tiles.py, 16k, B=1, H=32, causal; every kernel of a forward + backward on both Gluon kernels):
+# D=64 0.91-0.98x the time of the copies' (QK drop 0.5 3.05 -> 2.98 ms, drop 0.8 1.01 -> 0.92, hash 8 2.57 -> 2.33,
+# hash 16 2.02 -> 1.77), with one piece per tile and the row-table entries read a tile ahead (first form, 2-vector
+# pieces: 1.1-1.3x slower); D=128 (2-vector pieces, no read-ahead: the registers do not allow them) 1.2-1.7x slower.
+# FLASHRING_HOPPER_SPARSE_GATHER=1 / 0 forces it on / off.
 GATHER_ENV = "FLASHRING_HOPPER_SPARSE_GATHER"
+GATHER_HEAD_DIMS = (64,)
 
 
-def gather_wanted(sparse: SparseMeta) -> bool:
-    """Whether the Gluon sparse kernels read rows through ``sparse``'s row tables (:data:`GATHER_ENV`)."""
-    return os.environ.get(GATHER_ENV, "0") == "1" and sparse.q_rows is not None and sparse.k_rows is not None
+def gather_wanted(sparse: SparseMeta, head_dim: int) -> bool:
+    """Whether the Gluon sparse kernels read rows through ``sparse``'s row tables (:data:`GATHER_ENV`; default:
+    the head dims of :data:`GATHER_HEAD_DIMS`), which needs them."""
+    mode = os.environ.get(GATHER_ENV, "")
+    wanted = mode == "1" if mode in ("0", "1") else head_dim in GATHER_HEAD_DIMS
+    return wanted and sparse.q_rows is not None and sparse.k_rows is not None
 
 
 def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, sparse: SparseMeta,
@@ -765,7 +776,7 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale:
     :func:`gather_wanted`; with row tables): no copies, the kernel reads and writes rows through the tables.
     ``config``: :func:`launch_args`' keywords."""
     if gather is None:
-        gather = gather_wanted(sparse)
+        gather = gather_wanted(sparse, q.shape[-1])
     if gather and sparse.q_rows is not None and sparse.k_rows is not None:
         q, k, v = aligned(q), aligned(k), aligned(v)
         b, s, h, _ = q.shape

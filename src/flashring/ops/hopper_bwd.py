@@ -848,7 +848,7 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     :func:`launch_args`' keywords (benchmarks)."""
     delta = _delta(hopper.aligned(out), hopper.aligned(do), lse.contiguous(), dlse)       # per row: any order
     if gather is None:
-        gather = hopper.gather_wanted(sparse)
+        gather = hopper.gather_wanted(sparse, q.shape[-1])
     if gather and sparse.q_rows is not None and sparse.k_rows is not None:
         q, k, v, do = (hopper.aligned(t) for t in (q, k, v, do))
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
