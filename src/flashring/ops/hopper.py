@@ -725,8 +725,8 @@ def sparse_wanted() -> bool:
     """Whether the sparse front ends' forward goes to this kernel (:func:`sparse_fwd`): on unless
     ``FLASHRING_HOPPER_SPARSE_FWD=0``, where the dense forward is on (:func:`enabled`: ``FLASHRING_HOPPER_FWD=0``
     turns both off). H100, session 16 (``sparse_tiles.py``, 16k, B=1, H=32, causal, every kernel of the call): at
-    D=64 with the rows gathered in the kernel (:func:`gather_wanted`) the forward is 1.06-1.17x the portable
-    row-table forward (QK drop 0.5 / 0.8, hash 8 / 16) and forward + backward 1.06-1.10x the portable forward with
+    D=64 with the rows gathered in the kernel (:func:`gather_wanted`) the forward is 1.05-1.16x the portable
+    row-table forward (QK drop 0.5 / 0.8, hash 8 / 16) and forward + backward 1.06-1.09x the portable forward with
     the Gluon backward; at D=128 (copies) forward + backward 1.02-1.07x."""
     return os.environ.get(SPARSE_ENV, "1") != "0"
 
@@ -750,7 +750,7 @@ def sparse_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sparse: Sp
 # The sparse kernels read q / k / v (and dout) through the row tables by cp.async in the producer warps instead of
 # copies into slot order, and write their results straight to the rows (``gather``): no copies at all. H100,
 # session 16 (sparse_tiles.py, 16k, B=1, H=32, causal; every kernel of a forward + backward on both Gluon kernels):
-# D=64 0.91-0.98x the time of the copies' (QK drop 0.5 3.05 -> 2.98 ms, drop 0.8 1.01 -> 0.92, hash 8 2.57 -> 2.33,
+# D=64 0.88-0.98x the time of the copies' (QK drop 0.5 3.05 -> 2.98 ms, drop 0.8 1.01 -> 0.92, hash 8 2.57 -> 2.33,
 # hash 16 2.02 -> 1.77), with one piece per tile and the row-table entries read a tile ahead (first form, 2-vector
 # pieces: 1.1-1.3x slower); D=128 (2-vector pieces, no read-ahead: the registers do not allow them) 1.2-1.7x slower.
 # FLASHRING_HOPPER_SPARSE_GATHER=1 / 0 forces it on / off.
