@@ -61,7 +61,7 @@ BWD = {"bwd 64x64": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
 # 15 also timed torch's gather / scatter for the copies ("gluon torch-gather", since removed: 1.10-1.25x slower)
 GLUON = {"gluon": False, "gluon rows-out": True, "gluon gather": True}
 BWD.update({name: BWD["bwd 64x64"] for name in GLUON})     # what the sparse calls it does not take run
-FWD["gluon"] = FWD["fwd 128x64/8w"]                         # ops/hopper.py sparse_fwd (FLASHRING_HOPPER_SPARSE_FWD=1)
+FWD["gluon"] = FWD["fwd 128x64/8w"]                         # ops/hopper.py sparse_fwd (FLASHRING_HOPPER_SPARSE_FWD)
 FWD["gluon gather"] = FWD["fwd 128x64/8w"]
 VARIANTS = [("fwd 128x64/8w", "bwd 64x64"), ("fwd 64x64/4w", "bwd 64x64"), ("fwd 128x64/8w", "bwd 32x64"),
             ("fwd 128x64/8w", "bwd 64x32")]

@@ -39,11 +39,13 @@ set to NaN at the end.
 Each warpgroup scans half of the rows, both meet at an mbarrier before either writes, then (only if a row is bad)
 both write the same zeros, each fencing its own writes before its own wgmma.
 
-Dynamic sparse mode (:func:`sparse_fwd`, opt-in: ``FLASHRING_HOPPER_SPARSE_FWD=1``): q, k, v copied into each
-head's slot order (dropped tokens' slots zero), each tile's key range from ``sparse_ranges.tile_ranges``, the
-tiles outside its fully visible range masked by :func:`sparse_keep`, rows that see nothing (or dropped slots) out
-0 with the empty-row LSE, tiles drawn from the counter (their lengths differ); non-finite values are not scanned
-for. H100 (session 15): the kernel 1.2-1.3x the portable row-table forward, the call with its copies 0.63-1.02x.
+Dynamic sparse mode (:func:`sparse_fwd`; on by default since session 16, ``FLASHRING_HOPPER_SPARSE_FWD=0`` turns
+it off): q, k, v read in each head's slot order (dropped tokens' slots zero) either through the row tables by the
+producer (GATHER, cp.async: the default at D=64, :func:`gather_wanted`) or from copies (D=128), each tile's key
+range from ``sparse_ranges.tile_ranges``, the tiles outside its fully visible range masked by :func:`sparse_keep`,
+rows that see nothing (or dropped slots) out 0 with the empty-row LSE, tiles drawn from the counter (their lengths
+differ); non-finite values are not scanned for. H100 (session 16, 16k, D=64): 1.05-1.16x the portable row-table
+forward with GATHER (session 15, copies: the kernel 1.2-1.3x, the call 0.63-1.02x).
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ builds the table for all blocks; tests/test_sparse.py checks it against ``sparse
 
 The portable kernels read rows through the front ends' row tables; the Gluon kernels (TMA loads whole boxes, no
 row gather on Hopper) get slot-order copies instead (:func:`slot_copy` / :func:`slot_return`, one Triton launch
-per two tensors), or with ``FLASHRING_HOPPER_SPARSE_GATHER=1`` read the rows through the tables themselves
-(cp.async in their producer warps; ``ops.hopper.gather_rows_async``).
+per two tensors) at D=128, and at D=64 read the rows through the tables themselves (cp.async in their producer
+warps; ``ops.hopper.gather_rows_async`` / ``gather_wanted``).
 """
 from __future__ import annotations
 
