@@ -777,25 +777,19 @@ def sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale:
     scattered back to their rows (a dropped row: out 0, the empty-row LSE). ``gather`` (default
     :func:`gather_wanted`; with row tables): no copies, the kernel reads and writes rows through the tables.
     ``config``: :func:`launch_args`' keywords."""
-    if gather is None:
-        gather = gather_wanted(sparse, q.shape[-1])
-    if gather and sparse.q_rows is not None and sparse.k_rows is not None:
+    rows = sparse.q_rows is not None and sparse.k_rows is not None
+    gather = rows and (gather_wanted(sparse, q.shape[-1]) if gather is None else gather)
+    if gather:
         q, k, v = aligned(q), aligned(k), aligned(v)
-        b, s, h, _ = q.shape
-        out = torch.empty_like(q)
-        lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
-        grid, args = launch_args(q, k, v, softmax_scale, False, out, lse, sparse=sparse, gather=True, **config)
-        LAUNCH[grid](*args, num_warps=4)
-        return out, lse
-    rows = sparse.q_rows is not None
-    q, = slot_copy([q], sparse.q_rows, sparse.q_len)
-    k, v = slot_copy([k, v], sparse.k_rows, sparse.k_len)
+    else:
+        q, = slot_copy([q], sparse.q_rows, sparse.q_len)
+        k, v = slot_copy([k, v], sparse.k_rows, sparse.k_len)
     b, s, h, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((b, h, s), dtype=torch.float32, device=q.device)
-    grid, args = launch_args(q, k, v, softmax_scale, False, out, lse, sparse=sparse, **config)
+    grid, args = launch_args(q, k, v, softmax_scale, False, out, lse, sparse=sparse, gather=gather, **config)
     LAUNCH[grid](*args, num_warps=4)
-    if rows:
+    if rows and not gather:
         return slot_return([out], sparse.q_rows, sparse.q_len)[0], scatter_rows(lse, sparse.q_rows)
     return out, lse
 

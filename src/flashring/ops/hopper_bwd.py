@@ -847,22 +847,17 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     producers read the rows through the tables and the gradients go straight to their rows. ``config``:
     :func:`launch_args`' keywords (benchmarks)."""
     delta = _delta(hopper.aligned(out), hopper.aligned(do), lse.contiguous(), dlse)       # per row: any order
-    if gather is None:
-        gather = hopper.gather_wanted(sparse, q.shape[-1])
-    if gather and sparse.q_rows is not None and sparse.k_rows is not None:
-        q, k, v, do = (hopper.aligned(t) for t in (q, k, v, do))
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for kernel, grid, args in launch_args(do, q, k, v, lse.contiguous(), delta, softmax_scale, False, dq, dk,
-                                              dv, False, sparse=sparse, rows_out=True, gather=True, **config):
-            LAUNCH[kernel][grid](*args, num_warps=4)
-        return dq, dk, dv
-    (q, do), (lse, delta) = slot_copy([q, do], sparse.q_rows, sparse.q_len, sides=(lse.contiguous(), delta))
-    k, v = slot_copy([k, v], sparse.k_rows, sparse.k_len)
-    rows_out = SPARSE_ROWS_OUT if rows_out is None else rows_out
-    rows_out = rows_out and sparse.q_rows is not None and sparse.k_rows is not None
+    rows = sparse.q_rows is not None and sparse.k_rows is not None
+    gather = rows and (hopper.gather_wanted(sparse, q.shape[-1]) if gather is None else gather)
+    rows_out = gather or (rows and (SPARSE_ROWS_OUT if rows_out is None else rows_out))
+    if gather:
+        q, k, v, do, lse = (hopper.aligned(t) for t in (q, k, v, do, lse))
+    else:
+        (q, do), (lse, delta) = slot_copy([q, do], sparse.q_rows, sparse.q_len, sides=(lse.contiguous(), delta))
+        k, v = slot_copy([k, v], sparse.k_rows, sparse.k_len)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)      # contiguous, either order
     for kernel, grid, args in launch_args(do, q, k, v, lse, delta, softmax_scale, False, dq, dk, dv, False,
-                                          sparse=sparse, rows_out=rows_out, **config):
+                                          sparse=sparse, rows_out=rows_out, gather=gather, **config):
         LAUNCH[kernel][grid](*args, num_warps=4)
     if rows_out:
         return dq, dk, dv
