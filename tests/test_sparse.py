@@ -486,3 +486,29 @@ def test_slot_copy_zeroes_the_padding(rows, device, seed):
                            lens)
         for g, w in zip(back, want):
             assert torch.equal(g, scatter_rows(w, perm))
+
+
+@pytest.mark.parametrize("dlse", [False, True])
+def test_preprocess_computes_only_the_kept_rows(dlse, device, seed):
+    """``flash.preprocess`` with a sparse call's row tables (what both sparse backwards run): delta = rowsum(dO * O)
+    - dlse at each kept token's row, bitwise what the dense preprocess gives there (the same arithmetic, read
+    through the table); the dropped tokens' rows are not computed (never read; their out / dout are NaN here and
+    reach no kept row). A head that keeps nothing, one that keeps all."""
+    from flashring.ops import flash
+    b, s, h, d = 2, 150, 3, 40
+    out, do = (torch.randn(b, s, h, d, device=device, dtype=torch.bfloat16) for _ in range(2))
+    keep = torch.rand(b, s, h, device=device) > 0.6
+    keep[0, :, 0], keep[1, :, 2] = False, True
+    out[~keep], do[~keep] = float("nan"), float("nan")
+    perm = torch.argsort((~keep).transpose(1, 2).to(torch.int8), dim=-1, stable=True).contiguous()  # kept first
+    lens = keep.sum(1).to(torch.int32)
+    pos = perm.to(torch.int32)
+    meta = SparseMeta(pos, pos, lens, lens, None, None, True, perm, perm)
+    lse = torch.randn(b, h, s, device=device)
+    grad = torch.randn(b, h, s, device=device) if dlse else None
+    seq = (h, s, s, None, None)
+    got = flash.preprocess(out, do, lse, grad, seq, sparse=meta)
+    dense = flash.preprocess(out, do, lse, grad, seq)
+    kept = keep.transpose(1, 2)
+    assert torch.equal(got[kept], dense[kept]), f"seed {seed}"
+    assert torch.isfinite(got[kept]).all()

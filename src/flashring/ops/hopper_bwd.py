@@ -86,7 +86,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import flash, hopper
-from .launch import Launcher, cdiv
+from .launch import Launcher
 from .sparse_ranges import SLOT_PAD_TO, SparseMeta, slot_copy, slot_return, tile_ranges
 
 try:        # Gluon and its Hopper ops: triton >= 3.5; absent or different elsewhere, and then unused
@@ -780,17 +780,12 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return launches
 
 
-def _delta(out: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor]) -> torch.Tensor:
-    """rowsum(dO * O) - dlse, ``(B, H, S)`` fp32: the portable backward's preprocess kernel."""
-    b, s, h, d = out.shape
-    delta = torch.empty_like(lse)
-    if dlse is not None:
-        dlse = dlse.float().contiguous()
-    flash.LAUNCH_BWD_PRE[(cdiv(s, 64), h, b)](
-        flash.tensor_arg(out), flash.tensor_arg(do), flash._rows_arg(dlse if dlse is not None else delta),
-        flash._rows_arg(delta), (h, s, s, None, None), HEAD_DIM=d, BLOCK_D=d, BLOCK_M=64,
-        HAS_DLSE=dlse is not None, VARLEN=False)
-    return delta
+def _delta(out: torch.Tensor, do: torch.Tensor, lse: torch.Tensor, dlse: Optional[torch.Tensor],
+           sparse: Optional[SparseMeta] = None) -> torch.Tensor:
+    """rowsum(dO * O) - dlse, ``(B, H, S)`` fp32: the portable backward's preprocess kernel (``sparse`` with row
+    tables: the kept tokens' rows only)."""
+    b, s, h, _ = out.shape
+    return flash.preprocess(out, do, lse, dlse, (h, s, s, None, None), sparse=sparse)
 
 
 def bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -846,7 +841,7 @@ def sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     the copies back. ``gather`` (default ``hopper.gather_wanted``; with row tables): no copies at all, the
     producers read the rows through the tables and the gradients go straight to their rows. ``config``:
     :func:`launch_args`' keywords (benchmarks)."""
-    delta = _delta(hopper.aligned(out), hopper.aligned(do), lse.contiguous(), dlse)       # per row: any order
+    delta = _delta(hopper.aligned(out), hopper.aligned(do), lse.contiguous(), dlse, sparse)     # per row
     rows = sparse.q_rows is not None and sparse.k_rows is not None
     gather = rows and (hopper.gather_wanted(sparse, q.shape[-1]) if gather is None else gather)
     rows_out = gather or (rows and (SPARSE_ROWS_OUT if rows_out is None else rows_out))
