@@ -26,10 +26,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlen", type=int, default=8192)
     ap.add_argument("--nheads", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1, help="e.g. 4 at --seqlen 4096: the sparse suite's 16k tokens")
     ap.add_argument("--host-profile", action="store_true", help="cProfile the sparse calls' host side")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    b, s, h, d = 1, args.seqlen, args.nheads, 64
+    b, s, h, d = args.batch, args.seqlen, args.nheads, 64
     q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16)
     calls = {
