@@ -249,6 +249,29 @@ if AVAILABLE:
         gl.store(out + (r * row_stride)[:, None] + cols[None, :], y)
 
     @gluon.jit
+    def zero_rows(out, rows, slot0, row_stride, M: gl.constexpr, D: gl.constexpr, NUM_WARPS: gl.constexpr):
+        """Zeros to the ``M`` rows that slots ``slot0 ...`` stand for (``out`` and ``rows`` at the (batch, head)'s row
+        0 and table; 16-byte stores, 32 rows per piece): the output or gradients of a tile whose every slot is a
+        dropped token, written without the tile going through the pipeline (:func:`dropped_tile`)."""
+        TPR: gl.constexpr = D // 8
+        CHUNK: gl.constexpr = min(32, M)
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [NUM_WARPS, 1], [1, 0])
+        cols = gl.arange(0, D, gl.SliceLayout(0, layout))
+        zero = gl.zeros([CHUNK, D], out.dtype.element_ty, layout)
+        for c in gl.static_range(M // CHUNK):
+            r = gl.load(rows + slot0 + c * CHUNK + gl.arange(0, CHUNK, gl.SliceLayout(1, layout)))
+            gl.store(out + (r * row_stride)[:, None] + cols[None, :], zero)
+
+    @gluon.jit
+    def dropped_tile(slot0, count, BLOCK: gl.constexpr):
+        """Whether the ``BLOCK`` slots from ``slot0`` all lie past a (batch, head)'s kept count: QK-sparse's
+        dropped tokens (drop 0.8: 80% of the tiles). Such a tile has no visible pair, its results are zeros (and
+        the empty-row LSE), so the kernels write those and skip it: each costs ~3.5 us of pipeline hand-offs and
+        global-memory round trips otherwise, which at 4k tokens (H100, session 17) was most of the sparse
+        kernels' time at drop 0.8 (forward 0.146 ms, 20% of dense's for 4% of its pairs)."""
+        return slot0 >= count
+
+    @gluon.jit
     def _nonfinite_rows(v_tile, start_n, ZERO: gl.constexpr, NUM_WARPS: gl.constexpr):
         """The first key of ``v_tile`` (shared memory) whose value row holds an inf or NaN (else a large number);
         ZERO: also overwrite those rows with zeros. Read in 32-row slices (at most 32 values per thread live)."""
@@ -505,29 +528,67 @@ if AVAILABLE:
         return kv_it
 
     @gluon.jit
-    def _next_tile(counter_ptr, n_done, DYNAMIC: gl.constexpr):
+    def _next_tile(counter_ptr, n_drawn, DYNAMIC: gl.constexpr):
         """This program's next tile: drawn from the launch's counter (DYNAMIC: whichever program is free takes the
-        next tile in order, as the hardware's block scheduler would) or the static stride ``pid + n_done * P``."""
+        next tile in order, as the hardware's block scheduler would) or the static stride ``pid + n_drawn * P``."""
         if DYNAMIC:
             t = gl.atomic_add(counter_ptr, 1)
         else:
-            t = gl.program_id(0) + n_done * gl.num_programs(0)
+            t = gl.program_id(0) + n_drawn * gl.num_programs(0)
         return t
 
 
     @gluon.jit
+    def _load_tile(q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, desc_q, desc_k,
+                   desc_v, t, start_m, q_row0, kv_row0, q_col, kv_col, hb, n_lo, n_it, q_n, k_len, N_CTX, H, q_ptr,
+                   k_ptr, v_ptr, q_rows, k_rows, n_done, kv_it, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+                   NUM_STAGES: gl.constexpr, GATHER: gl.constexpr):
+        """The producer's hand-off of tile ``t`` (its ``n_done``-th): once its Q buffer is free, the tile index into
+        the slot beside it, Q, then its ``n_it`` K / V tiles from ``n_lo`` into the ring from position ``kv_it``;
+        returns the ring position after them."""
+        WG_M: gl.constexpr = BLOCK_M // 2
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        buf = n_done % 2
+        # fresh mbarriers count as "phase 1 complete": waiting on phase ^ 1 lets the first use of each through
+        mbarrier.wait(q_empty.index(buf), ((n_done // 2) & 1) ^ 1)
+        _put_scalar(tile_smem.index(buf), t, gl.num_warps())     # read by the consumers after the Q barrier
+        if GATHER:                  # the (batch, head)'s row 0 (rows H * D apart), row tables and kept counts
+            at = hb.to(gl.int64) * N_CTX
+            row0 = ((hb // H).to(gl.int64) * N_CTX * H + hb % H) * HEAD_DIM
+            for w in gl.static_range(2):
+                gather_rows_async(q_smem.index(2 * buf + w), q_ptr + row0, q_rows + at,
+                                  start_m * BLOCK_M + w * WG_M, q_n, H * HEAD_DIM, gl.num_warps())
+            gathered(q_bar.index(buf))
+            kv_it = gather_kv_loop(k_smem, v_smem, k_ready, v_ready, kv_empty, k_ptr + row0, v_ptr + row0,
+                                   k_rows + at, n_lo, n_it, gl.load(k_len + hb), H * HEAD_DIM, N_CTX, kv_it,
+                                   NUM_STAGES)
+        else:
+            mbarrier.expect(q_bar.index(buf), 2 * desc_q.block_type.nbytes)
+            for w in gl.static_range(2):
+                tma.async_copy_global_to_shared(desc_q, [q_row0 + w * WG_M, q_col], q_bar.index(buf),
+                                                q_smem.index(2 * buf + w))
+            for it in range(n_it):
+                fill_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, desc_k, desc_v,
+                              kv_row0 + n_lo + it * BLOCK_N, kv_col, kv_it, NUM_STAGES)
+                kv_it += 1
+        return kv_it
+
+    @gluon.jit
     def _producer(q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, desc_q, desc_k,
                   desc_v, counter_ptr, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, ranges, q_len, k_len, q_ptr,
-                  k_ptr, v_ptr, q_rows, k_rows, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  k_ptr, v_ptr, q_rows, k_rows, o_ptr, lse_ptr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr,
                   SPARSE: gl.constexpr, GATHER: gl.constexpr):
         """The producer (1 warp; 4 with GATHER): draws the tiles, loads each one's Q and its K / V tiles by TMA or
         (GATHER, with SPARSE; one query head per K/V head) by cp.async through the row tables ``q_rows`` / ``k_rows``
-        from the row-order tensors at ``q_ptr`` / ``k_ptr`` / ``v_ptr``."""
-        WG_M: gl.constexpr = BLOCK_M // 2
+        from the row-order tensors at ``q_ptr`` / ``k_ptr`` / ``v_ptr``. SPARSE: a tile of dropped slots only
+        (:func:`dropped_tile`) never reaches the consumers; the producer writes its results itself: the empty-row
+        LSE (``lse_ptr``; slot order, or GATHER: through the row table) and, GATHER, zero output rows (``o_ptr``;
+        with copies the copy back zeroes dropped rows without reading them)."""
         kv_it = 0
-        n_done = 0
-        t = _next_tile(counter_ptr, n_done, DYNAMIC)
+        n_done = 0                  # tiles handed to the consumers
+        n_drawn = 0                 # tiles drawn (SPARSE: dropped ones too)
+        t = _next_tile(counter_ptr, n_drawn, DYNAMIC)
         while t < N_TILES:
             start_m, q_row0, kv_row0, q_col, kv_col, lse_row, n_hi, hb = _tile(t, N_M, H, GROUP, N_CTX, HEAD_GROUP,
                                                                                BH, BLOCK_M, HEAD_DIM, CAUSAL)
@@ -535,35 +596,33 @@ if AVAILABLE:
                 r = ranges + (hb.to(gl.int64) * N_M + start_m) * 4
                 n_lo = gl.load(r)
                 n_it = (gl.load(r + 3) - n_lo + BLOCK_N - 1) // BLOCK_N
-            else:
-                n_lo = 0
-                n_it = n_hi // BLOCK_N
-            buf = n_done % 2
-            # fresh mbarriers count as "phase 1 complete": waiting on phase ^ 1 lets the first use of each through
-            mbarrier.wait(q_empty.index(buf), ((n_done // 2) & 1) ^ 1)
-            _put_scalar(tile_smem.index(buf), t, gl.num_warps())     # read by the consumers after the Q barrier
-            if GATHER:                  # the (batch, head)'s row 0 (rows H * D apart), row tables and kept counts
-                at = hb.to(gl.int64) * N_CTX
-                row0 = ((hb // H).to(gl.int64) * N_CTX * H + hb % H) * HEAD_DIM
                 q_n = gl.load(q_len + hb)
-                for w in gl.static_range(2):
-                    gather_rows_async(q_smem.index(2 * buf + w), q_ptr + row0, q_rows + at,
-                                      start_m * BLOCK_M + w * WG_M, q_n, H * HEAD_DIM, gl.num_warps())
-                gathered(q_bar.index(buf))
-                kv_it = gather_kv_loop(k_smem, v_smem, k_ready, v_ready, kv_empty, k_ptr + row0, v_ptr + row0,
-                                       k_rows + at, n_lo, n_it, gl.load(k_len + hb), H * HEAD_DIM, N_CTX, kv_it,
-                                       NUM_STAGES)
+                if dropped_tile(start_m * BLOCK_M, q_n, BLOCK_M):
+                    slots_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+                    slots = start_m * BLOCK_M + gl.arange(0, BLOCK_M, slots_layout)
+                    empty = gl.full([BLOCK_M], EMPTY_LSE_C, gl.float32, slots_layout)
+                    if GATHER:
+                        at = hb.to(gl.int64) * N_CTX
+                        row0 = ((hb // H).to(gl.int64) * N_CTX * H + hb % H) * HEAD_DIM
+                        zero_rows(o_ptr + row0, q_rows + at, start_m * BLOCK_M, H * HEAD_DIM, BLOCK_M, HEAD_DIM,
+                                  gl.num_warps())
+                        gl.store(lse_ptr + lse_row + gl.load(q_rows + at + slots), empty)
+                    else:
+                        gl.store(lse_ptr + lse_row + slots, empty)
+                else:
+                    kv_it = _load_tile(q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
+                                       desc_q, desc_k, desc_v, t, start_m, q_row0, kv_row0, q_col, kv_col, hb, n_lo,
+                                       n_it, q_n, k_len, N_CTX, H, q_ptr, k_ptr, v_ptr, q_rows, k_rows, n_done, kv_it,
+                                       BLOCK_M, HEAD_DIM, NUM_STAGES, GATHER)
+                    n_done += 1
             else:
-                mbarrier.expect(q_bar.index(buf), 2 * desc_q.block_type.nbytes)
-                for w in gl.static_range(2):
-                    tma.async_copy_global_to_shared(desc_q, [q_row0 + w * WG_M, q_col], q_bar.index(buf),
-                                                    q_smem.index(2 * buf + w))
-                for it in range(n_it):
-                    fill_kv_stage(k_smem, v_smem, k_ready, v_ready, kv_empty, desc_k, desc_v,
-                                  kv_row0 + n_lo + it * BLOCK_N, kv_col, kv_it, NUM_STAGES)
-                    kv_it += 1
-            n_done += 1
-            t = _next_tile(counter_ptr, n_done, DYNAMIC)
+                kv_it = _load_tile(q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
+                                   desc_q, desc_k, desc_v, t, start_m, q_row0, kv_row0, q_col, kv_col, hb, 0,
+                                   n_hi // BLOCK_N, N_CTX, k_len, N_CTX, H, q_ptr, k_ptr, v_ptr, q_rows, k_rows,
+                                   n_done, kv_it, BLOCK_M, HEAD_DIM, NUM_STAGES, GATHER)
+                n_done += 1
+            n_drawn += 1
+            t = _next_tile(counter_ptr, n_drawn, DYNAMIC)
         buf = n_done % 2            # the end of the walk: an index >= N_TILES in the next slot, no Q load
         mbarrier.wait(q_empty.index(buf), ((n_done // 2) & 1) ^ 1)
         _put_scalar(tile_smem.index(buf), t, gl.num_warps())
@@ -621,8 +680,8 @@ if AVAILABLE:
                          NUM_STAGES, CAUSAL, STRICT, SPARSE, SP_CAUSAL, HASH, GATHER)),
             (_producer, (q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, desc_q,
                          desc_k, desc_v, counter_ptr, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, ranges, q_len,
-                         k_len, q_ptr, k_ptr, v_ptr, q_rows, k_rows, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, CAUSAL,
-                         DYNAMIC, SPARSE, GATHER)),
+                         k_len, q_ptr, k_ptr, v_ptr, q_rows, k_rows, o_ptr, lse_ptr, BLOCK_M, BLOCK_N, HEAD_DIM,
+                         NUM_STAGES, CAUSAL, DYNAMIC, SPARSE, GATHER)),
         ], [4, 4 if GATHER else 1], [240, 32] if not GATHER else [232, 48])
         # Registers (64,512 per program at 384 threads, counted per warpgroup): consumers need ~232-240 (128
         # spills); the producer addresses and draws tiles (24 spilled 24 B at D=64 causal), so consumer 0 (the

@@ -418,6 +418,14 @@ if AVAILABLE:
                 N_CTX, HASH)
             j_lo = lo // BLOCK_Q
             n_q = (hi - lo + BLOCK_Q - 1) // BLOCK_Q       # hi: the head's kept count, not rounded
+            if not HASH:        # QK-sparse: a block of dropped keys only gets zero gradients and loads nothing
+                if hopper.dropped_tile(n0, k_n, BLOCK_KEYS):
+                    if ROWS_OUT:        # (slot order: the copy back zeroes dropped rows without reading them)
+                        row0 = (b.to(gl.int64) * N_CTX * H + hk) * HEAD_DIM
+                        table = k_rows + (b.to(gl.int64) * H + hk) * N_CTX
+                        hopper.zero_rows(dk_out + row0, table, n0, H * HEAD_DIM, BLOCK_KEYS, HEAD_DIM, gl.num_warps())
+                        hopper.zero_rows(dv_out + row0, table, n0, H * HEAD_DIM, BLOCK_KEYS, HEAD_DIM, gl.num_warps())
+                    return
         elif CAUSAL:
             j_lo = n0 // BLOCK_Q                # query blocks wholly above the program's keys are never loaded
             n_q = N_CTX // BLOCK_Q - j_lo
@@ -644,6 +652,13 @@ if AVAILABLE:
             n_lo, mid_lo, mid_hi, n_hi, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n = hopper.sparse_side(
                 ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, b * H + h, start_m, gl.num_programs(0), N_CTX,
                 HASH)
+            if not HASH:        # QK-sparse: a block of dropped queries only gets dQ 0 (as in the dK/dV kernel)
+                if hopper.dropped_tile(start_m * BLOCK_M, q_n, BLOCK_M):
+                    if ROWS_OUT:
+                        hopper.zero_rows(dq_out + (b.to(gl.int64) * N_CTX * H + h) * HEAD_DIM,
+                                         q_rows + (b.to(gl.int64) * H + h) * N_CTX, start_m * BLOCK_M, H * HEAD_DIM,
+                                         BLOCK_M, HEAD_DIM, gl.num_warps())
+                    return
         else:
             n_lo = start_m * 0
             if CAUSAL:
