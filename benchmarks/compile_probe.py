@@ -128,7 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=8192)
     p.add_argument("--seqlen-k", type=int, help="key length (default: --seqlen)")
     p.add_argument("--window", help="L,R: a window_size band instead of the full / causal pair")
-    p.add_argument("--kernels", default="fwd,dkdv,dq", help="which of fwd,dkdv,dq to compile")
+    p.add_argument("--kernels", default="fwd,dkdv,dq", help="which of fwd,pre,dkdv,dq to compile (pre: the "
+                   "backward's delta preprocess)")
     p.add_argument("--loops", action="store_true", help="spills and MMAs between the branches of the SASS")
     p.add_argument("--counts", action="store_true", help="with --loops: static counts of FMUL, FFMA, FADD, MUFU, "
                    "BRA and all SASS instructions (on a line of its own)")
@@ -142,12 +143,12 @@ def main(argv=None) -> int:
     global COUNTS
     COUNTS = args.counts
     seqlen_k = args.seqlen_k or args.seqlen
-    kernels = {"fwd": "LAUNCH_FWD", "dkdv": "LAUNCH_BWD_DKDV", "dq": "LAUNCH_BWD_DQ"}
+    kernels = {"fwd": "LAUNCH_FWD", "pre": "LAUNCH_BWD_PRE", "dkdv": "LAUNCH_BWD_DKDV", "dq": "LAUNCH_BWD_DQ"}
     try:
         wanted = [kernels[k] for k in args.kernels.split(",")]
         window = tuple(int(x) for x in args.window.split(",")) if args.window else None
     except (KeyError, ValueError):
-        p.error("--kernels takes fwd,dkdv,dq; --window takes two integers L,R")
+        p.error("--kernels takes fwd,pre,dkdv,dq; --window takes two integers L,R")
     driver.set_active(TargetOnly(args.arch))
     from flashring.bench.harness import keywords
     from flashring.masks import flash_bounds
@@ -178,8 +179,8 @@ def main(argv=None) -> int:
                           config=flash.default_config(d, q.dtype, cuda, backward=True))
             finally:
                 restore()
-            for name, fn in (("LAUNCH_FWD", flash._attn_fwd), ("LAUNCH_BWD_DKDV", flash._bwd_dkdv),
-                             ("LAUNCH_BWD_DQ", flash._bwd_dq)):
+            for name, fn in (("LAUNCH_FWD", flash._attn_fwd), ("LAUNCH_BWD_PRE", flash._bwd_preprocess),
+                             ("LAUNCH_BWD_DKDV", flash._bwd_dkdv), ("LAUNCH_BWD_DQ", flash._bwd_dq)):
                 if name not in wanted:
                     continue
                 a, kw, grid = calls[name]
@@ -223,8 +224,8 @@ def sparse_usage(args, wanted) -> int:
                       config=flash.default_config(d, q.dtype, cuda, backward=True))
         finally:
             restore()
-        for name, fn in (("LAUNCH_FWD", flash._attn_fwd), ("LAUNCH_BWD_DKDV", flash._bwd_dkdv),
-                         ("LAUNCH_BWD_DQ", flash._bwd_dq)):
+        for name, fn in (("LAUNCH_FWD", flash._attn_fwd), ("LAUNCH_BWD_PRE", flash._bwd_preprocess),
+                         ("LAUNCH_BWD_DKDV", flash._bwd_dkdv), ("LAUNCH_BWD_DQ", flash._bwd_dq)):
             if name in wanted:
                 a, kw, grid = calls[name]
                 print(f"D={d:<3} {name[7:]:<9}\n    {usage(fn.warmup(*a, grid=grid, **kw), args.loops)}", flush=True)

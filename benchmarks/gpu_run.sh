@@ -64,5 +64,7 @@ paper_secs=$(python3 -c "print(min(590, int(len('$paper_arms'.split()) * ($paper
 has paper && step paper "$paper_secs" python3 benchmarks/paper_experiments.py --preset "${PAPER_PRESET:-paper-8k}" \
     --data .corpus/english --iters "${PAPER_ITERS:-920}" --max-minutes "$paper_minutes" --out "$out/paper" \
     --extra=--cuda-graph $paper_arms
+# the per-arm logs sit 4 directories deep, past what the device tool brings back: one archive instead
+has paper && tar czf "$out/paper-runs.tar.gz" -C "$out/paper" runs 2>/dev/null
 for f in "$out"/*.log; do echo "---- $(basename "$f")"; tail -n "${TAIL_LINES:-25}" "$f"; done
 cat "$out/summary.txt"

@@ -49,7 +49,7 @@ def test_launch_grid_and_tile_walk():
     assert grid(True) == grid(False) == (132, ) and hopper.PERSISTENT
     assert grid(True, programs=3) == grid(False, programs=3) == (3, )
     assert grid(False, programs=0) == (1, ) and grid(False, programs=10 ** 9) == (tiles, )
-    dynamic = lambda causal, **kw: launch(causal, **kw)[1][-6]  # noqa: E731
+    dynamic = lambda causal, **kw: launch(causal, **kw)[1][-7]  # noqa: E731
     assert dynamic(True) and not dynamic(False) and not dynamic(True, programs=10 ** 9)
     counter = launch(True)[1][5]
     assert counter.dtype == torch.int32 and counter.shape == (1, ) and counter.item() == 0
@@ -57,7 +57,7 @@ def test_launch_grid_and_tile_walk():
     # 16 MiB of K and V per group: 4096 keys x 128 x 2 bytes x 2 = 2 MiB per head -> 8 pairs (of 16)
     assert group(True) == hopper.head_group(4096, 128, 2) == 8 and group(False) == 1
     assert group(True, heads_per_group=100) == 16 and hopper.head_group(10 ** 6, 256, 4) == 1
-    strict = lambda causal, **kw: launch(causal, **kw)[1][-5]  # noqa: E731
+    strict = lambda causal, **kw: launch(causal, **kw)[1][-6]  # noqa: E731
     assert strict(True, strict=True) == 1 and strict(True) == strict(False, strict=True) == 0   # strict needs causal
 
 

@@ -101,7 +101,7 @@ def test_dkdv_query_block_rows():
         dq = torch.empty(q.shape, dtype=torch.float32) if atomic else torch.empty_like(q)
         launches = hopper_bwd.launch_args(q, q, k, k, lse, lse, 0.1, True, dq, torch.empty_like(k),
                                           torch.empty_like(k), atomic, **kw)
-        return launches[0][2][-12]                      # the dK/dV kernel's BLOCK_Q
+        return launches[0][2][-13]                      # the dK/dV kernel's BLOCK_Q
     assert rows(64) == hopper_bwd.BLOCK_Q_D64 == 128 and rows(128) == rows(64, atomic=True) == hopper_bwd.BLOCK_Q == 64
     assert rows(64, block_q=64) == 64 and rows(128, block_q=128) == 128
     for bad in (dict(block_q=256), dict(block_q=32), dict(s=320, block_q=128), dict(atomic=True, block_q=128)):
@@ -252,6 +252,25 @@ def test_sparse_kernels_compile_for_sm90():
     for kernel, regs, stack, smem in found:
         # the backward's 4-warp producer keeps a few scalars on the stack with triton 3.6's ptxas (8 B), none with 3.8's
         assert int(stack) <= (0 if kernel == "HOPPER_FWD" else 8) and int(smem) <= SMEM_MAX, (kernel, stack, smem)
+    # QK-sparse with tiles of dropped slots skipped (hopper.skip_dropped): the same budget, with copies and gathered
+    for variant, bwd_variant in (("skip=True", "rows_out=True,skip=True"),
+                                 ("gather=True,skip=True", "rows_out=True,gather=True,skip=True")):
+        out = probe("--hopper", "--headdims", "64", "--seqlen", "1024", "--sparse", "qk", "--variant", variant)
+        out += probe("--hopper-bwd", "--headdims", "64", "--seqlen", "1024", "--sparse", "qk", "--variant",
+                     bwd_variant)
+        found = re.findall(r"D=64\s+qk-sparse (\w+)\n\s+regs\s+(\d+) stack\s+(\d+) B\s+smem\s+(\d+) B", out)
+        assert sorted(k for k, *_ in found) == ["HOPPER_DKDV", "HOPPER_DQ", "HOPPER_FWD"], out
+        for kernel, regs, stack, smem in found:
+            assert int(stack) <= (0 if kernel == "HOPPER_FWD" else 8) and int(smem) <= SMEM_MAX, (variant, kernel)
+
+
+def test_skipping_dropped_tiles_is_off_until_a_gpu_run(monkeypatch):
+    """``hopper.skip_dropped``: off by default (written and compiled in session 17, not yet run on a GPU);
+    ``FLASHRING_HOPPER_SKIP_DROPPED=1`` turns it on for the forward's and the backward's sparse launches."""
+    monkeypatch.delenv(hopper.SKIP_DROPPED_ENV, raising=False)
+    assert not hopper.skip_dropped()
+    monkeypatch.setenv(hopper.SKIP_DROPPED_ENV, "1")
+    assert hopper.skip_dropped()
 
 
 def test_sparse_calls_take_only_what_they_can():
@@ -321,18 +340,21 @@ SPARSE_SHAPES = [(2, 512, 4, 64, torch.bfloat16), (1, 384, 2, 128, torch.float16
 @pytest.mark.parametrize("kind, causal", [(kind, causal) for kind in ("qk", "hash", "qk-rare")
                                           for causal in (True, False)] + [("hash-strict", True)])  # strict is causal
 @pytest.mark.parametrize("gather", [False, True], ids=["copies", "gather"])
-def test_sparse_on_the_hopper_kernels(shape, kind, causal, gather, seed, monkeypatch):
+@pytest.mark.parametrize("skip", [False, True], ids=["run-dropped", "skip-dropped"])
+def test_sparse_on_the_hopper_kernels(shape, kind, causal, gather, skip, seed, monkeypatch):
     """``FLASHRING_HOPPER_SPARSE_FWD=1`` and ``FLASHRING_HOPPER_SPARSE_BWD=1``: the sparse front ends' output, LSE
     and gradients come from ``hopper.sparse_fwd`` and :func:`hopper_bwd.sparse_bwd` (slot order, tile ranges,
     tiles across the pattern masked by position and bucket) and match the float64 reference by the tolerance rule
     (test_sparse.run_sparse: dropped queries out 0 and the empty-row LSE): half the tokens dropped, 4 buckets, 95%
     dropped with one head keeping nothing (empty tiles, rows that see nothing, ragged counts), and strictly causal
     buckets (each bucket's first token sees nothing). ``gather``: the kernels read and write the rows through the
-    row tables (``FLASHRING_HOPPER_SPARSE_GATHER=1``) instead of copies."""
+    row tables (``FLASHRING_HOPPER_SPARSE_GATHER=1``) instead of copies. ``skip``: tiles of dropped slots only are
+    written without running (``FLASHRING_HOPPER_SKIP_DROPPED=1``)."""
     from test_sparse import run_sparse
     monkeypatch.setenv(hopper_bwd.SPARSE_ENV, "1")
     monkeypatch.setenv(hopper.SPARSE_ENV, "1")
     monkeypatch.setenv(hopper.GATHER_ENV, "1" if gather else "0")
+    monkeypatch.setenv(hopper.SKIP_DROPPED_ENV, "1" if skip else "0")
     calls = []
     for mod, name in ((hopper_bwd, "sparse_bwd"), (hopper, "sparse_fwd")):
         real = getattr(mod, name)
@@ -493,3 +515,33 @@ def test_sparse_gradients_straight_to_their_rows(kind, d, seed, monkeypatch):
             monkeypatch.setattr(hopper_bwd, "SPARSE_ROWS_OUT", rows_out)
             dq, = torch.autograd.grad(fn(q, k, v, *side, causal=True), (q, ), dout)
             assert (dq[~side[0]] == 0).all(), rows_out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
+@pytest.mark.parametrize("gather", ["0", "1"], ids=["copies", "gather"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_skipping_dropped_tiles_changes_nothing(gather, d, seed, monkeypatch):
+    """``FLASHRING_HOPPER_SKIP_DROPPED=1`` (the forward's producer writes a dropped tile's zero rows and empty-row
+    LSE, the backward's programs of dropped blocks write zero gradients and exit): bitwise the output, LSE and
+    gradients of running those tiles, through the front end, at QK drop 0.5, 0.9 and 0 with a head that keeps
+    nothing, and with inf / NaN in the dropped tokens' rows (never read either way)."""
+    monkeypatch.setenv(hopper_bwd.SPARSE_ENV, "1")
+    monkeypatch.setenv(hopper.SPARSE_ENV, "1")
+    monkeypatch.setenv(hopper.GATHER_ENV, gather)
+    b, s, h = 2, 640, 4
+    q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    rate = torch.tensor([0.5, 0.9, 0.0, 1.0], device="cuda")           # per head; the last keeps nothing
+    qa, ka = (torch.rand(b, s, h, device="cuda") >= rate for _ in range(2))
+    for t, keep in zip((q, k, v, do), (qa, ka, ka, qa)):
+        t[~keep] = float("nan")
+    res = []
+    for skip in ("0", "1"):
+        monkeypatch.setenv(hopper.SKIP_DROPPED_ENV, skip)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse, _ = flashring.qk_sparse_attn_func(*leaves, qa, ka, causal=True, return_attn_probs=True)
+        out.backward(do)
+        res.append((out, lse, *(t.grad for t in leaves)))
+    for name, a, w in zip(("out", "lse", "dq", "dk", "dv"), *res):
+        assert torch.equal(a, w), name
+        assert not a.isnan().any(), name

@@ -578,13 +578,14 @@ if AVAILABLE:
                   desc_v, counter_ptr, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, ranges, q_len, k_len, q_ptr,
                   k_ptr, v_ptr, q_rows, k_rows, o_ptr, lse_ptr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr,
-                  SPARSE: gl.constexpr, GATHER: gl.constexpr):
+                  SPARSE: gl.constexpr, GATHER: gl.constexpr, SKIP_DROPPED: gl.constexpr):
         """The producer (1 warp; 4 with GATHER): draws the tiles, loads each one's Q and its K / V tiles by TMA or
         (GATHER, with SPARSE; one query head per K/V head) by cp.async through the row tables ``q_rows`` / ``k_rows``
-        from the row-order tensors at ``q_ptr`` / ``k_ptr`` / ``v_ptr``. SPARSE: a tile of dropped slots only
-        (:func:`dropped_tile`) never reaches the consumers; the producer writes its results itself: the empty-row
-        LSE (``lse_ptr``; slot order, or GATHER: through the row table) and, GATHER, zero output rows (``o_ptr``;
-        with copies the copy back zeroes dropped rows without reading them)."""
+        from the row-order tensors at ``q_ptr`` / ``k_ptr`` / ``v_ptr``. SKIP_DROPPED (with SPARSE;
+        :func:`skip_dropped`): a tile of dropped slots only (:func:`dropped_tile`) never reaches the consumers; the
+        producer writes its results itself: the empty-row LSE (``lse_ptr``; slot order, or GATHER: through the row
+        table) and, GATHER, zero output rows (``o_ptr``; with copies the copy back zeroes dropped rows without
+        reading them)."""
         kv_it = 0
         n_done = 0                  # tiles handed to the consumers
         n_drawn = 0                 # tiles drawn (SPARSE: dropped ones too)
@@ -597,18 +598,25 @@ if AVAILABLE:
                 n_lo = gl.load(r)
                 n_it = (gl.load(r + 3) - n_lo + BLOCK_N - 1) // BLOCK_N
                 q_n = gl.load(q_len + hb)
-                if dropped_tile(start_m * BLOCK_M, q_n, BLOCK_M):
-                    slots_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-                    slots = start_m * BLOCK_M + gl.arange(0, BLOCK_M, slots_layout)
-                    empty = gl.full([BLOCK_M], EMPTY_LSE_C, gl.float32, slots_layout)
-                    if GATHER:
-                        at = hb.to(gl.int64) * N_CTX
-                        row0 = ((hb // H).to(gl.int64) * N_CTX * H + hb % H) * HEAD_DIM
-                        zero_rows(o_ptr + row0, q_rows + at, start_m * BLOCK_M, H * HEAD_DIM, BLOCK_M, HEAD_DIM,
-                                  gl.num_warps())
-                        gl.store(lse_ptr + lse_row + gl.load(q_rows + at + slots), empty)
+                if SKIP_DROPPED:
+                    if dropped_tile(start_m * BLOCK_M, q_n, BLOCK_M):
+                        slots_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+                        slots = start_m * BLOCK_M + gl.arange(0, BLOCK_M, slots_layout)
+                        empty = gl.full([BLOCK_M], EMPTY_LSE_C, gl.float32, slots_layout)
+                        if GATHER:
+                            at = hb.to(gl.int64) * N_CTX
+                            row0 = ((hb // H).to(gl.int64) * N_CTX * H + hb % H) * HEAD_DIM
+                            zero_rows(o_ptr + row0, q_rows + at, start_m * BLOCK_M, H * HEAD_DIM, BLOCK_M, HEAD_DIM,
+                                      gl.num_warps())
+                            gl.store(lse_ptr + lse_row + gl.load(q_rows + at + slots), empty)
+                        else:
+                            gl.store(lse_ptr + lse_row + slots, empty)
                     else:
-                        gl.store(lse_ptr + lse_row + slots, empty)
+                        kv_it = _load_tile(q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready,
+                                           kv_empty, desc_q, desc_k, desc_v, t, start_m, q_row0, kv_row0, q_col,
+                                           kv_col, hb, n_lo, n_it, q_n, k_len, N_CTX, H, q_ptr, k_ptr, v_ptr, q_rows,
+                                           k_rows, n_done, kv_it, BLOCK_M, HEAD_DIM, NUM_STAGES, GATHER)
+                        n_done += 1
                 else:
                     kv_it = _load_tile(q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty,
                                        desc_q, desc_k, desc_v, t, start_m, q_row0, kv_row0, q_col, kv_col, hb, n_lo,
@@ -634,7 +642,7 @@ if AVAILABLE:
                          q_rows, k_rows, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                          NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr,
                          STRICT: gl.constexpr, SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr, HASH: gl.constexpr,
-                         GATHER: gl.constexpr):
+                         GATHER: gl.constexpr, SKIP_DROPPED: gl.constexpr):
         """P programs walk :func:`_tile`'s order: program i takes tiles i, i + P, i + 2P..., or (DYNAMIC) the next
         tile of a counter whenever it is free (``counter_ptr``: an int32 zero). P is one per tile or, persistent,
         one per SM (the next tile's Q and first K/V tiles load during this one's epilogue). The producer draws
@@ -681,7 +689,7 @@ if AVAILABLE:
             (_producer, (q_smem, k_smem, v_smem, tile_smem, q_bar, q_empty, k_ready, v_ready, kv_empty, desc_q,
                          desc_k, desc_v, counter_ptr, N_CTX, N_M, H, GROUP, N_TILES, HEAD_GROUP, BH, ranges, q_len,
                          k_len, q_ptr, k_ptr, v_ptr, q_rows, k_rows, o_ptr, lse_ptr, BLOCK_M, BLOCK_N, HEAD_DIM,
-                         NUM_STAGES, CAUSAL, DYNAMIC, SPARSE, GATHER)),
+                         NUM_STAGES, CAUSAL, DYNAMIC, SPARSE, GATHER, SKIP_DROPPED)),
         ], [4, 4 if GATHER else 1], [240, 32] if not GATHER else [232, 48])
         # Registers (64,512 per program at 384 threads, counted per warpgroup): consumers need ~232-240 (128
         # spills); the producer addresses and draws tiles (24 spilled 24 B at D=64 causal), so consumer 0 (the
@@ -719,7 +727,8 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
                 out: torch.Tensor, lse: torch.Tensor, stages: int = NUM_STAGES,
                 programs: Optional[int] = None, dynamic: Optional[bool] = None,
                 heads_per_group: Optional[int] = None, strict: bool = False,
-                sparse: Optional[SparseMeta] = None, gather: bool = False) -> Tuple[tuple, tuple]:
+                sparse: Optional[SparseMeta] = None, gather: bool = False,
+                skip: Optional[bool] = None) -> Tuple[tuple, tuple]:
     """``(grid, args)`` of one launch (``_attn_fwd_hopper[grid](*args, num_warps=4)``): TMA descriptors over the
     2-D ``(B*S, H*D)`` views. Split out so that a machine without a GPU can compile the kernel (tests).
     ``programs``: how many programs walk the tiles (benchmarks, tests); default one per SM where :data:`PERSISTENT`,
@@ -729,7 +738,8 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
     slot order (:func:`sparse_fwd`), ``causal`` False, one query head per K/V head; tiles differ in length, so
     the persistent programs draw them from a counter. ``gather`` (with ``sparse`` and its row tables): q / k / v /
     out / lse are in row order (contiguous); the producer reads rows through the tables (cp.async) and the
-    consumers write out and lse to their rows."""
+    consumers write out and lse to their rows. ``skip`` (with ``sparse``; default
+    :func:`skip_dropped`): tiles of dropped slots only are written by the producer and skipped."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     if sparse is not None and (causal or h != hk):
@@ -763,7 +773,7 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
     args = (desc(q, h, q_box, q_lay), desc(k, hk, kv_box, kv_lay), desc(v, hk, kv_box, kv_lay),
             desc(out, h, q_box, q_lay), lse, counter, softmax_scale, s, h, h // hk, n_tiles,
             max(1, min(heads_per_group, b * h)), *side, *rows, BLOCK_M, BLOCK_N, d, stages, causal, dynamic,
-            int(causal and strict), *flags, gather)
+            int(causal and strict), *flags, gather, sparse is not None and (skip_dropped() if skip is None else skip))
     return (programs, ), args
 
 
@@ -780,6 +790,18 @@ def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
 
 
 SPARSE_ENV = "FLASHRING_HOPPER_SPARSE_FWD"
+# The sparse kernels write the results of tiles whose every slot is a dropped token (QK-sparse: the tiles past a
+# head's kept count) without running them (``dropped_tile``; this forward's producer, hopper_bwd's programs).
+# Written in session 17 after a profile at 4k tokens (H100, B=4, H=32, D=64, QK drop 0.8: forward 0.146 ms, dK/dV
+# 0.207, dQ 0.169 for 4% of the causal pairs, 20-23% of the dense kernels' time), compiled for sm_90 (no new
+# stack, the dense kernels' SASS unchanged) but not yet run on a GPU: off unless FLASHRING_HOPPER_SKIP_DROPPED=1.
+SKIP_DROPPED_ENV = "FLASHRING_HOPPER_SKIP_DROPPED"
+
+
+def skip_dropped() -> bool:
+    """Whether the sparse kernels skip tiles of dropped slots (:data:`SKIP_DROPPED_ENV`; off by default)."""
+    return os.environ.get(SKIP_DROPPED_ENV, "0") == "1"
+
 
 
 def sparse_wanted() -> bool:

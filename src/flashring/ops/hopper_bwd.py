@@ -396,7 +396,7 @@ if AVAILABLE:
                          BLOCK_Q: gl.constexpr, HEAD_DIM: gl.constexpr, NUM_STAGES: gl.constexpr,
                          CAUSAL: gl.constexpr, ATOMIC_DQ: gl.constexpr, STRICT: gl.constexpr, HOLD: gl.constexpr,
                          SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr, HASH: gl.constexpr, ROWS_OUT: gl.constexpr,
-                         GATHER: gl.constexpr):
+                         GATHER: gl.constexpr, SKIP_DROPPED: gl.constexpr):
         """One program per 128 keys of a (batch, K/V head) (module docstring). GATHER (with SPARSE and ROWS_OUT):
         q / k / v / dout, LSE and delta are in row order (``*_ptr``; contiguous) and the producer reads them
         through the row tables ``q_rows`` / ``k_rows`` (``hopper.gather_rows_async``): no copies into slot
@@ -418,7 +418,7 @@ if AVAILABLE:
                 N_CTX, HASH)
             j_lo = lo // BLOCK_Q
             n_q = (hi - lo + BLOCK_Q - 1) // BLOCK_Q       # hi: the head's kept count, not rounded
-            if not HASH:        # QK-sparse: a block of dropped keys only gets zero gradients and loads nothing
+            if SKIP_DROPPED and not HASH:   # a block of dropped keys only (QK): zero gradients, nothing loaded
                 if hopper.dropped_tile(n0, k_n, BLOCK_KEYS):
                     if ROWS_OUT:        # (slot order: the copy back zeroes dropped rows without reading them)
                         row0 = (b.to(gl.int64) * N_CTX * H + hk) * HEAD_DIM
@@ -634,7 +634,7 @@ if AVAILABLE:
                        k_rows, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
                        NUM_STAGES: gl.constexpr, CAUSAL: gl.constexpr, STRICT: gl.constexpr, HOLD: gl.constexpr,
                        SPARSE: gl.constexpr, SP_CAUSAL: gl.constexpr, HASH: gl.constexpr, ROWS_OUT: gl.constexpr,
-                       GATHER: gl.constexpr):
+                       GATHER: gl.constexpr, SKIP_DROPPED: gl.constexpr):
         """One program per 128 query rows of a (batch, head) (module docstring). GATHER (with SPARSE and
         ROWS_OUT): q / k / v / dout, LSE and delta in row order, read through the row tables ``q_rows`` /
         ``k_rows`` (``hopper.gather_rows_async``)."""
@@ -652,7 +652,7 @@ if AVAILABLE:
             n_lo, mid_lo, mid_hi, n_hi, q_pos, k_pos, q_bkt, k_bkt, q_n, k_n = hopper.sparse_side(
                 ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, b * H + h, start_m, gl.num_programs(0), N_CTX,
                 HASH)
-            if not HASH:        # QK-sparse: a block of dropped queries only gets dQ 0 (as in the dK/dV kernel)
+            if SKIP_DROPPED and not HASH:   # a block of dropped queries only (QK): dQ 0 (as in the dK/dV kernel)
                 if hopper.dropped_tile(start_m * BLOCK_M, q_n, BLOCK_M):
                     if ROWS_OUT:
                         hopper.zero_rows(dq_out + (b.to(gl.int64) * N_CTX * H + h) * HEAD_DIM,
@@ -732,7 +732,7 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                 delta: torch.Tensor, softmax_scale: float, causal: bool, dq: torch.Tensor, dk: torch.Tensor,
                 dv: torch.Tensor, atomic: bool, block_q: int = 0, strict: bool = False,
                 dq_hold: Optional[bool] = None, sparse: Optional[SparseMeta] = None, rows_out: bool = False,
-                gather: bool = False):
+                gather: bool = False, skip: Optional[bool] = None):
     """``[(kernel, grid, args), ...]`` of one backward (each launched as ``kernel[grid](*args, num_warps=4)``):
     the dK/dV kernel, then (not ``atomic``) the dQ kernel. ``dq``: the fp32 accumulator when ``atomic``. Split
     out so that a machine without a GPU can compile the kernels (tests, ``compile_probe.py --hopper-bwd``).
@@ -744,7 +744,8 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     head per K/V head. ``rows_out`` (with ``sparse`` and its row tables): ``dq`` / ``dk`` / ``dv`` are in row
     order and the kernels write each slot's gradient straight to its row. ``gather`` (with ``rows_out``): so are
     ``q`` / ``k`` / ``v`` / ``do`` (contiguous), ``lse`` and ``delta``, and the producers read them through the
-    row tables."""
+    row tables. ``skip`` (with ``sparse``; default
+    ``hopper.skip_dropped``): blocks of dropped slots only write zero gradients and exit."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     if dq_hold is None:
@@ -770,6 +771,7 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     outs_kq, outs_qk = ((dk, dv, sparse.k_rows), (dq, sparse.q_rows)) if rows_out else ((lse,) * 3, (lse,) * 2)
     ins_kq, ins_qk = ((q, k, v, do, lse, delta, sparse.q_rows), (q, k, v, do, sparse.k_rows)) if gather else \
         ((lse,) * 7, (lse,) * 5)
+    skip = sparse is not None and (hopper.skip_dropped() if skip is None else skip)
     if sparse is None:          # unused pointers
         side, ranges_kq, ranges_qk, flags = (lse,) * 6, lse, lse, (False, False, False)
     else:
@@ -782,7 +784,7 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             _desc(do, b * s, h * d, [bq, d]), _desc(lse, b * h * s, 0, [bq]),
             _desc(delta, b * h * s, 0, [bq]), _desc(dk, b * s, hk * d, half), _desc(dv, b * s, hk * d, half),
             dq, softmax_scale, s, h, h // hk, ranges_kq, *side, *outs_kq, *ins_kq, BLOCK_KEYS, bq, d, NUM_STAGES,
-            causal, atomic, int(causal and strict), bool(dq_hold and atomic), *flags, rows_out, gather)
+            causal, atomic, int(causal and strict), bool(dq_hold and atomic), *flags, rows_out, gather, skip)
     launches = [(_bwd_dkdv_hopper, (s // BLOCK_KEYS, hk, b), dkdv)]
     if not atomic:
         wg = [DQ_BLOCK_M // 2, d]
@@ -790,7 +792,7 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         dq_args = (_desc(q, b * s, h * d, wg), _desc(k, b * s, hk * d, kv), _desc(v, b * s, hk * d, kv),
                    _desc(do, b * s, h * d, wg), _desc(dq, b * s, h * d, wg), lse, delta, softmax_scale, s, h,
                    h // hk, ranges_qk, *side, *outs_qk, *ins_qk, DQ_BLOCK_M, DQ_BLOCK_N, d, NUM_STAGES, causal,
-                   int(causal and strict), bool(dq_hold), *flags, rows_out, gather)
+                   int(causal and strict), bool(dq_hold), *flags, rows_out, gather, skip)
         launches.append((_bwd_dq_hopper, (s // DQ_BLOCK_M, h, b), dq_args))
     return launches
 
