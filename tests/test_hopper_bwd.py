@@ -266,11 +266,20 @@ def test_sparse_kernels_compile_for_sm90():
 
 def test_skipping_dropped_tiles_is_off_until_a_gpu_run(monkeypatch):
     """``hopper.skip_dropped``: off by default (written and compiled in session 17, not yet run on a GPU);
-    ``FLASHRING_HOPPER_SKIP_DROPPED=1`` turns it on for the forward's and the backward's sparse launches."""
+    ``FLASHRING_HOPPER_SKIP_DROPPED=1`` turns it on for the forward's and the backward's sparse launches
+    (``hopper.skips``: QK-sparse calls with row tables)."""
+    from flashring.ops.sparse_ranges import SparseMeta
+    pos = torch.arange(256, dtype=torch.int32).expand(1, 2, 256).contiguous()
+    lens = torch.full((1, 2), 100, dtype=torch.int32)
+    qk = SparseMeta(pos, pos, lens, lens, None, None, True, pos.long(), pos.long())
     monkeypatch.delenv(hopper.SKIP_DROPPED_ENV, raising=False)
-    assert not hopper.skip_dropped()
+    assert not hopper.skip_dropped() and not hopper.skips(qk) and hopper.skips(qk, True)
     monkeypatch.setenv(hopper.SKIP_DROPPED_ENV, "1")
-    assert hopper.skip_dropped()
+    assert hopper.skip_dropped() and hopper.skips(qk) and not hopper.skips(qk, False) and not hopper.skips(None)
+    # hash-sparse keeps every token; without row tables the slot-order results go back as they are, so the kernels
+    # must write the dropped slots' zeros themselves (session 17's review)
+    assert not hopper.skips(qk._replace(q_bkt=pos, k_bkt=pos))
+    assert not hopper.skips(qk._replace(q_rows=None, k_rows=None))
 
 
 def test_sparse_calls_take_only_what_they_can():
@@ -374,11 +383,13 @@ def test_sparse_on_the_hopper_kernels(shape, kind, causal, gather, skip, seed, m
 @pytest.mark.skipif(not HOPPER, reason="an sm_90 GPU")
 def test_sparse_slot_order_call_and_gqa(seed, monkeypatch):
     """Tensors already in slot order (``sparse_attn_compact_func``: no row tables) give bitwise the gradients of
-    the front end that gathers them, on the Gluon forward and backward; a GQA call stays on the portable kernels
-    (and is still right)."""
+    the front end that gathers them, on the Gluon forward and backward, and zero gradients in the dropped slots,
+    also with ``FLASHRING_HOPPER_SKIP_DROPPED=1`` (which applies only where row tables take results back); a GQA
+    call stays on the portable kernels (and is still right)."""
     from test_sparse import run_sparse
     monkeypatch.setenv(hopper_bwd.SPARSE_ENV, "1")
     monkeypatch.setenv(hopper.SPARSE_ENV, "1")
+    monkeypatch.setenv(hopper.SKIP_DROPPED_ENV, "1")
     b, s, h, d = 1, 256, 2, 64
     q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     keep = torch.rand(b, s, h, device="cuda") > 0.4
@@ -398,6 +409,7 @@ def test_sparse_slot_order_call_and_gqa(seed, monkeypatch):
         for hh in range(h):
             n = int(lens[0, hh])
             assert torch.equal(slot.grad[0, :n, hh], gather(leaf.grad)[0, :n, hh])
+            assert not slot.grad[0, n:, hh].any()
     calls = []
     monkeypatch.setattr(hopper_bwd, "sparse_bwd", lambda *a, **kw: calls.append(1))
     monkeypatch.setattr(hopper, "sparse_fwd", lambda *a, **kw: calls.append(1))

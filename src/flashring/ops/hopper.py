@@ -738,8 +738,8 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
     slot order (:func:`sparse_fwd`), ``causal`` False, one query head per K/V head; tiles differ in length, so
     the persistent programs draw them from a counter. ``gather`` (with ``sparse`` and its row tables): q / k / v /
     out / lse are in row order (contiguous); the producer reads rows through the tables (cp.async) and the
-    consumers write out and lse to their rows. ``skip`` (with ``sparse``; default
-    :func:`skip_dropped`): tiles of dropped slots only are written by the producer and skipped."""
+    consumers write out and lse to their rows. ``skip`` (default :func:`skip_dropped`; :func:`skips` says where
+    it applies): tiles of dropped slots only are written by the producer and skipped."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     if sparse is not None and (causal or h != hk):
@@ -773,7 +773,7 @@ def launch_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale
     args = (desc(q, h, q_box, q_lay), desc(k, hk, kv_box, kv_lay), desc(v, hk, kv_box, kv_lay),
             desc(out, h, q_box, q_lay), lse, counter, softmax_scale, s, h, h // hk, n_tiles,
             max(1, min(heads_per_group, b * h)), *side, *rows, BLOCK_M, BLOCK_N, d, stages, causal, dynamic,
-            int(causal and strict), *flags, gather, sparse is not None and (skip_dropped() if skip is None else skip))
+            int(causal and strict), *flags, gather, skips(sparse, skip))
     return (programs, ), args
 
 
@@ -801,6 +801,15 @@ SKIP_DROPPED_ENV = "FLASHRING_HOPPER_SKIP_DROPPED"
 def skip_dropped() -> bool:
     """Whether the sparse kernels skip tiles of dropped slots (:data:`SKIP_DROPPED_ENV`; off by default)."""
     return os.environ.get(SKIP_DROPPED_ENV, "0") == "1"
+
+
+def skips(sparse: Optional[SparseMeta], skip: Optional[bool] = None) -> bool:
+    """Whether a launch skips tiles of dropped slots (``skip``, default :func:`skip_dropped`): QK-sparse calls with
+    row tables only. Hash-sparse keeps every token (no tile is all dropped). Without row tables (tensors already in
+    slot order, ``sparse_attn_compact_func``) the kernels' slot-order results are returned as they are, so the
+    dropped slots' zero output and gradients must come from the kernels (the review of session 17)."""
+    return (sparse is not None and sparse.q_bkt is None and sparse.q_rows is not None and sparse.k_rows is not None
+            and (skip_dropped() if skip is None else bool(skip)))
 
 
 

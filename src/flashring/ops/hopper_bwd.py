@@ -744,8 +744,8 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     head per K/V head. ``rows_out`` (with ``sparse`` and its row tables): ``dq`` / ``dk`` / ``dv`` are in row
     order and the kernels write each slot's gradient straight to its row. ``gather`` (with ``rows_out``): so are
     ``q`` / ``k`` / ``v`` / ``do`` (contiguous), ``lse`` and ``delta``, and the producers read them through the
-    row tables. ``skip`` (with ``sparse``; default
-    ``hopper.skip_dropped``): blocks of dropped slots only write zero gradients and exit."""
+    row tables. ``skip`` (default ``hopper.skip_dropped``; ``hopper.skips`` says where it applies): blocks of dropped
+    slots only write zero gradients and exit."""
     b, s, h, d = q.shape
     hk = k.shape[2]
     if dq_hold is None:
@@ -771,7 +771,7 @@ def launch_args(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     outs_kq, outs_qk = ((dk, dv, sparse.k_rows), (dq, sparse.q_rows)) if rows_out else ((lse,) * 3, (lse,) * 2)
     ins_kq, ins_qk = ((q, k, v, do, lse, delta, sparse.q_rows), (q, k, v, do, sparse.k_rows)) if gather else \
         ((lse,) * 7, (lse,) * 5)
-    skip = sparse is not None and (hopper.skip_dropped() if skip is None else skip)
+    skip = hopper.skips(sparse, skip)
     if sparse is None:          # unused pointers
         side, ranges_kq, ranges_qk, flags = (lse,) * 6, lse, lse, (False, False, False)
     else:
