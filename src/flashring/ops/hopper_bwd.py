@@ -419,7 +419,9 @@ if AVAILABLE:
             j_lo = lo // BLOCK_Q
             n_q = (hi - lo + BLOCK_Q - 1) // BLOCK_Q       # hi: the head's kept count, not rounded
             if SKIP_DROPPED and not HASH:   # a block of dropped keys only (QK): zero gradients, nothing loaded
-                if hopper.dropped_tile(n0, k_n, BLOCK_KEYS):
+                if hopper.dropped_tile(n0, k_n):
+                    # the (batch, head) offsets of ROWS_OUT below, computed here: exiting after that block costs
+                    # 8 B more stack at D=128 (triton 3.6)
                     if ROWS_OUT:        # (slot order: the copy back zeroes dropped rows without reading them)
                         row0 = (b.to(gl.int64) * N_CTX * H + hk) * HEAD_DIM
                         table = k_rows + (b.to(gl.int64) * H + hk) * N_CTX
@@ -653,7 +655,7 @@ if AVAILABLE:
                 ranges, q_pos, k_pos, q_bkt, k_bkt, q_len, k_len, b * H + h, start_m, gl.num_programs(0), N_CTX,
                 HASH)
             if SKIP_DROPPED and not HASH:   # a block of dropped queries only (QK): dQ 0 (as in the dK/dV kernel)
-                if hopper.dropped_tile(start_m * BLOCK_M, q_n, BLOCK_M):
+                if hopper.dropped_tile(start_m * BLOCK_M, q_n):
                     if ROWS_OUT:
                         hopper.zero_rows(dq_out + (b.to(gl.int64) * N_CTX * H + h) * HEAD_DIM,
                                          q_rows + (b.to(gl.int64) * H + h) * N_CTX, start_m * BLOCK_M, H * HEAD_DIM,
