@@ -14,7 +14,7 @@ from triton.runtime import driver
 
 from flashring import flash_attn_with_kvcache
 from flashring.bench import harness as H
-from flashring.ops import decode
+from flashring.ops import decode, launch
 
 
 def main(argv=None) -> int:
@@ -47,14 +47,25 @@ def main(argv=None) -> int:
     launcher = decode.LAUNCH_DECODE
     launcher[grid](*args, **kw)
     run = compiled.run
+    ints = launch.addresses(values)
+
+    def launcher_with(int_pointers: bool):
+        def call():
+            launch.INT_POINTERS = int_pointers
+            launcher[grid](*args, **kw)
+        return call
     rows = [
         ("triton generic kernel[grid](...)", lambda: jit[grid](*args, **kw)),
-        ("ops.launch.Launcher", lambda: launcher[grid](*args, **kw)),
+        ("ops.launch.Launcher, tensors", launcher_with(False)),
+        ("ops.launch.Launcher, int pointers", launcher_with(True)),
         ("binder only", lambda: binder(*args, **kw)),
         ("driver device + stream", lambda: driver.active.get_current_stream(driver.active.get_current_device())),
         ("compiled[grid](*values, stream)", lambda: compiled[grid](*values, stream=stream)),
         ("compiled.run(...) raw", lambda: run(grid[0], grid[1], grid[2], stream, compiled.function,
                                               compiled.packed_metadata, None, None, None, *values)),
+        ("compiled.run(...) raw, int pointers", lambda: run(grid[0], grid[1], grid[2], stream, compiled.function,
+                                                            compiled.packed_metadata, None, None, None, *ints)),
+        ("addresses(values)", lambda: launch.addresses(values)),
         ("torch.empty x1", lambda: torch.empty(b, 1, h, d, device=dev, dtype=torch.bfloat16)),
         ("decode.attention (1 split)", lambda: decode.attention(q, k, v, None, sk, 0.1, None, None, 0.0,
                                                                 num_splits=1)),
@@ -63,6 +74,7 @@ def main(argv=None) -> int:
         ("torch SDPA", lambda: torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)),
     ]
+    launch.INT_POINTERS = True
     for name, fn in rows:
         print(f"{name:<36} {H.host_us(fn, dev, n=2000):8.1f} us", flush=True)
     return 0

@@ -76,3 +76,30 @@ def test_training_kernels_take_fast_path(seed):
         q.grad = k.grad = v.grad = None
     assert flash.LAUNCH_FWD.fast_calls >= 1 and flash.LAUNCH_BWD_DQ.fast_calls >= 1
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_addresses_replace_cuda_tensors_only():
+    t = torch.ones(3)
+    values = [t, 5, None, 0.5, "x"]
+    assert launch.addresses(values) == values        # a CPU tensor stays a tensor: Triton's own error for it
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int_pointers_launch_the_same(seed):
+    q, k, v = _decode_inputs("cuda", b=4, sk=517, h=8, hk=2, d=64, dtype=torch.bfloat16)
+    assert launch.addresses([q]) == [q.data_ptr()]
+    outs = []
+    old = launch.INT_POINTERS
+    try:
+        for flag in (False, True, False, True):
+            launch.INT_POINTERS = flag
+            calls = decode.LAUNCH_DECODE.fast_calls
+            outs.append(flash_attn_with_kvcache(q, k, v, causal=True))
+            if len(outs) > 1:                       # the first call may compile (Triton's own path)
+                assert decode.LAUNCH_DECODE.fast_calls == calls + 1
+    finally:
+        launch.INT_POINTERS = old
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    refs = reference_pair(q, k, v, None, causal=True)
+    assert_close(outs[-1], refs["ref"]["out"], refs["low"]["out"], 2.0, "decode, int pointers", seed)

@@ -9,6 +9,12 @@ binder (native code: the same specialisation, dtypes, 16-byte alignment and ``==
 compiled variant), looks the result up in a dict, and calls the compiled kernel's launcher (37.9-38.8 us in all);
 an unseen specialisation takes Triton's normal path, which compiles it, and is remembered. Anything unexpected
 (the interpreter, another Triton whose internals differ) falls back to the normal path for good.
+
+CUDA tensors reach the compiled launcher as their addresses (ints): given a tensor, Triton 3.6's C launcher calls
+its ``data_ptr`` and asks the driver (``cuPointerGetAttribute``) whether the address is a device pointer, once per
+pointer argument; given an int it takes the address as it is. The check is for CPU tensors passed by mistake, which
+flashring's front ends rule out before any launch (a CPU tensor still goes through as a tensor and gets Triton's
+error). ``FLASHRING_INT_POINTERS=0`` passes tensors.
 """
 from __future__ import annotations
 
@@ -21,6 +27,12 @@ import torch
 from triton.runtime import driver
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INT_POINTERS = os.environ.get("FLASHRING_INT_POINTERS", "1") != "0"
+
+
+def addresses(values):
+    """``values`` with each CUDA tensor replaced by its address (see the module docstring)."""
+    return [v.data_ptr() if isinstance(v, torch.Tensor) and v.is_cuda else v for v in values]
 
 
 class Launcher:
@@ -53,7 +65,8 @@ class Launcher:
                 self.compiled[key] = compiled
             return compiled
         grid = tuple(grid) + (1,) * (3 - len(grid))
-        compiled[grid](*bound.values(), stream=driver.active.get_current_stream(device))
+        values = addresses(bound.values()) if INT_POINTERS else bound.values()
+        compiled[grid](*values, stream=driver.active.get_current_stream(device))
         self.fast_calls += 1
         return compiled
 
