@@ -49,15 +49,16 @@ def main(argv=None) -> int:
     run = compiled.run
     ints = launch.addresses(values)
 
-    def launcher_with(int_pointers: bool):
+    def launcher_with(int_pointers: bool, raw_run: bool):
         def call():
-            launch.INT_POINTERS = int_pointers
+            launch.INT_POINTERS, launch.RAW_RUN = int_pointers, raw_run
             launcher[grid](*args, **kw)
         return call
     rows = [
         ("triton generic kernel[grid](...)", lambda: jit[grid](*args, **kw)),
-        ("ops.launch.Launcher, tensors", launcher_with(False)),
-        ("ops.launch.Launcher, int pointers", launcher_with(True)),
+        ("Launcher, tensors, Triton's runner", launcher_with(False, False)),
+        ("Launcher, int pointers, runner", launcher_with(True, False)),
+        ("Launcher, int pointers, raw run", launcher_with(True, True)),
         ("binder only", lambda: binder(*args, **kw)),
         ("driver device + stream", lambda: driver.active.get_current_stream(driver.active.get_current_device())),
         ("compiled[grid](*values, stream)", lambda: compiled[grid](*values, stream=stream)),
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
         ("torch SDPA", lambda: torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True)),
     ]
-    launch.INT_POINTERS = True
+    launch.INT_POINTERS = launch.RAW_RUN = True
     for name, fn in rows:
         print(f"{name:<36} {H.host_us(fn, dev, n=2000):8.1f} us", flush=True)
     return 0

@@ -86,20 +86,30 @@ def test_addresses_replace_cuda_tensors_only():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_int_pointers_launch_the_same(seed):
+def test_int_pointers_and_raw_run_launch_the_same(seed):
+    """Every combination of the two host-time switches launches the same kernel; with a Triton launch hook
+    registered the hook is called (Triton's runner) and the result is unchanged."""
+    from triton import knobs
     q, k, v = _decode_inputs("cuda", b=4, sk=517, h=8, hk=2, d=64, dtype=torch.bfloat16)
     assert launch.addresses([q]) == [q.data_ptr()]
-    outs = []
-    old = launch.INT_POINTERS
+    outs, seen = [], []
+    old = launch.INT_POINTERS, launch.RAW_RUN
     try:
-        for flag in (False, True, False, True):
-            launch.INT_POINTERS = flag
+        for flags in ((False, False), (True, False), (False, True), (True, True), (True, True)):
+            launch.INT_POINTERS, launch.RAW_RUN = flags
+            hook = len(outs) == 4
+            if hook:
+                knobs.runtime.launch_enter_hook.add(seen.append)
             calls = decode.LAUNCH_DECODE.fast_calls
-            outs.append(flash_attn_with_kvcache(q, k, v, causal=True))
+            try:
+                outs.append(flash_attn_with_kvcache(q, k, v, causal=True))
+            finally:
+                knobs.runtime.launch_enter_hook.remove(seen.append)
             if len(outs) > 1:                       # the first call may compile (Triton's own path)
                 assert decode.LAUNCH_DECODE.fast_calls == calls + 1
     finally:
-        launch.INT_POINTERS = old
+        launch.INT_POINTERS, launch.RAW_RUN = old
+    assert len(seen) >= 1, "a registered launch hook was not called"
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     refs = reference_pair(q, k, v, None, causal=True)
     assert_close(outs[-1], refs["ref"]["out"], refs["low"]["out"], 2.0, "decode, int pointers", seed)

@@ -15,6 +15,11 @@ its ``data_ptr`` and asks the driver (``cuPointerGetAttribute``) whether the add
 pointer argument; given an int it takes the address as it is. The check is for CPU tensors passed by mistake, which
 flashring's front ends rule out before any launch (a CPU tensor still goes through as a tensor and gets Triton's
 error). ``FLASHRING_INT_POINTERS=0`` passes tensors.
+
+And the launch calls the compiled kernel's ``run`` (its C launcher) itself, as ``CompiledKernel.__getitem__``'s
+runner does, without the launch hooks when none is registered: Triton's hook chains are objects, never None, so its
+runner builds a launch-metadata dict and its C launcher calls both (empty) chains back into Python on every launch.
+With a hook registered (Triton's profiler) the runner is used as it is. ``FLASHRING_RAW_RUN=0`` always uses it.
 """
 from __future__ import annotations
 
@@ -24,10 +29,18 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from triton import knobs
 from triton.runtime import driver
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INT_POINTERS = os.environ.get("FLASHRING_INT_POINTERS", "1") != "0"
+RAW_RUN = os.environ.get("FLASHRING_RAW_RUN", "1") != "0"
+
+
+def hooked() -> bool:
+    """Whether a Triton launch hook is registered (then launches go through Triton's runner, which calls it)."""
+    rt = getattr(knobs, "runtime", None)
+    return any(getattr(getattr(rt, name, None), "calls", True) for name in ("launch_enter_hook", "launch_exit_hook"))
 
 
 def addresses(values):
@@ -66,7 +79,12 @@ class Launcher:
             return compiled
         grid = tuple(grid) + (1,) * (3 - len(grid))
         values = addresses(bound.values()) if INT_POINTERS else bound.values()
-        compiled[grid](*values, stream=driver.active.get_current_stream(device))
+        stream = driver.active.get_current_stream(device)
+        if RAW_RUN and not hooked():
+            compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None,
+                         None, *values)
+        else:
+            compiled[grid](*values, stream=stream)
         self.fast_calls += 1
         return compiled
 
