@@ -42,7 +42,7 @@ def main() -> int:
     rows = []
     page = 64
     for b, sk, lens_kind in ((1, 512, "int"), (1, 2048, "int"), (1, 2048, "tensor"), (8, 2048, "tensor"),
-                             (8, 2048, "paged"), (8, 32768, "paged")):
+                             (8, 2048, "paged"), (8, 32768, "paged"), (8, 2048, "append"), (8, 2048, "rotary")):
         h, hk, d = 32, 8, 128
         q = torch.randn(b, 1, h, d, device=dev, dtype=torch.bfloat16, generator=g)
         extra = {}
@@ -54,6 +54,12 @@ def main() -> int:
         else:
             kc, vc = (torch.randn(b, sk, hk, d, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(2))
         lens = sk - 1 if lens_kind == "int" else torch.full((b,), sk - 1, dtype=torch.int32, device=dev)
+        if lens_kind in ("append", "rotary"):     # one new token's k/v written in place (rotated), as flash-attn
+            extra.update(k=torch.randn(b, 1, hk, d, device=dev, dtype=torch.bfloat16, generator=g))
+            extra["v"] = torch.randn_like(extra["k"])
+        if lens_kind == "rotary":
+            angles = torch.rand(sk, d // 2, device=dev, generator=g) * 6.3
+            extra.update(rotary_cos=angles.cos().to(torch.bfloat16), rotary_sin=angles.sin().to(torch.bfloat16))
         outs = [m.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True, **extra)
                 for m in (flashring, old)]
         diff = (outs[0] - outs[1]).abs().max().item()

@@ -408,7 +408,11 @@ def _kvcache_forward(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens: OptT, s
     the plain decode call then launches nothing but the attention kernel(s)."""
     b, sq = q.shape[:2]
     s_new = 0 if k is None else k.shape[1]
-    if k is not None or cos is not None:
+    end = None
+    if k is not None and dispatch.on_triton(q):     # one launch (rotary needs k: checked by the caller)
+        q, end = kvcache.append_rotate(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens, seqlen, cache_batch_idx,
+                                       block_table, rotary_interleaved, rotate_q_per_token)
+    elif k is not None or cos is not None:
         lens = (cache_seqlens.long() if cache_seqlens is not None else
                 torch.full((b,), seqlen, dtype=torch.long, device=q.device)).unsqueeze(1)
         if k is not None:
@@ -423,7 +427,7 @@ def _kvcache_forward(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens: OptT, s
             q = kvcache.rotate(q, cos, sin, lens + steps, rotary_interleaved)
     if cache_seqlens is None:
         end = seqlen + s_new
-    else:
+    elif end is None:
         end = (cache_seqlens + s_new if s_new else cache_seqlens).contiguous()
     contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731 - the kernel indexes them densely
     return dispatch.decode(q, k_cache, v_cache, contiguous(cache_leftpad), end, softmax_scale, lower, upper, softcap,

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ..masks import EMPTY_ROW_LSE
 from . import cpu
-from .launch import INTERPRET, Launcher, cdiv
+from .launch import INTERPRET, Launcher, cdiv, next_power_of_2
 
 
 # debug=True turns tl.device_assert on for this kernel alone (the attention kernels stay without checks).
@@ -66,6 +66,126 @@ def check_indices(n_rows: int, tensors: Dict[str, Tuple[torch.Tensor, int]]) -> 
                                                                  INDEX_NAMES)}
     CHECK_INDICES[(max(1, cdiv(max(n_rows, n_table), CHECK_BLOCK)), )](*ts, n_rows, n_table, *his, **flags,
                                                                          BLOCK=CHECK_BLOCK)
+
+
+@triton.jit
+def _rotated(X, offs, d, mask, Cos, Sin, pos, stride_cos, stride_sin, HALF: tl.constexpr,
+             INTERLEAVED: tl.constexpr):
+    """Rows ``X + offs`` (a [heads, BLOCK_D] tile at dims ``d``) in fp32, the first 2 * HALF dims rotated by the
+    tables at position ``pos``: x * cos + sign * partner * sin, where the partner of dim d is d ^ 1 (interleaved
+    pairs) or d -+ HALF (GPT-NeoX halves) and the sign is - for a pair's first member. Dims past 2 * HALF read
+    cos 1 and sin 0 (unchanged)."""
+    x = tl.load(X + offs + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if INTERLEAVED:
+        partner = d ^ 1
+        i = d // 2
+        first = d % 2 == 0
+    else:
+        first = d < HALF
+        partner = tl.where(first, d + HALF, d - HALF)
+        i = tl.where(first, d, d - HALF)
+    rot = d < 2 * HALF
+    xp = tl.load(X + offs + partner[None, :], mask=mask & rot[None, :], other=0.0).to(tl.float32)
+    c = tl.load(Cos + pos * stride_cos[0] + i * stride_cos[1], mask=rot, other=1.0).to(tl.float32)
+    s = tl.load(Sin + pos * stride_sin[0] + i * stride_sin[1], mask=rot, other=0.0).to(tl.float32)
+    s = tl.where(first, -s, s)
+    return x * c[None, :] + xp * s[None, :]
+
+
+@triton.jit
+def _append_kernel(K, V, KCache, VCache, Q, QOut, Cos, Sin, Lens, Rows, Table, End,
+                   stride_k, stride_v, stride_kc, stride_vc, stride_q, stride_qo, stride_cos, stride_sin,
+                   stride_table, seqlen, s_new, heads, heads_k,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
+                   HALF: tl.constexpr, HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
+                   Q_PER_TOKEN: tl.constexpr, HAS_LENS: tl.constexpr, HAS_ROWS: tl.constexpr,
+                   PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """Program (t, b): new token t of batch row b written into the caches at position ``lens[b] + t`` (its key
+    rotated when HAS_ROTARY), query token t rotated into QOut at ``lens[b] + t`` (Q_PER_TOKEN) or ``lens[b]``, and
+    ``End[b] = lens[b] + s_new`` from t = 0 (the decode kernel's key range). Strides are (batch-or-page, token,
+    head) tuples; the head dim is contiguous. One launch where the torch path took ~40 (rotations, positions,
+    index_put) on a rotary decode step."""
+    t = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if HAS_LENS:
+        lens = tl.load(Lens + b).to(tl.int64)
+    else:
+        lens = tl.full((), seqlen, tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    if t < s_new:
+        pos = lens + t
+        if PAGED:
+            page = tl.load(Table + b * stride_table + pos // PAGE).to(tl.int64)
+            slot = page * stride_kc[0] + (pos % PAGE) * stride_kc[1]
+            slot_v = page * stride_vc[0] + (pos % PAGE) * stride_vc[1]
+        else:
+            if HAS_ROWS:
+                row = tl.load(Rows + b).to(tl.int64)
+            else:
+                row = b
+            slot = row * stride_kc[0] + pos * stride_kc[1]
+            slot_v = row * stride_vc[0] + pos * stride_vc[1]
+        hk = tl.arange(0, BLOCK_HK)
+        mask = (hk[:, None] < heads_k) & d_ok[None, :]
+        k_row = K + b * stride_k[0] + t * stride_k[1]
+        if HAS_ROTARY:
+            k = _rotated(X=k_row, offs=hk[:, None] * stride_k[2], d=d, mask=mask, Cos=Cos, Sin=Sin, pos=pos,
+                         stride_cos=stride_cos, stride_sin=stride_sin, HALF=HALF, INTERLEAVED=INTERLEAVED)
+        else:
+            k = tl.load(k_row + hk[:, None] * stride_k[2] + d[None, :], mask=mask)
+        tl.store(KCache + slot + hk[:, None] * stride_kc[2] + d[None, :], k.to(KCache.dtype.element_ty), mask=mask)
+        v = tl.load(V + b * stride_v[0] + t * stride_v[1] + hk[:, None] * stride_v[2] + d[None, :], mask=mask)
+        tl.store(VCache + slot_v + hk[:, None] * stride_vc[2] + d[None, :], v, mask=mask)
+    if HAS_ROTARY:
+        if Q_PER_TOKEN:
+            q_pos = lens + t
+        else:
+            q_pos = lens
+        h = tl.arange(0, BLOCK_H)
+        mask = (h[:, None] < heads) & d_ok[None, :]
+        q = _rotated(X=Q + b * stride_q[0] + t * stride_q[1], offs=h[:, None] * stride_q[2], d=d, mask=mask,
+                     Cos=Cos, Sin=Sin, pos=q_pos, stride_cos=stride_cos, stride_sin=stride_sin, HALF=HALF,
+                     INTERLEAVED=INTERLEAVED)
+        tl.store(QOut + b * stride_qo[0] + t * stride_qo[1] + h[:, None] * stride_qo[2] + d[None, :],
+                 q.to(QOut.dtype.element_ty), mask=mask)
+    if HAS_LENS:
+        if t == 0:
+            tl.store(End + b, (lens + s_new).to(tl.int32))
+
+
+LAUNCH_APPEND = Launcher(_append_kernel)
+
+
+def append_rotate(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], cache_seqlens: Optional[torch.Tensor],
+                  seqlen: int, cache_batch_idx: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
+                  interleaved: bool, q_per_token: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The Triton form of :func:`rotate` + :func:`append_` (one launch): writes k/v ``(B, S_new, Hk, D)`` into the
+    caches in place at ``cache_seqlens[b]`` (int32 ``(B,)``, or ``seqlen`` for every row) onwards, the keys rotated
+    when ``cos`` / ``sin`` are given, and returns q (rotated at ``cache_seqlens[b]`` (+ its token index with
+    ``q_per_token``) when the tables are given) and the decode's per-row key end ``cache_seqlens + S_new`` (int32,
+    None without ``cache_seqlens``)."""
+    b, sq, h, d = q.shape
+    s_new, hk = k.shape[1], k.shape[2]
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    rotary = cos is not None
+    q_out = torch.empty_like(q, memory_format=torch.contiguous_format) if rotary else q
+    if rotary and q.stride(-1) != 1:
+        q = q.contiguous()
+    end = None if cache_seqlens is None else torch.empty(b, dtype=torch.int32, device=q.device)
+    paged = block_table is not None
+    none2 = (0, 0)
+    LAUNCH_APPEND[(max(s_new, sq if rotary else 0), b)](
+        k, v, k_cache, v_cache, q, q_out, cos, sin, cache_seqlens, cache_batch_idx, block_table, end,
+        k.stride()[:3], v.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3], q.stride()[:3],
+        q_out.stride()[:3], cos.stride() if rotary else none2, sin.stride() if rotary else none2,
+        block_table.stride(0) if paged else 0, int(seqlen), s_new, h, hk,
+        HEAD_DIM=d, BLOCK_D=next_power_of_2(d), BLOCK_H=next_power_of_2(h), BLOCK_HK=next_power_of_2(hk),
+        HALF=cos.shape[1] if rotary else 0, HAS_ROTARY=rotary, INTERLEAVED=interleaved, Q_PER_TOKEN=q_per_token,
+        HAS_LENS=cache_seqlens is not None, HAS_ROWS=cache_batch_idx is not None, PAGED=paged,
+        PAGE=k_cache.shape[1] if paged else 1, num_warps=4)
+    return q_out, end
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
