@@ -57,7 +57,8 @@ def _case(device, b=3, sq=1, h=8, hk=2, d=64, cap=80, s_new=0, dtype=torch.float
         k, v = rnd(b, s_new, hk, d), rnd(b, s_new, hk, d)
     if rotary:
         r = rotary
-        ang = torch.rand(cap, r // 2, generator=g, dtype=torch.float64) * 6.3
+        # positions up to cap - s_new + sq - 1 (queries past the new keys rotate at their own positions)
+        ang = torch.rand(cap + max(0, sq - s_new), r // 2, generator=g, dtype=torch.float64) * 6.3
         kw.update(rotary_cos=ang.cos().to(device, dtype), rotary_sin=ang.sin().to(device, dtype))
     return q, k_cache, v_cache, k, v, kw
 
@@ -101,7 +102,8 @@ def _reference(q, k_cache, v_cache, k, v, kw, causal, window, softcap, interleav
 CASES = [dict(sq=1), dict(sq=1, s_new=1, rotary=32), dict(sq=4, s_new=4, rotary=64, dtype=torch.bfloat16),
          dict(sq=3, leftpad=True, batch_idx=True, dtype=torch.float16), dict(sq=17, s_new=17, h=4, hk=4, d=40),
          dict(sq=2, h=6, hk=1, d=128, cap=200), dict(sq=1, holes=True),
-         dict(sq=5, s_new=5, leftpad=True, holes=True, dtype=torch.bfloat16)] + \
+         dict(sq=5, s_new=5, leftpad=True, holes=True, dtype=torch.bfloat16), dict(sq=1, s_new=4, rotary=32),
+         dict(sq=3, s_new=1, h=6, hk=3, d=40, rotary=16, batch_idx=True)] + \
     gpu_only([dict(b=4, sq=1, h=32, hk=8, d=128, cap=8192, holes=True, dtype=torch.bfloat16),
               dict(b=4, sq=1, h=32, hk=8, d=128, cap=8192, s_new=1, dtype=torch.bfloat16, rotary=128),
               dict(b=2, sq=64, h=16, hk=4, d=64, cap=4096, s_new=64, dtype=torch.bfloat16)])
@@ -158,6 +160,39 @@ def test_paged_cache_equals_contiguous(page, device, seed):
             assert torch.equal(paged_k[table[i, j]], k_cache[i, j * page:(j + 1) * page])
 
 
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a non-contiguous view (every other element of a wider buffer; a 2-D table column-major)."""
+    if t.dim() == 2:
+        return t.t().contiguous().t()
+    return torch.stack((t, torch.full_like(t, -7)), dim=1)[:, 0]
+
+
+def test_strided_index_tensors_append_where_contiguous_ones_do(device, seed):
+    """cache_seqlens, cache_batch_idx and block_table as non-contiguous views: the append (rotated) and the
+    attention must equal the contiguous call's."""
+    q, k_cache, v_cache, k, v, kw = _case(device, b=3, sq=2, s_new=2, rotary=16, batch_idx=True, garbage=False)
+    results = []
+    for view in (lambda t: t, _strided):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        args = dict(kw, cache_seqlens=view(kw["cache_seqlens"]), cache_batch_idx=view(kw["cache_batch_idx"]))
+        assert view is not _strided or not args["cache_seqlens"].is_contiguous()
+        results.append((flashring.flash_attn_with_kvcache(q, kc, vc, k, v, causal=True, **args), kc, vc))
+    for want, got in zip(results[0], results[1]):
+        assert torch.equal(want, got)
+    page, pages_per_seq = 16, k_cache.shape[1] // 16
+    table = torch.randperm(3 * pages_per_seq).view(3, pages_per_seq).to(device, torch.int32)
+    paged = [torch.randn(3 * pages_per_seq, page, *k_cache.shape[2:], device=device, dtype=k_cache.dtype)
+             for _ in range(2)]
+    kw.pop("cache_batch_idx")
+    results = []
+    for view in (lambda t: t, _strided):
+        pk, pv = (t.clone() for t in paged)
+        results.append((flashring.flash_attn_with_kvcache(q, pk, pv, k, v, causal=True, block_table=view(table),
+                                                          **kw), pk, pv))
+    for want, got in zip(results[0], results[1]):
+        assert torch.equal(want, got)
+
+
 def test_empty_rows_and_int_seqlens(device, seed):
     q, k_cache, v_cache, _, _, _ = _case(device, b=2, cap=32, garbage=False)
     out, lse = flashring.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=0, return_softmax_lse=True)
@@ -185,6 +220,8 @@ def _args(**change):
     (dict(k_cache=torch.randn(4, 24, 2, 16), v_cache=torch.randn(4, 24, 2, 16),
           block_table=torch.zeros(2, 2, dtype=torch.int32)), ValueError, "multiple of 16"),
     (dict(rotary_cos=torch.ones(32, 4), rotary_sin=torch.zeros(32, 4)), ValueError, "need the new k and v"),
+    (dict(q=torch.randn(2, 3, 4, 16), k=torch.randn(2, 1, 2, 16), v=torch.randn(2, 1, 2, 16), causal=True,
+          rotary_cos=torch.ones(32, 4), rotary_sin=torch.zeros(32, 4)), ValueError, "queries reach position 33"),
     (dict(cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)), ValueError, "cache_batch_idx entries"),
     (dict(alibi_slopes=torch.ones(4)), NotImplementedError, "alibi_slopes"),
     (dict(num_splits=-1), ValueError, "num_splits"),

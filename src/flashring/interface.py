@@ -579,9 +579,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if rotary_cos.shape != rotary_sin.shape or 2 * rotary_cos.shape[1] > q.shape[-1]:
             raise ValueError(f"rotary_cos/rotary_sin must both be (seqlen_ro, rotary_dim / 2) with rotary_dim <= "
                              f"headdim ({q.shape[-1]}), got {tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
-        if rotary_cos.shape[0] < capacity:
+        # queries rotate at cache_seqlens + i with causal / a window: past the new keys when seqlen_q > seqlen_new
+        positions = capacity + (max(0, sq - s_new) if causal or window != (-1, -1) else 0)
+        if rotary_cos.shape[0] < positions:
             raise ValueError(f"rotary_cos/rotary_sin cover {rotary_cos.shape[0]} positions; the cache holds "
-                             f"{capacity}")
+                             f"{capacity}" + (f" and the queries reach position {positions - 1}"
+                                              if positions > capacity else ""))
     if key_padding_mask is not None:
         V.check_tensor(key_padding_mask, "key_padding_mask", 2, "(batch, cache capacity)")
         if key_padding_mask.dtype != torch.bool:

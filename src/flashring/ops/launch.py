@@ -29,8 +29,12 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from triton import knobs
 from triton.runtime import driver
+
+try:
+    from triton import knobs           # Triton >= 3.4
+except ImportError:                    # older: no hook chains to read, so every launch takes Triton's runner
+    knobs = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INT_POINTERS = os.environ.get("FLASHRING_INT_POINTERS", "1") != "0"
@@ -40,12 +44,16 @@ RAW_RUN = os.environ.get("FLASHRING_RAW_RUN", "1") != "0"
 def hooked() -> bool:
     """Whether a Triton launch hook is registered (then launches go through Triton's runner, which calls it)."""
     rt = getattr(knobs, "runtime", None)
+    if rt is None:
+        return True
     return any(getattr(getattr(rt, name, None), "calls", True) for name in ("launch_enter_hook", "launch_exit_hook"))
 
 
 def addresses(values):
-    """``values`` with each CUDA tensor replaced by its address (see the module docstring)."""
-    return [v.data_ptr() if isinstance(v, torch.Tensor) and v.is_cuda else v for v in values]
+    """``values`` with each CUDA tensor replaced by its address (see the module docstring), also inside tuples
+    (the kernels take (tensor, strides...) tuples as one argument)."""
+    return [v.data_ptr() if isinstance(v, torch.Tensor) and v.is_cuda else
+            tuple(addresses(v)) if type(v) is tuple else v for v in values]
 
 
 class Launcher:
