@@ -14,12 +14,13 @@ CUDA tensors reach the compiled launcher as their addresses (ints): given a tens
 its ``data_ptr`` and asks the driver (``cuPointerGetAttribute``) whether the address is a device pointer, once per
 pointer argument; given an int it takes the address as it is. The check is for CPU tensors passed by mistake, which
 flashring's front ends rule out before any launch (a CPU tensor still goes through as a tensor and gets Triton's
-error). ``FLASHRING_INT_POINTERS=0`` passes tensors.
+error). ``FLASHRING_INT_POINTERS=1`` turns this on (off by default until timed on a GPU).
 
 And the launch calls the compiled kernel's ``run`` (its C launcher) itself, as ``CompiledKernel.__getitem__``'s
 runner does, without the launch hooks when none is registered: Triton's hook chains are objects, never None, so its
 runner builds a launch-metadata dict and its C launcher calls both (empty) chains back into Python on every launch.
-With a hook registered (Triton's profiler) the runner is used as it is. ``FLASHRING_RAW_RUN=0`` always uses it.
+With a hook registered (Triton's profiler) the runner is used as it is. ``FLASHRING_RAW_RUN=1`` turns this on (off by
+default until timed on a GPU).
 """
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ except ImportError:                    # older: no hook chains to read, so every
     knobs = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-INT_POINTERS = os.environ.get("FLASHRING_INT_POINTERS", "1") != "0"
-RAW_RUN = os.environ.get("FLASHRING_RAW_RUN", "1") != "0"
+# Both off until a GPU run has timed them (benchmarks/NOTES.md, session 18): =1 turns them on.
+INT_POINTERS = os.environ.get("FLASHRING_INT_POINTERS", "0") == "1"
+RAW_RUN = os.environ.get("FLASHRING_RAW_RUN", "0") == "1"
 
 
 def hooked() -> bool:
