@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import flashring
 from flashring import interface
-from flashring.testing import assert_close
+from flashring.masks import flash_bounds
+from flashring.testing import assert_close, reference_pair
 
 
 class TinyBlock(torch.nn.Module):
@@ -123,8 +124,12 @@ def test_dropin_and_flash_attn_under_autocast(device, seed):
         want = interface.TORCH_SDPA(q, q, q, is_causal=True)
         fa = flashring.flash_attn_func(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), causal=True)
     assert got.dtype == want.dtype == fa.dtype == torch.bfloat16
-    ref = interface.TORCH_SDPA(*(q.bfloat16().double(),) * 3, is_causal=True)
-    assert_close(got, ref, want, 2, "autocast drop-in", seed)
+    # the rule's low-precision reference is the float64 reference's math in bf16 (torch's CPU SDPA under autocast
+    # computes in fp32 inside, an error bound too tight for any bf16 flash kernel: seed 28825729 missed it by 1%)
+    qb = q.bfloat16().transpose(1, 2)
+    refs = reference_pair(qb, qb, qb, None, **dict(zip(("lower", "upper"), flash_bounds(24, 24, True, (-1, -1)))))
+    assert_close(got.transpose(1, 2), refs["ref"]["out"], refs["low"]["out"], 2, "autocast drop-in", seed)
+    assert_close(fa, refs["ref"]["out"], refs["low"]["out"], 2, "autocast flash_attn_func", seed)
 
 
 # ------------------------------------------------------------------------------------------------- dtypes
@@ -250,9 +255,9 @@ def test_both_cpu_paths_agree_on_non_finite_values(monkeypatch, seed):
         "varlen": lambda: flashring.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 28, 28, causal=True),
         "kvcache": lambda: flashring.flash_attn_with_kvcache(q[:, :4].expand(2, 4, 2, 16).contiguous(), kc, vc,
                                                              cache_seqlens=lens + 4, causal=True),
-        "kvcache-window": lambda: flashring.flash_attn_with_kvcache(q[:, :1].expand(2, 1, 2, 16).contiguous(), kw,
-                                                                    vw, cache_seqlens=torch.tensor([40, 64], dtype=torch.int32),
-                                                                    causal=True, window_size=(3, 0)),
+        "kvcache-window": lambda: flashring.flash_attn_with_kvcache(
+            q[:, :1].expand(2, 1, 2, 16).contiguous(), kw, vw, cache_seqlens=torch.tensor([40, 64], dtype=torch.int32),
+            causal=True, window_size=(3, 0)),
         "qk-sparse": lambda: flashring.qk_sparse_attn_func(q, k, v, keep, keep, causal=True),
         # not causal: the padding rows past a head's 30 kept queries (what dropped queries return) stay 0 when
         # the bad key (kept key 18 of 20) sits in a masked tail tile
