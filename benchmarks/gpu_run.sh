@@ -2,7 +2,8 @@
 # Everything one GPU session checks and measures, in one command (each step time-boxed, logs kept):
 #   bash benchmarks/gpu_run.sh OUT [STEPS]
 # STEPS: a comma list from tests,dense,sparse,decode,varlen,tune,generate (default: all), and on request
-# beforeafter (this checkout vs the one unpacked in .before/src, its sha in .before/SHA; carry .before),
+# beforeafter (this checkout vs the one unpacked in .before/src, its sha in .before/SHA; carry .before), launch
+# (ops.launch's switches: GPU test + launch_overhead.py), skipdropped (bench sparse with the dropped-tile skip off / on),
 # decodehost (eager decode steps' host time, the same two trees), gluon (the Gluon Hopper
 # forward, ops/hopper.py: check + time; GLUON_ARGS), gluonbwd (the Gluon backward, ops/hopper_bwd.py;
 # GLUON_BWD_SEQLENS, GLUON_BWD_ARGS e.g. "--modes separate --headdims 64"),
@@ -55,6 +56,15 @@ has gluonbwd && step gluonbwd "${GLUON_BWD_SECS:-240}" python3 benchmarks/gluon_
 has sparsetiles && step sparsetiles "${SPARSE_TILES_SECS:-300}" python3 benchmarks/sparse_tiles.py --out "$out" \
     --seqlens "${SPARSE_TILES_SEQLENS:-8192,16384}" \
     --pairs "${SPARSE_TILES_PAIRS:-fwd 128x64/8w+bwd 64x64;fwd 128x64/8w+gluon;fwd 128x64/8w+gluon rows-out;fwd 128x64/8w+gluon gather;gluon+gluon;gluon gather+gluon gather}"
+# launch: ops.launch's host-time switches, their GPU test, then each launch path's host time
+has launch && step launch 120 bash -c "python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_launch.py && \
+    python3 benchmarks/launch_overhead.py"
+# skipdropped: the QK-sparse kernels with and without skipping tiles of dropped slots, CUDA-graph timings
+for skip in 0 1; do
+  has skipdropped && mkdir -p "$out/skip$skip" && FLASHRING_HOPPER_SKIP_DROPPED=$skip step "skipdropped$skip" 120 \
+      python3 -m flashring bench sparse --seqlens 4k,16k --qk-drop 0.5,0.8 --hash-buckets 16 --cuda-graphs --no-flex \
+      --no-sdpa --out "$out/skip$skip" --no-plot
+done
 has share && step share 150 python3 benchmarks/attention_share.py --preset "${SHARE_PRESET:-paper-16k}" --out "$out"
 paper_arms=${PAPER_ARMS:-dense-strict hash16}
 paper_minutes=${PAPER_MINUTES:-3.2}
