@@ -408,6 +408,9 @@ def _kvcache_forward(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens: OptT, s
     the plain decode call then launches nothing but the attention kernel(s)."""
     b, sq = q.shape[:2]
     s_new = 0 if k is None else k.shape[1]
+    # the kernels index these densely (a row's entry, a block table's page column)
+    cache_seqlens, cache_batch_idx, cache_leftpad, block_table = (
+        None if t is None else t.contiguous() for t in (cache_seqlens, cache_batch_idx, cache_leftpad, block_table))
     end = None
     if k is not None and dispatch.on_triton(q):     # one launch (rotary needs k: checked by the caller)
         q, end = kvcache.append_rotate(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens, seqlen, cache_batch_idx,
@@ -428,10 +431,9 @@ def _kvcache_forward(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens: OptT, s
     if cache_seqlens is None:
         end = seqlen + s_new
     elif end is None:
-        end = (cache_seqlens + s_new if s_new else cache_seqlens).contiguous()
-    contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731 - the kernel indexes them densely
-    return dispatch.decode(q, k_cache, v_cache, contiguous(cache_leftpad), end, softmax_scale, lower, upper, softcap,
-                           contiguous(block_table), contiguous(cache_batch_idx), num_splits, key_mask=key_mask)
+        end = cache_seqlens + s_new if s_new else cache_seqlens
+    return dispatch.decode(q, k_cache, v_cache, cache_leftpad, end, softmax_scale, lower, upper, softcap,
+                           block_table, cache_batch_idx, num_splits, key_mask=key_mask)
 
 
 @torch.library.custom_op("flashring::fwd_kvcache", mutates_args=("k_cache", "v_cache"))

@@ -468,9 +468,10 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, SEQ, Rows, Lens, HEAD_DIM: tl.constexpr,
     offs_d = tl.arange(0, BLOCK_D)
     if ROWS:
         row = b.to(tl.int64) * SEQ[0] + h
-        if pid_m * BLOCK_M >= tl.load(Lens + row):
+        kept = tl.load(Lens + row)
+        if pid_m * BLOCK_M >= kept:
             return
-        m_ok = offs_m < tl.load(Lens + row)
+        m_ok = offs_m < kept
         at = tl.load(Rows + row * SEQ[1] + offs_m, mask=m_ok, other=0)
     else:
         m_ok = offs_m < seqlen_q

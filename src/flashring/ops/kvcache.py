@@ -95,20 +95,20 @@ def _rotated(X, offs, d, mask, Cos, Sin, pos, stride_cos, stride_sin, HALF: tl.c
 @triton.jit
 def _append_kernel(K, V, KCache, VCache, Q, QOut, Cos, Sin, Lens, Rows, Table, End,
                    stride_k, stride_v, stride_kc, stride_vc, stride_q, stride_qo, stride_cos, stride_sin,
-                   stride_table, seqlen, s_new, sq, heads, heads_k, TOKENS: tl.constexpr,
+                   stride_table, seqlen, s_new, sq, heads, heads_k, tokens,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HK: tl.constexpr,
                    HALF: tl.constexpr, HAS_ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
                    Q_PER_TOKEN: tl.constexpr, HAS_LENS: tl.constexpr, HAS_ROWS: tl.constexpr,
                    PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """Program b * TOKENS + t (one grid axis: a batch or a chunk past 65,535 fits): new token t < s_new of batch row
+    """Program b * tokens + t (one grid axis: a batch or a chunk past 65,535 fits): new token t < s_new of batch row
     b written into the caches at position ``lens[b] + t`` (its key rotated when HAS_ROTARY), query token t < sq
     rotated into QOut at ``lens[b] + t`` (Q_PER_TOKEN) or ``lens[b]``, and ``End[b] = lens[b] + s_new`` from
     t = 0 (the decode kernel's key range). Strides are (batch-or-page, token, head) tuples; the head dim and the
     index tensors are contiguous. One launch where the torch path took ~40 (rotations, positions, index_put) on a
     rotary decode step."""
     pid = tl.program_id(0)
-    t = pid % TOKENS
-    b = (pid // TOKENS).to(tl.int64)
+    t = pid % tokens
+    b = (pid // tokens).to(tl.int64)
     if HAS_LENS:
         lens = tl.load(Lens + b).to(tl.int64)
     else:
@@ -167,13 +167,10 @@ def append_rotate(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     caches in place at ``cache_seqlens[b]`` (int32 ``(B,)``, or ``seqlen`` for every row) onwards, the keys rotated
     when ``cos`` / ``sin`` are given, and returns q (rotated at ``cache_seqlens[b]`` (+ its token index with
     ``q_per_token``) when the tables are given) and the decode's per-row key end ``cache_seqlens + S_new`` (int32,
-    None without ``cache_seqlens``)."""
+    None without ``cache_seqlens``). The index tensors must be contiguous (the kernel indexes them densely)."""
     b, sq, h, d = q.shape
     s_new, hk = k.shape[1], k.shape[2]
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
-    # the kernel indexes these densely (b, and a block table's page column)
-    cache_seqlens, cache_batch_idx, block_table = (None if t is None else t.contiguous()
-                                                   for t in (cache_seqlens, cache_batch_idx, block_table))
     rotary = cos is not None
     q_out = torch.empty_like(q, memory_format=torch.contiguous_format) if rotary else q
     if rotary and q.stride(-1) != 1:
@@ -186,7 +183,7 @@ def append_rotate(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         k, v, k_cache, v_cache, q, q_out, cos, sin, cache_seqlens, cache_batch_idx, block_table, end,
         k.stride()[:3], v.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3], q.stride()[:3],
         q_out.stride()[:3], cos.stride() if rotary else none2, sin.stride() if rotary else none2,
-        block_table.stride(0) if paged else 0, int(seqlen), s_new, sq, h, hk, TOKENS=tokens,
+        block_table.stride(0) if paged else 0, int(seqlen), s_new, sq, h, hk, tokens,
         HEAD_DIM=d, BLOCK_D=next_power_of_2(d), BLOCK_H=next_power_of_2(h), BLOCK_HK=next_power_of_2(hk),
         HALF=cos.shape[1] if rotary else 0, HAS_ROTARY=rotary, INTERLEAVED=interleaved, Q_PER_TOKEN=q_per_token,
         HAS_LENS=cache_seqlens is not None, HAS_ROWS=cache_batch_idx is not None, PAGED=paged,
